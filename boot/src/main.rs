@@ -1,1 +1,171 @@
-fn main() {}
+//! hyperinit: the guest's PID 1, a static binary in the artifact's initrd.
+//!
+//! It mounts the image's read-only EROFS root under a tmpfs-backed overlay,
+//! moves into it, applies the run configuration (command, environment, user,
+//! working directory, hostname), runs the app as its child, reaps every
+//! zombie, forwards termination signals to the app, and when the app exits
+//! reports its status to the host and stops the VM ([`report`]).
+//!
+//! A fatal error prints one line, `hyperinit: error: …`, on the console and
+//! ends the VM with an `error=` report, which hyperboot maps to its own exit
+//! code (123).
+
+mod config;
+mod plan;
+mod report;
+mod sys;
+mod user;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use config::RunConfig;
+use report::Outcome;
+use sys::process;
+
+static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+macro_rules! debug {
+    ($($t:tt)*) => {
+        if DEBUG.load(Ordering::Relaxed) {
+            let _ = writeln!(std::io::stderr(), "hyperinit: {}", format_args!($($t)*));
+        }
+    };
+}
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("hyperinit: error: must run as PID 1 inside a hyper VM");
+        std::process::exit(2);
+    }
+    let outcome = match boot() {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("hyperinit: error: {msg}");
+            Outcome::InitError(msg)
+        }
+    };
+    debug!("app ended: {outcome:?}");
+    report::report_and_stop(&outcome)
+}
+
+fn boot() -> Result<Outcome, String> {
+    let mut linux = sys::Linux;
+    plan::early(&mut linux).map_err(|e| e.to_string())?;
+    process::raw_output(1);
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == "hyper.debug") {
+        DEBUG.store(true, Ordering::Relaxed);
+    }
+    let bytes = std::fs::read(config::PATH).map_err(|e| format!("cannot read {}: {e} (the runner did not pass a run configuration)", config::PATH))?;
+    let cfg = RunConfig::parse(&bytes)?;
+    if cfg.debug {
+        DEBUG.store(true, Ordering::Relaxed);
+    }
+    debug!("run config: {cfg:?}");
+    wait_for(&cfg.root_device)?;
+    plan::root(&mut linux, &cfg.root_device).map_err(|e| e.to_string())?;
+    debug!("root mounted");
+    if !cfg.hostname.is_empty() {
+        use sys::Sys;
+        linux.sethostname(&cfg.hostname).map_err(|e| format!("set hostname {:?}: {e}", cfg.hostname))?;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let id = user::resolve(&cfg.user, &passwd, &group)?;
+    let env = config::app_env(&cfg, &id.home);
+    let workdir = if cfg.workdir.is_empty() { "/".to_string() } else { cfg.workdir.clone() };
+    std::fs::create_dir_all(&workdir).map_err(|e| format!("create working directory {workdir}: {e}"))?;
+    let path_var = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(config::DEFAULT_PATH).to_string();
+
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+        process::on_signal(sig, record_signal);
+    }
+    debug!("starting {:?} as {}:{} in {workdir}", cfg.argv, id.uid, id.gid);
+    let _ = std::io::stderr().flush();
+    let pid = process::fork().map_err(|e| format!("fork: {e}"))?;
+    if pid == 0 {
+        run_app(&cfg.argv, &env, &workdir, &path_var, &id);
+    }
+    Ok(supervise(pid))
+}
+
+/// Waits (briefly) for the root block device node to appear.
+fn wait_for(device: &str) -> Result<(), String> {
+    for _ in 0..200 {
+        if Path::new(device).exists() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(format!("root device {device} did not appear (is the rootfs attached as virtio-blk?)"))
+}
+
+extern "C" fn record_signal(sig: libc::c_int) {
+    PENDING_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// In the child: become the app. Exits 126/127 as Docker does when the
+/// command cannot be run.
+fn run_app(argv: &[String], env: &[String], workdir: &str, path_var: &str, id: &user::Identity) -> ! {
+    process::reset_signals();
+    process::setsid();
+    let _ = process::redirect("/dev/null", libc::O_RDONLY, 0);
+    let fail = |code: i32, msg: String| -> ! {
+        let _ = writeln!(std::io::stderr(), "hyperinit: {msg}");
+        std::process::exit(code)
+    };
+    if let Err(e) = std::env::set_current_dir(workdir) {
+        fail(126, format!("chdir to {workdir}: {e}"));
+    }
+    if let Err(e) = process::set_identity(id.uid, id.gid, &id.groups) {
+        fail(126, format!("cannot switch to user {}:{}: {e}", id.uid, id.gid));
+    }
+    let Some(exe) = find_executable(&argv[0], path_var) else {
+        fail(127, format!("exec: {:?}: executable file not found in $PATH", argv[0]));
+    };
+    let err = process::execve(exe.as_os_str(), argv, env);
+    let code = if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+    fail(code, format!("exec {:?}: {err}", argv[0]))
+}
+
+fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        return Some(PathBuf::from(cmd));
+    }
+    path_var.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(cmd)).find(|p| {
+        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    })
+}
+
+/// Reaps every child; forwards signals to the app; when the app exits, ends
+/// every remaining process and returns the app's outcome.
+fn supervise(app: libc::pid_t) -> Outcome {
+    loop {
+        let sig = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            debug!("forwarding signal {sig}");
+            process::kill(app, sig);
+        }
+        match process::wait_any() {
+            Ok(Some((pid, status))) if pid == app => {
+                let outcome = if libc::WIFEXITED(status) {
+                    Outcome::Exited(libc::WEXITSTATUS(status))
+                } else {
+                    Outcome::Signaled(libc::WTERMSIG(status))
+                };
+                // Orphans must not keep the VM alive: end them and reap them.
+                process::kill(-1, libc::SIGKILL);
+                while let Ok(Some(_)) = process::wait_any() {}
+                return outcome;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return Outcome::InitError("the app disappeared without an exit status".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Outcome::InitError(format!("wait: {e}")),
+        }
+    }
+}

@@ -1,1 +1,122 @@
-fn main() {}
+//! `hyperboot`: boot a sealed `.hvm` artifact. Exit codes: see `hyperboot::status`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use hyperboot::{boot, spec::Overrides, status, AccelChoice, Backend, BootOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "hyperboot", version, about = "Boot a sealed .hvm artifact as a microVM")]
+struct Cli {
+    /// The artifact to boot
+    artifact: PathBuf,
+    /// Replace the image's Cmd (as in `docker run IMAGE CMD ARGS`)
+    #[arg(last = true)]
+    args: Vec<String>,
+    /// Which VMM runs the guest
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// QEMU accelerator (auto: KVM, except nested PVM KVM or no KVM, then TCG)
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// Override the image's Entrypoint ('' clears it)
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to pass the host's value)
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Working directory inside the guest
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// User as name, uid, name:group or uid:gid
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Guest hostname [default: the first 12 hex digits of the artifact digest]
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Guest memory (e.g. 128M, 1G; a plain number is MiB)
+    #[arg(short = 'm', long, default_value = "128M", value_parser = parse_memory)]
+    memory: u64,
+    /// Stop the VM after this many seconds (exit code 124)
+    #[arg(long, value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+    /// Show the kernel log and hyperinit's steps
+    #[arg(short, long)]
+    verbose: bool,
+    /// Show the kernel log
+    #[arg(long)]
+    console: bool,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_lowercase() {
+                'm' => 1,
+                'g' => 1024,
+                _ => return Err(format!("unknown unit in {s:?} (use M or G)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let mib = n.checked_mul(mult).ok_or("size too large")?;
+    if mib < 32 {
+        return Err(format!("{mib} MiB is too little memory for a guest (at least 32M)"));
+    }
+    Ok(mib)
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let s = s.trim_end_matches('s');
+    let v: f64 = s.parse().map_err(|_| format!("not a number of seconds: {s:?}"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err("the timeout must be positive".into());
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { status::FAILED } else { 0 });
+        }
+    };
+    let opts = BootOptions {
+        artifact: cli.artifact,
+        backend: cli.backend,
+        accel: cli.accel,
+        overrides: Overrides {
+            entrypoint: cli.entrypoint,
+            args: cli.args,
+            env: cli.env,
+            workdir: cli.workdir,
+            user: cli.user,
+            hostname: cli.hostname,
+        },
+        memory_mib: cli.memory,
+        timeout: cli.timeout,
+        verbose: cli.verbose,
+        console: cli.console,
+    };
+    match boot(&opts) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            eprintln!("hyperboot: error: {msg}");
+            ExitCode::from(status::FAILED)
+        }
+    }
+}

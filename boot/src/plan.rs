@@ -1,0 +1,177 @@
+//! The boot plan: from the initramfs to the app's root. Runs against [`Sys`],
+//! so tests can check every step without root.
+
+use crate::sys::{Sys, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+
+pub const LOWER: &str = "/mnt/lower";
+pub const RW: &str = "/mnt/rw";
+pub const NEWROOT: &str = "/mnt/root";
+
+/// A failed step, named for the console.
+#[derive(Debug)]
+pub struct StepError {
+    pub step: String,
+    pub source: std::io::Error,
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.source)
+    }
+}
+
+fn step<T>(name: impl FnOnce() -> String, r: std::io::Result<T>) -> Result<T, StepError> {
+    r.map_err(|source| StepError { step: name(), source })
+}
+
+/// Mounts what the initramfs itself needs: /dev and /proc.
+pub fn early(sys: &mut dyn Sys) -> Result<(), StepError> {
+    step(|| "mount devtmpfs on /dev".into(), sys.mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"))?;
+    step(|| "mount proc on /proc".into(), sys.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""))?;
+    Ok(())
+}
+
+/// Mounts the read-only EROFS image with a tmpfs-backed overlay on top, the
+/// API filesystems inside it, and moves it onto `/`.
+pub fn root(sys: &mut dyn Sys, device: &str) -> Result<(), StepError> {
+    for d in [LOWER, RW, NEWROOT] {
+        step(|| format!("create {d}"), sys.mkdir_all(d, 0o755))?;
+    }
+    step(
+        || format!("mount the image's EROFS root from {device}"),
+        sys.mount(device, LOWER, "erofs", MS_RDONLY, ""),
+    )?;
+    step(|| "mount the tmpfs for writes".into(), sys.mount("tmpfs", RW, "tmpfs", 0, "mode=0755"))?;
+    for d in ["upper", "work"] {
+        step(|| format!("create {RW}/{d}"), sys.mkdir_all(&format!("{RW}/{d}"), 0o755))?;
+    }
+    let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
+    step(|| "mount the overlay root".into(), sys.mount("overlay", NEWROOT, "overlay", 0, &opts))?;
+
+    let r = |p: &str| format!("{NEWROOT}{p}");
+    let mounts: [(&str, &str, &str, u64, &str); 5] = [
+        ("/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+        ("/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
+        ("/dev", "devtmpfs", "devtmpfs", MS_NOSUID, "mode=0755"),
+        ("/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ("/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ];
+    for (at, src, fs, flags, data) in mounts {
+        step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o755))?;
+        step(|| format!("mount {fs} on {at}"), sys.mount(src, &r(at), fs, flags, data))?;
+    }
+    // /run and /tmp get their own tmpfs unless the image put content there,
+    // which stays visible (writes still land in the tmpfs-backed overlay).
+    for (at, mode) in [("/run", "mode=0755"), ("/tmp", "mode=1777")] {
+        if !sys.exists(&r(at)) || sys.dir_is_empty(&r(at)) {
+            step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o755))?;
+            step(|| format!("mount tmpfs on {at}"), sys.mount("tmpfs", &r(at), "tmpfs", MS_NOSUID | MS_NODEV, mode))?;
+        }
+    }
+    for (target, link) in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+        ("pts/ptmx", "/dev/ptmx"),
+    ] {
+        step(|| format!("link {link}"), sys.symlink(target, &r(link)))?;
+    }
+    step(|| "enter the new root".into(), sys.chdir(NEWROOT))?;
+    step(|| "move the new root onto /".into(), sys.mount(".", "/", "", MS_MOVE, ""))?;
+    step(|| "chroot into the new root".into(), sys.chroot("."))?;
+    step(|| "chdir /".into(), sys.chdir("/"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<String>,
+        fail_on: Option<&'static str>,
+        populated: Vec<&'static str>,
+    }
+
+    impl Recorder {
+        fn rec(&mut self, s: String) -> io::Result<()> {
+            let fail = self.fail_on.is_some_and(|f| s.contains(f));
+            self.calls.push(s);
+            if fail {
+                Err(io::Error::from_raw_os_error(libc::ENODEV))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Sys for Recorder {
+        fn mount(&mut self, source: &str, target: &str, fstype: &str, flags: u64, data: &str) -> io::Result<()> {
+            self.rec(format!("mount {source} {target} {fstype} {flags:#x} {data}"))
+        }
+        fn mkdir_all(&mut self, path: &str, _: u32) -> io::Result<()> {
+            self.rec(format!("mkdir {path}"))
+        }
+        fn symlink(&mut self, target: &str, link: &str) -> io::Result<()> {
+            self.rec(format!("symlink {link} -> {target}"))
+        }
+        fn chdir(&mut self, path: &str) -> io::Result<()> {
+            self.rec(format!("chdir {path}"))
+        }
+        fn chroot(&mut self, path: &str) -> io::Result<()> {
+            self.rec(format!("chroot {path}"))
+        }
+        fn sethostname(&mut self, name: &str) -> io::Result<()> {
+            self.rec(format!("hostname {name}"))
+        }
+        fn exists(&mut self, path: &str) -> bool {
+            self.populated.iter().any(|p| path.ends_with(p))
+        }
+        fn dir_is_empty(&mut self, path: &str) -> bool {
+            !self.populated.iter().any(|p| path.ends_with(p))
+        }
+    }
+
+    fn index_of(calls: &[String], needle: &str) -> usize {
+        calls.iter().position(|c| c.contains(needle)).unwrap_or_else(|| panic!("no call with {needle}: {calls:#?}"))
+    }
+
+    #[test]
+    fn root_is_erofs_under_an_overlay_then_moved_onto_slash() {
+        let mut r = Recorder::default();
+        root(&mut r, "/dev/vda").unwrap();
+        let c = &r.calls;
+        let erofs = index_of(c, "mount /dev/vda /mnt/lower erofs 0x1 ");
+        let overlay = index_of(c, "mount overlay /mnt/root overlay 0x0 lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work");
+        let proc_ = index_of(c, "mount proc /mnt/root/proc proc");
+        let pts = index_of(c, "mount devpts /mnt/root/dev/pts devpts");
+        let dev = index_of(c, "mount devtmpfs /mnt/root/dev devtmpfs");
+        let mv = index_of(c, "mount . / ");
+        assert!(erofs < overlay && overlay < proc_ && dev < pts && pts < mv);
+        assert_eq!(c[mv + 1], "chroot .");
+        for l in ["/dev/stdin -> /proc/self/fd/0", "/dev/stdout -> /proc/self/fd/1", "/dev/stderr -> /proc/self/fd/2"] {
+            index_of(c, l);
+        }
+        index_of(c, "mount tmpfs /mnt/root/tmp tmpfs");
+        index_of(c, "mount tmpfs /mnt/root/run tmpfs");
+    }
+
+    #[test]
+    fn image_content_in_run_is_not_hidden() {
+        let mut r = Recorder { populated: vec!["/run"], ..Default::default() };
+        root(&mut r, "/dev/vda").unwrap();
+        assert!(!r.calls.iter().any(|c| c.contains("/mnt/root/run tmpfs")));
+        index_of(&r.calls, "mount tmpfs /mnt/root/tmp tmpfs");
+    }
+
+    #[test]
+    fn a_failed_step_is_named() {
+        let mut r = Recorder { fail_on: Some("erofs"), ..Default::default() };
+        let err = root(&mut r, "/dev/vda").unwrap_err().to_string();
+        assert!(err.starts_with("mount the image's EROFS root from /dev/vda: "), "{err}");
+        assert!(!r.calls.iter().any(|c| c.contains("overlay")), "went on after a failure");
+    }
+}

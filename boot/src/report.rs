@@ -1,0 +1,64 @@
+//! Telling the host how the app ended, then stopping the VM.
+//!
+//! The protocol (shared by both backends): one ASCII line on the second UART
+//! (COM2, I/O port 0x2f8) — `exit=N`, `signal=N` or `error=MESSAGE` — then a
+//! byte to the exit port 0x501 (0 after a report, 1 after an init error),
+//! which the VMM (or QEMU's `isa-debug-exit`) turns into the end of the VM.
+//! Should the exit port not stop the machine, a reset does (`reboot=t`).
+
+use crate::sys::process;
+
+pub const STATUS_PORT: u16 = 0x2f8;
+pub const EXIT_PORT: u16 = 0x501;
+const LSR: u16 = 5;
+const LSR_THRE: u8 = 0x20;
+
+/// How the app (or init) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Exited(i32),
+    Signaled(i32),
+    InitError(String),
+}
+
+/// The status line for an outcome; messages are kept to one printable line.
+pub fn status_line(o: &Outcome) -> String {
+    match o {
+        Outcome::Exited(c) => format!("exit={c}\n"),
+        Outcome::Signaled(s) => format!("signal={s}\n"),
+        Outcome::InitError(m) => {
+            let clean: String = m.chars().map(|c| if c.is_control() { ' ' } else { c }).take(400).collect();
+            format!("error={clean}\n")
+        }
+    }
+}
+
+/// Reports the outcome and ends the VM. Never returns.
+pub fn report_and_stop(o: &Outcome) -> ! {
+    process::sync();
+    if process::ioperm(STATUS_PORT, 8).is_ok() && process::ioperm(EXIT_PORT, 1).is_ok() {
+        for b in status_line(o).bytes() {
+            // Bounded wait for the transmitter; emulated UARTs are always ready.
+            for _ in 0..100_000 {
+                if process::inb(STATUS_PORT + LSR) & LSR_THRE != 0 {
+                    break;
+                }
+            }
+            process::outb(STATUS_PORT, b);
+        }
+        process::outb(EXIT_PORT, u8::from(matches!(o, Outcome::InitError(_))));
+    }
+    process::reboot()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines() {
+        assert_eq!(status_line(&Outcome::Exited(7)), "exit=7\n");
+        assert_eq!(status_line(&Outcome::Signaled(9)), "signal=9\n");
+        assert_eq!(status_line(&Outcome::InitError("bad\nthing".into())), "error=bad thing\n");
+    }
+}

@@ -1,0 +1,235 @@
+//! The syscall seam: everything hyperinit asks of the kernel goes through
+//! [`Sys`], so the boot plan can be unit-tested with a recording fake. The Linux
+//! implementation is the only place in hyperinit with `unsafe`.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Mount flags used by the plan.
+pub const MS_RDONLY: u64 = libc::MS_RDONLY;
+pub const MS_NOSUID: u64 = libc::MS_NOSUID;
+pub const MS_NODEV: u64 = libc::MS_NODEV;
+pub const MS_NOEXEC: u64 = libc::MS_NOEXEC;
+pub const MS_MOVE: u64 = libc::MS_MOVE;
+
+/// What the boot plan needs from the kernel.
+pub trait Sys {
+    fn mount(&mut self, source: &str, target: &str, fstype: &str, flags: u64, data: &str) -> io::Result<()>;
+    fn mkdir_all(&mut self, path: &str, mode: u32) -> io::Result<()>;
+    fn symlink(&mut self, target: &str, link: &str) -> io::Result<()>;
+    fn chdir(&mut self, path: &str) -> io::Result<()>;
+    fn chroot(&mut self, path: &str) -> io::Result<()>;
+    fn sethostname(&mut self, name: &str) -> io::Result<()>;
+    fn exists(&mut self, path: &str) -> bool;
+    fn dir_is_empty(&mut self, path: &str) -> bool;
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The real thing.
+#[derive(Debug, Default)]
+pub struct Linux;
+
+impl Sys for Linux {
+    fn mount(&mut self, source: &str, target: &str, fstype: &str, flags: u64, data: &str) -> io::Result<()> {
+        let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+        // SAFETY: all four are valid NUL-terminated strings that outlive the call.
+        check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) })
+    }
+
+    fn mkdir_all(&mut self, path: &str, mode: u32) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(mode).create(path)
+    }
+
+    fn symlink(&mut self, target: &str, link: &str) -> io::Result<()> {
+        match std::os::unix::fs::symlink(target, link) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        }
+    }
+
+    fn chdir(&mut self, path: &str) -> io::Result<()> {
+        std::env::set_current_dir(path)
+    }
+
+    fn chroot(&mut self, path: &str) -> io::Result<()> {
+        std::os::unix::fs::chroot(path)
+    }
+
+    fn sethostname(&mut self, name: &str) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `name`'s bytes.
+        check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+    }
+
+    fn exists(&mut self, path: &str) -> bool {
+        Path::new(path).symlink_metadata().is_ok()
+    }
+
+    fn dir_is_empty(&mut self, path: &str) -> bool {
+        std::fs::read_dir(path).map(|mut d| d.next().is_none()).unwrap_or(true)
+    }
+}
+
+/// Process-level calls used around the app (not part of the testable plan).
+pub mod process {
+    use super::*;
+
+    /// Gives this process access to the given I/O ports.
+    pub fn ioperm(port: u16, len: u16) -> io::Result<()> {
+        // SAFETY: ioperm only changes this process's I/O permission bitmap.
+        check(unsafe { libc::ioperm(port.into(), len.into(), 1) })
+    }
+
+    /// Writes a byte to an I/O port. Requires a prior successful [`ioperm`].
+    pub fn outb(port: u16, value: u8) {
+        // SAFETY: `out` to a port this process was granted by ioperm; the
+        // devices behind these ports (UART, exit port) have no memory effects.
+        unsafe { std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    }
+
+    /// Reads a byte from an I/O port. Requires a prior successful [`ioperm`].
+    pub fn inb(port: u16) -> u8 {
+        let v: u8;
+        // SAFETY: as for `outb`; reading a UART status register has no side effects.
+        unsafe { std::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+        v
+    }
+
+    /// Forks. In the child, `child` runs and must not return.
+    pub fn fork() -> io::Result<libc::pid_t> {
+        // SAFETY: hyperinit is single-threaded, so the child may run any code.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(pid)
+        }
+    }
+
+    /// Waits for any child; returns (pid, raw status), or None when there are no children.
+    pub fn wait_any() -> io::Result<Option<(libc::pid_t, libc::c_int)>> {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ECHILD) { Ok(None) } else { Err(e) };
+        }
+        Ok(Some((pid, status)))
+    }
+
+    pub fn kill(pid: libc::pid_t, sig: libc::c_int) {
+        // SAFETY: kill has no memory effects; errors (no such process) are ignored.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Installs `handler` for `sig` without SA_RESTART, so waits are interrupted.
+    pub fn on_signal(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+
+    /// Restores the default disposition and an empty mask (in the app's child).
+    pub fn reset_signals() {
+        // SAFETY: resetting dispositions and the mask is always valid.
+        unsafe {
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        }
+    }
+
+    /// Drops to the app's identity: supplementary groups, gid, uid.
+    pub fn set_identity(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+        // SAFETY: `groups` is a valid slice of gid_t for its length.
+        check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+        // SAFETY: plain syscalls with integer arguments.
+        check(unsafe { libc::setgid(gid) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::setuid(uid) })
+    }
+
+    pub fn setsid() {
+        // SAFETY: no memory effects.
+        unsafe { libc::setsid() };
+    }
+
+    /// Replaces the process image; returns only on failure.
+    pub fn execve(path: &OsStr, argv: &[String], env: &[String]) -> io::Error {
+        let to_c = |v: &[String]| v.iter().map(|s| CString::new(s.as_bytes())).collect::<Result<Vec<_>, _>>();
+        let (Ok(p), Ok(a), Ok(e)) = (CString::new(path.as_bytes()), to_c(argv), to_c(env)) else {
+            return io::Error::new(io::ErrorKind::InvalidInput, "argument contains NUL");
+        };
+        let mut ap: Vec<*const libc::c_char> = a.iter().map(|s| s.as_ptr()).collect();
+        ap.push(std::ptr::null());
+        let mut ep: Vec<*const libc::c_char> = e.iter().map(|s| s.as_ptr()).collect();
+        ep.push(std::ptr::null());
+        // SAFETY: NUL-terminated strings and NULL-terminated pointer arrays that outlive the call.
+        unsafe { libc::execve(p.as_ptr(), ap.as_ptr(), ep.as_ptr()) };
+        io::Error::last_os_error()
+    }
+
+    /// Redirects fd `to` to a newly opened `path`.
+    pub fn redirect(path: &str, flags: libc::c_int, to: libc::c_int) -> io::Result<()> {
+        let p = cstr(path)?;
+        // SAFETY: valid path; the new fd is closed after dup2.
+        let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are valid.
+        let rc = unsafe { libc::dup2(fd, to) };
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        check(rc)
+    }
+
+    /// Puts the console in raw output mode so app bytes reach the host unchanged.
+    pub fn raw_output(fd: libc::c_int) {
+        // SAFETY: termios is plain data; failure (not a tty) is ignored.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(fd, &mut t) == 0 {
+                t.c_oflag &= !libc::OPOST;
+                libc::tcsetattr(fd, libc::TCSANOW, &t);
+            }
+        }
+    }
+
+    pub fn sync() {
+        // SAFETY: no arguments.
+        unsafe { libc::sync() };
+    }
+
+    /// Last resort when the exit port did not stop the VM: a reset (`reboot=t`).
+    pub fn reboot() -> ! {
+        // SAFETY: PID 1 asking for a restart; the VMM turns the reset into an exit.
+        unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+        loop {
+            std::thread::park();
+        }
+    }
+}

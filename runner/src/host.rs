@@ -1,0 +1,57 @@
+//! What the host offers: KVM, and whether it is the nested PVM kind on which
+//! stock guest kernels crawl (see DESIGN.md, "Testing on the project's machines").
+
+use std::path::Path;
+
+/// The host's KVM situation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kvm {
+    /// /dev/kvm is usable and the CPU has vmx or svm.
+    Hardware,
+    /// /dev/kvm is provided by kvm_pvm: usable, but stock guests run emulated.
+    Pvm,
+    /// No usable /dev/kvm; the reason says what to do.
+    Unavailable(String),
+}
+
+/// Probes /dev/kvm, the loaded modules and the CPU flags.
+pub fn probe() -> Kvm {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Kvm::Unavailable("no /dev/kvm: the host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualization)".into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Kvm::Unavailable("cannot open /dev/kvm: permission denied (add your user to the kvm group)".into())
+        }
+        Err(e) => return Kvm::Unavailable(format!("cannot open /dev/kvm: {e}")),
+        Ok(_) => {}
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    classify(Path::new("/sys/module/kvm_pvm").exists(), &cpuinfo)
+}
+
+/// Pure part of [`probe`].
+pub fn classify(pvm_module: bool, cpuinfo: &str) -> Kvm {
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if pvm_module || !hw {
+        Kvm::Pvm
+    } else {
+        Kvm::Hardware
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(false, "flags\t: fpu vmx sse"), Kvm::Hardware);
+        assert_eq!(classify(false, "flags\t: fpu svm"), Kvm::Hardware);
+        assert_eq!(classify(true, "flags\t: fpu vmx"), Kvm::Pvm);
+        assert_eq!(classify(false, "flags\t: fpu hypervisor"), Kvm::Pvm);
+    }
+}

@@ -1,0 +1,135 @@
+//! What to run: the image config from the manifest combined with the command
+//! line exactly as `docker run` combines them, rendered as the run
+//! configuration hyperinit reads (`/hyper/run.json`).
+
+use serde::Serialize;
+
+/// Command-line overrides, as given to `hyperboot`.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--entrypoint`: `Some("")` clears the image's entrypoint.
+    pub entrypoint: Option<String>,
+    /// Arguments after the artifact (`-- CMD ARGS`): replace the image's Cmd.
+    pub args: Vec<String>,
+    /// `-e KEY=VALUE` or `-e KEY` (taken from the host environment).
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub hostname: Option<String>,
+}
+
+/// The run configuration; field names are hyperinit's `RunConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunConfig {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: String,
+    pub user: String,
+    pub hostname: String,
+    pub debug: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("no command specified: the image has no Entrypoint or Cmd; give one after the artifact (hyperboot app.hvm -- CMD)")]
+    NoCommand,
+}
+
+/// Combines image config and overrides. `host_env` resolves `-e KEY`.
+pub fn combine(
+    image: &hvm::ImageConfig,
+    o: &Overrides,
+    default_hostname: &str,
+    host_env: impl Fn(&str) -> Option<String>,
+) -> Result<RunConfig, SpecError> {
+    let entrypoint: Vec<String> = match &o.entrypoint {
+        Some(e) if e.is_empty() => Vec::new(),
+        Some(e) => vec![e.clone()],
+        None => image.entrypoint.clone().unwrap_or_default(),
+    };
+    // As in Docker: a new entrypoint drops the image's Cmd; arguments replace it.
+    let cmd: Vec<String> = if !o.args.is_empty() {
+        o.args.clone()
+    } else if o.entrypoint.is_some() {
+        Vec::new()
+    } else {
+        image.cmd.clone().unwrap_or_default()
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        return Err(SpecError::NoCommand);
+    }
+    let mut env = image.env.clone();
+    for e in &o.env {
+        match e.split_once('=') {
+            Some(_) => env.push(e.clone()),
+            None => {
+                if let Some(v) = host_env(e) {
+                    env.push(format!("{e}={v}"));
+                }
+            }
+        }
+    }
+    Ok(RunConfig {
+        argv,
+        env,
+        workdir: o.workdir.clone().unwrap_or_else(|| image.working_dir.clone()),
+        user: o.user.clone().unwrap_or_else(|| image.user.clone()),
+        hostname: o.hostname.clone().unwrap_or_else(|| default_hostname.to_string()),
+        debug: false,
+    })
+}
+
+/// The extra initramfs archive carrying the run configuration.
+pub fn run_archive(cfg: &RunConfig) -> Vec<u8> {
+    let mut c = hvm::cpio::Cpio::new();
+    c.dir("hyper", 0o755);
+    c.file("hyper/run.json", 0o644, &serde_json::to_vec(cfg).expect("serializes"));
+    c.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> hvm::ImageConfig {
+        let v = |x: Option<&[&str]>| x.map(|s| s.iter().map(|s| s.to_string()).collect());
+        hvm::ImageConfig { entrypoint: v(ep), cmd: v(cmd), env: vec!["A=1".into()], working_dir: "/w".into(), ..Default::default() }
+    }
+
+    fn argv(img: &hvm::ImageConfig, o: Overrides) -> Result<Vec<String>, SpecError> {
+        combine(img, &o, "h", |_| None).map(|c| c.argv)
+    }
+
+    #[test]
+    fn entrypoint_and_cmd_combine_as_in_docker() {
+        let both = image(Some(&["/ep", "x"]), Some(&["c1", "c2"]));
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(argv(&both, Overrides::default()).unwrap(), s(&["/ep", "x", "c1", "c2"]));
+        assert_eq!(argv(&both, Overrides { args: s(&["a"]), ..Default::default() }).unwrap(), s(&["/ep", "x", "a"]));
+        assert_eq!(argv(&both, Overrides { entrypoint: Some("/new".into()), ..Default::default() }).unwrap(), s(&["/new"]));
+        assert_eq!(
+            argv(&both, Overrides { entrypoint: Some("".into()), args: s(&["sh", "-c", "true"]), ..Default::default() }).unwrap(),
+            s(&["sh", "-c", "true"])
+        );
+        let cmd_only = image(None, Some(&["sh"]));
+        assert_eq!(argv(&cmd_only, Overrides { args: s(&["echo", "hi"]), ..Default::default() }).unwrap(), s(&["echo", "hi"]));
+        assert_eq!(argv(&image(None, None), Overrides::default()), Err(SpecError::NoCommand));
+        assert_eq!(argv(&both, Overrides { entrypoint: Some("".into()), ..Default::default() }), Err(SpecError::NoCommand));
+    }
+
+    #[test]
+    fn env_workdir_user_hostname() {
+        let img = image(None, Some(&["sh"]));
+        let o = Overrides {
+            env: vec!["B=2".into(), "A=9".into(), "FROM_HOST".into(), "UNSET".into()],
+            user: Some("app".into()),
+            ..Default::default()
+        };
+        let c = combine(&img, &o, "abc", |k| (k == "FROM_HOST").then(|| "v".to_string())).unwrap();
+        assert_eq!(c.env, ["A=1", "B=2", "A=9", "FROM_HOST=v"]);
+        assert_eq!((c.workdir.as_str(), c.user.as_str(), c.hostname.as_str()), ("/w", "app", "abc"));
+        let c = combine(&img, &Overrides { workdir: Some("/x".into()), hostname: Some("n".into()), ..Default::default() }, "abc", |_| None).unwrap();
+        assert_eq!((c.workdir.as_str(), c.hostname.as_str()), ("/x", "n"));
+    }
+}
