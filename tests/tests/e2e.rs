@@ -1,0 +1,230 @@
+//! End to end: a busybox OCI image becomes an artifact, which boots under the
+//! QEMU backend (TCG where KVM is not hardware) and runs its app.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use hyper_tests::*;
+
+fn assert_run(r: &Run, code: i32, stdout: &str) {
+    assert_eq!(r.code, Some(code), "exit code; stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, stdout, "stdout; stderr:\n{}", r.stderr);
+}
+
+#[test]
+fn echo_reaches_stdout_byte_exact() {
+    let r = boot(busybox_artifact(), &["--", "echo", "hello from the guest"]);
+    assert_run(&r, 0, "hello from the guest\n");
+}
+
+#[test]
+fn exit_codes_pass_through() {
+    let r = boot(busybox_artifact(), &["--", "sh", "-c", "echo bye; exit 7"]);
+    assert_run(&r, 7, "bye\n");
+    let r = boot(busybox_artifact(), &["--", "sh", "-c", "kill -9 $$"]);
+    assert_run(&r, 137, "");
+    let r = boot(busybox_artifact(), &["--", "no-such-command"]);
+    assert_eq!(r.code, Some(127), "{r:?}");
+    assert!(r.stdout.contains("executable file not found"), "{r:?}");
+}
+
+#[test]
+fn image_config_is_what_the_app_sees() {
+    let r = boot(busybox_artifact(), &["--", "sh", "-c", "echo $GREETING; pwd; id -u; echo $HOME; echo $PATH"]);
+    assert_run(&r, 0, "hello\n/srv/app\n0\n/root\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
+}
+
+#[test]
+fn command_line_overrides_the_image_config() {
+    let r = boot(
+        busybox_artifact(),
+        &["-e", "GREETING=bye", "-e", "EXTRA=1", "-w", "/tmp", "-u", "app", "--hostname", "box", "--", "sh", "-c", "echo $GREETING $EXTRA; pwd; id; hostname; echo $HOME"],
+    );
+    assert_run(&r, 0, "bye 1\n/tmp\nuid=1000(app) gid=1000(app) groups=50(staff),1000(app)\nbox\n/home/app\n");
+    let r = boot(busybox_artifact(), &["-u", "1234:4321", "--", "id"]);
+    assert_run(&r, 0, "uid=1234 gid=4321 groups=4321\n");
+    let r = boot(busybox_artifact(), &["--entrypoint", "/bin/echo", "--", "a", "b"]);
+    assert_run(&r, 0, "a b\n");
+}
+
+#[test]
+fn user_from_the_image_config() {
+    let layout = scratch().join("user-layout");
+    make_image(&layout, "v1", "app");
+    let art = scratch().join("user.hvm");
+    let o = build(&layout, &art);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = boot(&art, &["--", "sh", "-c", "id -un; echo $HOME; touch /srv/app/x 2>/dev/null || echo cannot-write"]);
+    assert_run(&r, 0, "app\n/home/app\ncannot-write\n");
+    let r = boot(&art, &["-u", "ghost", "--", "true"]);
+    assert_eq!(r.code, Some(123), "{r:?}");
+    assert!(r.stderr.contains("unable to find user ghost"), "{r:?}");
+}
+
+#[test]
+fn writes_vanish_when_the_vm_ends() {
+    let a = busybox_artifact();
+    let r = boot(a, &["--", "sh", "-c", "echo data > /etc/written && cat /etc/written && rm /bin/ls && echo removed"]);
+    assert_run(&r, 0, "data\nremoved\n");
+    let r = boot(a, &["--", "sh", "-c", "test -e /etc/written && echo present || echo absent; test -e /bin/ls && echo ls-back"]);
+    assert_run(&r, 0, "absent\nls-back\n");
+}
+
+#[test]
+fn layers_are_flattened_with_whiteouts() {
+    let r = boot(busybox_artifact(), &["--", "sh", "-c", "cat /etc/motd; ls -A /opt; stat -c %a /tmp"]);
+    assert_run(&r, 0, "layer two\n1777\n");
+}
+
+#[test]
+fn a_flipped_byte_in_any_section_is_refused_before_boot() {
+    let good = fs::read(busybox_artifact()).unwrap();
+    let header = hvm::Header::parse(&good).unwrap();
+    let mut positions = vec![20usize];
+    for s in &header.sections {
+        positions.push((s.offset + s.length / 2) as usize);
+    }
+    for pos in positions {
+        let mut bad = good.clone();
+        bad[pos] ^= 1;
+        let path = scratch().join(format!("flipped-{pos}.hvm"));
+        fs::write(&path, &bad).unwrap();
+        let started = std::time::Instant::now();
+        let r = boot(&path, &["--", "echo", "must not run"]);
+        assert_eq!(r.code, Some(125), "byte {pos}: {r:?}");
+        assert_eq!(r.stdout, "", "byte {pos} booted");
+        assert!(r.stderr.contains("flipped-"), "byte {pos}: {}", r.stderr);
+        assert!(started.elapsed().as_secs() < 10, "refusal took a boot's time");
+    }
+    let path = scratch().join("truncated.hvm");
+    fs::write(&path, &good[..good.len() - 4096]).unwrap();
+    let r = boot(&path, &["--", "echo", "must not run"]);
+    assert_eq!(r.code, Some(125), "{r:?}");
+    assert!(r.stderr.contains("truncated"), "{}", r.stderr);
+}
+
+#[test]
+fn a_guest_that_never_stops_is_ended_by_the_timeout() {
+    let out = hyperboot()
+        .args(["--backend", "qemu", "--timeout", "8"])
+        .arg(busybox_artifact())
+        .args(["--", "sleep", "1000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--timeout"));
+}
+
+#[test]
+fn sigterm_ends_the_vm() {
+    let mut child = hyperboot()
+        .args(["--backend", "qemu", "--timeout", "120"])
+        .arg(busybox_artifact())
+        .args(["--", "sleep", "1000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    nix_kill(child.id(), 15);
+    let started = std::time::Instant::now();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(143));
+    assert!(started.elapsed().as_secs() < 10);
+}
+
+fn nix_kill(pid: u32, sig: i32) {
+    let st = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn missing_qemu_is_a_clear_error() {
+    let out = hyperboot()
+        .env("HYPER_QEMU", "/nonexistent/qemu-system-x86_64")
+        .args(["--backend", "qemu"])
+        .arg(busybox_artifact())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("apt-get install qemu-system-x86"), "{out:?}");
+}
+
+#[test]
+fn builds_are_reproducible_and_inspectable() {
+    let layout = scratch().join("repro-layout");
+    make_image(&layout, "latest", "");
+    let (a, b) = (scratch().join("r1.hvm"), scratch().join("r2.hvm"));
+    let (oa, ob) = (build(&layout, &a), build(&layout, &b));
+    assert!(oa.status.success() && ob.status.success());
+    assert_eq!(oa.stdout, ob.stdout, "digests differ");
+    assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+    assert_eq!(fs::metadata(&a).unwrap().permissions().mode() & 0o222, 0, "artifact is writable");
+    let out = hyperbuild().arg("inspect").arg("--json").arg(&a).output().unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["digest"].as_str().unwrap(), String::from_utf8_lossy(&oa.stdout).trim());
+    assert_eq!(doc["manifest"]["config"]["Cmd"], serde_json::json!(["sh"]));
+    assert_eq!(doc["manifest"]["config"]["ExposedPorts"], serde_json::json!(["8080/tcp"]));
+    assert_eq!(doc["manifest"]["rootfs"]["type"], "erofs");
+    let kinds: Vec<&str> = doc["sections"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["kernel", "initrd", "rootfs", "manifest"]);
+}
+
+#[test]
+fn bad_input_to_hyperbuild_leaves_no_output() {
+    let out_path = scratch().join("never.hvm");
+    // Not a layout at all.
+    let o = build(&scratch().join("no-such-layout"), &out_path);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an OCI image layout"));
+    // A layer whose bytes do not match its digest.
+    let layout = scratch().join("corrupt-layout");
+    make_image(&layout, "latest", "");
+    let biggest = fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&biggest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&biggest, bytes).unwrap();
+    let o = build(&layout, &out_path);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not match its digest"), "{err}");
+    // Unknown tag.
+    let o = hyperbuild()
+        .arg(format!("oci:{}:nope", layout.display()))
+        .args(["-o"])
+        .arg(&out_path)
+        .arg("--kernel")
+        .arg(kernel())
+        .arg("--init")
+        .arg(init())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no image tagged \"nope\""));
+    // A kernel that is not a PVH vmlinux.
+    let o = hyperbuild()
+        .arg(format!("oci:{}", busybox_layout().display()))
+        .arg("-o")
+        .arg(&out_path)
+        .arg("--kernel")
+        .arg(init())
+        .arg("--init")
+        .arg(init())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no PVH entry note"));
+    assert!(!out_path.exists(), "a failed build left an output file");
+    let leftovers: Vec<_> = fs::read_dir(scratch()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".hvm-partial")).collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+}
+
+fn busybox_layout() -> std::path::PathBuf {
+    busybox_artifact();
+    scratch().join("busybox-layout")
+}
