@@ -1,0 +1,197 @@
+//! Our EROFS images judged by an independent implementation: Debian's
+//! `fsck.erofs` checks every image and extracts it, and the extracted tree must
+//! be exactly the one the layers describe.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::process::Command;
+
+use hyperbuild::{erofs, layer, spool::Spool, tree::Tree};
+use tar::{EntryType, Header};
+
+fn fsck() -> &'static str {
+    let ok = Command::new("fsck.erofs").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "fsck.erofs is missing: apt-get install erofs-utils (it is this test's oracle)");
+    "fsck.erofs"
+}
+
+struct Layer(tar::Builder<Vec<u8>>);
+
+impl Layer {
+    fn new() -> Self {
+        Self(tar::Builder::new(Vec::new()))
+    }
+    fn header(et: EntryType, mode: u32, size: u64) -> Header {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(et);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(size);
+        h
+    }
+    fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
+        let mut h = Self::header(EntryType::Regular, mode, data.len() as u64);
+        self.0.append_data(&mut h, path, data).unwrap();
+        self
+    }
+    fn owned_file(mut self, path: &str, uid: u64, gid: u64, data: &[u8]) -> Self {
+        let mut h = Self::header(EntryType::Regular, 0o640, data.len() as u64);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        self.0.append_data(&mut h, path, data).unwrap();
+        self
+    }
+    fn dir(mut self, path: &str, mode: u32) -> Self {
+        let mut h = Self::header(EntryType::Directory, mode, 0);
+        self.0.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+    fn link(mut self, et: EntryType, path: &str, target: &str) -> Self {
+        let mut h = Self::header(et, 0o777, 0);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
+    fn special(mut self, et: EntryType, path: &str, major: u32, minor: u32) -> Self {
+        let mut h = Self::header(et, 0o644, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.0.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+    fn bytes(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+fn write_image(layers: &[Vec<u8>], out: &Path) -> u64 {
+    let mut tree = Tree::new();
+    let mut spool = Spool::new().unwrap();
+    for (i, l) in layers.iter().enumerate() {
+        layer::apply(&mut tree, &mut spool, i, l.as_slice()).unwrap();
+    }
+    let mut f = fs::File::create(out).unwrap();
+    erofs::write(&tree, &spool, &mut f).unwrap()
+}
+
+#[test]
+fn fsck_extracts_exactly_the_flattened_tree() {
+    let sizes = [0usize, 1, 100, 4095, 4096, 4097, 8192, 12_345, 200_000];
+    let mut l0 = Layer::new().dir("data/", 0o755);
+    for (i, s) in sizes.iter().enumerate() {
+        l0 = l0.file(&format!("data/f{s}"), 0o644, &pattern(*s, i as u8));
+    }
+    let long_name = "n".repeat(255);
+    let long_target = format!("../{}", "t/".repeat(150));
+    let mut big_dir = Layer::new();
+    for i in 0..700 {
+        big_dir = big_dir.file(&format!("many/entry-number-{i:05}"), 0o600, format!("{i}").as_bytes());
+    }
+    let l0 = l0
+        .file("bin/tool", 0o4755, b"#!/bin/sh\n")
+        .file("bin/sgid", 0o2711, b"x")
+        .dir("sticky/", 0o1777)
+        .file("noperm", 0o000, b"secret")
+        .owned_file("owned", 70_000, 80_000, b"big ids")
+        .file(&long_name, 0o644, b"long")
+        .file("ünïcödé name", 0o644, b"utf8")
+        .link(EntryType::Symlink, "rel", "data/f100")
+        .link(EntryType::Symlink, "abs", "/data/f1")
+        .link(EntryType::Symlink, "dangling", "/no/such/file")
+        .link(EntryType::Symlink, "longlink", &long_target)
+        .link(EntryType::Link, "data/hard", "data/f4097")
+        .special(EntryType::Char, "dev/null", 1, 3)
+        .special(EntryType::Block, "dev/vdb", 254, 16)
+        .special(EntryType::Fifo, "fifo", 0, 0)
+        .file("gone", 0o644, b"to be deleted")
+        .bytes();
+    let l1 = Layer::new().file(".wh.gone", 0o644, b"").link(EntryType::Link, "bin/tool-link", "bin/tool").bytes();
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("root.erofs");
+    let size = write_image(&[l0, big_dir.bytes(), l1], &img);
+    assert_eq!(size, fs::metadata(&img).unwrap().len());
+    assert_eq!(size % 4096, 0);
+
+    let ex = dir.path().join("ex");
+    // erofs-utils 1.5 chowns after chmod when preserving owners, which clears
+    // setuid/setgid; extract without owners and read owners with dump.erofs.
+    let out = Command::new(fsck())
+        .arg(format!("--extract={}", ex.display()))
+        .arg("--no-preserve-owner")
+        .arg("--preserve-perms")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fsck.erofs refused the image: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    for (i, s) in sizes.iter().enumerate() {
+        assert!(fs::read(ex.join(format!("data/f{s}"))).unwrap() == pattern(*s, i as u8), "content of f{s}");
+    }
+    let mode = |p: &str| fs::symlink_metadata(ex.join(p)).unwrap().mode();
+    assert_eq!(mode("bin/tool") & 0o7777, 0o4755);
+    assert_eq!(mode("bin/sgid") & 0o7777, 0o2711);
+    assert_eq!(mode("sticky") & 0o7777, 0o1777);
+    assert_eq!(mode("noperm") & 0o7777, 0o000);
+    let dump = Command::new("dump.erofs").arg("--path=/owned").arg(&img).output().unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("Uid: 70000   Gid: 80000"), "dump.erofs says:\n{dump}");
+    assert_eq!(fs::metadata(ex.join("owned")).unwrap().mtime(), 1_700_000_000);
+    assert_eq!(fs::read(ex.join(&long_name)).unwrap(), b"long");
+    assert_eq!(fs::read(ex.join("ünïcödé name")).unwrap(), b"utf8");
+    assert_eq!(fs::read_link(ex.join("rel")).unwrap(), Path::new("data/f100"));
+    assert_eq!(fs::read_link(ex.join("abs")).unwrap(), Path::new("/data/f1"));
+    assert_eq!(fs::read_link(ex.join("dangling")).unwrap(), Path::new("/no/such/file"));
+    assert_eq!(fs::read_link(ex.join("longlink")).unwrap(), Path::new(&long_target));
+    // fsck.erofs 1.5 extracts hardlinks as copies; dump.erofs shows the inodes.
+    let inode = |p: &str| {
+        let out = Command::new("dump.erofs").arg(format!("--path={p}")).arg(&img).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let nid = text.split("NID: ").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned);
+        let links = text.split("Links: ").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned);
+        (nid.unwrap_or_else(|| panic!("no NID for {p}: {text}")), links.unwrap())
+    };
+    assert_eq!(inode("/data/hard"), inode("/data/f4097"), "hardlink is not one inode");
+    assert_eq!(inode("/data/hard").1, "2");
+    assert_eq!(inode("/bin/tool-link"), inode("/bin/tool"));
+    assert_eq!(inode("/bin/tool").1, "2");
+    assert!(fs::read(ex.join("data/hard")).unwrap() == pattern(4097, 5), "hardlink content");
+    let null = fs::symlink_metadata(ex.join("dev/null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), libc_makedev(1, 3));
+    let vdb = fs::symlink_metadata(ex.join("dev/vdb")).unwrap();
+    assert!(vdb.file_type().is_block_device());
+    assert_eq!(vdb.rdev(), libc_makedev(254, 16));
+    assert!(fs::symlink_metadata(ex.join("fifo")).unwrap().file_type().is_fifo());
+    assert!(!ex.join("gone").exists());
+    let many: BTreeMap<String, String> = fs::read_dir(ex.join("many"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), fs::read_to_string(e.path()).unwrap())
+        })
+        .collect();
+    assert_eq!(many.len(), 700);
+    assert_eq!(many["entry-number-00042"], "42");
+}
+
+fn libc_makedev(major: u64, minor: u64) -> u64 {
+    ((major & 0xfffff000) << 32) | ((major & 0xfff) << 8) | ((minor & 0xffffff00) << 12) | (minor & 0xff)
+}
+
+#[test]
+fn same_layers_give_the_same_image_bytes() {
+    let l = Layer::new().file("b", 0o644, b"2").file("a", 0o644, b"1").dir("d/", 0o755).bytes();
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+    write_image(&[l.clone()], &x);
+    write_image(&[l], &y);
+    assert_eq!(fs::read(x).unwrap(), fs::read(y).unwrap());
+}
