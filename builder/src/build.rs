@@ -108,7 +108,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         Ok::<_, erofs::ErofsError>(())
     })?
     .map_err(|source| InputError::Filesystem { reference: reference.clone(), source })?;
-    let manifest = manifest(&reference, &image, kernel_version, rootfs_size);
+    // The layout's path is a host path: record only what identifies the image.
+    let recorded = match &tag {
+        Some(t) => format!("oci-layout:{t}"),
+        None => "oci-layout".to_string(),
+    };
+    let manifest = manifest(&recorded, &image, kernel_version, rootfs_size);
     w.section_bytes(SectionKind::Manifest, FLAG_REQUIRED, &manifest.to_canonical_json())?;
     let digest = w.finish()?;
     let size = std::fs::metadata(&opts.output)?.len();

@@ -151,10 +151,12 @@ fn missing_qemu_is_a_clear_error() {
 
 #[test]
 fn builds_are_reproducible_and_inspectable() {
-    let layout = scratch().join("repro-layout");
-    make_image(&layout, "latest", "");
+    // The same image in two different places gives the same artifact.
+    let (la, lb) = (scratch().join("repro-layout-a"), scratch().join("repro-b/elsewhere"));
+    make_image(&la, "latest", "");
+    make_image(&lb, "latest", "");
     let (a, b) = (scratch().join("r1.hvm"), scratch().join("r2.hvm"));
-    let (oa, ob) = (build(&layout, &a), build(&layout, &b));
+    let (oa, ob) = (build(&la, &a), build(&lb, &b));
     assert!(oa.status.success() && ob.status.success());
     assert_eq!(oa.stdout, ob.stdout, "digests differ");
     assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
