@@ -9,6 +9,7 @@ pub mod host;
 pub mod qemu;
 pub mod spec;
 pub mod status;
+pub mod vmm;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -112,6 +113,43 @@ enum Event {
     Signal(i32),
 }
 
+/// Which VMM runs the guest, decided from `--backend` and the host.
+fn choose_backend(choice: Backend, kvm: &host::Kvm) -> Result<Backend, BootError> {
+    use host::Kvm;
+    Ok(match (choice, kvm) {
+        (Backend::Qemu, _) => Backend::Qemu,
+        (Backend::Kvm, Kvm::Unavailable(why)) => return Err(BootError::Backend(format!("--backend kvm: {why}"))),
+        (Backend::Kvm, _) | (Backend::Auto, Kvm::Hardware) => Backend::Kvm,
+        (Backend::Auto, Kvm::Pvm) => {
+            eprintln!("hyperboot: /dev/kvm is nested KVM of the PVM kind, on which guest user space cannot run: using the QEMU backend with TCG");
+            Backend::Qemu
+        }
+        (Backend::Auto, Kvm::Unavailable(why)) => {
+            eprintln!("hyperboot: {why}: using the QEMU backend with TCG");
+            Backend::Qemu
+        }
+    })
+}
+
+/// The kernel command line: the artifact's, then the log level and debug
+/// switches, then the PVM workarounds where needed.
+fn kernel_cmdline(base: &str, opts: &BootOptions, pvm: bool, extra: &str) -> String {
+    let mut c = base.to_string();
+    c.push_str(if opts.verbose || opts.console { " loglevel=8" } else { " loglevel=1" });
+    if opts.verbose {
+        c.push_str(" hyper.debug");
+    }
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    if pvm {
+        c.push(' ');
+        c.push_str(PVM_WORKAROUNDS);
+    }
+    c
+}
+
 /// Boots the artifact and returns hyperboot's exit code.
 pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     let artifact = Artifact::open(&opts.artifact)?;
@@ -122,30 +160,103 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
             m.image.platform.os, m.image.platform.architecture
         )));
     }
-    match opts.backend {
-        Backend::Kvm => {
-            return Err(BootError::Backend(
-                "the KVM backend is not available in this build yet; use --backend qemu".into(),
-            ))
-        }
-        Backend::Auto | Backend::Qemu => {}
-    }
     let kvm = host::probe();
-    let (accel, pvm) = pick_accel(opts.accel, &kvm, opts.verbose)?;
-    let binary = find_qemu()?;
+    let backend = choose_backend(opts.backend, &kvm)?;
     let digest_hex = hex::encode(artifact.digest());
     let mut run = spec::combine(&m.config, &opts.overrides, &digest_hex[..12], |k| std::env::var(k).ok())?;
     run.debug = opts.verbose;
-    let mut cmdline = m.kernel.cmdline.clone();
-    cmdline.push_str(if opts.verbose || opts.console { " loglevel=8" } else { " loglevel=1" });
-    if opts.verbose {
-        cmdline.push_str(" hyper.debug");
+    match backend {
+        Backend::Kvm => boot_kvm(&artifact, &run, kvm == host::Kvm::Pvm, opts),
+        _ => boot_qemu(&artifact, &run, &kvm, opts),
     }
+}
+
+fn boot_kvm(artifact: &Artifact, run: &spec::RunConfig, pvm: bool, opts: &BootOptions) -> Result<u8, BootError> {
+    use hvm::SectionKind;
     if pvm {
-        cmdline.push(' ');
-        cmdline.push_str(PVM_WORKAROUNDS);
+        note(opts.verbose, "nested PVM KVM: adding the stock-kernel workarounds to the command line");
     }
-    let mut prepared = qemu::prepare(&artifact, &spec::run_archive(&run))?;
+    let k = artifact.section(SectionKind::Kernel);
+    let kernel = vmm::loader::SectionReader::new(artifact.file().try_clone()?, k.offset, k.length);
+    let mut initrd = artifact.read_section(SectionKind::Initrd)?;
+    initrd.resize(initrd.len().div_ceil(4) * 4, 0);
+    initrd.extend_from_slice(&spec::run_archive(run));
+    let r = artifact.section(SectionKind::Rootfs);
+    let cmdline = kernel_cmdline(&artifact.manifest().kernel.cmdline, opts, pvm, "8250.nr_uarts=1");
+    note(opts.verbose, &format!("KVM backend, kernel command line: {cmdline}"));
+    let cfg = vmm::VmConfig {
+        kernel,
+        initrd,
+        rootfs: Some((artifact.file().try_clone()?, r.offset, r.length)),
+        cmdline,
+        memory_mib: opts.memory_mib,
+        timeout: opts.timeout,
+        console: Box::new(std::io::LineWriter::new(std::io::stdout())),
+        seccomp: true,
+    };
+    let outcome = vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)))?;
+    if let Some(spawn) = std::env::var("HYPER_SPAWN_NS").ok().and_then(|s| s.parse::<u64>().ok()) {
+        eprintln!(
+            "hyperboot-timing: exec_to_first_run_us={} exits={}",
+            outcome.first_run_ns.saturating_sub(spawn) / 1000,
+            outcome.exits
+        );
+    }
+    note(opts.verbose, &format!("the VM stopped ({:?}) after {} exits", outcome.stop, outcome.exits));
+    Ok(exit_code(&outcome.status, &outcome.stop, opts))
+}
+
+/// The whole error chain on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// Maps how the KVM backend's VM ended to hyperboot's exit code.
+fn exit_code(status: &[u8], stop: &vmm::Stop, opts: &BootOptions) -> u8 {
+    use vmm::Stop;
+    match stop {
+        Stop::Timeout => {
+            eprintln!(
+                "hyperboot: the VM did not finish within --timeout {}s; stopped it",
+                opts.timeout.unwrap_or_default().as_secs_f64()
+            );
+            return status::TIMEOUT;
+        }
+        Stop::Signal(s) => return 128u8.saturating_add(*s as u8),
+        _ => {}
+    }
+    if let Some(s) = status::GuestStatus::parse(status) {
+        if let status::GuestStatus::InitError(msg) = &s {
+            eprintln!("hyperboot: the guest's init failed: {msg}");
+        }
+        return s.exit_code();
+    }
+    match stop {
+        Stop::ExitPort(v) => *v,
+        Stop::GuestError(why) => {
+            eprintln!("hyperboot: the guest stopped without reporting an exit status: {why}");
+            status::NO_STATUS
+        }
+        _ => {
+            eprintln!("hyperboot: the guest stopped without reporting an exit status (kernel panic or reset; rerun with --console to see the kernel log)");
+            status::NO_STATUS
+        }
+    }
+}
+
+fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: &BootOptions) -> Result<u8, BootError> {
+    let m = artifact.manifest();
+    let (accel, pvm) = pick_accel(opts.accel, kvm, opts.verbose)?;
+    let binary = find_qemu()?;
+    let cmdline = kernel_cmdline(&m.kernel.cmdline, opts, pvm, "");
+    let mut prepared = qemu::prepare(artifact, &spec::run_archive(run))?;
     let cfg = qemu::QemuConfig { binary, accel, memory_mib: opts.memory_mib, cmdline };
     let log = qemu::log_file()?;
     let mut cmd = qemu::command(&cfg, &prepared, &log)?;

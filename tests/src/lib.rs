@@ -148,3 +148,104 @@ pub fn skip(test: &str, reason: &str) {
         }
     }
 }
+
+/// Whether /dev/kvm can be opened (any kind, PVM included): the tiny test
+/// guests run on it.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// Whether the host has hardware virtualization (vmx/svm) and not nested PVM
+/// KVM: full guests with user space run only there.
+pub fn hardware_kvm() -> bool {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    kvm_usable() && hw && !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Compiles a test guest from `tests/guests/NAME.c` (plus `start.S`) with the
+/// given `-D` defines into a tiny ELF with a PVH note: 32-bit code (gcc -m32),
+/// linked as i386 by `guest.ld`, then rewrapped as ELF64 (no relocations are
+/// left to convert) so the same loader as for a vmlinux takes it.
+pub fn build_guest(name: &str, defines: &[&str]) -> PathBuf {
+    let src = repo().join("tests/guests");
+    let tag = format!("{name}{}", defines.iter().map(|d| format!("-{}", d.replace('=', ""))).collect::<String>());
+    let dir = scratch().join(format!("guest-{tag}"));
+    std::fs::create_dir_all(&dir).expect("guest dir");
+    let flags = [
+        "-m32", "-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector", "-nostdlib",
+        "-fno-builtin", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wall", "-Werror",
+    ];
+    let mut objs = Vec::new();
+    for (file, obj) in [("start.S", "start.o"), (&format!("{name}.c")[..], "main.o")] {
+        let o = dir.join(obj);
+        let mut cc = Command::new("gcc");
+        cc.args(flags).args(defines.iter().map(|d| format!("-D{d}"))).arg("-c").arg(src.join(file)).arg("-o").arg(&o);
+        run_ok(cc, "gcc (install build-essential)");
+        objs.push(o);
+    }
+    let elf32 = dir.join(format!("{tag}.elf32"));
+    let mut ld = Command::new("ld");
+    ld.args(["-m", "elf_i386", "-nostdlib", "-static", "-z", "noexecstack", "--no-warn-rwx-segments", "--build-id=none", "-T"])
+        .arg(src.join("guest.ld"))
+        .arg("-o")
+        .arg(&elf32)
+        .args(&objs);
+    run_ok(ld, "ld");
+    let elf = dir.join(format!("{tag}.elf"));
+    let mut oc = Command::new("objcopy");
+    oc.args(["-O", "elf64-x86-64"]).arg(&elf32).arg(&elf);
+    run_ok(oc, "objcopy");
+    elf
+}
+
+fn run_ok(mut c: Command, what: &str) {
+    let out = c.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The rootfs test guests read: at every 4-byte offset o, the word o ^ 0x5a5a5a5a.
+pub fn pattern_rootfs(len: usize) -> Vec<u8> {
+    (0..len / 4).flat_map(|i| ((i as u32 * 4) ^ 0x5a5a_5a5a).to_le_bytes()).collect()
+}
+
+/// Wraps a test guest into an artifact (kernel = the guest, rootfs = `rootfs`).
+pub fn guest_artifact(elf: &Path, rootfs: &[u8]) -> PathBuf {
+    let out = elf.with_extension("hvm");
+    let _ = std::fs::remove_file(&out);
+    let manifest = hvm::Manifest {
+        image: hvm::ImageInfo {
+            reference: "test-guest".into(),
+            digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+            platform: hvm::Platform { os: "linux".into(), architecture: "amd64".into(), variant: None },
+        },
+        config: hvm::ImageConfig { cmd: Some(vec!["guest".into()]), ..Default::default() },
+        kernel: hvm::KernelInfo { version: "test-guest".into(), cmdline: String::new() },
+        rootfs: hvm::RootfsInfo { fs_type: "raw".into(), size: rootfs.len() as u64 },
+        builder: hvm::BuilderInfo { name: "hyper-tests".into(), version: "0".into() },
+    };
+    let mut w = hvm::ArtifactWriter::create(&out).expect("create artifact");
+    w.section_bytes(hvm::SectionKind::Kernel, hvm::FLAG_REQUIRED, &std::fs::read(elf).expect("guest elf")).unwrap();
+    w.section_bytes(hvm::SectionKind::Initrd, hvm::FLAG_REQUIRED, &[]).unwrap();
+    w.section_bytes(hvm::SectionKind::Rootfs, hvm::FLAG_REQUIRED, rootfs).unwrap();
+    w.section_bytes(hvm::SectionKind::Manifest, hvm::FLAG_REQUIRED, &manifest.to_canonical_json()).unwrap();
+    w.finish().expect("finish artifact");
+    out
+}
+
+/// Boots an artifact on the KVM backend with extra hyperboot flags.
+pub fn boot_kvm(artifact: &Path, flags: &[&str]) -> Run {
+    let bound: &[&str] = if flags.contains(&"--timeout") { &[] } else { &["--timeout", "60"] };
+    let out = hyperboot()
+        .args(["--backend", "kvm", "--memory", "64M"])
+        .args(bound)
+        .args(flags)
+        .arg(artifact)
+        .output()
+        .expect("run hyperboot");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -1,4 +1,4 @@
-//! End to end: a busybox OCI image becomes an artifact, which boots under the
+//! The QEMU tier: a busybox OCI image becomes an artifact, which boots under the
 //! QEMU backend (TCG where KVM is not hardware) and runs its app.
 
 use std::fs;

@@ -1,0 +1,5 @@
+//! Devices of the microVM: the legacy port-I/O bus and virtio over MMIO.
+
+pub mod pio;
+pub mod virtio_blk;
+pub mod virtio_mmio;

@@ -1,0 +1,143 @@
+//! The port-I/O devices: the COM1 console (a 16550 from vm-superio, its
+//! interrupt on an irqfd), the COM2 status channel hyperinit reports through,
+//! the exit port, and the i8042 reset line. Everything else on the I/O bus
+//! reads as all-ones and ignores writes, like an empty ISA slot.
+
+use std::io::Write;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const COM1: u16 = 0x3f8;
+pub const COM2: u16 = 0x2f8;
+pub const EXIT_PORT: u16 = 0x501;
+pub const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+const LSR_OFFSET: u16 = 5;
+const LSR_IDLE: u8 = 0x60; // transmitter empty, holding register empty
+/// The status line is one short line; anything longer is a misbehaving guest.
+const STATUS_MAX: usize = 512;
+
+/// Raises the console's interrupt through an irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Why the guest asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// A byte written to the exit port.
+    ExitPort(u8),
+    /// The i8042 reset line.
+    Reset,
+}
+
+/// The legacy I/O bus.
+pub struct PioBus {
+    console: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    status: Vec<u8>,
+    status_overflow: bool,
+}
+
+impl std::fmt::Debug for PioBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PioBus").field("status", &self.status).finish()
+    }
+}
+
+impl PioBus {
+    pub fn new(console_irq: EventFd, console_out: Box<dyn Write + Send>) -> Self {
+        Self { console: Serial::new(IrqTrigger(console_irq), console_out), status: Vec::new(), status_overflow: false }
+    }
+
+    /// A guest `out`: returns a stop request when the guest asked to stop.
+    pub fn write(&mut self, port: u16, data: &[u8]) -> Option<StopRequest> {
+        let Some(&value) = data.first() else { return None };
+        match port {
+            p if (COM1..COM1 + 8).contains(&p) => {
+                // An interrupt that cannot be raised is the guest's loss, not ours.
+                let _ = self.console.write((p - COM1) as u8, value);
+            }
+            COM2 => {
+                if self.status.len() < STATUS_MAX {
+                    self.status.push(value);
+                } else {
+                    self.status_overflow = true;
+                }
+            }
+            EXIT_PORT => return Some(StopRequest::ExitPort(value)),
+            I8042_COMMAND if value == I8042_RESET => return Some(StopRequest::Reset),
+            _ => {}
+        }
+        None
+    }
+
+    /// A guest `in`.
+    pub fn read(&mut self, port: u16, data: &mut [u8]) {
+        let value = match port {
+            p if (COM1..COM1 + 8).contains(&p) => self.console.read((p - COM1) as u8),
+            p if p == COM2 + LSR_OFFSET => LSR_IDLE,
+            _ => 0xff,
+        };
+        data.fill(0xff);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    /// What the guest wrote on the status channel (at most [`STATUS_MAX`] bytes).
+    pub fn status(&self) -> &[u8] {
+        &self.status
+    }
+
+    pub fn flush(&mut self) {
+        let _ = self.console.writer_mut().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus() -> PioBus {
+        PioBus::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()))
+    }
+
+    #[test]
+    fn status_exit_and_reset() {
+        let mut b = bus();
+        for byte in b"exit=3\n" {
+            assert_eq!(b.write(COM2, &[*byte]), None);
+        }
+        assert_eq!(b.status(), b"exit=3\n");
+        assert_eq!(b.write(EXIT_PORT, &[7]), Some(StopRequest::ExitPort(7)));
+        assert_eq!(b.write(I8042_COMMAND, &[0xfe]), Some(StopRequest::Reset));
+        assert_eq!(b.write(I8042_COMMAND, &[0x20]), None);
+    }
+
+    #[test]
+    fn a_flooding_guest_is_bounded() {
+        let mut b = bus();
+        for _ in 0..10_000 {
+            b.write(COM2, b"x");
+        }
+        assert_eq!(b.status().len(), STATUS_MAX);
+    }
+
+    #[test]
+    fn empty_ports_read_all_ones_and_empty_writes_are_ignored() {
+        let mut b = bus();
+        let mut d = [0u8; 4];
+        b.read(0x80, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        b.read(COM2 + 5, &mut d[..1]);
+        assert_eq!(d[0], LSR_IDLE);
+        assert_eq!(b.write(EXIT_PORT, &[]), None);
+    }
+}

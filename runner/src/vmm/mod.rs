@@ -1,0 +1,214 @@
+//! hyperboot's own virtual machine monitor, on the rust-vmm crates.
+//!
+//! [`run`] turns a validated [`VmConfig`] into a running VM and drives its one
+//! vCPU on the calling thread until the guest stops: exits are handled inline
+//! (port I/O for the console, status and exit ports; MMIO for virtio-blk), a
+//! seccomp filter is in place before the first guest instruction, and signals
+//! or `--timeout` interrupt `KVM_RUN`.
+
+pub mod devices;
+pub mod kvm;
+pub mod layout;
+pub mod loader;
+pub mod seccomp;
+pub mod sys;
+pub mod vcpu;
+
+use std::fs::File;
+use std::io::Write;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VcpuExit;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use devices::pio::{PioBus, StopRequest};
+use devices::virtio_blk::Block;
+use devices::virtio_mmio::MmioTransport;
+use loader::SectionReader;
+
+/// A VM to run.
+pub struct VmConfig {
+    pub kernel: SectionReader,
+    pub initrd: Vec<u8>,
+    /// Served read-only as /dev/vda: (file, offset, length).
+    pub rootfs: Option<(File, u64, u64)>,
+    /// The command line before the runner's device announcements.
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub timeout: Option<Duration>,
+    pub console: Box<dyn Write + Send>,
+    pub seccomp: bool,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig").field("cmdline", &self.cmdline).field("memory_mib", &self.memory_mib).finish()
+    }
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest wrote this byte to the exit port.
+    ExitPort(u8),
+    /// The guest reset the machine (i8042, triple fault, KVM system event).
+    Reset,
+    /// A signal to hyperboot (SIGINT, SIGTERM, SIGHUP).
+    Signal(i32),
+    Timeout,
+    /// The guest did something the VMM cannot continue from.
+    GuestError(String),
+}
+
+/// How the VM ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub stop: Stop,
+    /// What the guest wrote on the status channel.
+    pub status: Vec<u8>,
+    /// Exits to the VMM process.
+    pub exits: u64,
+    /// Monotonic nanoseconds when the first KVM_RUN was entered.
+    pub first_run_ns: u64,
+}
+
+/// Why the VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    #[error("{0} MiB of guest memory is more than this host has ({1} MiB); lower --memory")]
+    MemoryTooLarge(u64, u64),
+    #[error("cannot create the VM: {0}")]
+    Create(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot allocate {0} MiB of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    MpTable(#[from] layout::MpTableError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Creates the VM and runs it to the end.
+pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
+    if let Some(host) = kvm::host_memory_mib() {
+        if cfg.memory_mib > host {
+            return Err(VmmError::MemoryTooLarge(cfg.memory_mib, host));
+        }
+    }
+    let kvm = kvm::open()?;
+    let vm = kvm.create_vm().map_err(|e| VmmError::Create("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(0xfffb_d000).map_err(|e| VmmError::Create("KVM_SET_TSS_ADDR", e))?;
+    vm.create_irq_chip().map_err(|e| VmmError::Create("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(|e| VmmError::Create("KVM_CREATE_PIT2", e))?;
+
+    let mem_bytes = cfg.memory_mib << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
+        .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?;
+    for (slot, region) in mem.iter().enumerate() {
+        sys::map_region(&vm, slot as u32, region.start_addr().0, region.len(), region.as_ptr())
+            .map_err(|e| VmmError::Create("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+
+    let mut cmdline = cfg.cmdline.clone();
+    if cfg.rootfs.is_some() {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            layout::VIRTIO_MMIO_BASE,
+            layout::VIRTIO_IRQ_BASE
+        ));
+    }
+    let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
+    layout::write_mptable(&mem, 1)?;
+
+    let console_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&console_irq, layout::SERIAL_IRQ).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+    let mut pio = PioBus::new(console_irq, cfg.console);
+    let mut blk = match cfg.rootfs.take() {
+        Some((file, offset, len)) => {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+            Some(MmioTransport::new(Block::new(file, offset, len), irq))
+        }
+        None => None,
+    };
+
+    let mut vcpu = vm.create_vcpu(0).map_err(|e| VmmError::Create("KVM_CREATE_VCPU", e))?;
+    vcpu::setup_cpuid(&kvm, &vcpu, 0, 1)?;
+    vcpu::setup_msrs(&vcpu)?;
+    vcpu::setup_pvh_regs(&vcpu, &mem, loaded.entry)?;
+    vcpu::setup_lapic(&vcpu)?;
+
+    sys::install_handlers(cfg.timeout);
+    if cfg.seccomp {
+        seccomp::install()?;
+    }
+    let blk_range = layout::VIRTIO_MMIO_BASE..layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_SIZE;
+    let mut exits = 0u64;
+    let trace = std::env::var_os("HYPER_VMM_TRACE").is_some();
+    let first_run_ns = monotonic_ns();
+    let stop = loop {
+        if let Some(sig) = sys::stop_signal() {
+            break if sig == libc::SIGALRM { Stop::Timeout } else { Stop::Signal(sig) };
+        }
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => {
+                sys::disarm();
+                return Err(VmmError::Run(e));
+            }
+        };
+        exits += 1;
+        if trace {
+            eprintln!("hyperboot: exit {exits}: {exit:?}");
+        }
+        match exit {
+            VcpuExit::IoOut(port, data) => match pio.write(port, data) {
+                Some(StopRequest::ExitPort(v)) => break Stop::ExitPort(v),
+                Some(StopRequest::Reset) => break Stop::Reset,
+                None => {}
+            },
+            VcpuExit::IoIn(port, data) => pio.read(port, data),
+            VcpuExit::MmioRead(addr, data) => match blk.as_mut() {
+                Some(b) if blk_range.contains(&addr) => b.read(addr - layout::VIRTIO_MMIO_BASE, data),
+                _ => data.fill(0),
+            },
+            VcpuExit::MmioWrite(addr, data) => {
+                if let Some(b) = blk.as_mut().filter(|_| blk_range.contains(&addr)) {
+                    b.write(addr - layout::VIRTIO_MMIO_BASE, data, &mem);
+                }
+            }
+            VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => break Stop::Reset,
+            VcpuExit::Hlt => break Stop::GuestError("the guest halted with interrupts off".into()),
+            VcpuExit::FailEntry(reason, _) => {
+                break Stop::GuestError(format!("KVM could not enter the guest (hardware reason {reason:#x})"))
+            }
+            VcpuExit::InternalError => {
+                break Stop::GuestError("KVM internal error: the guest ran something KVM cannot emulate".into())
+            }
+            VcpuExit::Exception => break Stop::GuestError("the guest raised an unhandled exception".into()),
+            other => break Stop::GuestError(format!("unexpected VM exit {other:?}")),
+        }
+    };
+    sys::disarm();
+    pio.flush();
+    Ok(Outcome { stop, status: pio.status().to_vec(), exits, first_run_ns })
+}

@@ -1,0 +1,57 @@
+//! The seccomp filter installed on the VMM thread right before the first
+//! guest instruction: only the system calls the run loop makes are allowed;
+//! anything else raises SIGSYS, which reports the call and exits 125.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// Why the filter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the seccomp filter")]
+    Build(#[source] seccompiler::BackendError),
+    #[error("cannot install the seccomp filter")]
+    Install(#[source] seccompiler::Error),
+}
+
+/// System calls of the run loop: KVM_RUN and device work (ioctl, pread, write
+/// to stdout and eventfds), memory management by the allocator, signals and
+/// timers, and exiting.
+const ALLOWED: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_lseek,
+    libc::SYS_fcntl,
+    libc::SYS_close,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sigaltstack,
+    libc::SYS_setitimer,
+    libc::SYS_clock_gettime,
+    libc::SYS_sched_yield,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Installs the filter on the calling thread.
+pub fn install() -> Result<(), SeccompError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(SeccompError::Build)?;
+    let program: BpfProgram = filter.try_into().map_err(SeccompError::Build)?;
+    seccompiler::apply_filter(&program).map_err(SeccompError::Install)
+}

@@ -1,0 +1,1 @@
+//! The app tier on the KVM backend: needs hardware KVM.
