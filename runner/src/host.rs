@@ -18,10 +18,10 @@ pub enum Kvm {
 pub fn probe() -> Kvm {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Kvm::Unavailable("no /dev/kvm: the host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualization)".into())
+            return Kvm::Unavailable("no /dev/kvm: this host has no KVM (load kvm_intel or kvm_amd, enable virtualization in the firmware, or use --backend qemu)".into())
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Kvm::Unavailable("cannot open /dev/kvm: permission denied (add your user to the kvm group)".into())
+            return Kvm::Unavailable("cannot open /dev/kvm: permission denied (add your user to the kvm group: sudo usermod -aG kvm $USER, then log in again)".into())
         }
         Err(e) => return Kvm::Unavailable(format!("cannot open /dev/kvm: {e}")),
         Ok(_) => {}

@@ -35,7 +35,8 @@ pub fn init() -> &'static Path {
     I.get_or_init(|| std::env::var_os("HYPER_INIT").map(PathBuf::from).unwrap_or_else(|| script_output("build-init")))
 }
 
-fn bin(name: &str) -> PathBuf {
+/// The path of a workspace binary (built on first use).
+pub fn bin_path(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -53,11 +54,11 @@ fn bin(name: &str) -> PathBuf {
 }
 
 pub fn hyperbuild() -> Command {
-    Command::new(bin("hyperbuild"))
+    Command::new(bin_path("hyperbuild"))
 }
 
 pub fn hyperboot() -> Command {
-    let mut c = Command::new(bin("hyperboot"));
+    let mut c = Command::new(bin_path("hyperboot"));
     // Never hang a test run: every boot has a generous bound.
     c.env_remove("HYPER_QEMU");
     c
@@ -120,12 +121,18 @@ pub struct Run {
 /// Boots `artifact` on the QEMU backend with `args` (hyperboot flags, then
 /// `--` and the command), bounded by a timeout.
 pub fn boot(artifact: &Path, args: &[&str]) -> Run {
+    boot_on("qemu", artifact, args)
+}
+
+/// Boots `artifact` on `backend` (`qemu` or `kvm`) with `args`.
+pub fn boot_on(backend: &str, artifact: &Path, args: &[&str]) -> Run {
+    let flags: Vec<&str> = args.iter().copied().take_while(|a| *a != "--").collect();
+    let bound: &[&str] = if flags.contains(&"--timeout") { &[] } else { &["--timeout", "120"] };
     let out = hyperboot()
         .arg("--backend")
-        .arg("qemu")
-        .arg("--timeout")
-        .arg("120")
-        .args(args.iter().take_while(|a| **a != "--"))
+        .arg(backend)
+        .args(bound)
+        .args(flags)
         .arg(artifact)
         .args(args.iter().skip_while(|a| **a != "--"))
         .output()
@@ -235,10 +242,15 @@ pub fn guest_artifact(elf: &Path, rootfs: &[u8]) -> PathBuf {
 
 /// Boots an artifact on the KVM backend with extra hyperboot flags.
 pub fn boot_kvm(artifact: &Path, flags: &[&str]) -> Run {
-    let bound: &[&str] = if flags.contains(&"--timeout") { &[] } else { &["--timeout", "60"] };
+    let mut defaults: Vec<&str> = Vec::new();
+    for (flag, value) in [("--memory", "64M"), ("--timeout", "60")] {
+        if !flags.contains(&flag) {
+            defaults.extend([flag, value]);
+        }
+    }
     let out = hyperboot()
-        .args(["--backend", "kvm", "--memory", "64M"])
-        .args(bound)
+        .args(["--backend", "kvm"])
+        .args(defaults)
         .args(flags)
         .arg(artifact)
         .output()
