@@ -153,6 +153,7 @@ fn kernel_cmdline(base: &str, opts: &BootOptions, pvm: bool, extra: &str) -> Str
 /// Boots the artifact and returns hyperboot's exit code.
 pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     let artifact = Artifact::open(&opts.artifact)?;
+    vmm::phase("artifact verified");
     let m = artifact.manifest();
     if m.image.platform.architecture != "amd64" {
         return Err(BootError::Backend(format!(

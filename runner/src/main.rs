@@ -81,6 +81,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    hyperboot::vmm::phase("main");
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -99,7 +99,15 @@ pub enum VmmError {
     Run(#[source] kvm_ioctls::Error),
 }
 
-fn monotonic_ns() -> u64 {
+/// Prints how long after `HYPER_SPAWN_NS` a startup phase ended (HYPER_VMM_TRACE).
+pub fn phase(name: &str) {
+    if std::env::var_os("HYPER_VMM_TRACE").is_some() {
+        let spawn = std::env::var("HYPER_SPAWN_NS").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        eprintln!("hyperboot: phase {name}: {} us", monotonic_ns().saturating_sub(spawn) / 1000);
+    }
+}
+
+pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
@@ -112,13 +120,16 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             return Err(VmmError::MemoryTooLarge(cfg.memory_mib, host));
         }
     }
+    phase("vmm start");
     let kvm = kvm::open()?;
+    phase("kvm open");
     let vm = kvm.create_vm().map_err(|e| VmmError::Create("KVM_CREATE_VM", e))?;
     vm.set_tss_address(0xfffb_d000).map_err(|e| VmmError::Create("KVM_SET_TSS_ADDR", e))?;
     vm.create_irq_chip().map_err(|e| VmmError::Create("KVM_CREATE_IRQCHIP", e))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(|e| VmmError::Create("KVM_CREATE_PIT2", e))?;
 
+    phase("vm created");
     let mem_bytes = cfg.memory_mib << 20;
     let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
         .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?;
@@ -127,6 +138,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             .map_err(|e| VmmError::Create("KVM_SET_USER_MEMORY_REGION", e))?;
     }
 
+    phase("memory mapped");
     let mut cmdline = cfg.cmdline.clone();
     if cfg.rootfs.is_some() {
         cmdline.push_str(&format!(
@@ -138,6 +150,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
     layout::write_mptable(&mem, 1)?;
 
+    phase("guest loaded");
     let console_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&console_irq, layout::SERIAL_IRQ).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
     let mut pio = PioBus::new(console_irq, cfg.console);
@@ -156,6 +169,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     vcpu::setup_pvh_regs(&vcpu, &mem, loaded.entry)?;
     vcpu::setup_lapic(&vcpu)?;
 
+    phase("vcpu ready");
     sys::install_handlers(cfg.timeout);
     if cfg.seccomp {
         seccomp::install()?;

@@ -1,8 +1,17 @@
-//! bench-boot ARTIFACT [RUNS]: boots the same artifact RUNS times through
+//! bench-boot: boot costs, ours next to the peers', from the same run.
+//!
+//! `bench-boot app ARTIFACT [RUNS]` boots the same artifact RUNS times through
 //! hyperboot and through plain `qemu-system-x86_64 -M microvm` given the same
 //! kernel, initrd (plus the same run configuration) and rootfs by hand, and
 //! prints the median and spread of process start → the app's first output and
-//! of the whole run. Runs alternate between the two so machine noise hits both.
+//! of the whole run.
+//!
+//! `bench-boot null [RUNS]` boots a null test guest (it leaves through the exit
+//! port on its first instructions) with hyperboot's KVM VMM and with QEMU
+//! microvm (KVM, and TCG), and prints whole-process wall time, exec → first
+//! KVM_RUN (hyperboot reports it) and peak RSS.
+//!
+//! Runs alternate between the contenders so machine noise hits all of them.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -42,8 +51,92 @@ fn stats(name: &str, what: &str, v: &mut [Duration]) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let artifact = PathBuf::from(args.get(1).expect("usage: bench-boot ARTIFACT [RUNS]"));
-    let runs: usize = args.get(2).map(|s| s.parse().expect("RUNS")).unwrap_or(5);
+    match args.get(1).map(String::as_str) {
+        Some("null") => null(args.get(2).map(|s| s.parse().expect("RUNS")).unwrap_or(20)),
+        Some("app") => app(
+            PathBuf::from(args.get(2).expect("usage: bench-boot app ARTIFACT [RUNS]")),
+            args.get(3).map(|s| s.parse().expect("RUNS")).unwrap_or(5),
+        ),
+        _ => panic!("usage: bench-boot null [RUNS] | bench-boot app ARTIFACT [RUNS]"),
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs `cmd` to the end; returns wall time, peak RSS (KiB) and stderr.
+fn measure(mut cmd: Command) -> (Duration, u64, String) {
+    let start = Instant::now();
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointers; `pid` is our child, not yet reaped.
+    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = start.elapsed();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr {
+        let _ = e.read_to_string(&mut err);
+    }
+    (wall, usage.ru_maxrss as u64, err)
+}
+
+fn null(runs: usize) {
+    let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
+    let elf = hyper_tests::build_guest("exitport", &["NULL_GUEST"]);
+    let art = hyper_tests::guest_artifact(&elf, &[0u8; 4096]);
+    let qemu = |accel: &str| {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config", "-no-reboot"])
+            .args(["-display", "none", "-m", "64M", "-accel", accel])
+            .arg("-kernel").arg(&elf)
+            .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
+        c
+    };
+    let (mut hw, mut hr, mut hf, mut qkw, mut qkr, mut qtw, mut qtr) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut exits = 0;
+    for _ in 0..runs {
+        let mut c = Command::new(&hyperboot);
+        c.args(["--backend", "kvm", "--memory", "64M"]).arg(&art).env("HYPER_SPAWN_NS", monotonic_ns().to_string());
+        let (w, rss, err) = measure(c);
+        let first = err
+            .split("exec_to_first_run_us=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("hyperboot did not report its timing: {err}"));
+        exits = err.split("exits=").nth(1).and_then(|r| r.trim().parse::<u64>().ok()).unwrap_or(0);
+        hw.push(w);
+        hr.push(Duration::from_micros(rss));
+        hf.push(Duration::from_micros(first));
+        let (w, rss, _) = measure(qemu("kvm"));
+        qkw.push(w);
+        qkr.push(Duration::from_micros(rss));
+        let (w, rss, _) = measure(qemu("tcg"));
+        qtw.push(w);
+        qtr.push(Duration::from_micros(rss));
+    }
+    println!("bench-boot null: {runs} runs each, a null guest that leaves on its first instructions");
+    let ours = stats("hyperboot --backend kvm", "whole process", &mut hw);
+    stats("hyperboot --backend kvm", "exec->KVM_RUN", &mut hf);
+    let peer = stats("qemu microvm -accel kvm", "whole process", &mut qkw);
+    stats("qemu microvm -accel tcg", "whole process", &mut qtw);
+    let kib = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_micros() as f64 / 1024.0
+    };
+    println!("peak RSS (median, MiB): hyperboot {:.1}, qemu kvm {:.1}, qemu tcg {:.1}", kib(&mut hr), kib(&mut qkr), kib(&mut qtr));
+    println!("exits to hyperboot for the null guest: {exits}");
+    println!("ratio hyperboot/qemu-kvm whole process: {:.3}", ours / peer);
+    println!("firecracker: not measured (no release can be fetched from this machine's registries)");
+}
+
+fn app(artifact: PathBuf, runs: usize) {
     let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
     let a = Artifact::open(&artifact).expect("open artifact");
 
