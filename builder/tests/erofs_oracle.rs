@@ -191,7 +191,7 @@ fn same_layers_give_the_same_image_bytes() {
     let l = Layer::new().file("b", 0o644, b"2").file("a", 0o644, b"1").dir("d/", 0o755).bytes();
     let dir = tempfile::tempdir().unwrap();
     let (x, y) = (dir.path().join("x"), dir.path().join("y"));
-    write_image(&[l.clone()], &x);
+    write_image(std::slice::from_ref(&l), &x);
     write_image(&[l], &y);
     assert_eq!(fs::read(x).unwrap(), fs::read(y).unwrap());
 }

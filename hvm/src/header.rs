@@ -163,7 +163,7 @@ impl Header {
             if flags & !FLAG_REQUIRED != 0 {
                 return Err(HeaderError::Flags { index, kind, flags });
             }
-            if offset % BLOCK_SIZE != 0 || offset < HEADER_LEN as u64 {
+            if !offset.is_multiple_of(BLOCK_SIZE) || offset < HEADER_LEN as u64 {
                 return Err(HeaderError::Misaligned { index, kind });
             }
             match offset.checked_add(length) {

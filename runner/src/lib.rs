@@ -289,31 +289,29 @@ fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: 
         }
     };
     let deadline = opts.timeout.map(|t| std::time::Instant::now() + t);
-    let exit = loop {
-        let ev = match deadline {
-            Some(d) => match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
-                Ok(ev) => ev,
-                Err(_) => {
-                    stop(&rx);
-                    eprintln!(
-                        "hyperboot: the VM did not finish within --timeout {}s; stopped it",
-                        opts.timeout.unwrap_or_default().as_secs_f64()
-                    );
-                    handle.close();
-                    return Ok(status::TIMEOUT);
-                }
-            },
-            None => rx.recv().map_err(|_| BootError::Backend("lost track of the VM process".into()))?,
-        };
-        match ev {
-            Event::Signal(s) => {
-                note(opts.verbose, &format!("signal {s}: stopping the VM"));
+    let ev = match deadline {
+        Some(d) => match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
+            Ok(ev) => ev,
+            Err(_) => {
                 stop(&rx);
+                eprintln!(
+                    "hyperboot: the VM did not finish within --timeout {}s; stopped it",
+                    opts.timeout.unwrap_or_default().as_secs_f64()
+                );
                 handle.close();
-                return Ok(128 + s as u8);
+                return Ok(status::TIMEOUT);
             }
-            Event::Exited(r) => break r?,
+        },
+        None => rx.recv().map_err(|_| BootError::Backend("lost track of the VM process".into()))?,
+    };
+    let exit = match ev {
+        Event::Signal(s) => {
+            note(opts.verbose, &format!("signal {s}: stopping the VM"));
+            stop(&rx);
+            handle.close();
+            return Ok(128 + s as u8);
         }
+        Event::Exited(r) => r?,
     };
     handle.close();
     let report = qemu::read_status(&mut prepared);

@@ -71,6 +71,8 @@ fn monotonic_ns() -> u64 {
 /// Runs `cmd` to the end; returns wall time, peak RSS (KiB) and stderr.
 fn measure(mut cmd: Command) -> (Duration, u64, String) {
     let start = Instant::now();
+    // Reaped by wait4 below (std's wait would not report the child's rusage).
+    #[allow(clippy::zombie_processes)]
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;

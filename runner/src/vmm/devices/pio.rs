@@ -58,7 +58,7 @@ impl PioBus {
 
     /// A guest `out`: returns a stop request when the guest asked to stop.
     pub fn write(&mut self, port: u16, data: &[u8]) -> Option<StopRequest> {
-        let Some(&value) = data.first() else { return None };
+        let &value = data.first()?;
         match port {
             p if (COM1..COM1 + 8).contains(&p) => {
                 // An interrupt that cannot be raised is the guest's loss, not ours.
@@ -91,7 +91,7 @@ impl PioBus {
         }
     }
 
-    /// What the guest wrote on the status channel (at most [`STATUS_MAX`] bytes).
+    /// What the guest wrote on the status channel (at most 512 bytes).
     pub fn status(&self) -> &[u8] {
         &self.status
     }

@@ -163,7 +163,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if configurable => {
                 if let Some(q) = self.selected() {
-                    let (lo, hi) = if offset % 8 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                    let (lo, hi) = if offset.is_multiple_of(8) { (Some(v), None) } else { (None, Some(v)) };
                     match offset {
                         0x080 | 0x084 => q.set_desc_table_address(lo, hi),
                         0x090 | 0x094 => q.set_avail_ring_address(lo, hi),
