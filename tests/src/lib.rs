@@ -151,7 +151,8 @@ pub fn skip(test: &str, reason: &str) {
     if let Some(log) = std::env::var_os("HYPER_TEST_SKIP_LOG") {
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(f, "{test}: {reason}");
+            // One write per line: concurrent tests append to the same file.
+            let _ = f.write_all(format!("{test}: {reason}\n").as_bytes());
         }
     }
 }
