@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use hvm::{ArtifactWriter, SectionKind, FLAG_REQUIRED};
 use sha2::{Digest, Sha256};
 
-use crate::oci::{self, Compression, PlatformSpec};
+use crate::oci::{self, Compression};
 use crate::spool::Spool;
 use crate::tree::Tree;
 use crate::{elf, erofs, layer};
@@ -35,27 +35,60 @@ pub enum InputError {
     Kernel { path: PathBuf, reason: String },
     #[error("init {path}: {reason}")]
     Init { path: PathBuf, reason: String },
-    #[error("unknown image reference {0:?}: use oci:PATH[:TAG] (registries come later)")]
+    #[error("unknown image reference {0:?}")]
     Reference(String),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("image {reference}")]
+    Archive { reference: String, #[source] source: crate::docker_archive::ArchiveError },
+    #[error("the blob cache")]
+    Cache(#[source] crate::cache::CacheError),
 }
 
 /// Where the image comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
+    /// `oci:PATH[:TAG]`: an OCI image layout directory.
     OciLayout { path: PathBuf, tag: Option<String> },
+    /// `docker-archive:PATH[:REF]`: the output of `docker save`.
+    DockerArchive { path: PathBuf, reference: Option<String> },
+    /// Anything else: a registry reference as `docker pull` takes it.
+    Registry(String),
 }
 
 impl Source {
-    /// Parses `oci:PATH[:TAG]`.
+    /// Parses what the user typed.
     pub fn parse(reference: &str) -> Result<Self, InputError> {
-        let Some(rest) = reference.strip_prefix("oci:") else {
+        if let Some(rest) = reference.strip_prefix("oci:") {
+            let (path, tag) = match rest.rsplit_once(':') {
+                Some((p, t)) if !t.contains('/') && !p.is_empty() => (p, Some(t.to_string())),
+                _ => (rest, None),
+            };
+            return Ok(Source::OciLayout { path: PathBuf::from(path), tag });
+        }
+        if let Some(rest) = reference.strip_prefix("docker-archive:") {
+            let (path, r) = match rest.split_once(':') {
+                Some((p, r)) if !r.is_empty() => (p, Some(r.to_string())),
+                _ => (rest, None),
+            };
+            return Ok(Source::DockerArchive { path: PathBuf::from(path), reference: r });
+        }
+        if reference.is_empty() || reference.contains(char::is_whitespace) {
             return Err(InputError::Reference(reference.to_string()));
-        };
-        let (path, tag) = match rest.rsplit_once(':') {
-            Some((p, t)) if !t.contains('/') && !p.is_empty() => (p, Some(t.to_string())),
-            _ => (rest, None),
-        };
-        Ok(Source::OciLayout { path: PathBuf::from(path), tag })
+        }
+        Ok(Source::Registry(reference.to_string()))
+    }
+
+    /// What the artifact's manifest records: no host paths, so the same image
+    /// gives the same artifact wherever its files were.
+    pub fn recorded(&self) -> String {
+        match self {
+            Source::OciLayout { tag: Some(t), .. } => format!("oci-layout:{t}"),
+            Source::OciLayout { tag: None, .. } => "oci-layout".into(),
+            Source::DockerArchive { reference: Some(r), .. } => format!("docker-archive:{r}"),
+            Source::DockerArchive { reference: None, .. } => "docker-archive".into(),
+            Source::Registry(r) => r.clone(),
+        }
     }
 }
 
@@ -66,6 +99,8 @@ pub struct BuildOptions {
     pub output: PathBuf,
     pub kernel: PathBuf,
     pub init: PathBuf,
+    pub pull: crate::registry::PullOptions,
+    pub cache_dir: PathBuf,
 }
 
 /// What a build produced.
@@ -81,17 +116,32 @@ pub struct BuildReport {
 /// Builds the artifact. On any error nothing is left at `opts.output`.
 pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let reference = opts.reference.clone();
-    let Source::OciLayout { path: layout, tag } = Source::parse(&reference)?;
-    let platform = PlatformSpec { os: "linux".into(), architecture: "amd64".into(), variant: None };
-    let image = oci::open(&layout, tag.as_deref(), &platform)
-        .map_err(|source| InputError::Image { reference: reference.clone(), source })?;
+    let source = Source::parse(&reference)?;
+    let kernel_bytes = read_checked(&opts.kernel, |b| elf::pvh_entry(b).map(|_| ()), |path, reason| InputError::Kernel { path, reason })?;
+    let init = read_checked(&opts.init, elf::check_static, |path, reason| InputError::Init { path, reason })?;
+    let (image, layout) = match &source {
+        Source::OciLayout { path, tag } => {
+            let image = oci::open(path, tag.as_deref(), &opts.pull.platform)
+                .map_err(|source| InputError::Image { reference: reference.clone(), source })?;
+            (image, path.clone())
+        }
+        Source::DockerArchive { path, reference: r } => {
+            let image = crate::docker_archive::open(path, r.as_deref())
+                .map_err(|source| InputError::Archive { reference: reference.clone(), source })?;
+            (image, path.clone())
+        }
+        Source::Registry(r) => {
+            let cache = crate::cache::Cache::open(opts.cache_dir.clone()).map_err(InputError::Cache)?;
+            let image = crate::registry::pull(r, &cache, &opts.pull).map_err(InputError::Registry)?;
+            (image, opts.cache_dir.clone())
+        }
+    };
     if image.config.os != "linux" || image.config.architecture != "amd64" {
         let found = format!("{}/{}", image.config.os, image.config.architecture);
         return Err(InputError::Architecture { reference, found }.into());
     }
-    let kernel = read_checked(&opts.kernel, |b| elf::pvh_entry(b).map(|_| ()), |path, reason| InputError::Kernel { path, reason })?;
+    let kernel = kernel_bytes;
     let kernel_version = elf::kernel_version(&kernel).unwrap_or_else(|| "unknown".into());
-    let init = read_checked(&opts.init, elf::check_static, |path, reason| InputError::Init { path, reason })?;
 
     let mut tree = Tree::new();
     let mut spool = Spool::new()?;
@@ -108,12 +158,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         Ok::<_, erofs::ErofsError>(())
     })?
     .map_err(|source| InputError::Filesystem { reference: reference.clone(), source })?;
-    // The layout's path is a host path: record only what identifies the image.
-    let recorded = match &tag {
-        Some(t) => format!("oci-layout:{t}"),
-        None => "oci-layout".to_string(),
-    };
-    let manifest = manifest(&recorded, &image, kernel_version, rootfs_size);
+    let manifest = manifest(&source.recorded(), &image, kernel_version, rootfs_size);
     w.section_bytes(SectionKind::Manifest, FLAG_REQUIRED, &manifest.to_canonical_json())?;
     let digest = w.finish()?;
     let size = std::fs::metadata(&opts.output)?.len();
@@ -145,12 +190,27 @@ fn apply_layer(
     index: usize,
 ) -> Result<(), InputError> {
     let image_err = |source| InputError::Image { reference: reference.to_string(), source };
-    oci::verify_blob(layout, &l.path, &l.digest).map_err(image_err)?;
-    let file = File::open(&l.path)
+    if !l.verified {
+        oci::verify_blob(layout, &l.path, &l.digest).map_err(image_err)?;
+    }
+    let mut file = File::open(&l.path)
         .map_err(|source| image_err(oci::OciError::Io { path: l.path.clone(), source }))?;
+    let blob: Box<dyn Read> = match l.range {
+        Some((offset, len)) => {
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .map_err(|source| image_err(oci::OciError::Io { path: l.path.clone(), source }))?;
+            Box::new(BufReader::with_capacity(1 << 16, file.take(len)))
+        }
+        None => Box::new(BufReader::with_capacity(1 << 16, file)),
+    };
     let raw: Box<dyn Read> = match l.compression {
-        Compression::None => Box::new(BufReader::new(file)),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, file))),
+        Compression::None => blob,
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(blob)
+                .map_err(|source| InputError::Decompress { reference: reference.into(), digest: l.digest.clone(), source })?,
+        ),
     };
     let mut hashed = HashingReader { inner: raw, hasher: Sha256::new(), error: None };
     let result = layer::apply(tree, spool, index, &mut hashed);
@@ -212,6 +272,7 @@ fn manifest(reference: &str, image: &oci::Image, kernel_version: String, rootfs_
         image: hvm::ImageInfo {
             reference: reference.to_string(),
             digest: image.manifest_digest.clone(),
+            index_digest: image.index_digest.clone(),
             platform: hvm::Platform {
                 os: image.config.os.clone(),
                 architecture: image.config.architecture.clone(),
@@ -240,11 +301,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_oci_references() {
-        let Source::OciLayout { path, tag } = Source::parse("oci:./img:v1").unwrap();
-        assert_eq!((path, tag), (PathBuf::from("./img"), Some("v1".into())));
-        let Source::OciLayout { path, tag } = Source::parse("oci:/a/b").unwrap();
-        assert_eq!((path, tag), (PathBuf::from("/a/b"), None));
-        assert!(Source::parse("nginx:latest").is_err());
+    fn parses_every_kind_of_reference() {
+        let oci = |p: &str, t: Option<&str>| Source::OciLayout { path: PathBuf::from(p), tag: t.map(Into::into) };
+        let arc = |p: &str, r: Option<&str>| Source::DockerArchive { path: PathBuf::from(p), reference: r.map(Into::into) };
+        let cases = [
+            ("oci:./img:v1", oci("./img", Some("v1"))),
+            ("oci:/a/b", oci("/a/b", None)),
+            ("docker-archive:save.tar", arc("save.tar", None)),
+            ("docker-archive:save.tar:busybox:latest", arc("save.tar", Some("busybox:latest"))),
+            ("docker-archive:s.tar:127.0.0.1:5000/app:v2", arc("s.tar", Some("127.0.0.1:5000/app:v2"))),
+            ("nginx:latest", Source::Registry("nginx:latest".into())),
+            ("127.0.0.1:5000/app@sha256:00", Source::Registry("127.0.0.1:5000/app@sha256:00".into())),
+        ];
+        for (typed, want) in cases {
+            assert_eq!(Source::parse(typed).unwrap(), want, "{typed}");
+        }
+        assert!(Source::parse("").is_err());
+        assert_eq!(Source::parse("oci:/tmp/x:v1").unwrap().recorded(), "oci-layout:v1");
+        assert_eq!(Source::parse("docker-archive:/tmp/s.tar:a:b").unwrap().recorded(), "docker-archive:a:b");
     }
 }

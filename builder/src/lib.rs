@@ -7,10 +7,13 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod cache;
+pub mod docker_archive;
 pub mod elf;
 pub mod erofs;
 pub mod inspect;
 pub mod layer;
 pub mod oci;
+pub mod registry;
 pub mod spool;
 pub mod tree;

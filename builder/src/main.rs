@@ -22,7 +22,9 @@ struct Cli {
 
 #[derive(clap::Args, Debug)]
 struct BuildArgs {
-    /// Image reference: oci:PATH[:TAG]
+    /// Image: a registry reference as for `docker pull` (nginx:latest,
+    /// ghcr.io/org/app@sha256:…, 127.0.0.1:5000/app:tag), oci:PATH[:TAG] or
+    /// docker-archive:PATH[:REF]
     reference: Option<String>,
     /// Output artifact path
     #[arg(short, long)]
@@ -39,6 +41,21 @@ struct BuildArgs {
     /// No progress messages on stderr
     #[arg(short, long)]
     quiet: bool,
+    /// Platform to pick from a multi-platform image (os/arch[/variant])
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    /// When to ask the registry: always, missing (not cached), never
+    #[arg(long, value_enum, default_value = "missing")]
+    pull: hyperbuild::registry::PullPolicy,
+    /// A registry (host[:port]) reached over plain HTTP (loopback ones always are)
+    #[arg(long = "insecure-registry")]
+    insecure_registry: Vec<String>,
+    /// Registry user name (the password is read from stdin with --password-stdin)
+    #[arg(long, requires = "password_stdin")]
+    username: Option<String>,
+    /// Read the registry password from stdin
+    #[arg(long, requires = "username")]
+    password_stdin: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +65,23 @@ enum Command {
         artifact: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// The blob cache shared by builds (`$XDG_CACHE_HOME/hyper`)
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// List cached blobs
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove blobs no cached reference needs (--all: everything)
+    Prune {
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -68,7 +102,11 @@ fn chain(err: &anyhow::Error) -> String {
 
 fn exit_code(err: &anyhow::Error) -> u8 {
     let input = err.chain().any(|e| {
-        e.is::<InputError>() || e.is::<hvm::ReadError>() || e.is::<hyperbuild::oci::OciError>() || e.is::<UsageError>()
+        e.is::<InputError>()
+            || e.is::<hvm::ReadError>()
+            || e.is::<hyperbuild::oci::OciError>()
+            || e.is::<UsageError>()
+            || e.is::<hyperbuild::registry::RegistryError>()
     });
     if input { 1 } else { 2 }
 }
@@ -89,18 +127,77 @@ fn installed(var: &str, name: &str) -> PathBuf {
     data.join("hyper").join(name)
 }
 
+fn parse_platform(s: &str) -> Result<hyperbuild::oci::PlatformSpec, UsageError> {
+    let parts: Vec<&str> = s.split('/').collect();
+    match parts.as_slice() {
+        [os, arch] => Ok(hyperbuild::oci::PlatformSpec { os: os.to_string(), architecture: arch.to_string(), variant: None }),
+        [os, arch, v] => Ok(hyperbuild::oci::PlatformSpec { os: os.to_string(), architecture: arch.to_string(), variant: Some(v.to_string()) }),
+        _ => Err(UsageError(format!("--platform {s:?}: expected os/arch[/variant], e.g. linux/amd64"))),
+    }
+}
+
+fn cache_command(cmd: CacheCommand) -> anyhow::Result<()> {
+    use hyperbuild::cache::Cache;
+    let cache = Cache::open(Cache::default_root())?;
+    match cmd {
+        CacheCommand::Ls { json } => {
+            let blobs = cache.list()?;
+            if json {
+                println!("{}", serde_json::to_string(&serde_json::json!({ "root": cache.root(), "blobs": blobs }))?);
+            } else {
+                for b in &blobs {
+                    println!("{} {:>12}", b.digest, b.size);
+                }
+                eprintln!("{} blobs, {} bytes in {}", blobs.len(), blobs.iter().map(|b| b.size).sum::<u64>(), cache.root().display());
+            }
+        }
+        CacheCommand::Prune { all } => {
+            let mut keep = std::collections::BTreeSet::new();
+            if !all {
+                for m in cache.referenced_manifests() {
+                    hyperbuild::registry::reachable(&cache, &m, &mut keep);
+                }
+            }
+            let (n, bytes) = cache.prune(&keep)?;
+            eprintln!("removed {n} blobs, {bytes} bytes");
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::Inspect { artifact, json }) = cli.command {
-        let out = hyperbuild::inspect::inspect(&artifact, json)?;
-        std::io::stdout().write_all(out.as_bytes())?;
-        return Ok(());
+    match cli.command {
+        Some(Command::Inspect { artifact, json }) => {
+            let out = hyperbuild::inspect::inspect(&artifact, json)?;
+            std::io::stdout().write_all(out.as_bytes())?;
+            return Ok(());
+        }
+        Some(Command::Cache(c)) => return cache_command(c),
+        None => {}
     }
     let b = cli.build;
     let reference = b.reference.ok_or_else(|| UsageError("missing image reference (hyperbuild oci:PATH[:TAG] -o app.hvm)".into()))?;
     let output = b.output.ok_or_else(|| UsageError("missing -o OUTPUT".into()))?;
+    let credentials = match b.username {
+        Some(u) => {
+            let mut pw = String::new();
+            std::io::stdin().read_line(&mut pw)?;
+            Some((u, pw.trim_end_matches(['\n', '\r']).to_string()))
+        }
+        None => None,
+    };
+    let pull = hyperbuild::registry::PullOptions {
+        platform: parse_platform(&b.platform)?,
+        policy: b.pull,
+        insecure: b.insecure_registry,
+        credentials,
+        quiet: b.quiet,
+    };
     let opts = BuildOptions {
         reference,
         output,
+        pull,
+        cache_dir: hyperbuild::cache::Cache::default_root(),
         kernel: b.kernel.unwrap_or_else(|| installed("HYPER_KERNEL", "vmlinux")),
         init: b.init.unwrap_or_else(|| installed("HYPER_INIT", "hyperinit")),
     };

@@ -19,6 +19,8 @@ pub enum OciError {
     Io { path: PathBuf, #[source] source: io::Error },
     #[error("malformed {what} in {path}")]
     Json { what: &'static str, path: PathBuf, #[source] source: serde_json::Error },
+    #[error("malformed {what} in {path}: {reason}")]
+    Malformed { what: &'static str, path: PathBuf, reason: String },
     #[error("blob {digest} in {layout} does not match its digest (corrupt or tampered)")]
     DigestMismatch { layout: PathBuf, digest: String },
     #[error("blob {digest}: unsupported or malformed digest")]
@@ -120,23 +122,107 @@ pub struct RootFs {
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The compression a layer media type names.
+    pub fn from_media_type(mt: &str) -> Result<Self, OciError> {
+        Ok(match mt {
+            "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
+            "application/vnd.oci.image.layer.v1.tar+gzip" | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Compression::Gzip,
+            "application/vnd.oci.image.layer.v1.tar+zstd" => Compression::Zstd,
+            other => return Err(OciError::MediaType(other.to_string())),
+        })
+    }
 }
 
 /// A layer to apply.
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub path: PathBuf,
+    /// A byte range of `path` (docker-archive members), else the whole file.
+    pub range: Option<(u64, u64)>,
     pub digest: String,
     pub diff_id: Option<String>,
     pub compression: Compression,
+    /// The blob's digest was already checked (blobs from the cache).
+    pub verified: bool,
 }
 
-/// An image resolved from a layout.
+/// An image resolved from a layout, a registry or an archive.
 #[derive(Debug, Clone)]
 pub struct Image {
     pub manifest_digest: String,
+    /// The image index (manifest list) it was picked from, if any.
+    pub index_digest: Option<String>,
     pub config: ImageConfigBlob,
     pub layers: Vec<Layer>,
+}
+
+/// A parsed manifest document: an index or an image manifest.
+#[derive(Debug, Clone)]
+pub enum Manifest {
+    Index(Vec<Descriptor>),
+    Image { config: Descriptor, layers: Vec<Descriptor> },
+}
+
+/// Parses an image manifest or image index (OCI or Docker schema 2).
+pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    let json: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if json.get("schemaVersion").and_then(|v| v.as_i64()) == Some(1) {
+        return Err("Docker schema 1 manifests are not supported".into());
+    }
+    if json.get("manifests").is_some() {
+        let index: Index = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        if let Some(mt) = &index.media_type {
+            if !matches!(mt.as_str(), "application/vnd.oci.image.index.v1+json" | "application/vnd.docker.distribution.manifest.list.v2+json") {
+                return Err(format!("unsupported media type {mt}"));
+            }
+        }
+        return Ok(Manifest::Index(index.manifests));
+    }
+    let m: ImageManifest = serde_json::from_value(json).map_err(|e| e.to_string())?;
+    if let Some(mt) = &m.media_type {
+        if !matches!(mt.as_str(), "application/vnd.oci.image.manifest.v1+json" | "application/vnd.docker.distribution.manifest.v2+json") {
+            return Err(format!("unsupported media type {mt}"));
+        }
+    }
+    Ok(Manifest::Image { config: m.config, layers: m.layers })
+}
+
+/// The index entry for `platform`.
+pub fn pick_platform<'a>(entries: &'a [Descriptor], platform: &PlatformSpec) -> Result<&'a Descriptor, OciError> {
+    entries
+        .iter()
+        .find(|d| d.platform.as_ref().is_some_and(|p| platform_matches(p, platform)))
+        .ok_or_else(|| {
+            let offered: Vec<String> = entries.iter().filter_map(|d| d.platform.as_ref().map(platform_string)).collect();
+            OciError::NoPlatform { platform: format!("{} (the index offers: {})", platform_string(platform), if offered.is_empty() { "none".into() } else { offered.join(", ") }) }
+        })
+}
+
+/// Parses the config blob and pairs layers with their diff_ids.
+pub fn image_from(
+    manifest_digest: String,
+    index_digest: Option<String>,
+    config_bytes: &[u8],
+    layer_descs: &[Descriptor],
+    locate: impl Fn(&Descriptor) -> Result<(PathBuf, bool), OciError>,
+) -> Result<Image, OciError> {
+    let config: ImageConfigBlob = serde_json::from_slice(config_bytes)
+        .map_err(|source| OciError::Json { what: "image config", path: PathBuf::from("(config blob)"), source })?;
+    let diff_ids = &config.rootfs.diff_ids;
+    if !diff_ids.is_empty() && diff_ids.len() != layer_descs.len() {
+        return Err(OciError::LayerCount { diff_ids: diff_ids.len(), layers: layer_descs.len() });
+    }
+    let mut layers = Vec::new();
+    for (i, l) in layer_descs.iter().enumerate() {
+        let compression = Compression::from_media_type(&l.media_type)?;
+        let (path, verified) = locate(l)?;
+        layers.push(Layer { path, range: None, digest: l.digest.clone(), diff_id: diff_ids.get(i).cloned(), compression, verified });
+    }
+    Ok(Image { manifest_digest, index_digest, config, layers })
 }
 
 /// Opens `layout`, picks the image tagged `tag` (or the only one) for `platform`.
@@ -177,49 +263,21 @@ fn pick_tag<'a>(layout: &Path, manifests: &'a [Descriptor], tag: Option<&str>) -
 fn resolve(layout: &Path, desc: &Descriptor, platform: &PlatformSpec, depth: u32) -> Result<Image, OciError> {
     let bytes = read_blob(layout, &desc.digest)?;
     let path = blob_path(layout, &desc.digest)?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|source| OciError::Json { what: "manifest", path: path.clone(), source })?;
-    let is_index = json.get("manifests").is_some();
-    if is_index {
-        if depth > 4 {
-            return Err(OciError::MediaType("image index nested too deeply".into()));
+    match parse_manifest(&bytes).map_err(|e| OciError::Malformed { what: "manifest", path: path.clone(), reason: e })? {
+        Manifest::Index(entries) => {
+            if depth > 4 {
+                return Err(OciError::MediaType("image index nested too deeply".into()));
+            }
+            let entry = pick_platform(&entries, platform)?;
+            let mut image = resolve(layout, entry, platform, depth + 1)?;
+            image.index_digest.get_or_insert_with(|| desc.digest.clone());
+            Ok(image)
         }
-        let index: Index =
-            serde_json::from_value(json).map_err(|source| OciError::Json { what: "image index", path, source })?;
-        let entry = index
-            .manifests
-            .iter()
-            .find(|d| d.platform.as_ref().is_some_and(|p| platform_matches(p, platform)))
-            .ok_or_else(|| OciError::NoPlatform { platform: platform_string(platform) })?;
-        return resolve(layout, entry, platform, depth + 1);
-    }
-    let manifest: ImageManifest =
-        serde_json::from_value(json).map_err(|source| OciError::Json { what: "image manifest", path: path.clone(), source })?;
-    if let Some(mt) = &manifest.media_type {
-        if !matches!(mt.as_str(), "application/vnd.oci.image.manifest.v1+json" | "application/vnd.docker.distribution.manifest.v2+json") {
-            return Err(OciError::MediaType(mt.clone()));
+        Manifest::Image { config, layers } => {
+            let config_bytes = read_blob(layout, &config.digest)?;
+            image_from(desc.digest.clone(), None, &config_bytes, &layers, |l| Ok((blob_path(layout, &l.digest)?, false)))
         }
     }
-    let config_bytes = read_blob(layout, &manifest.config.digest)?;
-    let config: ImageConfigBlob = serde_json::from_slice(&config_bytes).map_err(|source| OciError::Json {
-        what: "image config",
-        path: blob_path(layout, &manifest.config.digest).unwrap_or_default(),
-        source,
-    })?;
-    let diff_ids = &config.rootfs.diff_ids;
-    if !diff_ids.is_empty() && diff_ids.len() != manifest.layers.len() {
-        return Err(OciError::LayerCount { diff_ids: diff_ids.len(), layers: manifest.layers.len() });
-    }
-    let mut layers = Vec::new();
-    for (i, l) in manifest.layers.iter().enumerate() {
-        let compression = match l.media_type.as_str() {
-            "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
-            "application/vnd.oci.image.layer.v1.tar+gzip" | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Compression::Gzip,
-            other => return Err(OciError::MediaType(other.to_string())),
-        };
-        layers.push(Layer { path: blob_path(layout, &l.digest)?, digest: l.digest.clone(), diff_id: diff_ids.get(i).cloned(), compression });
-    }
-    Ok(Image { manifest_digest: desc.digest.clone(), config, layers })
 }
 
 fn platform_matches(p: &PlatformSpec, want: &PlatformSpec) -> bool {

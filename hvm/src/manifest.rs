@@ -22,8 +22,12 @@ pub struct Manifest {
 pub struct ImageInfo {
     /// The reference as the user typed it (`oci:./layout:latest`, `nginx:latest`).
     pub reference: String,
-    /// Digest of the image manifest that was built (`sha256:…`).
+    /// Digest of the image manifest that was built (`sha256:…`); for a
+    /// docker-archive, which has no manifest, the image id (config digest).
     pub digest: String,
+    /// The image index (manifest list) the manifest was picked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<String>,
     pub platform: Platform,
 }
 
@@ -108,6 +112,7 @@ mod tests {
             image: ImageInfo {
                 reference: "oci:x".into(),
                 digest: "sha256:00".into(),
+                index_digest: None,
                 platform: Platform { os: "linux".into(), architecture: "amd64".into(), variant: None },
             },
             config: ImageConfig { cmd: Some(vec!["sh".into()]), env: vec!["A=1".into()], ..Default::default() },

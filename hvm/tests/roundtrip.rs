@@ -11,6 +11,7 @@ fn manifest() -> Manifest {
         image: ImageInfo {
             reference: "oci:test".into(),
             digest: "sha256:abc".into(),
+            index_digest: None,
             platform: Platform { os: "linux".into(), architecture: "amd64".into(), variant: None },
         },
         config: ImageConfig::default(),

@@ -6,6 +6,8 @@
 //! otherwise from the repository's scripts, so `cargo test -p hyper-tests`
 //! works on its own after the README's set-up command.
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -225,6 +227,7 @@ pub fn guest_artifact(elf: &Path, rootfs: &[u8]) -> PathBuf {
         image: hvm::ImageInfo {
             reference: "test-guest".into(),
             digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+            index_digest: None,
             platform: hvm::Platform { os: "linux".into(), architecture: "amd64".into(), variant: None },
         },
         config: hvm::ImageConfig { cmd: Some(vec!["guest".into()]), ..Default::default() },
