@@ -191,12 +191,7 @@ fn serve(stream: TcpStream, map: &Blobs, seen: &Mutex<std::collections::HashSet<
         } else {
             ("200 OK", &body[..])
         };
-        let digest_header = if is_blob { String::new() } else { String::new() };
-        let _ = write!(
-            out,
-            "HTTP/1.1 {status}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\n{digest_header}\r\n",
-            slice.len()
-        );
+        let _ = write!(out, "HTTP/1.1 {status}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\n\r\n", slice.len());
         if method == "HEAD" {
             continue;
         }
