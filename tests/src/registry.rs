@@ -114,6 +114,17 @@ impl FakeRegistry {
     /// `manifests`: reference (tag or digest) → (media type, bytes); `blobs`:
     /// digest → bytes.
     pub fn start(manifests: Vec<(String, String, Vec<u8>)>, blobs: Vec<(String, Vec<u8>)>, fault: BlobFault) -> FakeRegistry {
+        Self::start_with(manifests, blobs, fault, false)
+    }
+
+    /// With `bearer`, every request needs the token that `/token` hands out
+    /// anonymously, as Docker Hub does.
+    pub fn start_with(
+        manifests: Vec<(String, String, Vec<u8>)>,
+        blobs: Vec<(String, Vec<u8>)>,
+        fault: BlobFault,
+        bearer: bool,
+    ) -> FakeRegistry {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().unwrap().to_string();
         let map: Blobs = Arc::new(Mutex::new(
@@ -125,17 +136,28 @@ impl FakeRegistry {
         let counter = Arc::new(AtomicUsize::new(0));
         let seen: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
         let c2 = counter.clone();
+        let a2 = addr.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (map, seen, c2) = (map.clone(), seen.clone(), c2.clone());
-                std::thread::spawn(move || serve(stream, &map, &seen, &c2, fault));
+                let (map, seen, c2, addr) = (map.clone(), seen.clone(), c2.clone(), a2.clone());
+                let token = bearer.then_some(addr);
+                std::thread::spawn(move || serve(stream, &map, &seen, &c2, fault, token.as_deref()));
             }
         });
         FakeRegistry { addr, blob_requests: counter }
     }
 }
 
-fn serve(stream: TcpStream, map: &Blobs, seen: &Mutex<std::collections::HashSet<String>>, count: &AtomicUsize, fault: BlobFault) {
+const TOKEN: &str = "hyper-test-token";
+
+fn serve(
+    stream: TcpStream,
+    map: &Blobs,
+    seen: &Mutex<std::collections::HashSet<String>>,
+    count: &AtomicUsize,
+    fault: BlobFault,
+    bearer_realm: Option<&str>,
+) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut out = stream;
     loop {
@@ -145,7 +167,7 @@ fn serve(stream: TcpStream, map: &Blobs, seen: &Mutex<std::collections::HashSet<
         }
         let parts: Vec<&str> = line.split_whitespace().collect();
         let (method, path) = (parts.first().copied().unwrap_or(""), parts.get(1).copied().unwrap_or(""));
-        let mut range_start = 0usize;
+        let (mut range_start, mut body_len, mut authorized) = (0usize, 0usize, false);
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
@@ -156,9 +178,29 @@ fn serve(stream: TcpStream, map: &Blobs, seen: &Mutex<std::collections::HashSet<
                 range_start = v.trim().trim_end_matches('-').split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
             }
             if let Some(v) = lower.strip_prefix("content-length:") {
-                let n: usize = v.trim().parse().unwrap_or(0);
-                let mut sink = vec![0u8; n];
-                let _ = reader.read_exact(&mut sink);
+                body_len = v.trim().parse().unwrap_or(0);
+            }
+            if lower.trim_end() == format!("authorization: bearer {TOKEN}") {
+                authorized = true;
+            }
+        }
+        let mut sink = vec![0u8; body_len];
+        let _ = reader.read_exact(&mut sink);
+        if let Some(realm) = bearer_realm {
+            if path.starts_with("/token") {
+                let body = format!(r#"{{"token":"{TOKEN}","access_token":"{TOKEN}","expires_in":300}}"#);
+                let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                continue;
+            }
+            if !authorized {
+                let msg = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{realm}/token\",service=\"fake\",scope=\"repository:test/fake:pull\"\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    msg.len()
+                );
+                let _ = out.write_all(msg);
+                continue;
             }
         }
         if path == "/v2/" {

@@ -57,9 +57,14 @@ fn rootfs_sha(art: &Path) -> String {
     doc["sections"].as_array().unwrap().iter().find(|s| s["kind"] == "rootfs").unwrap()["sha256"].as_str().unwrap().to_string()
 }
 
+/// Test images are made once per binary; the lock keeps parallel tests from
+/// seeing a half-written layout.
+static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn layout(name: &str, user: &str) -> PathBuf {
+    let _guard = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let l = scratch().join(format!("reg-layout-{name}"));
-    if !l.exists() {
+    if !l.join("index.json").exists() {
         make_image(&l, "latest", user);
     }
     l
@@ -135,8 +140,9 @@ fn schema2_and_zstd_layers_give_the_same_filesystem() {
 
 /// The busybox layout behind an index whose first entry is another platform.
 fn multi_platform_layout() -> PathBuf {
+    let _guard = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let l = scratch().join("reg-layout-multi");
-    if l.exists() {
+    if l.join("index.json").exists() {
         return l;
     }
     make_image(&l, "latest", "");
@@ -209,6 +215,16 @@ fn basic_auth_from_flags_and_docker_config() {
     std::fs::write(home.join(".docker/config.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{token}"}}}}}}"#, reg.addr)).unwrap();
     let fresh = d.path().join("cache2");
     ok(&hb_stdin(&fresh, &r, &d.path().join("c.hvm"), &[], None, &no_creds));
+    // A credential helper, as docker login with credsStore/credHelpers sets up.
+    let bin = d.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-hypertest");
+    std::fs::write(&helper, "#!/bin/sh\nread server\necho \"{\\\"ServerURL\\\":\\\"$server\\\",\\\"Username\\\":\\\"tester\\\",\\\"Secret\\\":\\\"s3cret\\\"}\"\n").unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(home.join(".docker/config.json"), format!(r#"{{"credHelpers":{{"{}":"hypertest"}}}}"#, reg.addr)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let path = std::path::PathBuf::from(path);
+    ok(&hb_stdin(&d.path().join("cache3"), &r, &d.path().join("h.hvm"), &[], None, &[("HOME", home.as_path()), ("PATH", path.as_path())]));
     assert!(!d.path().join("n.hvm").exists() && !d.path().join("w.hvm").exists());
 }
 
@@ -223,6 +239,10 @@ fn unknown_repositories_and_tags_are_not_found() {
 }
 
 fn fake(fault: BlobFault, tweak: impl Fn(&mut Vec<(String, String, Vec<u8>)>)) -> (FakeRegistry, PathBuf) {
+    fake_with(fault, false, tweak)
+}
+
+fn fake_with(fault: BlobFault, bearer: bool, tweak: impl Fn(&mut Vec<(String, String, Vec<u8>)>)) -> (FakeRegistry, PathBuf) {
     let l = layout("plain", "");
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
     let md = index["manifests"][0]["digest"].as_str().unwrap().to_string();
@@ -230,7 +250,16 @@ fn fake(fault: BlobFault, tweak: impl Fn(&mut Vec<(String, String, Vec<u8>)>)) -
     let mt = "application/vnd.oci.image.manifest.v1+json".to_string();
     let mut manifests = vec![("v1".to_string(), mt.clone(), mbytes.clone()), (md, mt, mbytes)];
     tweak(&mut manifests);
-    (FakeRegistry::start(manifests, layout_blobs(&l), fault), l)
+    (FakeRegistry::start_with(manifests, layout_blobs(&l), fault, bearer), l)
+}
+
+#[test]
+fn the_anonymous_bearer_token_flow_docker_hub_uses() {
+    let (reg, _) = fake_with(BlobFault::None, true, |_| {});
+    let d = tmp();
+    let art = d.path().join("a.hvm");
+    ok(&hb(&d.path().join("cache"), &format!("{}/test/fake:v1", reg.addr), &art, &[]));
+    assert!(reg.blob_requests.load(std::sync::atomic::Ordering::SeqCst) >= 4, "config and layers were fetched");
 }
 
 #[test]
@@ -272,6 +301,8 @@ fn malformed_manifests_and_pinned_digests() {
 /// A docker-archive holding two images: the busybox one and the same with User=app.
 fn two_image_archive() -> PathBuf {
     let path = scratch().join("two-images.tar");
+    let (plain, app) = (layout("plain", ""), layout("app", "app"));
+    let _guard = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     if path.exists() {
         return path;
     }
@@ -285,7 +316,7 @@ fn two_image_archive() -> PathBuf {
     };
     let mut entries = Vec::new();
     for (tag, user) in [("busybox:root", ""), ("127.0.0.1:5000/busybox:app", "app")] {
-        let l = layout(if user.is_empty() { "plain" } else { "app" }, user);
+        let l = if user.is_empty() { plain.clone() } else { app.clone() };
         let index: serde_json::Value = serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
         let read = |d: &str| std::fs::read(l.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
         let manifest: serde_json::Value = serde_json::from_slice(&read(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
