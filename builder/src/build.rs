@@ -145,8 +145,9 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
 
     let mut tree = Tree::new();
     let mut spool = Spool::new()?;
-    for (i, l) in image.layers.iter().enumerate() {
-        apply_layer(&reference, &layout, l, &mut tree, &mut spool, i)?;
+    for (i, ops) in read_layers(&reference, &layout, &image.layers, &mut spool)?.into_iter().enumerate() {
+        let digest = image.layers[i].digest.clone();
+        layer::apply_ops(&mut tree, i, ops).map_err(|source| InputError::Layer { reference: reference.clone(), digest, source })?;
     }
 
     let mut w = ArtifactWriter::create(&opts.output)?;
@@ -181,21 +182,42 @@ fn read_checked(
     Ok(bytes)
 }
 
-fn apply_layer(
-    reference: &str,
-    layout: &Path,
-    l: &oci::Layer,
-    tree: &mut Tree,
-    spool: &mut Spool,
-    index: usize,
-) -> Result<(), InputError> {
+/// Reads every layer (verify, decompress, parse, spool contents) on as many
+/// threads as there are CPUs; returns each layer's ops in layer order. The
+/// first failing layer, in layer order, is the error reported.
+fn read_layers(reference: &str, layout: &Path, layers: &[oci::Layer], spool: &mut Spool) -> anyhow::Result<Vec<Vec<layer::OpAt>>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let writers: Vec<Mutex<Option<crate::spool::SpoolWriter>>> =
+        layers.iter().map(|_| spool.writer().map(|w| Mutex::new(Some(w)))).collect::<Result<_, _>>()?;
+    let results: Vec<Mutex<Option<Result<Vec<layer::OpAt>, InputError>>>> = layers.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(layers.len()).max(1);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= layers.len() {
+                    break;
+                }
+                let mut w = writers[i].lock().expect("not poisoned").take().expect("one reader per layer");
+                let r = read_layer(reference, layout, &layers[i], &mut w);
+                *results[i].lock().expect("not poisoned") = Some(r);
+            });
+        }
+    });
+    let ops = results.into_iter().map(|r| r.into_inner().expect("not poisoned").expect("every layer read")).collect::<Result<_, _>>()?;
+    Ok(ops)
+}
+
+fn read_layer(reference: &str, layout: &Path, l: &oci::Layer, spool: &mut crate::spool::SpoolWriter) -> Result<Vec<layer::OpAt>, InputError> {
     let image_err = |source| InputError::Image { reference: reference.to_string(), source };
     if !l.verified {
         oci::verify_blob(layout, &l.path, &l.digest).map_err(image_err)?;
     }
     let mut file = File::open(&l.path)
         .map_err(|source| image_err(oci::OciError::Io { path: l.path.clone(), source }))?;
-    let blob: Box<dyn Read> = match l.range {
+    let blob: Box<dyn Read + Send> = match l.range {
         Some((offset, len)) => {
             use std::io::Seek;
             file.seek(std::io::SeekFrom::Start(offset))
@@ -204,7 +226,7 @@ fn apply_layer(
         }
         None => Box::new(BufReader::with_capacity(1 << 16, file)),
     };
-    let raw: Box<dyn Read> = match l.compression {
+    let raw: Box<dyn Read + Send> = match l.compression {
         Compression::None => blob,
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
         Compression::Zstd => Box::new(
@@ -213,11 +235,11 @@ fn apply_layer(
         ),
     };
     let mut hashed = HashingReader { inner: raw, hasher: Sha256::new(), error: None };
-    let result = layer::apply(tree, spool, index, &mut hashed);
+    let result = layer::parse(spool, &mut hashed);
     if let Some(source) = hashed.error.take() {
         return Err(InputError::Decompress { reference: reference.into(), digest: l.digest.clone(), source });
     }
-    result.map_err(|source| InputError::Layer { reference: reference.into(), digest: l.digest.clone(), source })?;
+    let ops = result.map_err(|source| InputError::Layer { reference: reference.into(), digest: l.digest.clone(), source })?;
     // The tar reader stops at the end-of-archive marker; hash the rest too.
     io::copy(&mut hashed, &mut io::sink())
         .map_err(|source| InputError::Decompress { reference: reference.into(), digest: l.digest.clone(), source })?;
@@ -227,13 +249,13 @@ fn apply_layer(
             return Err(InputError::DiffId { reference: reference.into(), digest: l.digest.clone(), diff_id: diff_id.clone() });
         }
     }
-    Ok(())
+    Ok(ops)
 }
 
 /// Hashes what passes through; remembers the inner reader's own errors so a
 /// decompression failure is not mistaken for a malformed tar.
 struct HashingReader {
-    inner: Box<dyn Read>,
+    inner: Box<dyn Read + Send>,
     hasher: Sha256,
     error: Option<io::Error>,
 }

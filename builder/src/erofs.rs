@@ -157,7 +157,7 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
             let mut done = 0u64;
             while done < data_len {
                 let n = (data_len - done).min(buf.len() as u64) as usize;
-                spool.read_exact_at(&mut buf[..n], c.offset + done)?;
+                spool.read_exact_at(c, &mut buf[..n], done)?;
                 out.write_all(&buf[..n])?;
                 done += n as u64;
             }

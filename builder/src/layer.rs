@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolWriter};
 use crate::tree::{Entry, Kind, Meta, Node, NodeId, Tree};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -43,9 +43,35 @@ pub fn split_path(path: &[u8]) -> Result<Vec<&[u8]>, &'static str> {
     Ok(out)
 }
 
-/// Applies the tar stream `reader` as layer number `layer` (0 is the lowest).
-pub fn apply(tree: &mut Tree, spool: &mut Spool, layer: usize, reader: impl Read) -> Result<(), LayerError> {
+/// One change a layer makes, parsed from a tar entry (contents already spooled).
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// The root directory's own metadata.
+    RootMeta(Meta),
+    /// `.wh..wh..opq`: hide everything lower layers put in the directory.
+    Opaque { parents: Vec<Vec<u8>> },
+    /// `.wh.NAME`: delete NAME from lower layers.
+    Whiteout { parents: Vec<Vec<u8>>, name: Vec<u8> },
+    /// A directory (merged with an existing one).
+    Dir { parents: Vec<Vec<u8>>, name: Vec<u8>, meta: Meta },
+    /// A file, symlink, device or fifo.
+    Node { parents: Vec<Vec<u8>>, name: Vec<u8>, node: Node },
+    /// A hardlink to a path already in the tree.
+    Hardlink { parents: Vec<Vec<u8>>, name: Vec<u8>, target: Vec<u8> },
+}
+
+/// An [`Op`] with the tar path it came from (for error messages).
+#[derive(Debug, Clone)]
+pub struct OpAt {
+    pub path: Vec<u8>,
+    pub op: Op,
+}
+
+/// Reads a layer's tar stream into ops, spooling file contents into `spool`.
+/// Needs no tree, so layers can be read in parallel.
+pub fn parse(spool: &mut SpoolWriter, reader: impl Read) -> Result<Vec<OpAt>, LayerError> {
     let mut archive = tar::Archive::new(reader);
+    let mut ops = Vec::new();
     for entry in archive.entries()? {
         let mut entry = entry?;
         let raw_path = entry.path_bytes().into_owned();
@@ -55,66 +81,100 @@ pub fn apply(tree: &mut Tree, spool: &mut Spool, layer: usize, reader: impl Read
             continue;
         }
         let Some((name, parents)) = comps.split_last() else {
-            // The root itself: only its metadata can change.
             if et.is_dir() {
-                tree.nodes[Tree::ROOT].meta = meta_of(&mut entry, &raw_path)?;
+                let meta = meta_of(&mut entry, &raw_path)?;
+                ops.push(OpAt { path: raw_path, op: Op::RootMeta(meta) });
             }
             continue;
         };
-        if *name == OPAQUE {
-            if let Some(dir) = resolve_dir(tree, parents, layer, false).map_err(|r| entry_err(&raw_path, r))? {
-                tree.children_mut(dir).expect("a dir").retain(|_, e| e.layer >= layer);
+        let parents: Vec<Vec<u8>> = parents.iter().map(|c| c.to_vec()).collect();
+        let name = name.to_vec();
+        let op = if name == OPAQUE {
+            Op::Opaque { parents }
+        } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            Op::Whiteout { parents, name: hidden.to_vec() }
+        } else {
+            let meta = meta_of(&mut entry, &raw_path)?;
+            if et.is_file() || et.is_contiguous() || et.is_gnu_sparse() {
+                Op::Node { parents, name, node: Node { meta, kind: Kind::File(spool.append(&mut entry)?) } }
+            } else if et.is_dir() {
+                Op::Dir { parents, name, meta }
+            } else if et.is_symlink() {
+                let target = entry.link_name_bytes().ok_or_else(|| entry_err(&raw_path, "symlink without target"))?;
+                Op::Node { parents, name, node: Node { meta, kind: Kind::Symlink(target.into_owned()) } }
+            } else if et.is_hard_link() {
+                let target = entry.link_name_bytes().ok_or_else(|| entry_err(&raw_path, "hardlink without target"))?;
+                Op::Hardlink { parents, name, target: target.into_owned() }
+            } else if et.is_character_special() || et.is_block_special() {
+                let h = entry.header();
+                let major = h.device_major()?.unwrap_or(0);
+                let minor = h.device_minor()?.unwrap_or(0);
+                let kind = if et.is_character_special() { Kind::CharDev { major, minor } } else { Kind::BlockDev { major, minor } };
+                Op::Node { parents, name, node: Node { meta, kind } }
+            } else if et.is_fifo() {
+                Op::Node { parents, name, node: Node { meta, kind: Kind::Fifo } }
+            } else {
+                return Err(entry_err(&raw_path, format!("unsupported tar entry type {:?}", et)));
             }
-            continue;
-        }
-        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            if let Some(dir) = resolve_dir(tree, parents, layer, false).map_err(|r| entry_err(&raw_path, r))? {
-                tree.children_mut(dir).expect("a dir").remove(hidden);
-            }
-            continue;
-        }
-        let parent = resolve_dir(tree, parents, layer, true)
-            .map_err(|r| entry_err(&raw_path, r))?
-            .expect("created when missing");
-        let meta = meta_of(&mut entry, &raw_path)?;
-        let kind = if et.is_file() || et.is_contiguous() || et.is_gnu_sparse() {
-            Kind::File(spool.append(&mut entry)?)
-        } else if et.is_dir() {
-            // A directory over a directory keeps the children and takes the new metadata.
-            if let Some(e) = tree.children(parent).and_then(|c| c.get(*name)).copied() {
-                if matches!(tree.nodes[e.node].kind, Kind::Dir(_)) {
-                    tree.nodes[e.node].meta = meta;
-                    tree.children_mut(parent).expect("a dir").insert(name.to_vec(), Entry { node: e.node, layer });
-                    continue;
+        };
+        ops.push(OpAt { path: raw_path, op });
+    }
+    Ok(ops)
+}
+
+/// Applies a parsed layer as layer number `layer` (0 is the lowest).
+fn comps(p: &[Vec<u8>]) -> Vec<&[u8]> {
+    p.iter().map(|c| c.as_slice()).collect()
+}
+
+pub fn apply_ops(tree: &mut Tree, layer: usize, ops: Vec<OpAt>) -> Result<(), LayerError> {
+    for OpAt { path, op } in ops {
+        let err = |r: String| entry_err(&path, r);
+        match op {
+            Op::RootMeta(meta) => tree.nodes[Tree::ROOT].meta = meta,
+            Op::Opaque { parents } => {
+                if let Some(dir) = resolve_dir(tree, &comps(&parents), layer, false).map_err(err)? {
+                    tree.children_mut(dir).expect("a dir").retain(|_, e| e.layer >= layer);
                 }
             }
-            Kind::Dir(BTreeMap::new())
-        } else if et.is_symlink() {
-            let target = entry.link_name_bytes().ok_or_else(|| entry_err(&raw_path, "symlink without target"))?;
-            Kind::Symlink(target.into_owned())
-        } else if et.is_hard_link() {
-            let target = entry.link_name_bytes().ok_or_else(|| entry_err(&raw_path, "hardlink without target"))?;
-            let node = hardlink_target(tree, &target).map_err(|r| entry_err(&raw_path, r))?;
-            tree.children_mut(parent).expect("a dir").insert(name.to_vec(), Entry { node, layer });
-            continue;
-        } else if et.is_character_special() || et.is_block_special() {
-            let h = entry.header();
-            let major = h.device_major()?.unwrap_or(0);
-            let minor = h.device_minor()?.unwrap_or(0);
-            if et.is_character_special() {
-                Kind::CharDev { major, minor }
-            } else {
-                Kind::BlockDev { major, minor }
+            Op::Whiteout { parents, name } => {
+                if let Some(dir) = resolve_dir(tree, &comps(&parents), layer, false).map_err(err)? {
+                    tree.children_mut(dir).expect("a dir").remove(&name);
+                }
             }
-        } else if et.is_fifo() {
-            Kind::Fifo
-        } else {
-            return Err(entry_err(&raw_path, format!("unsupported tar entry type {:?}", et)));
-        };
-        let node = tree.add(Node { meta, kind });
-        tree.children_mut(parent).expect("a dir").insert(name.to_vec(), Entry { node, layer });
+            Op::Dir { parents, name, meta } => {
+                let parent = resolve_dir(tree, &comps(&parents), layer, true).map_err(err)?.expect("created when missing");
+                // A directory over a directory keeps the children and takes the new metadata.
+                match tree.children(parent).and_then(|c| c.get(&name)).copied() {
+                    Some(e) if matches!(tree.nodes[e.node].kind, Kind::Dir(_)) => {
+                        tree.nodes[e.node].meta = meta;
+                        tree.children_mut(parent).expect("a dir").insert(name, Entry { node: e.node, layer });
+                    }
+                    _ => {
+                        let node = tree.add(Node { meta, kind: Kind::Dir(BTreeMap::new()) });
+                        tree.children_mut(parent).expect("a dir").insert(name, Entry { node, layer });
+                    }
+                }
+            }
+            Op::Node { parents, name, node } => {
+                let parent = resolve_dir(tree, &comps(&parents), layer, true).map_err(err)?.expect("created when missing");
+                let node = tree.add(node);
+                tree.children_mut(parent).expect("a dir").insert(name, Entry { node, layer });
+            }
+            Op::Hardlink { parents, name, target } => {
+                let parent = resolve_dir(tree, &comps(&parents), layer, true).map_err(err)?.expect("created when missing");
+                let node = hardlink_target(tree, &target).map_err(err)?;
+                tree.children_mut(parent).expect("a dir").insert(name, Entry { node, layer });
+            }
+        }
     }
     Ok(())
+}
+
+/// Parses and applies the tar stream `reader` as layer number `layer`.
+pub fn apply(tree: &mut Tree, spool: &mut Spool, layer: usize, reader: impl Read) -> Result<(), LayerError> {
+    let ops = parse(spool.main_writer(), reader)?;
+    apply_ops(tree, layer, ops)
 }
 
 /// Resolves the directory named by `comps`, following symlinks met on the way

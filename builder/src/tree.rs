@@ -31,6 +31,8 @@ impl Meta {
 /// Where a regular file's bytes are in the spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Content {
+    /// Which spool file.
+    pub file: u32,
     pub offset: u64,
     pub len: u64,
 }
