@@ -190,7 +190,8 @@ fn read_layers(reference: &str, layout: &Path, layers: &[oci::Layer], spool: &mu
     use std::sync::Mutex;
     let writers: Vec<Mutex<Option<crate::spool::SpoolWriter>>> =
         layers.iter().map(|_| spool.writer().map(|w| Mutex::new(Some(w)))).collect::<Result<_, _>>()?;
-    let results: Vec<Mutex<Option<Result<Vec<layer::OpAt>, InputError>>>> = layers.iter().map(|_| Mutex::new(None)).collect();
+    type Slot = Mutex<Option<Result<Vec<layer::OpAt>, InputError>>>;
+    let results: Vec<Slot> = layers.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(layers.len()).max(1);
     std::thread::scope(|s| {
