@@ -9,62 +9,15 @@ use std::path::Path;
 use std::process::Command;
 
 use hyperbuild::{erofs, layer, spool::Spool, tree::Tree};
-use tar::{EntryType, Header};
+use tar::EntryType;
+
+mod common;
+use common::TarLayer as Layer;
 
 fn fsck() -> &'static str {
     let ok = Command::new("fsck.erofs").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(ok, "fsck.erofs is missing: apt-get install erofs-utils (it is this test's oracle)");
     "fsck.erofs"
-}
-
-struct Layer(tar::Builder<Vec<u8>>);
-
-impl Layer {
-    fn new() -> Self {
-        Self(tar::Builder::new(Vec::new()))
-    }
-    fn header(et: EntryType, mode: u32, size: u64) -> Header {
-        let mut h = Header::new_gnu();
-        h.set_entry_type(et);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h.set_size(size);
-        h
-    }
-    fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
-        let mut h = Self::header(EntryType::Regular, mode, data.len() as u64);
-        self.0.append_data(&mut h, path, data).unwrap();
-        self
-    }
-    fn owned_file(mut self, path: &str, uid: u64, gid: u64, data: &[u8]) -> Self {
-        let mut h = Self::header(EntryType::Regular, 0o640, data.len() as u64);
-        h.set_uid(uid);
-        h.set_gid(gid);
-        self.0.append_data(&mut h, path, data).unwrap();
-        self
-    }
-    fn dir(mut self, path: &str, mode: u32) -> Self {
-        let mut h = Self::header(EntryType::Directory, mode, 0);
-        self.0.append_data(&mut h, path, &[][..]).unwrap();
-        self
-    }
-    fn link(mut self, et: EntryType, path: &str, target: &str) -> Self {
-        let mut h = Self::header(et, 0o777, 0);
-        self.0.append_link(&mut h, path, target).unwrap();
-        self
-    }
-    fn special(mut self, et: EntryType, path: &str, major: u32, minor: u32) -> Self {
-        let mut h = Self::header(et, 0o644, 0);
-        h.set_device_major(major).unwrap();
-        h.set_device_minor(minor).unwrap();
-        self.0.append_data(&mut h, path, &[][..]).unwrap();
-        self
-    }
-    fn bytes(self) -> Vec<u8> {
-        self.0.into_inner().unwrap()
-    }
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

@@ -12,58 +12,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
-use tar::{EntryType, Header};
+use tar::EntryType;
+
+mod common;
+use common::TarLayer as L;
 
 fn need(tool: &str, package: &str) {
     let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
         || Command::new(tool).arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(ok, "{tool} is missing: apt-get install {package} (it is this test's oracle)");
-}
-
-struct L(tar::Builder<Vec<u8>>);
-
-impl L {
-    fn new() -> Self {
-        L(tar::Builder::new(Vec::new()))
-    }
-    fn h(et: EntryType, mode: u32, size: u64) -> Header {
-        let mut h = Header::new_gnu();
-        h.set_entry_type(et);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        h.set_size(size);
-        h
-    }
-    fn file(mut self, p: &str, mode: u32, d: &[u8]) -> Self {
-        self.0.append_data(&mut Self::h(EntryType::Regular, mode, d.len() as u64), p, d).unwrap();
-        self
-    }
-    fn owned(mut self, p: &str, uid: u64, gid: u64, d: &[u8]) -> Self {
-        let mut h = Self::h(EntryType::Regular, 0o640, d.len() as u64);
-        h.set_uid(uid);
-        h.set_gid(gid);
-        self.0.append_data(&mut h, p, d).unwrap();
-        self
-    }
-    fn dir(mut self, p: &str, mode: u32) -> Self {
-        self.0.append_data(&mut Self::h(EntryType::Directory, mode, 0), p, &[][..]).unwrap();
-        self
-    }
-    fn link(mut self, et: EntryType, p: &str, target: &str) -> Self {
-        self.0.append_link(&mut Self::h(et, 0o777, 0), p, target).unwrap();
-        self
-    }
-    fn xattr_file(mut self, p: &str, name: &str, value: &[u8], d: &[u8]) -> Self {
-        let key = format!("SCHILY.xattr.{name}");
-        self.0.append_pax_extensions([(key.as_str(), value)]).unwrap();
-        self.0.append_data(&mut Self::h(EntryType::Regular, 0o644, d.len() as u64), p, d).unwrap();
-        self
-    }
-    fn bytes(self) -> Vec<u8> {
-        self.0.into_inner().unwrap()
-    }
 }
 
 fn digest(b: &[u8]) -> String {
@@ -152,7 +109,7 @@ fn our_tree_equals_umocis() {
             .file("bin/setgid", 0o2755, b"sg")
             .dir("tmp/", 0o1777)
             .file("noperm", 0o000, b"hidden")
-            .owned("owned", 100_000, 200_000, b"big ids")
+            .owned_file("owned", 100_000, 200_000, b"big ids")
             .file(&long, 0o644, b"long")
             .file("dir/ünïcödé", 0o644, b"utf8")
             .dir("opaque/", 0o755)

@@ -120,6 +120,16 @@ pub struct Run {
     pub stderr: String,
 }
 
+impl From<Output> for Run {
+    fn from(out: Output) -> Self {
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// Boots `artifact` on the QEMU backend with `args` (hyperboot flags, then
 /// `--` and the command), bounded by a timeout.
 pub fn boot(artifact: &Path, args: &[&str]) -> Run {
@@ -139,11 +149,7 @@ pub fn boot_on(backend: &str, artifact: &Path, args: &[&str]) -> Run {
         .args(args.iter().skip_while(|a| **a != "--"))
         .output()
         .expect("run hyperboot");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 /// Records a skipped test loudly: on stderr and in `$HYPER_TEST_SKIP_LOG`,
@@ -259,9 +265,5 @@ pub fn boot_kvm(artifact: &Path, flags: &[&str]) -> Run {
         .arg(artifact)
         .output()
         .expect("run hyperboot");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
