@@ -25,6 +25,12 @@ pub struct RunConfig {
     /// The block device holding the EROFS root.
     #[serde(default = "default_root")]
     pub root_device: String,
+    /// `--read-only`: the root stays read-only (no writable overlay for the app).
+    #[serde(default)]
+    pub read_only: bool,
+    /// `--tmpfs PATH[:OPTIONS]` mounts, as `docker run --tmpfs`.
+    #[serde(default)]
+    pub tmpfs: Vec<String>,
     /// Print each boot step on the console.
     #[serde(default)]
     pub debug: bool,

@@ -67,11 +67,18 @@ fn boot() -> Result<Outcome, String> {
     }
     debug!("run config: {cfg:?}");
     wait_for(&cfg.root_device)?;
-    plan::root(&mut linux, &cfg.root_device).map_err(|e| e.to_string())?;
+    plan::root(&mut linux, &cfg.root_device, &cfg.tmpfs).map_err(|e| e.to_string())?;
     debug!("root mounted");
     if !cfg.hostname.is_empty() {
         use sys::Sys;
         linux.sethostname(&cfg.hostname).map_err(|e| format!("set hostname {:?}: {e}", cfg.hostname))?;
+        let _ = std::fs::create_dir_all("/etc");
+        for (path, content) in plan::hosts_files(&cfg.hostname) {
+            // Like Docker's generated files; an image whose /etc is not a directory keeps its own.
+            if let Err(e) = std::fs::write(path, content) {
+                debug!("cannot write {path}: {e}");
+            }
+        }
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
@@ -79,6 +86,9 @@ fn boot() -> Result<Outcome, String> {
     let env = config::app_env(&cfg, &id.home);
     let workdir = if cfg.workdir.is_empty() { "/".to_string() } else { cfg.workdir.clone() };
     std::fs::create_dir_all(&workdir).map_err(|e| format!("create working directory {workdir}: {e}"))?;
+    if cfg.read_only {
+        plan::seal_root(&mut linux).map_err(|e| e.to_string())?;
+    }
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(config::DEFAULT_PATH).to_string();
 
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
@@ -113,6 +123,7 @@ extern "C" fn record_signal(sig: libc::c_int) {
 fn run_app(argv: &[String], env: &[String], workdir: &str, path_var: &str, id: &user::Identity) -> ! {
     process::reset_signals();
     process::setsid();
+    process::docker_rlimits();
     let _ = process::redirect("/dev/null", libc::O_RDONLY, 0);
     let fail = |code: i32, msg: String| -> ! {
         let _ = writeln!(std::io::stderr(), "hyperinit: {msg}");

@@ -1,7 +1,7 @@
 //! The boot plan: from the initramfs to the app's root. Runs against [`Sys`],
 //! so tests can check every step without root.
 
-use crate::sys::{Sys, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+use crate::sys::{Sys, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT};
 
 pub const LOWER: &str = "/mnt/lower";
 pub const RW: &str = "/mnt/rw";
@@ -33,7 +33,7 @@ pub fn early(sys: &mut dyn Sys) -> Result<(), StepError> {
 
 /// Mounts the read-only EROFS image with a tmpfs-backed overlay on top, the
 /// API filesystems inside it, and moves it onto `/`.
-pub fn root(sys: &mut dyn Sys, device: &str) -> Result<(), StepError> {
+pub fn root(sys: &mut dyn Sys, device: &str, tmpfs: &[String]) -> Result<(), StepError> {
     for d in [LOWER, RW, NEWROOT] {
         step(|| format!("create {d}"), sys.mkdir_all(d, 0o755))?;
     }
@@ -68,6 +68,15 @@ pub fn root(sys: &mut dyn Sys, device: &str) -> Result<(), StepError> {
             step(|| format!("mount tmpfs on {at}"), sys.mount("tmpfs", &r(at), "tmpfs", MS_NOSUID | MS_NODEV, mode))?;
         }
     }
+    for spec in tmpfs {
+        let (at, opts) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
+        if !at.starts_with('/') || at.split('/').any(|c| c == "..") {
+            return Err(StepError { step: format!("--tmpfs {spec}"), source: std::io::Error::other("needs an absolute path without '..'") });
+        }
+        step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o1777))?;
+        let data = if opts.is_empty() { "mode=1777".to_string() } else { opts.to_string() };
+        step(|| format!("mount tmpfs on {at}"), sys.mount("tmpfs", &r(at), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, &data))?;
+    }
     for (target, link) in [
         ("/proc/self/fd", "/dev/fd"),
         ("/proc/self/fd/0", "/dev/stdin"),
@@ -82,6 +91,24 @@ pub fn root(sys: &mut dyn Sys, device: &str) -> Result<(), StepError> {
     step(|| "chroot into the new root".into(), sys.chroot("."))?;
     step(|| "chdir /".into(), sys.chdir("/"))?;
     Ok(())
+}
+
+/// `--read-only`: remounts the root read-only once the runtime files are written.
+pub fn seal_root(sys: &mut dyn Sys) -> Result<(), StepError> {
+    step(|| "remount / read-only".into(), sys.mount("", "/", "", MS_REMOUNT | MS_RDONLY, ""))
+}
+
+/// The files Docker generates for every container: /etc/hostname and /etc/hosts.
+pub fn hosts_files(hostname: &str) -> [(&'static str, String); 2] {
+    [
+        ("/etc/hostname", format!("{hostname}\n")),
+        (
+            "/etc/hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n127.0.1.1\t{hostname}\n"
+            ),
+        ),
+    ]
 }
 
 #[cfg(test)]
@@ -142,7 +169,7 @@ mod tests {
     #[test]
     fn root_is_erofs_under_an_overlay_then_moved_onto_slash() {
         let mut r = Recorder::default();
-        root(&mut r, "/dev/vda").unwrap();
+        root(&mut r, "/dev/vda", &[]).unwrap();
         let c = &r.calls;
         let erofs = index_of(c, "mount /dev/vda /mnt/lower erofs 0x1 ");
         let overlay = index_of(c, "mount overlay /mnt/root overlay 0x0 lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work");
@@ -162,15 +189,29 @@ mod tests {
     #[test]
     fn image_content_in_run_is_not_hidden() {
         let mut r = Recorder { populated: vec!["/run"], ..Default::default() };
-        root(&mut r, "/dev/vda").unwrap();
+        root(&mut r, "/dev/vda", &[]).unwrap();
         assert!(!r.calls.iter().any(|c| c.contains("/mnt/root/run tmpfs")));
         index_of(&r.calls, "mount tmpfs /mnt/root/tmp tmpfs");
     }
 
     #[test]
+    fn tmpfs_mounts_land_in_the_new_root_and_refuse_escapes() {
+        let mut r = Recorder::default();
+        root(&mut r, "/dev/vda", &["/scratch:size=1m".into(), "/data".into()]).unwrap();
+        index_of(&r.calls, "mount tmpfs /mnt/root/scratch tmpfs 0xe size=1m");
+        index_of(&r.calls, "mount tmpfs /mnt/root/data tmpfs 0xe mode=1777");
+        for bad in ["relative", "/a/../../etc"] {
+            let mut r = Recorder::default();
+            assert!(root(&mut r, "/dev/vda", &[bad.into()]).is_err(), "{bad}");
+        }
+        let hosts = &hosts_files("box")[1].1;
+        assert!(hosts.starts_with("127.0.0.1\tlocalhost\n") && hosts.ends_with("127.0.1.1\tbox\n"));
+    }
+
+    #[test]
     fn a_failed_step_is_named() {
         let mut r = Recorder { fail_on: Some("erofs"), ..Default::default() };
-        let err = root(&mut r, "/dev/vda").unwrap_err().to_string();
+        let err = root(&mut r, "/dev/vda", &[]).unwrap_err().to_string();
         assert!(err.starts_with("mount the image's EROFS root from /dev/vda: "), "{err}");
         assert!(!r.calls.iter().any(|c| c.contains("overlay")), "went on after a failure");
     }

@@ -13,6 +13,7 @@ pub const MS_NOSUID: u64 = libc::MS_NOSUID;
 pub const MS_NODEV: u64 = libc::MS_NODEV;
 pub const MS_NOEXEC: u64 = libc::MS_NOEXEC;
 pub const MS_MOVE: u64 = libc::MS_MOVE;
+pub const MS_REMOUNT: u64 = libc::MS_REMOUNT;
 
 /// What the boot plan needs from the kernel.
 pub trait Sys {
@@ -160,6 +161,13 @@ pub mod process {
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         }
+    }
+
+    /// Docker's default open-file limit for the app (soft and hard 1048576).
+    pub fn docker_rlimits() {
+        let lim = libc::rlimit { rlim_cur: 1_048_576, rlim_max: 1_048_576 };
+        // SAFETY: setrlimit reads one valid rlimit; failure leaves the kernel default.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
 
     /// Drops to the app's identity: supplementary groups, gid, uid.

@@ -36,6 +36,12 @@ struct Cli {
     /// Guest hostname [default: the first 12 hex digits of the artifact digest]
     #[arg(long)]
     hostname: Option<String>,
+    /// Keep the image's root read-only: the app cannot write to it
+    #[arg(long)]
+    read_only: bool,
+    /// Mount a tmpfs at PATH in the guest (PATH[:OPTIONS], as docker run --tmpfs)
+    #[arg(long)]
+    tmpfs: Vec<String>,
     /// Guest memory (e.g. 128M, 1G; a plain number is MiB)
     #[arg(short = 'm', long, default_value = "128M", value_parser = parse_memory)]
     memory: u64,
@@ -100,6 +106,8 @@ fn main() -> ExitCode {
             workdir: cli.workdir,
             user: cli.user,
             hostname: cli.hostname,
+            read_only: cli.read_only,
+            tmpfs: cli.tmpfs,
         },
         memory_mib: cli.memory,
         timeout: cli.timeout,

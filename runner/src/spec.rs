@@ -16,6 +16,10 @@ pub struct Overrides {
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub hostname: Option<String>,
+    /// `--read-only`
+    pub read_only: bool,
+    /// `--tmpfs PATH[:OPTIONS]`
+    pub tmpfs: Vec<String>,
 }
 
 /// The run configuration; field names are hyperinit's `RunConfig`.
@@ -26,6 +30,8 @@ pub struct RunConfig {
     pub workdir: String,
     pub user: String,
     pub hostname: String,
+    pub read_only: bool,
+    pub tmpfs: Vec<String>,
     pub debug: bool,
 }
 
@@ -76,6 +82,8 @@ pub fn combine(
         workdir: o.workdir.clone().unwrap_or_else(|| image.working_dir.clone()),
         user: o.user.clone().unwrap_or_else(|| image.user.clone()),
         hostname: o.hostname.clone().unwrap_or_else(|| default_hostname.to_string()),
+        read_only: o.read_only,
+        tmpfs: o.tmpfs.clone(),
         debug: false,
     })
 }

@@ -230,3 +230,22 @@ fn busybox_layout() -> std::path::PathBuf {
     busybox_artifact();
     scratch().join("busybox-layout")
 }
+
+#[test]
+fn docker_generated_files_and_limits() {
+    let r = boot(busybox_artifact(), &["--hostname", "box", "--", "sh", "-c", "cat /etc/hostname; grep -c 'localhost' /etc/hosts; grep box /etc/hosts; ulimit -n"]);
+    assert_run(&r, 0, "box\n2\n127.0.1.1\tbox\n1048576\n");
+}
+
+#[test]
+fn read_only_root_and_tmpfs_mounts() {
+    let r = boot(
+        busybox_artifact(),
+        &["--read-only", "--tmpfs", "/scratch", "--tmpfs", "/cache:size=1m", "--", "sh", "-c",
+          "touch /etc/new 2>/dev/null || echo root-is-read-only; echo x > /scratch/f && cat /scratch/f; grep -c ' /cache tmpfs .*size=1024k' /proc/mounts; cat /etc/hostname >/dev/null && echo hostname-present"],
+    );
+    assert_run(&r, 0, "root-is-read-only\nx\n1\nhostname-present\n");
+    let r = boot(busybox_artifact(), &["--tmpfs", "relative/path", "--", "true"]);
+    assert_eq!(r.code, Some(123), "{r:?}");
+    assert!(r.stderr.contains("--tmpfs relative/path"), "{}", r.stderr);
+}
