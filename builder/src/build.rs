@@ -203,10 +203,16 @@ fn read_layers(reference: &str, layout: &Path, layers: &[oci::Layer], spool: &mu
                 }
                 let mut w = writers[i].lock().expect("not poisoned").take().expect("one reader per layer");
                 let r = read_layer(reference, layout, &layers[i], &mut w);
+                *writers[i].lock().expect("not poisoned") = Some(w);
                 *results[i].lock().expect("not poisoned") = Some(r);
             });
         }
     });
+    for w in writers {
+        if let Some(w) = w.into_inner().expect("not poisoned") {
+            spool.adopt(w);
+        }
+    }
     let ops = results.into_iter().map(|r| r.into_inner().expect("not poisoned").expect("every layer read")).collect::<Result<_, _>>()?;
     Ok(ops)
 }

@@ -50,10 +50,18 @@ struct Inode {
     xattrs: Vec<u8>,
     size: u64,
     inline: bool,
+    /// A file stored chunk-based (4 KiB chunks, a block map) to keep its holes.
+    chunked: bool,
     nid: u64,
     blkaddr: u32,
     nblocks: u64,
 }
+
+/// Files with at least this many whole blocks of zeros keep them as holes.
+const MIN_HOLES: u64 = 16;
+const LAYOUT_CHUNK_BASED: u16 = 4;
+const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
+const NULL_ADDR: u32 = u32::MAX;
 
 /// Writes the reachable part of `tree` as an EROFS image. Returns its length.
 pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, ErofsError> {
@@ -104,6 +112,18 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
             _ => (0, links[i]),
         };
         let ibody = (INODE_LEN + xattrs.len()) as u64;
+        let holes = match &n.kind {
+            Kind::File(c) => spool.hole_count(c),
+            _ => 0,
+        };
+        if holes >= MIN_HOLES {
+            // Inode, xattrs, then one 4-byte block address per 4 KiB of file.
+            let nid = pos / 32;
+            pos = (ibody.div_ceil(4) * 4 + size.div_ceil(BLOCK) * 4 + pos).div_ceil(32) * 32;
+            let nblocks = size.div_ceil(BLOCK) - holes;
+            inodes.push(Inode { node, nlink, xattrs, size, inline: false, chunked: true, nid, blkaddr: 0, nblocks });
+            continue;
+        }
         let tail = size % BLOCK;
         let inline = tail > 0 && ibody + tail <= BLOCK;
         let total = ibody + if inline { tail } else { 0 };
@@ -113,7 +133,7 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         let nid = pos / 32;
         pos = (pos + total).div_ceil(32) * 32;
         let nblocks = if inline { size / BLOCK } else { size.div_ceil(BLOCK) };
-        inodes.push(Inode { node, nlink, xattrs, size, inline, nid, blkaddr: 0, nblocks });
+        inodes.push(Inode { node, nlink, xattrs, size, inline, chunked: false, nid, blkaddr: 0, nblocks });
     }
     if inodes[0].nid > u64::from(u16::MAX) {
         return Err(ErofsError::TooLarge);
@@ -131,14 +151,29 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
     let ctx = Ctx { tree, spool, inodes: &inodes, index: &index, parent: &parent };
     // 3. The metadata area, superblock included.
     let mut meta = vec![0u8; meta_len as usize];
-    write_superblock(&mut meta[SB_OFFSET..SB_OFFSET + SB_LEN], inodes[0].nid as u16, inodes.len() as u64, total_blocks);
+    let chunked = inodes.iter().any(|i| i.chunked);
+    write_superblock(&mut meta[SB_OFFSET..SB_OFFSET + SB_LEN], inodes[0].nid as u16, inodes.len() as u64, total_blocks, chunked);
     for (i, ino) in inodes.iter().enumerate() {
         let off = (ino.nid * 32) as usize;
         let n = &tree.nodes[ino.node];
         let body = &mut meta[off..];
         write_inode(body, ino, n, i as u32 + 1);
         body[INODE_LEN..INODE_LEN + ino.xattrs.len()].copy_from_slice(&ino.xattrs);
-        if ino.inline {
+        if ino.chunked {
+            let Kind::File(c) = &n.kind else { unreachable!("only files are chunked") };
+            let map_at = (INODE_LEN + ino.xattrs.len()).div_ceil(4) * 4;
+            let mut next = ino.blkaddr;
+            for block in 0..ino.size.div_ceil(BLOCK) {
+                let addr = if spool.is_hole(c, block) {
+                    NULL_ADDR
+                } else {
+                    next += 1;
+                    next - 1
+                };
+                let at = map_at + 4 * block as usize;
+                body[at..at + 4].copy_from_slice(&addr.to_le_bytes());
+            }
+        } else if ino.inline {
             let data = node_data(&ctx, ino)?;
             let tail_start = (ino.nblocks * BLOCK) as usize;
             let at = INODE_LEN + ino.xattrs.len();
@@ -152,15 +187,24 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
     for ino in inodes.iter().filter(|i| i.nblocks > 0) {
         let want = ino.nblocks * BLOCK;
         let data_len = ino.size.min(want);
-        if let Kind::File(c) = tree.nodes[ino.node].kind {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut done = 0u64;
-            while done < data_len {
-                let n = (data_len - done).min(buf.len() as u64) as usize;
-                spool.read_exact_at(c, &mut buf[..n], done)?;
-                out.write_all(&buf[..n])?;
-                done += n as u64;
+        if let (true, Kind::File(c)) = (ino.chunked, &tree.nodes[ino.node].kind) {
+            // The stored blocks, in order, each padded to a whole block.
+            let mut buf = vec![0u8; BLOCK as usize];
+            let mut stored = 0u64;
+            for block in 0..ino.size.div_ceil(BLOCK) {
+                if spool.is_hole(c, block) {
+                    continue;
+                }
+                let n = (ino.size - block * BLOCK).min(BLOCK) as usize;
+                buf.fill(0);
+                spool.read_stored_at(c, &mut buf[..n], stored)?;
+                out.write_all(&buf)?;
+                stored += n as u64;
             }
+            continue;
+        }
+        if let Kind::File(c) = &tree.nodes[ino.node].kind {
+            spool.copy_to(c, &mut LimitedWriter { out: &mut *out, left: data_len })?;
         } else {
             let data = node_data(&ctx, ino)?;
             out.write_all(&data[..data_len as usize])?;
@@ -298,13 +342,35 @@ fn encode_xattrs(xattrs: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>) -> Resul
     Ok(out)
 }
 
-fn write_superblock(sb: &mut [u8], root_nid: u16, inos: u64, blocks: u32) {
+/// Passes on the first `left` bytes written to it and drops the rest.
+struct LimitedWriter<'a, W: Write> {
+    out: &'a mut W,
+    left: u64,
+}
+
+impl<W: Write> Write for LimitedWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        self.out.write_all(&buf[..n])?;
+        self.left -= n as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+fn write_superblock(sb: &mut [u8], root_nid: u16, inos: u64, blocks: u32, chunked: bool) {
     sb[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     sb[12] = 12; // blkszbits: 4096-byte blocks
     sb[14..16].copy_from_slice(&root_nid.to_le_bytes());
     sb[16..24].copy_from_slice(&inos.to_le_bytes());
     sb[36..40].copy_from_slice(&blocks.to_le_bytes());
-    // meta_blkaddr, xattr_blkaddr, uuid, features: all zero.
+    if chunked {
+        sb[80..84].copy_from_slice(&FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
+    }
+    // meta_blkaddr, xattr_blkaddr, uuid: zero.
 }
 
 fn write_inode(b: &mut [u8], ino: &Inode, n: &crate::tree::Node, ino_no: u32) {
@@ -317,10 +383,23 @@ fn write_inode(b: &mut [u8], ino: &Inode, n: &crate::tree::Node, ino_no: u32) {
         Kind::Fifo => (0, 0o010000, 0),
     };
     let _: u16 = fmt_bits;
-    let layout = if ino.inline { LAYOUT_FLAT_INLINE } else { LAYOUT_FLAT_PLAIN };
+    let layout = if ino.chunked {
+        LAYOUT_CHUNK_BASED
+    } else if ino.inline {
+        LAYOUT_FLAT_INLINE
+    } else {
+        LAYOUT_FLAT_PLAIN
+    };
     let i_format: u16 = 1 | (layout << 1); // extended inode
     let xattr_icount: u16 = if ino.xattrs.is_empty() { 0 } else { (1 + (ino.xattrs.len() - XATTR_HEADER_LEN) / 4) as u16 };
-    let i_u = if matches!(n.kind, Kind::CharDev { .. } | Kind::BlockDev { .. }) { rdev } else { ino.blkaddr };
+    // Chunk-based: i_u holds the chunk format (0: 4 KiB chunks, 4-byte block map).
+    let i_u = if ino.chunked {
+        0
+    } else if matches!(n.kind, Kind::CharDev { .. } | Kind::BlockDev { .. }) {
+        rdev
+    } else {
+        ino.blkaddr
+    };
     b[0..2].copy_from_slice(&i_format.to_le_bytes());
     b[2..4].copy_from_slice(&xattr_icount.to_le_bytes());
     b[4..6].copy_from_slice(&((mode_type | (n.meta.perm & 0o7777)) as u16).to_le_bytes());

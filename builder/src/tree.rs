@@ -34,7 +34,10 @@ pub struct Content {
     /// Which spool file.
     pub file: u32,
     pub offset: u64,
+    /// Logical length, holes included.
     pub len: u64,
+    /// 1-based index of its hole map in the spool; 0 when it has no holes.
+    pub holes: u32,
 }
 
 /// A directory entry: the node it names and the layer that wrote it.

@@ -249,3 +249,60 @@ fn read_only_root_and_tmpfs_mounts() {
     assert_eq!(r.code, Some(123), "{r:?}");
     assert!(r.stderr.contains("--tmpfs relative/path"), "{}", r.stderr);
 }
+
+/// The busybox layout plus one more (uncompressed) layer.
+fn layout_with_layer(name: &str, layer: &[u8]) -> std::path::PathBuf {
+    use sha2::{Digest, Sha256};
+    let l = scratch().join(name);
+    make_image(&l, "latest", "");
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let blob = |d: &str| l.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let put = |b: &[u8]| {
+        let d = sha(b);
+        fs::write(blob(&d), b).unwrap();
+        d
+    };
+    let mut index: serde_json::Value = serde_json::from_slice(&fs::read(l.join("index.json")).unwrap()).unwrap();
+    let md = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(blob(&md)).unwrap()).unwrap();
+    let cd = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let mut config: serde_json::Value = serde_json::from_slice(&fs::read(blob(&cd)).unwrap()).unwrap();
+    let ld = put(layer);
+    config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(ld.clone().into());
+    let cbytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = put(&cbytes).into();
+    manifest["config"]["size"] = cbytes.len().into();
+    manifest["layers"].as_array_mut().unwrap().push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}));
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    index["manifests"][0]["digest"] = put(&mbytes).into();
+    index["manifests"][0]["size"] = mbytes.len().into();
+    fs::write(l.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    l
+}
+
+#[test]
+fn sparse_files_read_back_exactly_in_the_guest() {
+    use sha2::{Digest, Sha256};
+    const SIZE: usize = 64 << 20;
+    let mut data = vec![0u8; SIZE];
+    data[..4].copy_from_slice(b"head");
+    data[SIZE / 2..SIZE / 2 + 6].copy_from_slice(b"middle");
+    data[SIZE - 3..].copy_from_slice(b"end");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(SIZE as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "big.img", &data[..]).unwrap();
+    let layout = layout_with_layer("sparse-layout", &b.into_inner().unwrap());
+    let art = scratch().join("sparse.hvm");
+    let o = build(&layout, &art);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rootfs = hvm::Artifact::open(&art).unwrap().section(hvm::SectionKind::Rootfs).length;
+    assert!(rootfs < 8 << 20, "64 MiB of mostly zeros cost {rootfs} bytes of rootfs");
+    let r = boot(&art, &["--", "sh", "-c", "stat -c %s /big.img; head -c 4 /big.img; echo; dd if=/big.img bs=1 skip=33554432 count=6 2>/dev/null; echo; tail -c 3 /big.img; echo; sha256sum /big.img | cut -c1-64"]);
+    let want = format!("{SIZE}\nhead\nmiddle\nend\n{}\n", hex::encode(Sha256::digest(&data)));
+    assert_run(&r, 0, &want);
+}
