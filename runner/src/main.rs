@@ -27,6 +27,9 @@ struct Cli {
     /// Set an environment variable (KEY=VALUE, or KEY to pass the host's value)
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
+    /// Read environment variables from a file (applied before -e)
+    #[arg(long = "env-file")]
+    env_file: Vec<PathBuf>,
     /// Working directory inside the guest
     #[arg(short = 'w', long)]
     workdir: Option<String>,
@@ -95,6 +98,17 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { status::FAILED } else { 0 });
         }
     };
+    let mut env = Vec::new();
+    for f in &cli.env_file {
+        match std::fs::read_to_string(f).map_err(|e| e.to_string()).and_then(|t| hyperboot::spec::parse_env_file(&t)) {
+            Ok(v) => env.extend(v),
+            Err(e) => {
+                eprintln!("hyperboot: error: --env-file {}: {e}", f.display());
+                return ExitCode::from(status::FAILED);
+            }
+        }
+    }
+    env.extend(cli.env);
     let opts = BootOptions {
         artifact: cli.artifact,
         backend: cli.backend,
@@ -102,7 +116,7 @@ fn main() -> ExitCode {
         overrides: Overrides {
             entrypoint: cli.entrypoint,
             args: cli.args,
-            env: cli.env,
+            env,
             workdir: cli.workdir,
             user: cli.user,
             hostname: cli.hostname,

@@ -4,6 +4,24 @@
 
 use serde::Serialize;
 
+/// Parses a `--env-file` as Docker does: `KEY=VALUE` or `KEY` (taken from the
+/// host) per line; blank lines and lines starting with `#` are skipped.
+pub fn parse_env_file(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = line.split('=').next().unwrap_or("");
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(format!("line {}: {line:?} is not KEY=VALUE", n + 1));
+        }
+        out.push(line.to_string());
+    }
+    Ok(out)
+}
+
 /// Command-line overrides, as given to `hyperboot`.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -124,6 +142,14 @@ mod tests {
         assert_eq!(argv(&cmd_only, Overrides { args: s(&["echo", "hi"]), ..Default::default() }).unwrap(), s(&["echo", "hi"]));
         assert_eq!(argv(&image(None, None), Overrides::default()), Err(SpecError::NoCommand));
         assert_eq!(argv(&both, Overrides { entrypoint: Some("".into()), ..Default::default() }), Err(SpecError::NoCommand));
+    }
+
+    #[test]
+    fn env_files_parse_like_docker() {
+        let text = "# comment\n\nA=1\n  B=two words\nFROM_HOST\nC=\n";
+        assert_eq!(parse_env_file(text).unwrap(), ["A=1", "B=two words", "FROM_HOST", "C="]);
+        assert!(parse_env_file("=nokey\n").unwrap_err().contains("line 1"));
+        assert!(parse_env_file("BAD KEY=1\n").is_err());
     }
 
     #[test]

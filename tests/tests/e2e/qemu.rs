@@ -306,3 +306,14 @@ fn sparse_files_read_back_exactly_in_the_guest() {
     let want = format!("{SIZE}\nhead\nmiddle\nend\n{}\n", hex::encode(Sha256::digest(&data)));
     assert_run(&r, 0, &want);
 }
+
+#[test]
+fn env_file_then_e_flags_as_in_docker() {
+    let f = scratch().join("app.env");
+    fs::write(&f, "# settings\nA=from-file\nB=from-file\n\nGREETING=file\n").unwrap();
+    let r = boot(busybox_artifact(), &["--env-file", f.to_str().unwrap(), "-e", "B=from-flag", "--", "sh", "-c", "echo $A $B $GREETING"]);
+    assert_run(&r, 0, "from-file from-flag file\n");
+    let r = boot(busybox_artifact(), &["--env-file", "/no/such/file", "--", "true"]);
+    assert_eq!(r.code, Some(125));
+    assert!(r.stderr.contains("--env-file /no/such/file"), "{}", r.stderr);
+}
