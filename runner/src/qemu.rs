@@ -75,7 +75,7 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
     let fd = |f: i32| format!("/proc/self/fd/{f}");
     let mut a: Vec<String> = vec![
         "-M".into(),
-        "microvm,acpi=off,x-option-roms=off,rtc=off,isa-serial=on".into(),
+        "microvm,acpi=off,x-option-roms=off,isa-serial=on".into(),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-no-reboot".into(),

@@ -41,6 +41,10 @@ pub struct Overrides {
 }
 
 /// The run configuration; field names are hyperinit's `RunConfig`.
+///
+/// hyperinit refuses fields it does not know, so a feature newer than the
+/// artifact's init fails loudly instead of being ignored; fields added after
+/// the first release are left out while unused, so older artifacts keep booting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RunConfig {
     pub argv: Vec<String>,
@@ -48,7 +52,9 @@ pub struct RunConfig {
     pub workdir: String,
     pub user: String,
     pub hostname: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tmpfs: Vec<String>,
     pub debug: bool,
 }
@@ -142,6 +148,16 @@ mod tests {
         assert_eq!(argv(&cmd_only, Overrides { args: s(&["echo", "hi"]), ..Default::default() }).unwrap(), s(&["echo", "hi"]));
         assert_eq!(argv(&image(None, None), Overrides::default()), Err(SpecError::NoCommand));
         assert_eq!(argv(&both, Overrides { entrypoint: Some("".into()), ..Default::default() }), Err(SpecError::NoCommand));
+    }
+
+    #[test]
+    fn unused_newer_fields_stay_out_of_the_run_config() {
+        let img = image(None, Some(&["sh"]));
+        let c = combine(&img, &Overrides::default(), "h", |_| None).unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("read_only") && !json.contains("tmpfs"), "{json}");
+        let c = combine(&img, &Overrides { read_only: true, ..Default::default() }, "h", |_| None).unwrap();
+        assert!(serde_json::to_string(&c).unwrap().contains(r#""read_only":true"#));
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn null(runs: usize) {
     let art = hyper_tests::guest_artifact(&elf, &[0u8; 4096]);
     let qemu = |accel: &str| {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config", "-no-reboot"])
+        c.args(["-M", "microvm,acpi=off,x-option-roms=off", "-nodefaults", "-no-user-config", "-no-reboot"])
             .args(["-display", "none", "-m", "64M", "-accel", accel])
             .arg("-kernel").arg(&elf)
             .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
@@ -164,7 +164,7 @@ fn app(artifact: PathBuf, runs: usize) {
     let accel = if Path::new("/sys/module/kvm_pvm").exists() || !std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains(" vmx") && !std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains(" svm") { "tcg" } else { "kvm" };
     let peer = || {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-nodefaults", "-no-user-config", "-no-reboot"])
+        c.args(["-M", "microvm,acpi=off,x-option-roms=off", "-nodefaults", "-no-user-config", "-no-reboot"])
             .args(["-display", "none", "-m", "128M", "-accel", accel, "-cpu", if accel == "kvm" { "host" } else { "max" }])
             .arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd).arg("-append").arg(&cmdline)
             .args(["-serial", "stdio", "-chardev"]).arg(format!("file,id=st,path={}", status.display()))

@@ -317,3 +317,12 @@ fn env_file_then_e_flags_as_in_docker() {
     assert_eq!(r.code, Some(125));
     assert!(r.stderr.contains("--env-file /no/such/file"), "{}", r.stderr);
 }
+
+#[test]
+fn the_guest_clock_is_the_hosts() {
+    let r = boot(busybox_artifact(), &["--", "date", "+%s"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let guest: i64 = r.stdout.trim().parse().unwrap_or_else(|_| panic!("not a time: {r:?}"));
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((host - guest).abs() < 300, "guest clock {guest}, host {host}");
+}
