@@ -100,6 +100,7 @@ fn boot() -> Result<Outcome, String> {
     if pid == 0 {
         run_app(&cfg.argv, &env, &workdir, &path_var, &id);
     }
+    listen_for_requests(pid);
     Ok(supervise(pid))
 }
 
@@ -150,6 +151,37 @@ fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
     path_var.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(cmd)).find(|p| {
         p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
     })
+}
+
+/// Serves the host's requests on COM2 (`signal N`: deliver N to the app) on a
+/// thread of its own. The port is put in raw mode first: no echo, so nothing
+/// the host sends comes back on the status channel.
+fn listen_for_requests(app: libc::pid_t) {
+    let Some(mut tty) = process::open_raw_tty("/dev/ttyS1") else {
+        debug!("no /dev/ttyS1: the host cannot send requests");
+        return;
+    };
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while let Ok(1) = tty.read(&mut byte) {
+            if byte[0] != b'\n' {
+                if line.len() < 64 {
+                    line.push(byte[0]);
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            line.clear();
+            if let Some(sig) = text.trim().strip_prefix("signal ").and_then(|n| n.parse::<i32>().ok()) {
+                if (1..=64).contains(&sig) {
+                    debug!("host asks for signal {sig}");
+                    process::kill(app, sig);
+                }
+            }
+        }
+    });
 }
 
 /// Reaps every child; forwards signals to the app; when the app exits, ends

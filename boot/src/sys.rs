@@ -215,6 +215,28 @@ pub mod process {
         check(rc)
     }
 
+    /// Opens a serial port without making it the controlling terminal and puts
+    /// it in raw mode (no echo, no line editing, no output processing).
+    pub fn open_raw_tty(path: &str) -> Option<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOCTTY).open(path).ok()?;
+        // SAFETY: termios is plain data; the fd is open for the whole call.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(f.as_raw_fd(), &mut t) != 0 {
+                return None;
+            }
+            libc::cfmakeraw(&mut t);
+            t.c_cc[libc::VMIN] = 1;
+            t.c_cc[libc::VTIME] = 0;
+            if libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t) != 0 {
+                return None;
+            }
+        }
+        Some(f)
+    }
+
     /// Puts the console in raw output mode so app bytes reach the host unchanged.
     pub fn raw_output(fd: libc::c_int) {
         // SAFETY: termios is plain data; failure (not a tty) is ignored.

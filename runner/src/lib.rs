@@ -43,6 +43,8 @@ pub struct BootOptions {
     pub overrides: spec::Overrides,
     pub memory_mib: u64,
     pub timeout: Option<Duration>,
+    /// Time the app gets after its stop signal before SIGKILL (`--stop-timeout`).
+    pub stop_timeout: Duration,
     pub verbose: bool,
     pub console: bool,
 }
@@ -183,7 +185,7 @@ fn boot_kvm(artifact: &Artifact, run: &spec::RunConfig, pvm: bool, opts: &BootOp
     initrd.resize(initrd.len().div_ceil(4) * 4, 0);
     initrd.extend_from_slice(&spec::run_archive(run));
     let r = artifact.section(SectionKind::Rootfs);
-    let cmdline = kernel_cmdline(&artifact.manifest().kernel.cmdline, opts, pvm, "8250.nr_uarts=1");
+    let cmdline = kernel_cmdline(&artifact.manifest().kernel.cmdline, opts, pvm, "8250.nr_uarts=2");
     note(opts.verbose, &format!("KVM backend, kernel command line: {cmdline}"));
     let cfg = vmm::VmConfig {
         kernel,
@@ -194,6 +196,8 @@ fn boot_kvm(artifact: &Artifact, run: &spec::RunConfig, pvm: bool, opts: &BootOp
         timeout: opts.timeout,
         console: Box::new(std::io::LineWriter::new(std::io::stdout())),
         seccomp: true,
+        stop_signal: spec::signal_number(&artifact.manifest().config.stop_signal).map_err(BootError::Backend)?,
+        stop_timeout: opts.stop_timeout,
     };
     let outcome = vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)))?;
     if let Some(spawn) = std::env::var("HYPER_SPAWN_NS").ok().and_then(|s| s.parse::<u64>().ok()) {
@@ -289,29 +293,59 @@ fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: 
         }
     };
     let deadline = opts.timeout.map(|t| std::time::Instant::now() + t);
-    let ev = match deadline {
-        Some(d) => match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
-            Ok(ev) => ev,
-            Err(_) => {
+    let stop_signal = spec::signal_number(&artifact.manifest().config.stop_signal).map_err(BootError::Backend)?;
+    // (deadline, SIGKILL already sent, the signal hyperboot got)
+    let mut graceful: Option<(std::time::Instant, bool, i32)> = None;
+    let exit = loop {
+        let until = [deadline, graceful.map(|g| g.0)].into_iter().flatten().min();
+        let ev = match until {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
+                Ok(ev) => Some(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(BootError::Backend("lost track of the VM process".into())),
+            },
+            None => Some(rx.recv().map_err(|_| BootError::Backend("lost track of the VM process".into()))?),
+        };
+        let now = std::time::Instant::now();
+        match ev {
+            Some(Event::Exited(r)) => break r?,
+            Some(Event::Signal(s)) if opts.stop_timeout.is_zero() => {
+                note(opts.verbose, &format!("signal {s}: stopping the VM"));
                 stop(&rx);
-                eprintln!(
-                    "hyperboot: the VM did not finish within --timeout {}s; stopped it",
-                    opts.timeout.unwrap_or_default().as_secs_f64()
-                );
                 handle.close();
-                return Ok(status::TIMEOUT);
+                return Ok(128 + s as u8);
             }
-        },
-        None => rx.recv().map_err(|_| BootError::Backend("lost track of the VM process".into()))?,
-    };
-    let exit = match ev {
-        Event::Signal(s) => {
-            note(opts.verbose, &format!("signal {s}: stopping the VM"));
-            stop(&rx);
-            handle.close();
-            return Ok(128 + s as u8);
+            Some(Event::Signal(s)) => {
+                if graceful.is_none() {
+                    note(opts.verbose, &format!("signal {s}: sending signal {stop_signal} to the app"));
+                    qemu::send_control(&prepared, &format!("signal {stop_signal}\n"));
+                    graceful = Some((now + opts.stop_timeout, false, s));
+                }
+            }
+            None => match graceful {
+                Some((g, false, s)) if now >= g => {
+                    note(opts.verbose, "the app did not stop in time: SIGKILL");
+                    qemu::send_control(&prepared, "signal 9\n");
+                    graceful = Some((now + Duration::from_secs(2), true, s));
+                }
+                Some((g, true, s)) if now >= g => {
+                    stop(&rx);
+                    handle.close();
+                    return Ok(128 + s as u8);
+                }
+                _ => {
+                    if deadline.is_some_and(|d| now >= d) {
+                        stop(&rx);
+                        eprintln!(
+                            "hyperboot: the VM did not finish within --timeout {}s; stopped it",
+                            opts.timeout.unwrap_or_default().as_secs_f64()
+                        );
+                        handle.close();
+                        return Ok(status::TIMEOUT);
+                    }
+                }
+            },
         }
-        Event::Exited(r) => r?,
     };
     handle.close();
     let report = qemu::read_status(&mut prepared);

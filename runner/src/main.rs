@@ -51,6 +51,9 @@ struct Cli {
     /// Stop the VM after this many seconds (exit code 124)
     #[arg(long, value_parser = parse_seconds)]
     timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT the app gets the image's StopSignal, then SIGKILL after this many seconds
+    #[arg(long, default_value = "10", value_parser = parse_seconds_or_zero)]
+    stop_timeout: Duration,
     /// Show the kernel log and hyperinit's steps
     #[arg(short, long)]
     verbose: bool,
@@ -89,6 +92,13 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+fn parse_seconds_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim_end_matches('s') == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_seconds(s)
+}
+
 fn main() -> ExitCode {
     hyperboot::vmm::phase("main");
     let cli = match Cli::try_parse() {
@@ -125,6 +135,7 @@ fn main() -> ExitCode {
         },
         memory_mib: cli.memory,
         timeout: cli.timeout,
+        stop_timeout: cli.stop_timeout,
         verbose: cli.verbose,
         console: cli.console,
     };

@@ -4,7 +4,7 @@
 //! open artifact at its offset — no copy, no extraction.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 
@@ -22,7 +22,12 @@ pub enum Accel {
 pub struct Prepared {
     pub kernel: File,
     pub initrd: File,
+    /// The guest's COM2 output (hyperinit's status line), read after the VM ends.
     pub status: File,
+    /// The guest's COM2 input: requests to hyperinit (`signal 15`).
+    pub control: File,
+    /// Holds the two FIFOs QEMU's pipe chardev opens.
+    pub fifo_dir: tempfile::TempDir,
     pub rootfs_fd: OwnedFd,
     pub rootfs_offset: u64,
     pub rootfs_len: u64,
@@ -56,12 +61,24 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     let pad = (4 - initrd.stream_position()? % 4) % 4;
     initrd.write_all(&[0u8; 4][..pad as usize])?;
     initrd.write_all(run_archive)?;
-    let status = memfd("hyper-status")?;
+    // QEMU's pipe chardev opens PATH.in and PATH.out; opening both O_RDWR here
+    // means neither side ever blocks on open.
+    let fifo_dir = tempfile::Builder::new().prefix("hyperboot-").tempdir()?;
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+    for end in ["status.in", "status.out"] {
+        nix::unistd::mkfifo(&fifo_dir.path().join(end), mode)?;
+    }
+    let open_rw = |name: &str| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(fifo_dir.path().join(name))
+    };
+    let status = open_rw("status.out")?;
+    let control = open_rw("status.in")?;
     // dup() gives a descriptor without close-on-exec.
     let rootfs_fd = nix::unistd::dup(a.file().as_raw_fd())?;
     let rootfs_fd = owned(rootfs_fd);
     let s = a.section(SectionKind::Rootfs);
-    Ok(Prepared { kernel, initrd, status, rootfs_fd, rootfs_offset: s.offset, rootfs_len: s.length })
+    Ok(Prepared { kernel, initrd, status, control, fifo_dir, rootfs_fd, rootfs_offset: s.offset, rootfs_len: s.length })
 }
 
 fn owned(fd: std::os::fd::RawFd) -> OwnedFd {
@@ -102,7 +119,7 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
         "-serial".into(),
         "chardev:console".into(),
         "-chardev".into(),
-        format!("file,id=status,path={}", fd(p.status.as_raw_fd())),
+        format!("pipe,id=status,path={}", p.fifo_dir.path().join("status").display()),
         "-device".into(),
         "isa-serial,chardev=status,iobase=0x2f8,irq=3".into(),
         "-device".into(),
@@ -128,14 +145,24 @@ pub fn command(cfg: &QemuConfig, p: &Prepared, qemu_log: &File) -> std::io::Resu
     Ok(c)
 }
 
-/// Reads what the guest wrote on the status port.
+/// Reads what the guest wrote on the status port (the FIFO is non-blocking).
 pub fn read_status(p: &mut Prepared) -> Vec<u8> {
-    let mut buf = Vec::new();
-    if p.status.seek(SeekFrom::Start(0)).is_ok() {
-        use std::io::Read;
-        let _ = (&p.status).take(4096).read_to_end(&mut buf);
+    use std::io::Read;
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        match (&p.status).read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
     }
+    buf.truncate(n);
     buf
+}
+
+/// Sends a request to hyperinit on the guest's COM2.
+pub fn send_control(p: &Prepared, line: &str) {
+    let _ = (&p.control).write_all(line.as_bytes());
 }
 
 /// A memory file for QEMU's stderr.
@@ -153,6 +180,8 @@ mod tests {
             kernel: tempfile::tempfile().unwrap(),
             initrd: tempfile::tempfile().unwrap(),
             status: tempfile::tempfile().unwrap(),
+            control: tempfile::tempfile().unwrap(),
+            fifo_dir: tempfile::tempdir().unwrap(),
             rootfs_fd: std::fs::File::open("/dev/null").unwrap().into(),
             rootfs_offset: 8192,
             rootfs_len: 4096,

@@ -4,6 +4,24 @@
 
 use serde::Serialize;
 
+/// The number of a signal named as in an image's StopSignal (`SIGTERM`,
+/// `TERM`, `15`); SIGTERM when empty.
+pub fn signal_number(name: &str) -> Result<i32, String> {
+    const NAMES: [(&str, i32); 14] = [
+        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("KILL", 9), ("USR1", 10), ("USR2", 12), ("PIPE", 13),
+        ("ALRM", 14), ("TERM", 15), ("CHLD", 17), ("CONT", 18), ("STOP", 19), ("TSTP", 20), ("WINCH", 28),
+    ];
+    let n = name.trim();
+    if n.is_empty() {
+        return Ok(libc::SIGTERM);
+    }
+    if let Ok(v) = n.parse::<i32>() {
+        return if (1..=64).contains(&v) { Ok(v) } else { Err(format!("signal {v} is out of range")) };
+    }
+    let bare = n.strip_prefix("SIG").unwrap_or(n);
+    NAMES.iter().find(|(k, _)| *k == bare).map(|(_, v)| *v).ok_or_else(|| format!("unknown signal {n:?}"))
+}
+
 /// Parses a `--env-file` as Docker does: `KEY=VALUE` or `KEY` (taken from the
 /// host) per line; blank lines and lines starting with `#` are skipped.
 pub fn parse_env_file(text: &str) -> Result<Vec<String>, String> {
@@ -158,6 +176,16 @@ mod tests {
         assert!(!json.contains("read_only") && !json.contains("tmpfs"), "{json}");
         let c = combine(&img, &Overrides { read_only: true, ..Default::default() }, "h", |_| None).unwrap();
         assert!(serde_json::to_string(&c).unwrap().contains(r#""read_only":true"#));
+    }
+
+    #[test]
+    fn stop_signals_by_name_or_number() {
+        assert_eq!(signal_number(""), Ok(15));
+        assert_eq!(signal_number("SIGQUIT"), Ok(3));
+        assert_eq!(signal_number("USR1"), Ok(10));
+        assert_eq!(signal_number("9"), Ok(9));
+        assert!(signal_number("SIGNOPE").is_err());
+        assert!(signal_number("99").is_err());
     }
 
     #[test]

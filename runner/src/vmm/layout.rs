@@ -29,6 +29,8 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// First GSI given to virtio devices (after the legacy ISA ones in use).
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 pub const SERIAL_IRQ: u32 = 4;
+/// COM2, the control channel to hyperinit.
+pub const CONTROL_IRQ: u32 = 3;
 
 /// RAM regions for `mem_bytes` of guest memory, split around the MMIO gap.
 pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {

@@ -40,6 +40,10 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     pub console: Box<dyn Write + Send>,
     pub seccomp: bool,
+    /// Delivered to the app (through hyperinit) when hyperboot is asked to stop.
+    pub stop_signal: i32,
+    /// How long the app gets to exit after the stop signal before SIGKILL.
+    pub stop_timeout: Duration,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -153,7 +157,9 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     phase("guest loaded");
     let console_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&console_irq, layout::SERIAL_IRQ).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-    let mut pio = PioBus::new(console_irq, cfg.console);
+    let control_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&control_irq, layout::CONTROL_IRQ).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+    let mut pio = PioBus::new(console_irq, control_irq, cfg.console);
     let mut blk = match cfg.rootfs.take() {
         Some((file, offset, len)) => {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
@@ -178,9 +184,26 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     let mut exits = 0u64;
     let trace = std::env::var_os("HYPER_VMM_TRACE").is_some();
     let first_run_ns = monotonic_ns();
+    // Asked to stop: the stop signal goes to the app, SIGKILL after the
+    // stop timeout, and the VM is ended 2 s after that if it still runs.
+    let mut stopping: Option<(std::time::Instant, bool)> = None;
     let stop = loop {
         if let Some(sig) = sys::stop_signal() {
-            break if sig == libc::SIGALRM { Stop::Timeout } else { Stop::Signal(sig) };
+            let now = std::time::Instant::now();
+            match stopping {
+                _ if sig == libc::SIGALRM => break Stop::Timeout,
+                _ if cfg.stop_timeout.is_zero() => break Stop::Signal(sig),
+                None => {
+                    pio.send_control(format!("signal {}\n", cfg.stop_signal).as_bytes());
+                    stopping = Some((now + cfg.stop_timeout, false));
+                }
+                Some((deadline, false)) if now >= deadline => {
+                    pio.send_control(b"signal 9\n");
+                    stopping = Some((now + Duration::from_secs(2), true));
+                }
+                Some((deadline, true)) if now >= deadline => break Stop::Signal(sig),
+                Some(_) => {}
+            }
         }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
@@ -224,5 +247,5 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     };
     sys::disarm();
     pio.flush();
-    Ok(Outcome { stop, status: pio.status().to_vec(), exits, first_run_ns })
+    Ok(Outcome { stop, status: pio.status(), exits, first_run_ns })
 }

@@ -326,3 +326,39 @@ fn the_guest_clock_is_the_hosts() {
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!((host - guest).abs() < 300, "guest clock {guest}, host {host}");
 }
+
+/// Starts hyperboot on `app`, waits for its first line, sends SIGTERM to
+/// hyperboot; returns (exit code, whole stdout, seconds from SIGTERM to exit).
+fn stop_app(extra: &[&str], app: &str) -> (Option<i32>, String, f64) {
+    use std::io::{BufRead, Read};
+    let mut child = hyperboot()
+        .args(["--backend", "qemu", "--timeout", "120"])
+        .args(extra)
+        .arg(busybox_artifact())
+        .args(["--", "sh", "-c", app])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    nix_kill(child.id(), 15);
+    let t = std::time::Instant::now();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let code = child.wait().unwrap().code();
+    (code, first + &rest, t.elapsed().as_secs_f64())
+}
+
+#[test]
+fn sigterm_delivers_the_stop_signal_to_the_app() {
+    let (code, out, _) = stop_app(&[], "trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done");
+    assert_eq!((code, out.as_str()), (Some(3), "ready\ngot-term\n"));
+}
+
+#[test]
+fn an_app_ignoring_the_stop_signal_is_killed_after_the_stop_timeout() {
+    let (code, out, secs) = stop_app(&["--stop-timeout", "2"], "trap '' TERM; echo ready; while true; do sleep 0.1; done");
+    assert_eq!((code, out.as_str()), (Some(137), "ready\n"));
+    assert!((1.5..15.0).contains(&secs), "stopped after {secs} s");
+}

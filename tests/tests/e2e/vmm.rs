@@ -78,7 +78,7 @@ fn the_vmm_runs_under_seccomp() {
     }
     let art = guest("spin", &[]);
     let mut child = hyperboot()
-        .args(["--backend", "kvm", "--memory", "64M", "--timeout", "20"])
+        .args(["--backend", "kvm", "--memory", "64M", "--timeout", "20", "--stop-timeout", "0"])
         .arg(&art)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -166,4 +166,28 @@ fn auto_backend_picks_kvm_on_hardware_and_says_why_it_does_not() {
     assert_eq!(r.stdout, "hello from a test guest\n");
     let notices = r.stderr.lines().filter(|l| l.contains("using the QEMU backend")).count();
     assert_eq!(notices, if hardware_kvm() { 0 } else { 1 }, "{}", r.stderr);
+}
+
+#[test]
+fn a_stop_request_reaches_the_guest_on_com2() {
+    if !kvm_or_skip("vmm::a_stop_request_reaches_the_guest_on_com2") {
+        return;
+    }
+    let art = guest("control", &[]);
+    let mut child = hyperboot()
+        .args(["--backend", "kvm", "--memory", "64M", "--timeout", "30"])
+        .arg(&art)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 22];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    assert_eq!(&first, b"waiting for a request\n");
+    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(rest, "got: signal 15\n");
+    assert_eq!(st.code(), Some(0), "the guest reported after the request");
 }

@@ -1,7 +1,8 @@
 //! The port-I/O devices: the COM1 console (a 16550 from vm-superio, its
-//! interrupt on an irqfd), the COM2 status channel hyperinit reports through,
-//! the exit port, and the i8042 reset line. Everything else on the I/O bus
-//! reads as all-ones and ignores writes, like an empty ISA slot.
+//! interrupt on an irqfd), the COM2 control channel (also a 16550: hyperinit
+//! reports the app's status through it, and the host sends it requests such
+//! as `signal 15`), the exit port, and the i8042 reset line. Everything else
+//! on the I/O bus reads as all-ones and ignores writes, like an empty ISA slot.
 
 use std::io::Write;
 
@@ -13,10 +14,25 @@ pub const COM2: u16 = 0x2f8;
 pub const EXIT_PORT: u16 = 0x501;
 pub const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
-const LSR_OFFSET: u16 = 5;
-const LSR_IDLE: u8 = 0x60; // transmitter empty, holding register empty
 /// The status line is one short line; anything longer is a misbehaving guest.
 const STATUS_MAX: usize = 512;
+
+/// Keeps what the guest writes on COM2, bounded.
+#[derive(Debug, Clone, Default)]
+pub struct StatusSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for StatusSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = STATUS_MAX.saturating_sub(v.len());
+        v.extend_from_slice(&buf[..buf.len().min(room)]);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Raises the console's interrupt through an irqfd.
 #[derive(Debug)]
@@ -41,8 +57,8 @@ pub enum StopRequest {
 /// The legacy I/O bus.
 pub struct PioBus {
     console: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
-    status: Vec<u8>,
-    status_overflow: bool,
+    control: Serial<IrqTrigger, vm_superio::serial::NoEvents, StatusSink>,
+    status: StatusSink,
 }
 
 impl std::fmt::Debug for PioBus {
@@ -52,8 +68,19 @@ impl std::fmt::Debug for PioBus {
 }
 
 impl PioBus {
-    pub fn new(console_irq: EventFd, console_out: Box<dyn Write + Send>) -> Self {
-        Self { console: Serial::new(IrqTrigger(console_irq), console_out), status: Vec::new(), status_overflow: false }
+    pub fn new(console_irq: EventFd, control_irq: EventFd, console_out: Box<dyn Write + Send>) -> Self {
+        let status = StatusSink::default();
+        Self {
+            console: Serial::new(IrqTrigger(console_irq), console_out),
+            control: Serial::new(IrqTrigger(control_irq), status.clone()),
+            status,
+        }
+    }
+
+    /// Queues a request for hyperinit on COM2 (`signal 15\n`); false when the
+    /// guest's receive FIFO is full.
+    pub fn send_control(&mut self, line: &[u8]) -> bool {
+        self.control.enqueue_raw_bytes(line).is_ok_and(|n| n == line.len())
     }
 
     /// A guest `out`: returns a stop request when the guest asked to stop.
@@ -64,12 +91,8 @@ impl PioBus {
                 // An interrupt that cannot be raised is the guest's loss, not ours.
                 let _ = self.console.write((p - COM1) as u8, value);
             }
-            COM2 => {
-                if self.status.len() < STATUS_MAX {
-                    self.status.push(value);
-                } else {
-                    self.status_overflow = true;
-                }
+            p if (COM2..COM2 + 8).contains(&p) => {
+                let _ = self.control.write((p - COM2) as u8, value);
             }
             EXIT_PORT => return Some(StopRequest::ExitPort(value)),
             I8042_COMMAND if value == I8042_RESET => return Some(StopRequest::Reset),
@@ -82,7 +105,7 @@ impl PioBus {
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         let value = match port {
             p if (COM1..COM1 + 8).contains(&p) => self.console.read((p - COM1) as u8),
-            p if p == COM2 + LSR_OFFSET => LSR_IDLE,
+            p if (COM2..COM2 + 8).contains(&p) => self.control.read((p - COM2) as u8),
             _ => 0xff,
         };
         data.fill(0xff);
@@ -92,8 +115,8 @@ impl PioBus {
     }
 
     /// What the guest wrote on the status channel (at most 512 bytes).
-    pub fn status(&self) -> &[u8] {
-        &self.status
+    pub fn status(&self) -> Vec<u8> {
+        self.status.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn flush(&mut self) {
@@ -106,7 +129,7 @@ mod tests {
     use super::*;
 
     fn bus() -> PioBus {
-        PioBus::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()))
+        PioBus::new(EventFd::new(0).unwrap(), EventFd::new(0).unwrap(), Box::new(std::io::sink()))
     }
 
     #[test]
@@ -137,7 +160,12 @@ mod tests {
         b.read(0x80, &mut d);
         assert_eq!(d, [0xff; 4]);
         b.read(COM2 + 5, &mut d[..1]);
-        assert_eq!(d[0], LSR_IDLE);
+        assert_eq!(d[0] & 0x60, 0x60, "COM2 transmitter idle");
+        assert!(b.send_control(b"signal 15\n"));
+        b.read(COM2 + 5, &mut d[..1]);
+        assert_eq!(d[0] & 1, 1, "data ready");
+        b.read(COM2, &mut d[..1]);
+        assert_eq!(d[0], b's');
         assert_eq!(b.write(EXIT_PORT, &[]), None);
     }
 }
