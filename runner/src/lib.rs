@@ -9,6 +9,7 @@ pub mod host;
 pub mod qemu;
 pub mod spec;
 pub mod status;
+pub mod verified;
 pub mod vmm;
 
 use std::io::Read;
@@ -154,7 +155,12 @@ fn kernel_cmdline(base: &str, opts: &BootOptions, pvm: bool, extra: &str) -> Str
 
 /// Boots the artifact and returns hyperboot's exit code.
 pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
-    let artifact = Artifact::open(&opts.artifact)?;
+    let artifact = Artifact::open_with(&opts.artifact, verified::seen)?;
+    if let Ok(m) = artifact.file().metadata() {
+        if !verified::seen(&artifact.digest(), &m) {
+            verified::record(&artifact.digest(), &m);
+        }
+    }
     vmm::phase("artifact verified");
     let m = artifact.manifest();
     if m.image.platform.architecture != "amd64" {

@@ -362,3 +362,22 @@ fn an_app_ignoring_the_stop_signal_is_killed_after_the_stop_timeout() {
     assert_eq!((code, out.as_str()), (Some(137), "ready\n"));
     assert!((1.5..15.0).contains(&secs), "stopped after {secs} s");
 }
+
+#[test]
+fn a_file_changed_in_place_after_a_verified_boot_is_verified_again() {
+    use std::os::unix::fs::FileExt;
+    let path = scratch().join("in-place.hvm");
+    fs::copy(busybox_artifact(), &path).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    assert_run(&boot(&path, &["--", "true"]), 0, "");
+    let header = hvm::Header::parse(&fs::read(&path).unwrap()[..4096]).unwrap();
+    let rootfs = header.section(hvm::SectionKind::Rootfs).unwrap();
+    let f = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, rootfs.offset + 5000).unwrap();
+    f.write_all_at(&[b[0] ^ 1], rootfs.offset + 5000).unwrap();
+    drop(f);
+    let r = boot(&path, &["--", "echo", "must not run"]);
+    assert_eq!(r.code, Some(125), "{r:?}");
+    assert!(r.stderr.contains("tampered"), "{}", r.stderr);
+}
