@@ -53,6 +53,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("null") => null(args.get(2).map(|s| s.parse().expect("RUNS")).unwrap_or(20)),
+        Some("stop") => stop(
+            PathBuf::from(args.get(2).expect("usage: bench-boot stop ARTIFACT [RUNS]")),
+            args.get(3).map(|s| s.parse().expect("RUNS")).unwrap_or(5),
+        ),
         Some("app") => app(
             PathBuf::from(args.get(2).expect("usage: bench-boot app ARTIFACT [RUNS]")),
             args.get(3).map(|s| s.parse().expect("RUNS")).unwrap_or(5),
@@ -136,6 +140,57 @@ fn null(runs: usize) {
     println!("exits to hyperboot for the null guest: {exits}");
     println!("ratio hyperboot/qemu-kvm whole process: {:.3}", ours / peer);
     println!("firecracker: not measured (no release can be fetched from this machine's registries)");
+}
+
+/// Time from SIGTERM to hyperboot's exit for an app that exits promptly on
+/// its stop signal, and app output throughput through the serial console.
+fn stop(artifact: PathBuf, runs: usize) {
+    use std::io::BufRead;
+    let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
+    let mut stops = Vec::new();
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let mut child = Command::new(&hyperboot)
+            .args(["--backend", "qemu"])
+            .arg(&artifact)
+            .args(["--", "sh", "-c", "trap 'exit 0' TERM; echo ready; while true; do sleep 0.05; done"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready");
+        let t = Instant::now();
+        // SAFETY: kill has no memory effects; the pid is our live child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().expect("wait");
+        assert_eq!(status.code(), Some(0), "the app did not exit cleanly on SIGTERM");
+        stops.push(t.elapsed());
+        // 4 MiB of output through the console.
+        let mut child = Command::new(&hyperboot)
+            .args(["--backend", "qemu"])
+            .arg(&artifact)
+            .args(["--", "sh", "-c", "echo go; dd if=/dev/zero bs=65536 count=64 2>/dev/null | tr '\\000' x"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut go = String::new();
+        out.read_line(&mut go).expect("go");
+        let t = Instant::now();
+        let mut rest = Vec::new();
+        out.read_to_end(&mut rest).expect("output");
+        let secs = t.elapsed().as_secs_f64();
+        child.wait().expect("wait");
+        assert_eq!(rest.len(), 4 << 20, "lost output");
+        rates.push(Duration::from_secs_f64(secs));
+    }
+    println!("bench-boot stop: {runs} runs, QEMU backend");
+    stats("SIGTERM -> hyperboot exit", "app exits", &mut stops);
+    let s = stats("4 MiB of app output", "serial", &mut rates);
+    println!("app output through the serial console: {:.2} MB/s (no faster path yet)", 4.194304 / (s / 1000.0));
 }
 
 fn app(artifact: PathBuf, runs: usize) {
