@@ -3,7 +3,7 @@
 //! writable as an EROFS image.
 #![no_main]
 
-use hyperbuild::{erofs, layer, spool::Spool, tree::Tree};
+use hyperfs::{erofs, layer, spool::Spool, tree::Tree};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
