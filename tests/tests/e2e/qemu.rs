@@ -381,3 +381,36 @@ fn a_file_changed_in_place_after_a_verified_boot_is_verified_again() {
     assert_eq!(r.code, Some(125), "{r:?}");
     assert!(r.stderr.contains("tampered"), "{}", r.stderr);
 }
+
+/// security.capability xattrs reach the image and the guest kernel honours
+/// them: a busybox copy granted CAP_NET_BIND_SERVICE binds port 80 as an
+/// unprivileged user; the plain one cannot.
+#[test]
+fn file_capabilities_from_pax_xattrs_work_in_the_guest() {
+    // VFS_CAP_REVISION_2 | EFFECTIVE, permitted = CAP_NET_BIND_SERVICE (10).
+    let mut cap = Vec::new();
+    for w in [0x0200_0001u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    let bb = fs::read("/bin/busybox").expect("busybox-static");
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bb.len() as u64);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "bin/busybox-cap", &bb[..]).unwrap();
+    let layout = layout_with_layer("cap-layout", &b.into_inner().unwrap());
+    let art = scratch().join("cap.hvm");
+    let o = build(&layout, &art);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = "/bin/busybox-cap nc -l -p 80 & sleep 1; cat /proc/net/tcp /proc/net/tcp6 | grep -c ':0050 [0-9A-F]*:0000 0A '; \
+                  busybox nc -l -p 81 2>&1 | head -c 40; echo";
+    let r = boot(&art, &["-u", "app", "--", "sh", "-c", script]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"1"), "the capable copy did not listen on :80: {r:?}");
+    assert!(r.stdout.contains("Permission denied"), "the plain busybox could bind :81 as app: {r:?}");
+}
