@@ -42,9 +42,12 @@ fn default_root() -> String {
 
 impl RunConfig {
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let c: RunConfig = serde_json::from_slice(bytes).map_err(|e| format!("malformed {PATH}: {e}"))?;
+        let c: RunConfig =
+            serde_json::from_slice(bytes).map_err(|e| format!("malformed {PATH}: {e}"))?;
         if c.argv.is_empty() {
-            return Err("no command to run: the image has no Entrypoint or Cmd and none was given".into());
+            return Err(
+                "no command to run: the image has no Entrypoint or Cmd and none was given".into(),
+            );
         }
         Ok(c)
     }
@@ -84,16 +87,34 @@ mod tests {
             hostname: "box".into(),
             ..Default::default()
         };
-        assert_eq!(app_env(&cfg, "/root"), [&format!("PATH={DEFAULT_PATH}"), "B=2", "A=3", "HOSTNAME=box", "HOME=/root"]);
-        let cfg = RunConfig { argv: vec!["x".into()], env: vec!["PATH=/bin".into(), "HOME=/h".into()], ..Default::default() };
+        assert_eq!(
+            app_env(&cfg, "/root"),
+            [
+                &format!("PATH={DEFAULT_PATH}"),
+                "B=2",
+                "A=3",
+                "HOSTNAME=box",
+                "HOME=/root"
+            ]
+        );
+        let cfg = RunConfig {
+            argv: vec!["x".into()],
+            env: vec!["PATH=/bin".into(), "HOME=/h".into()],
+            ..Default::default()
+        };
         assert_eq!(app_env(&cfg, "/root"), ["PATH=/bin", "HOME=/h"]);
     }
 
     #[test]
     fn refuses_empty_command_and_garbage() {
-        assert!(RunConfig::parse(br#"{"argv":[]}"#).unwrap_err().contains("no command"));
+        assert!(RunConfig::parse(br#"{"argv":[]}"#)
+            .unwrap_err()
+            .contains("no command"));
         assert!(RunConfig::parse(b"{").unwrap_err().contains("malformed"));
         assert!(RunConfig::parse(br#"{"argv":["a"],"bogus":1}"#).is_err());
-        assert_eq!(RunConfig::parse(br#"{"argv":["a"]}"#).unwrap().root_device, "/dev/vda");
+        assert_eq!(
+            RunConfig::parse(br#"{"argv":["a"]}"#).unwrap().root_device,
+            "/dev/vda"
+        );
     }
 }

@@ -60,7 +60,12 @@ fn boot() -> Result<Outcome, String> {
     if cmdline.split_whitespace().any(|w| w == "hyper.debug") {
         DEBUG.store(true, Ordering::Relaxed);
     }
-    let bytes = std::fs::read(config::PATH).map_err(|e| format!("cannot read {}: {e} (the runner did not pass a run configuration)", config::PATH))?;
+    let bytes = std::fs::read(config::PATH).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (the runner did not pass a run configuration)",
+            config::PATH
+        )
+    })?;
     let cfg = RunConfig::parse(&bytes)?;
     if cfg.debug {
         DEBUG.store(true, Ordering::Relaxed);
@@ -71,7 +76,9 @@ fn boot() -> Result<Outcome, String> {
     debug!("root mounted");
     if !cfg.hostname.is_empty() {
         use sys::Sys;
-        linux.sethostname(&cfg.hostname).map_err(|e| format!("set hostname {:?}: {e}", cfg.hostname))?;
+        linux
+            .sethostname(&cfg.hostname)
+            .map_err(|e| format!("set hostname {:?}: {e}", cfg.hostname))?;
         let _ = std::fs::create_dir_all("/etc");
         for (path, content) in plan::hosts_files(&cfg.hostname) {
             // Like Docker's generated files; an image whose /etc is not a directory keeps its own.
@@ -84,17 +91,36 @@ fn boot() -> Result<Outcome, String> {
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     let id = user::resolve(&cfg.user, &passwd, &group)?;
     let env = config::app_env(&cfg, &id.home);
-    let workdir = if cfg.workdir.is_empty() { "/".to_string() } else { cfg.workdir.clone() };
-    std::fs::create_dir_all(&workdir).map_err(|e| format!("create working directory {workdir}: {e}"))?;
+    let workdir = if cfg.workdir.is_empty() {
+        "/".to_string()
+    } else {
+        cfg.workdir.clone()
+    };
+    std::fs::create_dir_all(&workdir)
+        .map_err(|e| format!("create working directory {workdir}: {e}"))?;
     if cfg.read_only {
         plan::seal_root(&mut linux).map_err(|e| e.to_string())?;
     }
-    let path_var = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(config::DEFAULT_PATH).to_string();
+    let path_var = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(config::DEFAULT_PATH)
+        .to_string();
 
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+    for sig in [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
         process::on_signal(sig, record_signal);
     }
-    debug!("starting {:?} as {}:{} in {workdir}", cfg.argv, id.uid, id.gid);
+    debug!(
+        "starting {:?} as {}:{} in {workdir}",
+        cfg.argv, id.uid, id.gid
+    );
     let _ = std::io::stderr().flush();
     let pid = process::fork().map_err(|e| format!("fork: {e}"))?;
     if pid == 0 {
@@ -112,7 +138,9 @@ fn wait_for(device: &str) -> Result<(), String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Err(format!("root device {device} did not appear (is the rootfs attached as virtio-blk?)"))
+    Err(format!(
+        "root device {device} did not appear (is the rootfs attached as virtio-blk?)"
+    ))
 }
 
 extern "C" fn record_signal(sig: libc::c_int) {
@@ -121,7 +149,13 @@ extern "C" fn record_signal(sig: libc::c_int) {
 
 /// In the child: become the app. Exits 126/127 as Docker does when the
 /// command cannot be run.
-fn run_app(argv: &[String], env: &[String], workdir: &str, path_var: &str, id: &user::Identity) -> ! {
+fn run_app(
+    argv: &[String],
+    env: &[String],
+    workdir: &str,
+    path_var: &str,
+    id: &user::Identity,
+) -> ! {
     process::reset_signals();
     process::setsid();
     process::docker_rlimits();
@@ -134,13 +168,23 @@ fn run_app(argv: &[String], env: &[String], workdir: &str, path_var: &str, id: &
         fail(126, format!("chdir to {workdir}: {e}"));
     }
     if let Err(e) = process::set_identity(id.uid, id.gid, &id.groups) {
-        fail(126, format!("cannot switch to user {}:{}: {e}", id.uid, id.gid));
+        fail(
+            126,
+            format!("cannot switch to user {}:{}: {e}", id.uid, id.gid),
+        );
     }
     let Some(exe) = find_executable(&argv[0], path_var) else {
-        fail(127, format!("exec: {:?}: executable file not found in $PATH", argv[0]));
+        fail(
+            127,
+            format!("exec: {:?}: executable file not found in $PATH", argv[0]),
+        );
     };
     let err = process::execve(exe.as_os_str(), argv, env);
-    let code = if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+    let code = if err.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    };
     fail(code, format!("exec {:?}: {err}", argv[0]))
 }
 
@@ -148,9 +192,15 @@ fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
     if cmd.contains('/') {
         return Some(PathBuf::from(cmd));
     }
-    path_var.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(cmd)).find(|p| {
-        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
 }
 
 /// Serves the host's requests on COM2 (`signal N`: deliver N to the app) on a
@@ -174,7 +224,11 @@ fn listen_for_requests(app: libc::pid_t) {
             }
             let text = String::from_utf8_lossy(&line).into_owned();
             line.clear();
-            if let Some(sig) = text.trim().strip_prefix("signal ").and_then(|n| n.parse::<i32>().ok()) {
+            if let Some(sig) = text
+                .trim()
+                .strip_prefix("signal ")
+                .and_then(|n| n.parse::<i32>().ok())
+            {
                 if (1..=64).contains(&sig) {
                     debug!("host asks for signal {sig}");
                     process::kill(app, sig);
@@ -206,7 +260,9 @@ fn supervise(app: libc::pid_t) -> Outcome {
                 return outcome;
             }
             Ok(Some(_)) => {}
-            Ok(None) => return Outcome::InitError("the app disappeared without an exit status".into()),
+            Ok(None) => {
+                return Outcome::InitError("the app disappeared without an exit status".into())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Outcome::InitError(format!("wait: {e}")),
         }

@@ -21,13 +21,28 @@ impl std::fmt::Display for StepError {
 }
 
 fn step<T>(name: impl FnOnce() -> String, r: std::io::Result<T>) -> Result<T, StepError> {
-    r.map_err(|source| StepError { step: name(), source })
+    r.map_err(|source| StepError {
+        step: name(),
+        source,
+    })
 }
 
 /// Mounts what the initramfs itself needs: /dev and /proc.
 pub fn early(sys: &mut dyn Sys) -> Result<(), StepError> {
-    step(|| "mount devtmpfs on /dev".into(), sys.mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"))?;
-    step(|| "mount proc on /proc".into(), sys.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""))?;
+    step(
+        || "mount devtmpfs on /dev".into(),
+        sys.mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    )?;
+    step(
+        || "mount proc on /proc".into(),
+        sys.mount(
+            "proc",
+            "/proc",
+            "proc",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            "",
+        ),
+    )?;
     Ok(())
 }
 
@@ -41,41 +56,96 @@ pub fn root(sys: &mut dyn Sys, device: &str, tmpfs: &[String]) -> Result<(), Ste
         || format!("mount the image's EROFS root from {device}"),
         sys.mount(device, LOWER, "erofs", MS_RDONLY, ""),
     )?;
-    step(|| "mount the tmpfs for writes".into(), sys.mount("tmpfs", RW, "tmpfs", 0, "mode=0755"))?;
+    step(
+        || "mount the tmpfs for writes".into(),
+        sys.mount("tmpfs", RW, "tmpfs", 0, "mode=0755"),
+    )?;
     for d in ["upper", "work"] {
-        step(|| format!("create {RW}/{d}"), sys.mkdir_all(&format!("{RW}/{d}"), 0o755))?;
+        step(
+            || format!("create {RW}/{d}"),
+            sys.mkdir_all(&format!("{RW}/{d}"), 0o755),
+        )?;
     }
     let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
-    step(|| "mount the overlay root".into(), sys.mount("overlay", NEWROOT, "overlay", 0, &opts))?;
+    step(
+        || "mount the overlay root".into(),
+        sys.mount("overlay", NEWROOT, "overlay", 0, &opts),
+    )?;
 
     let r = |p: &str| format!("{NEWROOT}{p}");
     let mounts: [(&str, &str, &str, u64, &str); 5] = [
-        ("/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
-        ("/sys", "sysfs", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
+        (
+            "/proc",
+            "proc",
+            "proc",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            "",
+        ),
+        (
+            "/sys",
+            "sysfs",
+            "sysfs",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+            "",
+        ),
         ("/dev", "devtmpfs", "devtmpfs", MS_NOSUID, "mode=0755"),
-        ("/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5"),
-        ("/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+        (
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            MS_NOSUID | MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        ),
+        (
+            "/dev/shm",
+            "shm",
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            "mode=1777",
+        ),
     ];
     for (at, src, fs, flags, data) in mounts {
         step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o755))?;
-        step(|| format!("mount {fs} on {at}"), sys.mount(src, &r(at), fs, flags, data))?;
+        step(
+            || format!("mount {fs} on {at}"),
+            sys.mount(src, &r(at), fs, flags, data),
+        )?;
     }
     // /run and /tmp get their own tmpfs unless the image put content there,
     // which stays visible (writes still land in the tmpfs-backed overlay).
     for (at, mode) in [("/run", "mode=0755"), ("/tmp", "mode=1777")] {
         if !sys.exists(&r(at)) || sys.dir_is_empty(&r(at)) {
             step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o755))?;
-            step(|| format!("mount tmpfs on {at}"), sys.mount("tmpfs", &r(at), "tmpfs", MS_NOSUID | MS_NODEV, mode))?;
+            step(
+                || format!("mount tmpfs on {at}"),
+                sys.mount("tmpfs", &r(at), "tmpfs", MS_NOSUID | MS_NODEV, mode),
+            )?;
         }
     }
     for spec in tmpfs {
         let (at, opts) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
         if !at.starts_with('/') || at.split('/').any(|c| c == "..") {
-            return Err(StepError { step: format!("--tmpfs {spec}"), source: std::io::Error::other("needs an absolute path without '..'") });
+            return Err(StepError {
+                step: format!("--tmpfs {spec}"),
+                source: std::io::Error::other("needs an absolute path without '..'"),
+            });
         }
         step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o1777))?;
-        let data = if opts.is_empty() { "mode=1777".to_string() } else { opts.to_string() };
-        step(|| format!("mount tmpfs on {at}"), sys.mount("tmpfs", &r(at), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, &data))?;
+        let data = if opts.is_empty() {
+            "mode=1777".to_string()
+        } else {
+            opts.to_string()
+        };
+        step(
+            || format!("mount tmpfs on {at}"),
+            sys.mount(
+                "tmpfs",
+                &r(at),
+                "tmpfs",
+                MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                &data,
+            ),
+        )?;
     }
     for (target, link) in [
         ("/proc/self/fd", "/dev/fd"),
@@ -87,7 +157,10 @@ pub fn root(sys: &mut dyn Sys, device: &str, tmpfs: &[String]) -> Result<(), Ste
         step(|| format!("link {link}"), sys.symlink(target, &r(link)))?;
     }
     step(|| "enter the new root".into(), sys.chdir(NEWROOT))?;
-    step(|| "move the new root onto /".into(), sys.mount(".", "/", "", MS_MOVE, ""))?;
+    step(
+        || "move the new root onto /".into(),
+        sys.mount(".", "/", "", MS_MOVE, ""),
+    )?;
     step(|| "chroot into the new root".into(), sys.chroot("."))?;
     step(|| "chdir /".into(), sys.chdir("/"))?;
     Ok(())
@@ -95,7 +168,10 @@ pub fn root(sys: &mut dyn Sys, device: &str, tmpfs: &[String]) -> Result<(), Ste
 
 /// `--read-only`: remounts the root read-only once the runtime files are written.
 pub fn seal_root(sys: &mut dyn Sys) -> Result<(), StepError> {
-    step(|| "remount / read-only".into(), sys.mount("", "/", "", MS_REMOUNT | MS_RDONLY, ""))
+    step(
+        || "remount / read-only".into(),
+        sys.mount("", "/", "", MS_REMOUNT | MS_RDONLY, ""),
+    )
 }
 
 /// The files Docker generates for every container: /etc/hostname and /etc/hosts.
@@ -136,8 +212,17 @@ mod tests {
     }
 
     impl Sys for Recorder {
-        fn mount(&mut self, source: &str, target: &str, fstype: &str, flags: u64, data: &str) -> io::Result<()> {
-            self.rec(format!("mount {source} {target} {fstype} {flags:#x} {data}"))
+        fn mount(
+            &mut self,
+            source: &str,
+            target: &str,
+            fstype: &str,
+            flags: u64,
+            data: &str,
+        ) -> io::Result<()> {
+            self.rec(format!(
+                "mount {source} {target} {fstype} {flags:#x} {data}"
+            ))
         }
         fn mkdir_all(&mut self, path: &str, _: u32) -> io::Result<()> {
             self.rec(format!("mkdir {path}"))
@@ -163,7 +248,10 @@ mod tests {
     }
 
     fn index_of(calls: &[String], needle: &str) -> usize {
-        calls.iter().position(|c| c.contains(needle)).unwrap_or_else(|| panic!("no call with {needle}: {calls:#?}"))
+        calls
+            .iter()
+            .position(|c| c.contains(needle))
+            .unwrap_or_else(|| panic!("no call with {needle}: {calls:#?}"))
     }
 
     #[test]
@@ -171,35 +259,56 @@ mod tests {
         let mut r = Recorder::default();
         root(&mut r, "/dev/vda", &[]).unwrap();
         let c = &r.calls;
-        let erofs = index_of(c, "mount /dev/vda /mnt/lower erofs 0x1 ");
-        let overlay = index_of(c, "mount overlay /mnt/root overlay 0x0 lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work");
-        let proc_ = index_of(c, "mount proc /mnt/root/proc proc");
-        let pts = index_of(c, "mount devpts /mnt/root/dev/pts devpts");
-        let dev = index_of(c, "mount devtmpfs /mnt/root/dev devtmpfs");
+        let erofs = index_of(c, &format!("mount /dev/vda {LOWER} erofs 0x1 "));
+        let overlay = index_of(c, &format!("mount overlay {NEWROOT} overlay 0x0 lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"));
+        let proc_ = index_of(c, &format!("mount proc {NEWROOT}/proc proc"));
+        let pts = index_of(c, &format!("mount devpts {NEWROOT}/dev/pts devpts"));
+        let dev = index_of(c, &format!("mount devtmpfs {NEWROOT}/dev devtmpfs"));
         let mv = index_of(c, "mount . / ");
         assert!(erofs < overlay && overlay < proc_ && dev < pts && pts < mv);
         assert_eq!(c[mv + 1], "chroot .");
-        for l in ["/dev/stdin -> /proc/self/fd/0", "/dev/stdout -> /proc/self/fd/1", "/dev/stderr -> /proc/self/fd/2"] {
+        for l in [
+            "/dev/stdin -> /proc/self/fd/0",
+            "/dev/stdout -> /proc/self/fd/1",
+            "/dev/stderr -> /proc/self/fd/2",
+        ] {
             index_of(c, l);
         }
-        index_of(c, "mount tmpfs /mnt/root/tmp tmpfs");
-        index_of(c, "mount tmpfs /mnt/root/run tmpfs");
+        index_of(c, &format!("mount tmpfs {NEWROOT}/tmp tmpfs"));
+        index_of(c, &format!("mount tmpfs {NEWROOT}/run tmpfs"));
     }
 
     #[test]
     fn image_content_in_run_is_not_hidden() {
-        let mut r = Recorder { populated: vec!["/run"], ..Default::default() };
+        let mut r = Recorder {
+            populated: vec!["/run"],
+            ..Default::default()
+        };
         root(&mut r, "/dev/vda", &[]).unwrap();
-        assert!(!r.calls.iter().any(|c| c.contains("/mnt/root/run tmpfs")));
-        index_of(&r.calls, "mount tmpfs /mnt/root/tmp tmpfs");
+        assert!(!r
+            .calls
+            .iter()
+            .any(|c| c.contains(&format!("{NEWROOT}/run tmpfs"))));
+        index_of(&r.calls, &format!("mount tmpfs {NEWROOT}/tmp tmpfs"));
     }
 
     #[test]
     fn tmpfs_mounts_land_in_the_new_root_and_refuse_escapes() {
         let mut r = Recorder::default();
-        root(&mut r, "/dev/vda", &["/scratch:size=1m".into(), "/data".into()]).unwrap();
-        index_of(&r.calls, "mount tmpfs /mnt/root/scratch tmpfs 0xe size=1m");
-        index_of(&r.calls, "mount tmpfs /mnt/root/data tmpfs 0xe mode=1777");
+        root(
+            &mut r,
+            "/dev/vda",
+            &["/scratch:size=1m".into(), "/data".into()],
+        )
+        .unwrap();
+        index_of(
+            &r.calls,
+            &format!("mount tmpfs {NEWROOT}/scratch tmpfs 0xe size=1m"),
+        );
+        index_of(
+            &r.calls,
+            &format!("mount tmpfs {NEWROOT}/data tmpfs 0xe mode=1777"),
+        );
         for bad in ["relative", "/a/../../etc"] {
             let mut r = Recorder::default();
             assert!(root(&mut r, "/dev/vda", &[bad.into()]).is_err(), "{bad}");
@@ -210,9 +319,18 @@ mod tests {
 
     #[test]
     fn a_failed_step_is_named() {
-        let mut r = Recorder { fail_on: Some("erofs"), ..Default::default() };
+        let mut r = Recorder {
+            fail_on: Some("erofs"),
+            ..Default::default()
+        };
         let err = root(&mut r, "/dev/vda", &[]).unwrap_err().to_string();
-        assert!(err.starts_with("mount the image's EROFS root from /dev/vda: "), "{err}");
-        assert!(!r.calls.iter().any(|c| c.contains("overlay")), "went on after a failure");
+        assert!(
+            err.starts_with("mount the image's EROFS root from /dev/vda: "),
+            "{err}"
+        );
+        assert!(
+            !r.calls.iter().any(|c| c.contains("overlay")),
+            "went on after a failure"
+        );
     }
 }

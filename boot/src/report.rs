@@ -27,7 +27,11 @@ pub fn status_line(o: &Outcome) -> String {
         Outcome::Exited(c) => format!("exit={c}\n"),
         Outcome::Signaled(s) => format!("signal={s}\n"),
         Outcome::InitError(m) => {
-            let clean: String = m.chars().map(|c| if c.is_control() { ' ' } else { c }).take(400).collect();
+            let clean: String = m
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(400)
+                .collect();
             format!("error={clean}\n")
         }
     }
@@ -59,6 +63,9 @@ mod tests {
     fn lines() {
         assert_eq!(status_line(&Outcome::Exited(7)), "exit=7\n");
         assert_eq!(status_line(&Outcome::Signaled(9)), "signal=9\n");
-        assert_eq!(status_line(&Outcome::InitError("bad\nthing".into())), "error=bad thing\n");
+        assert_eq!(
+            status_line(&Outcome::InitError("bad\nthing".into())),
+            "error=bad thing\n"
+        );
     }
 }

@@ -17,7 +17,14 @@ pub const MS_REMOUNT: u64 = libc::MS_REMOUNT;
 
 /// What the boot plan needs from the kernel.
 pub trait Sys {
-    fn mount(&mut self, source: &str, target: &str, fstype: &str, flags: u64, data: &str) -> io::Result<()>;
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: u64,
+        data: &str,
+    ) -> io::Result<()>;
     fn mkdir_all(&mut self, path: &str, mode: u32) -> io::Result<()>;
     fn symlink(&mut self, target: &str, link: &str) -> io::Result<()>;
     fn chdir(&mut self, path: &str) -> io::Result<()>;
@@ -44,7 +51,14 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 pub struct Linux;
 
 impl Sys for Linux {
-    fn mount(&mut self, source: &str, target: &str, fstype: &str, flags: u64, data: &str) -> io::Result<()> {
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        flags: u64,
+        data: &str,
+    ) -> io::Result<()> {
         let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
         // SAFETY: all four are valid NUL-terminated strings that outlive the call.
         check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) })
@@ -52,7 +66,10 @@ impl Sys for Linux {
 
     fn mkdir_all(&mut self, path: &str, mode: u32) -> io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(mode).create(path)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(path)
     }
 
     fn symlink(&mut self, target: &str, link: &str) -> io::Result<()> {
@@ -80,7 +97,9 @@ impl Sys for Linux {
     }
 
     fn dir_is_empty(&mut self, path: &str) -> bool {
-        std::fs::read_dir(path).map(|mut d| d.next().is_none()).unwrap_or(true)
+        std::fs::read_dir(path)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true)
     }
 }
 
@@ -98,14 +117,18 @@ pub mod process {
     pub fn outb(port: u16, value: u8) {
         // SAFETY: `out` to a port this process was granted by ioperm; the
         // devices behind these ports (UART, exit port) have no memory effects.
-        unsafe { std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+        unsafe {
+            std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+        }
     }
 
     /// Reads a byte from an I/O port. Requires a prior successful [`ioperm`].
     pub fn inb(port: u16) -> u8 {
         let v: u8;
         // SAFETY: as for `outb`; reading a UART status register has no side effects.
-        unsafe { std::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+        unsafe {
+            std::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+        }
         v
     }
 
@@ -127,7 +150,11 @@ pub mod process {
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
         if pid < 0 {
             let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ECHILD) { Ok(None) } else { Err(e) };
+            return if e.raw_os_error() == Some(libc::ECHILD) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         Ok(Some((pid, status)))
     }
@@ -165,7 +192,10 @@ pub mod process {
 
     /// Docker's default open-file limit for the app (soft and hard 1048576).
     pub fn docker_rlimits() {
-        let lim = libc::rlimit { rlim_cur: 1_048_576, rlim_max: 1_048_576 };
+        let lim = libc::rlimit {
+            rlim_cur: 1_048_576,
+            rlim_max: 1_048_576,
+        };
         // SAFETY: setrlimit reads one valid rlimit; failure leaves the kernel default.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
@@ -187,7 +217,11 @@ pub mod process {
 
     /// Replaces the process image; returns only on failure.
     pub fn execve(path: &OsStr, argv: &[String], env: &[String]) -> io::Error {
-        let to_c = |v: &[String]| v.iter().map(|s| CString::new(s.as_bytes())).collect::<Result<Vec<_>, _>>();
+        let to_c = |v: &[String]| {
+            v.iter()
+                .map(|s| CString::new(s.as_bytes()))
+                .collect::<Result<Vec<_>, _>>()
+        };
         let (Ok(p), Ok(a), Ok(e)) = (CString::new(path.as_bytes()), to_c(argv), to_c(env)) else {
             return io::Error::new(io::ErrorKind::InvalidInput, "argument contains NUL");
         };
@@ -220,7 +254,11 @@ pub mod process {
     pub fn open_raw_tty(path: &str) -> Option<std::fs::File> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOCTTY).open(path).ok()?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)
+            .ok()?;
         // SAFETY: termios is plain data; the fd is open for the whole call.
         unsafe {
             let mut t: libc::termios = std::mem::zeroed();

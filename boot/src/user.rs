@@ -24,7 +24,12 @@ fn passwd_entries(passwd: &str) -> impl Iterator<Item = Passwd<'_>> {
         if f.len() < 7 {
             return None;
         }
-        Some(Passwd { name: f[0], uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5] })
+        Some(Passwd {
+            name: f[0],
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5],
+        })
     })
 }
 
@@ -46,16 +51,25 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, String
         None => (spec, None),
     };
     let user = if user.is_empty() { "0" } else { user };
-    let entry = passwd_entries(passwd).find(|p| p.name == user || (user.parse::<u32>().ok() == Some(p.uid)));
+    let entry = passwd_entries(passwd)
+        .find(|p| p.name == user || (user.parse::<u32>().ok() == Some(p.uid)));
     let (uid, mut gid, home, name) = match (entry, user.parse::<u32>()) {
         (Some(p), _) => (p.uid, p.gid, p.home.to_string(), Some(p.name.to_string())),
         (None, Ok(uid)) => (uid, 0, "/".to_string(), None),
-        (None, Err(_)) => return Err(format!("unable to find user {user}: no matching entries in passwd file")),
+        (None, Err(_)) => {
+            return Err(format!(
+                "unable to find user {user}: no matching entries in passwd file"
+            ))
+        }
     };
     if let Some(g) = grp {
-        gid = match group_entries(group).find(|(n, id, _)| *n == g || g.parse::<u32>().ok() == Some(*id)) {
+        gid = match group_entries(group)
+            .find(|(n, id, _)| *n == g || g.parse::<u32>().ok() == Some(*id))
+        {
             Some((_, id, _)) => id,
-            None => g.parse().map_err(|_| format!("unable to find group {g}: no matching entries in group file"))?,
+            None => g.parse().map_err(|_| {
+                format!("unable to find group {g}: no matching entries in group file")
+            })?,
         };
     }
     let mut groups = vec![gid];
@@ -68,19 +82,30 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, String
             }
         }
     }
-    Ok(Identity { uid, gid, groups, home })
+    Ok(Identity {
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nbroken line\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nbroken line\n";
     const GROUP: &str = "root:x:0:\napp:x:1000:\nstaff:x:50:app,other\n";
 
     #[test]
     fn table() {
-        let id = |uid, gid, groups: &[u32], home: &str| Identity { uid, gid, groups: groups.to_vec(), home: home.into() };
+        let id = |uid, gid, groups: &[u32], home: &str| Identity {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+            home: home.into(),
+        };
         let cases = [
             ("", id(0, 0, &[0], "/root")),
             ("root", id(0, 0, &[0], "/root")),
@@ -98,8 +123,12 @@ mod tests {
 
     #[test]
     fn unknown_names_are_errors() {
-        assert!(resolve("ghost", PASSWD, GROUP).unwrap_err().contains("unable to find user ghost"));
-        assert!(resolve("app:ghosts", PASSWD, GROUP).unwrap_err().contains("unable to find group ghosts"));
+        assert!(resolve("ghost", PASSWD, GROUP)
+            .unwrap_err()
+            .contains("unable to find user ghost"));
+        assert!(resolve("app:ghosts", PASSWD, GROUP)
+            .unwrap_err()
+            .contains("unable to find group ghosts"));
         assert!(resolve("nobody", "", "").is_err());
     }
 }

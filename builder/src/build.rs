@@ -20,17 +20,41 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
     #[error("image {reference}")]
-    Image { reference: String, #[source] source: oci::OciError },
+    Image {
+        reference: String,
+        #[source]
+        source: oci::OciError,
+    },
     #[error("image {reference}: layer {digest}")]
-    Layer { reference: String, digest: String, #[source] source: layer::LayerError },
-    #[error("image {reference}: layer {digest} does not match the diff_id {diff_id} in its config")]
-    DiffId { reference: String, digest: String, diff_id: String },
+    Layer {
+        reference: String,
+        digest: String,
+        #[source]
+        source: layer::LayerError,
+    },
+    #[error(
+        "image {reference}: layer {digest} does not match the diff_id {diff_id} in its config"
+    )]
+    DiffId {
+        reference: String,
+        digest: String,
+        diff_id: String,
+    },
     #[error("image {reference}: cannot decompress layer {digest}")]
-    Decompress { reference: String, digest: String, #[source] source: io::Error },
+    Decompress {
+        reference: String,
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("image {reference} is for {found}; only linux/amd64 guests are supported")]
     Architecture { reference: String, found: String },
     #[error("image {reference}: cannot write its filesystem")]
-    Filesystem { reference: String, #[source] source: erofs::ErofsError },
+    Filesystem {
+        reference: String,
+        #[source]
+        source: erofs::ErofsError,
+    },
     #[error("kernel {path}: {reason}")]
     Kernel { path: PathBuf, reason: String },
     #[error("init {path}: {reason}")]
@@ -40,7 +64,11 @@ pub enum InputError {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error("image {reference}")]
-    Archive { reference: String, #[source] source: crate::docker_archive::ArchiveError },
+    Archive {
+        reference: String,
+        #[source]
+        source: crate::docker_archive::ArchiveError,
+    },
     #[error("the blob cache")]
     Cache(#[source] crate::cache::CacheError),
 }
@@ -51,7 +79,10 @@ pub enum Source {
     /// `oci:PATH[:TAG]`: an OCI image layout directory.
     OciLayout { path: PathBuf, tag: Option<String> },
     /// `docker-archive:PATH[:REF]`: the output of `docker save`.
-    DockerArchive { path: PathBuf, reference: Option<String> },
+    DockerArchive {
+        path: PathBuf,
+        reference: Option<String>,
+    },
     /// Anything else: a registry reference as `docker pull` takes it.
     Registry(String),
 }
@@ -64,14 +95,20 @@ impl Source {
                 Some((p, t)) if !t.contains('/') && !p.is_empty() => (p, Some(t.to_string())),
                 _ => (rest, None),
             };
-            return Ok(Source::OciLayout { path: PathBuf::from(path), tag });
+            return Ok(Source::OciLayout {
+                path: PathBuf::from(path),
+                tag,
+            });
         }
         if let Some(rest) = reference.strip_prefix("docker-archive:") {
             let (path, r) = match rest.split_once(':') {
                 Some((p, r)) if !r.is_empty() => (p, Some(r.to_string())),
                 _ => (rest, None),
             };
-            return Ok(Source::DockerArchive { path: PathBuf::from(path), reference: r });
+            return Ok(Source::DockerArchive {
+                path: PathBuf::from(path),
+                reference: r,
+            });
         }
         if reference.is_empty() || reference.contains(char::is_whitespace) {
             return Err(InputError::Reference(reference.to_string()));
@@ -85,8 +122,12 @@ impl Source {
         match self {
             Source::OciLayout { tag: Some(t), .. } => format!("oci-layout:{t}"),
             Source::OciLayout { tag: None, .. } => "oci-layout".into(),
-            Source::DockerArchive { reference: Some(r), .. } => format!("docker-archive:{r}"),
-            Source::DockerArchive { reference: None, .. } => "docker-archive".into(),
+            Source::DockerArchive {
+                reference: Some(r), ..
+            } => format!("docker-archive:{r}"),
+            Source::DockerArchive {
+                reference: None, ..
+            } => "docker-archive".into(),
             Source::Registry(r) => r.clone(),
         }
     }
@@ -117,22 +158,38 @@ pub struct BuildReport {
 pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let reference = opts.reference.clone();
     let source = Source::parse(&reference)?;
-    let kernel_bytes = read_checked(&opts.kernel, |b| elf::pvh_entry(b).map(|_| ()), |path, reason| InputError::Kernel { path, reason })?;
-    let init = read_checked(&opts.init, elf::check_static, |path, reason| InputError::Init { path, reason })?;
+    let kernel_bytes = read_checked(
+        &opts.kernel,
+        |b| elf::pvh_entry(b).map(|_| ()),
+        |path, reason| InputError::Kernel { path, reason },
+    )?;
+    let init = read_checked(&opts.init, elf::check_static, |path, reason| {
+        InputError::Init { path, reason }
+    })?;
     let (image, layout) = match &source {
         Source::OciLayout { path, tag } => {
-            let image = oci::open(path, tag.as_deref(), &opts.pull.platform)
-                .map_err(|source| InputError::Image { reference: reference.clone(), source })?;
+            let image = oci::open(path, tag.as_deref(), &opts.pull.platform).map_err(|source| {
+                InputError::Image {
+                    reference: reference.clone(),
+                    source,
+                }
+            })?;
             (image, path.clone())
         }
         Source::DockerArchive { path, reference: r } => {
-            let image = crate::docker_archive::open(path, r.as_deref())
-                .map_err(|source| InputError::Archive { reference: reference.clone(), source })?;
+            let image = crate::docker_archive::open(path, r.as_deref()).map_err(|source| {
+                InputError::Archive {
+                    reference: reference.clone(),
+                    source,
+                }
+            })?;
             (image, path.clone())
         }
         Source::Registry(r) => {
-            let cache = crate::cache::Cache::open(opts.cache_dir.clone()).map_err(InputError::Cache)?;
-            let image = crate::registry::pull(r, &cache, &opts.pull).map_err(InputError::Registry)?;
+            let cache =
+                crate::cache::Cache::open(opts.cache_dir.clone()).map_err(InputError::Cache)?;
+            let image =
+                crate::registry::pull(r, &cache, &opts.pull).map_err(InputError::Registry)?;
             (image, opts.cache_dir.clone())
         }
     };
@@ -145,9 +202,16 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
 
     let mut tree = Tree::new();
     let mut spool = Spool::new()?;
-    for (i, ops) in read_layers(&reference, &layout, &image.layers, &mut spool)?.into_iter().enumerate() {
+    for (i, ops) in read_layers(&reference, &layout, &image.layers, &mut spool)?
+        .into_iter()
+        .enumerate()
+    {
         let digest = image.layers[i].digest.clone();
-        layer::apply_ops(&mut tree, i, ops).map_err(|source| InputError::Layer { reference: reference.clone(), digest, source })?;
+        layer::apply_ops(&mut tree, i, ops).map_err(|source| InputError::Layer {
+            reference: reference.clone(),
+            digest,
+            source,
+        })?;
     }
 
     let mut w = ArtifactWriter::create(&opts.output)?;
@@ -158,9 +222,16 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         rootfs_size = erofs::write(&tree, &spool, out)?;
         Ok::<_, erofs::ErofsError>(())
     })?
-    .map_err(|source| InputError::Filesystem { reference: reference.clone(), source })?;
+    .map_err(|source| InputError::Filesystem {
+        reference: reference.clone(),
+        source,
+    })?;
     let manifest = manifest(&source.recorded(), &image, kernel_version, rootfs_size);
-    w.section_bytes(SectionKind::Manifest, FLAG_REQUIRED, &manifest.to_canonical_json())?;
+    w.section_bytes(
+        SectionKind::Manifest,
+        FLAG_REQUIRED,
+        &manifest.to_canonical_json(),
+    )?;
     let digest = w.finish()?;
     let size = std::fs::metadata(&opts.output)?.len();
     Ok(BuildReport {
@@ -177,7 +248,8 @@ fn read_checked(
     check: impl Fn(&[u8]) -> Result<(), String>,
     err: impl Fn(PathBuf, String) -> InputError,
 ) -> Result<Vec<u8>, InputError> {
-    let bytes = std::fs::read(path).map_err(|e| err(path.to_owned(), format!("cannot read it ({e})")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| err(path.to_owned(), format!("cannot read it ({e})")))?;
     check(&bytes).map_err(|reason| err(path.to_owned(), reason))?;
     Ok(bytes)
 }
@@ -185,15 +257,25 @@ fn read_checked(
 /// Reads every layer (verify, decompress, parse, spool contents) on as many
 /// threads as there are CPUs; returns each layer's ops in layer order. The
 /// first failing layer, in layer order, is the error reported.
-fn read_layers(reference: &str, layout: &Path, layers: &[oci::Layer], spool: &mut Spool) -> anyhow::Result<Vec<Vec<layer::OpAt>>> {
+fn read_layers(
+    reference: &str,
+    layout: &Path,
+    layers: &[oci::Layer],
+    spool: &mut Spool,
+) -> anyhow::Result<Vec<Vec<layer::OpAt>>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    let writers: Vec<Mutex<Option<crate::spool::SpoolWriter>>> =
-        layers.iter().map(|_| spool.writer().map(|w| Mutex::new(Some(w)))).collect::<Result<_, _>>()?;
+    let writers: Vec<Mutex<Option<crate::spool::SpoolWriter>>> = layers
+        .iter()
+        .map(|_| spool.writer().map(|w| Mutex::new(Some(w))))
+        .collect::<Result<_, _>>()?;
     type Slot = Mutex<Option<Result<Vec<layer::OpAt>, InputError>>>;
     let results: Vec<Slot> = layers.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(layers.len()).max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(layers.len())
+        .max(1);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
@@ -201,7 +283,11 @@ fn read_layers(reference: &str, layout: &Path, layers: &[oci::Layer], spool: &mu
                 if i >= layers.len() {
                     break;
                 }
-                let mut w = writers[i].lock().expect("not poisoned").take().expect("one reader per layer");
+                let mut w = writers[i]
+                    .lock()
+                    .expect("not poisoned")
+                    .take()
+                    .expect("one reader per layer");
                 let r = read_layer(reference, layout, &layers[i], &mut w);
                 *writers[i].lock().expect("not poisoned") = Some(w);
                 *results[i].lock().expect("not poisoned") = Some(r);
@@ -213,22 +299,46 @@ fn read_layers(reference: &str, layout: &Path, layers: &[oci::Layer], spool: &mu
             spool.adopt(w);
         }
     }
-    let ops = results.into_iter().map(|r| r.into_inner().expect("not poisoned").expect("every layer read")).collect::<Result<_, _>>()?;
+    let ops = results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .expect("not poisoned")
+                .expect("every layer read")
+        })
+        .collect::<Result<_, _>>()?;
     Ok(ops)
 }
 
-fn read_layer(reference: &str, layout: &Path, l: &oci::Layer, spool: &mut crate::spool::SpoolWriter) -> Result<Vec<layer::OpAt>, InputError> {
-    let image_err = |source| InputError::Image { reference: reference.to_string(), source };
+fn read_layer(
+    reference: &str,
+    layout: &Path,
+    l: &oci::Layer,
+    spool: &mut crate::spool::SpoolWriter,
+) -> Result<Vec<layer::OpAt>, InputError> {
+    let image_err = |source| InputError::Image {
+        reference: reference.to_string(),
+        source,
+    };
     if !l.verified {
         oci::verify_blob(layout, &l.path, &l.digest).map_err(image_err)?;
     }
-    let mut file = File::open(&l.path)
-        .map_err(|source| image_err(oci::OciError::Io { path: l.path.clone(), source }))?;
+    let mut file = File::open(&l.path).map_err(|source| {
+        image_err(oci::OciError::Io {
+            path: l.path.clone(),
+            source,
+        })
+    })?;
     let blob: Box<dyn Read + Send> = match l.range {
         Some((offset, len)) => {
             use std::io::Seek;
             file.seek(std::io::SeekFrom::Start(offset))
-                .map_err(|source| image_err(oci::OciError::Io { path: l.path.clone(), source }))?;
+                .map_err(|source| {
+                    image_err(oci::OciError::Io {
+                        path: l.path.clone(),
+                        source,
+                    })
+                })?;
             Box::new(BufReader::with_capacity(1 << 16, file.take(len)))
         }
         None => Box::new(BufReader::with_capacity(1 << 16, file)),
@@ -236,24 +346,48 @@ fn read_layer(reference: &str, layout: &Path, l: &oci::Layer, spool: &mut crate:
     let raw: Box<dyn Read + Send> = match l.compression {
         Compression::None => blob,
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(blob)
-                .map_err(|source| InputError::Decompress { reference: reference.into(), digest: l.digest.clone(), source })?,
-        ),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(blob).map_err(|source| {
+                InputError::Decompress {
+                    reference: reference.into(),
+                    digest: l.digest.clone(),
+                    source,
+                }
+            })?)
+        }
     };
-    let mut hashed = HashingReader { inner: raw, hasher: Sha256::new(), error: None };
+    let mut hashed = HashingReader {
+        inner: raw,
+        hasher: Sha256::new(),
+        error: None,
+    };
     let result = layer::parse(spool, &mut hashed);
     if let Some(source) = hashed.error.take() {
-        return Err(InputError::Decompress { reference: reference.into(), digest: l.digest.clone(), source });
+        return Err(InputError::Decompress {
+            reference: reference.into(),
+            digest: l.digest.clone(),
+            source,
+        });
     }
-    let ops = result.map_err(|source| InputError::Layer { reference: reference.into(), digest: l.digest.clone(), source })?;
+    let ops = result.map_err(|source| InputError::Layer {
+        reference: reference.into(),
+        digest: l.digest.clone(),
+        source,
+    })?;
     // The tar reader stops at the end-of-archive marker; hash the rest too.
-    io::copy(&mut hashed, &mut io::sink())
-        .map_err(|source| InputError::Decompress { reference: reference.into(), digest: l.digest.clone(), source })?;
+    io::copy(&mut hashed, &mut io::sink()).map_err(|source| InputError::Decompress {
+        reference: reference.into(),
+        digest: l.digest.clone(),
+        source,
+    })?;
     if let Some(diff_id) = &l.diff_id {
         let got = format!("sha256:{}", hex::encode(hashed.hasher.finalize()));
         if &got != diff_id {
-            return Err(InputError::DiffId { reference: reference.into(), digest: l.digest.clone(), diff_id: diff_id.clone() });
+            return Err(InputError::DiffId {
+                reference: reference.into(),
+                digest: l.digest.clone(),
+                diff_id: diff_id.clone(),
+            });
         }
     }
     Ok(ops)
@@ -295,7 +429,12 @@ pub fn initrd(init: &[u8]) -> Vec<u8> {
     c.finish()
 }
 
-fn manifest(reference: &str, image: &oci::Image, kernel_version: String, rootfs_size: u64) -> hvm::Manifest {
+fn manifest(
+    reference: &str,
+    image: &oci::Image,
+    kernel_version: String,
+    rootfs_size: u64,
+) -> hvm::Manifest {
     let rc = image.config.config.clone().unwrap_or_default();
     hvm::Manifest {
         image: hvm::ImageInfo {
@@ -319,9 +458,18 @@ fn manifest(reference: &str, image: &oci::Image, kernel_version: String, rootfs_
             labels: rc.labels.unwrap_or_default(),
             volumes: rc.volumes.unwrap_or_default().into_keys().collect(),
         },
-        kernel: hvm::KernelInfo { version: kernel_version, cmdline: BASE_CMDLINE.to_string() },
-        rootfs: hvm::RootfsInfo { fs_type: "erofs".into(), size: rootfs_size },
-        builder: hvm::BuilderInfo { name: "hyperbuild".into(), version: env!("CARGO_PKG_VERSION").into() },
+        kernel: hvm::KernelInfo {
+            version: kernel_version,
+            cmdline: BASE_CMDLINE.to_string(),
+        },
+        rootfs: hvm::RootfsInfo {
+            fs_type: "erofs".into(),
+            size: rootfs_size,
+        },
+        builder: hvm::BuilderInfo {
+            name: "hyperbuild".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
     }
 }
 
@@ -331,22 +479,45 @@ mod tests {
 
     #[test]
     fn parses_every_kind_of_reference() {
-        let oci = |p: &str, t: Option<&str>| Source::OciLayout { path: PathBuf::from(p), tag: t.map(Into::into) };
-        let arc = |p: &str, r: Option<&str>| Source::DockerArchive { path: PathBuf::from(p), reference: r.map(Into::into) };
+        let oci = |p: &str, t: Option<&str>| Source::OciLayout {
+            path: PathBuf::from(p),
+            tag: t.map(Into::into),
+        };
+        let arc = |p: &str, r: Option<&str>| Source::DockerArchive {
+            path: PathBuf::from(p),
+            reference: r.map(Into::into),
+        };
         let cases = [
             ("oci:./img:v1", oci("./img", Some("v1"))),
             ("oci:/a/b", oci("/a/b", None)),
             ("docker-archive:save.tar", arc("save.tar", None)),
-            ("docker-archive:save.tar:busybox:latest", arc("save.tar", Some("busybox:latest"))),
-            ("docker-archive:s.tar:127.0.0.1:5000/app:v2", arc("s.tar", Some("127.0.0.1:5000/app:v2"))),
+            (
+                "docker-archive:save.tar:busybox:latest",
+                arc("save.tar", Some("busybox:latest")),
+            ),
+            (
+                "docker-archive:s.tar:127.0.0.1:5000/app:v2",
+                arc("s.tar", Some("127.0.0.1:5000/app:v2")),
+            ),
             ("nginx:latest", Source::Registry("nginx:latest".into())),
-            ("127.0.0.1:5000/app@sha256:00", Source::Registry("127.0.0.1:5000/app@sha256:00".into())),
+            (
+                "127.0.0.1:5000/app@sha256:00",
+                Source::Registry("127.0.0.1:5000/app@sha256:00".into()),
+            ),
         ];
         for (typed, want) in cases {
             assert_eq!(Source::parse(typed).unwrap(), want, "{typed}");
         }
         assert!(Source::parse("").is_err());
-        assert_eq!(Source::parse("oci:/tmp/x:v1").unwrap().recorded(), "oci-layout:v1");
-        assert_eq!(Source::parse("docker-archive:/tmp/s.tar:a:b").unwrap().recorded(), "docker-archive:a:b");
+        assert_eq!(
+            Source::parse("oci:/tmp/x:v1").unwrap().recorded(),
+            "oci-layout:v1"
+        );
+        assert_eq!(
+            Source::parse("docker-archive:/tmp/s.tar:a:b")
+                .unwrap()
+                .recorded(),
+            "docker-archive:a:b"
+        );
     }
 }

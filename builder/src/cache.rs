@@ -21,7 +21,11 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cache {path}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("blob {expected} does not match its digest (got {actual}); it was not kept")]
     Mismatch { expected: String, actual: String },
     #[error("{0:?} is not a sha256 digest")]
@@ -29,13 +33,22 @@ pub enum CacheError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io { path: path.to_owned(), source }
+    move |source| CacheError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The hex part of a well-formed `sha256:<64 hex>` digest.
 pub fn digest_hex(digest: &str) -> Result<&str, CacheError> {
-    let hex = digest.strip_prefix("sha256:").ok_or_else(|| CacheError::BadDigest(digest.into()))?;
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| CacheError::BadDigest(digest.into()))?;
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(hex)
     } else {
         Err(CacheError::BadDigest(digest.into()))
@@ -61,10 +74,7 @@ impl Cache {
         if let Some(p) = std::env::var_os("HYPER_BLOB_CACHE") {
             return PathBuf::from(p);
         }
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
-            .join("hyper")
+        hvm::cache_home()
     }
 
     pub fn open(root: PathBuf) -> Result<Self, CacheError> {
@@ -90,7 +100,10 @@ impl Cache {
 
     /// Where an in-progress download of `digest` is kept between attempts.
     pub fn partial_path(&self, digest: &str) -> Result<PathBuf, CacheError> {
-        Ok(self.root.join("tmp").join(format!("{}.partial", digest_hex(digest)?)))
+        Ok(self
+            .root
+            .join("tmp")
+            .join(format!("{}.partial", digest_hex(digest)?)))
     }
 
     /// Checks a finished download and moves it into the cache, or deletes it.
@@ -98,7 +111,10 @@ impl Cache {
         let actual = sha256_file(partial).map_err(io_err(partial))?;
         if actual != digest {
             let _ = fs::remove_file(partial);
-            return Err(CacheError::Mismatch { expected: digest.into(), actual });
+            return Err(CacheError::Mismatch {
+                expected: digest.into(),
+                actual,
+            });
         }
         let dest = self.blob_path(digest)?;
         fs::rename(partial, &dest).map_err(io_err(&dest))?;
@@ -109,7 +125,10 @@ impl Cache {
     pub fn put_bytes(&self, digest: &str, bytes: &[u8]) -> Result<PathBuf, CacheError> {
         let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
         if actual != digest {
-            return Err(CacheError::Mismatch { expected: digest.into(), actual });
+            return Err(CacheError::Mismatch {
+                expected: digest.into(),
+                actual,
+            });
         }
         let dest = self.blob_path(digest)?;
         if dest.is_file() {
@@ -118,7 +137,10 @@ impl Cache {
         let tmp_dir = self.root.join("tmp");
         let mut f = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
         f.write_all(bytes).map_err(io_err(&tmp_dir))?;
-        f.persist(&dest).map_err(|e| CacheError::Io { path: dest.clone(), source: e.error })?;
+        f.persist(&dest).map_err(|e| CacheError::Io {
+            path: dest.clone(),
+            source: e.error,
+        })?;
         Ok(dest)
     }
 
@@ -143,7 +165,13 @@ impl Cache {
     fn ref_path(&self, reference: &str) -> PathBuf {
         let escaped: String = reference
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '+' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c
+                } else {
+                    '+'
+                }
+            })
             .collect();
         self.root.join("refs").join(escaped)
     }
@@ -161,7 +189,10 @@ impl Cache {
         let tmp_dir = self.root.join("tmp");
         let mut f = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
         writeln!(f, "{digest}").map_err(io_err(&tmp_dir))?;
-        f.persist(&p).map_err(|e| CacheError::Io { path: p.clone(), source: e.error })?;
+        f.persist(&p).map_err(|e| CacheError::Io {
+            path: p.clone(),
+            source: e.error,
+        })?;
         Ok(())
     }
 
@@ -172,7 +203,10 @@ impl Cache {
         for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let e = e.map_err(io_err(&dir))?;
             let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-            out.push(BlobInfo { digest: format!("sha256:{}", e.file_name().to_string_lossy()), size });
+            out.push(BlobInfo {
+                digest: format!("sha256:{}", e.file_name().to_string_lossy()),
+                size,
+            });
         }
         out.sort_by(|a, b| a.digest.cmp(&b.digest));
         Ok(out)
@@ -180,7 +214,10 @@ impl Cache {
 
     /// Removes every blob (and partial download); with `keep_referenced`, keeps
     /// the manifests named by refs and everything they reach.
-    pub fn prune(&self, keep: &std::collections::BTreeSet<String>) -> Result<(u64, u64), CacheError> {
+    pub fn prune(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<(u64, u64), CacheError> {
         let (mut count, mut bytes) = (0, 0);
         for b in self.list()? {
             if !keep.contains(&b.digest) {
@@ -247,7 +284,10 @@ mod tests {
         assert!(c.has(&d));
         let partial = c.partial_path(&digest(b"other")).unwrap();
         fs::write(&partial, b"not other").unwrap();
-        assert!(matches!(c.commit(&partial, &digest(b"other")), Err(CacheError::Mismatch { .. })));
+        assert!(matches!(
+            c.commit(&partial, &digest(b"other")),
+            Err(CacheError::Mismatch { .. })
+        ));
         assert!(!partial.exists() && !c.has(&digest(b"other")));
         assert_eq!(c.read_verified(&d).unwrap().unwrap(), b"hello");
     }

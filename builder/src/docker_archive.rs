@@ -17,19 +17,39 @@ use crate::oci::{Compression, Image, ImageConfigBlob, Layer};
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error("cannot read {path}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0} is not a docker-archive (no manifest.json)")]
     NoManifest(PathBuf),
     #[error("malformed {what} in {path}: {reason}")]
-    Malformed { what: &'static str, path: PathBuf, reason: String },
+    Malformed {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("{path} has no image {wanted:?} (it holds: {available})")]
-    NoImage { path: PathBuf, wanted: String, available: String },
+    NoImage {
+        path: PathBuf,
+        wanted: String,
+        available: String,
+    },
     #[error("{path} holds {count} images; name one with docker-archive:{path}:REF (it holds: {available})", path = .path.display())]
-    Ambiguous { path: PathBuf, count: usize, available: String },
+    Ambiguous {
+        path: PathBuf,
+        count: usize,
+        available: String,
+    },
     #[error("{path}: member {member:?} is missing")]
     Missing { path: PathBuf, member: String },
     #[error("{path}: layer {member:?} does not match its diff_id {diff_id} (corrupt or tampered)")]
-    Mismatch { path: PathBuf, member: String, diff_id: String },
+    Mismatch {
+        path: PathBuf,
+        member: String,
+        diff_id: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,7 +79,10 @@ fn normalize_member(name: &str) -> String {
 
 /// Opens `path` and resolves the image tagged `wanted` (or the only one).
 pub fn open(path: &Path, wanted: Option<&str>) -> Result<Image, ArchiveError> {
-    let io_err = |source| ArchiveError::Io { path: path.to_owned(), source };
+    let io_err = |source| ArchiveError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let file = File::open(path).map_err(io_err)?;
     let mut archive = tar::Archive::new(file);
     let mut members: HashMap<String, (u64, u64)> = HashMap::new();
@@ -76,51 +99,90 @@ pub fn open(path: &Path, wanted: Option<&str>) -> Result<Image, ArchiveError> {
         }
     }
     let manifest_json = manifest_json.ok_or_else(|| ArchiveError::NoManifest(path.to_owned()))?;
-    let entries: Vec<Entry> = serde_json::from_slice(&manifest_json)
-        .map_err(|e| ArchiveError::Malformed { what: "manifest.json", path: path.to_owned(), reason: e.to_string() })?;
+    let entries: Vec<Entry> =
+        serde_json::from_slice(&manifest_json).map_err(|e| ArchiveError::Malformed {
+            what: "manifest.json",
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     let tags = |e: &Entry| e.repo_tags.clone().unwrap_or_default();
     let available = {
         let all: Vec<String> = entries.iter().flat_map(tags).collect();
-        if all.is_empty() { "untagged images".to_string() } else { all.join(", ") }
+        if all.is_empty() {
+            "untagged images".to_string()
+        } else {
+            all.join(", ")
+        }
     };
     let entry = match wanted {
         Some(w) => {
             let want = normalize(w);
-            entries.iter().find(|e| tags(e).iter().any(|t| normalize(t) == want)).ok_or_else(|| ArchiveError::NoImage {
-                path: path.to_owned(),
-                wanted: w.to_string(),
-                available: available.clone(),
-            })?
+            entries
+                .iter()
+                .find(|e| tags(e).iter().any(|t| normalize(t) == want))
+                .ok_or_else(|| ArchiveError::NoImage {
+                    path: path.to_owned(),
+                    wanted: w.to_string(),
+                    available: available.clone(),
+                })?
         }
         None => match entries.as_slice() {
             [only] => only,
-            _ => return Err(ArchiveError::Ambiguous { path: path.to_owned(), count: entries.len(), available }),
+            _ => {
+                return Err(ArchiveError::Ambiguous {
+                    path: path.to_owned(),
+                    count: entries.len(),
+                    available,
+                })
+            }
         },
     };
 
     let mut f = File::open(path).map_err(io_err)?;
     let member = |name: &str| {
-        members.get(&normalize_member(name)).copied().ok_or_else(|| ArchiveError::Missing { path: path.to_owned(), member: name.to_string() })
+        members
+            .get(&normalize_member(name))
+            .copied()
+            .ok_or_else(|| ArchiveError::Missing {
+                path: path.to_owned(),
+                member: name.to_string(),
+            })
     };
     let (coff, clen) = member(&entry.config)?;
     let mut config_bytes = vec![0u8; clen as usize];
-    f.seek(SeekFrom::Start(coff)).and_then(|_| f.read_exact(&mut config_bytes)).map_err(io_err)?;
-    let config: ImageConfigBlob = serde_json::from_slice(&config_bytes)
-        .map_err(|e| ArchiveError::Malformed { what: "image config", path: path.to_owned(), reason: e.to_string() })?;
+    f.seek(SeekFrom::Start(coff))
+        .and_then(|_| f.read_exact(&mut config_bytes))
+        .map_err(io_err)?;
+    let config: ImageConfigBlob =
+        serde_json::from_slice(&config_bytes).map_err(|e| ArchiveError::Malformed {
+            what: "image config",
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     let diff_ids = config.rootfs.diff_ids.clone();
     if diff_ids.len() != entry.layers.len() {
         return Err(ArchiveError::Malformed {
             what: "image config",
             path: path.to_owned(),
-            reason: format!("{} diff_ids for {} layers", diff_ids.len(), entry.layers.len()),
+            reason: format!(
+                "{} diff_ids for {} layers",
+                diff_ids.len(),
+                entry.layers.len()
+            ),
         });
     }
     let mut layers = Vec::new();
     for (name, diff_id) in entry.layers.iter().zip(&diff_ids) {
         let (off, len) = member(name)?;
         let mut magic = [0u8; 2];
-        f.seek(SeekFrom::Start(off)).and_then(|_| f.read_exact(&mut magic)).map_err(io_err)?;
-        let compression = if magic == [0x1f, 0x8b] { Compression::Gzip } else { Compression::None };
+        f.seek(SeekFrom::Start(off))
+            .and_then(|_| f.read_exact(&mut magic))
+            .map_err(io_err)?;
+        let compression = if magic == [0x1f, 0x8b] {
+            Compression::Gzip
+        } else {
+            Compression::None
+        };
         // Check the uncompressed content against the diff_id before anything uses it.
         f.seek(SeekFrom::Start(off)).map_err(io_err)?;
         let mut h = Sha256::new();
@@ -131,7 +193,11 @@ pub fn open(path: &Path, wanted: Option<&str>) -> Result<Image, ArchiveError> {
         };
         let ok = copied.is_ok() && format!("sha256:{}", hex::encode(h.finalize())) == *diff_id;
         if !ok {
-            return Err(ArchiveError::Mismatch { path: path.to_owned(), member: name.clone(), diff_id: diff_id.clone() });
+            return Err(ArchiveError::Mismatch {
+                path: path.to_owned(),
+                member: name.clone(),
+                diff_id: diff_id.clone(),
+            });
         }
         layers.push(Layer {
             path: path.to_owned(),
@@ -143,7 +209,12 @@ pub fn open(path: &Path, wanted: Option<&str>) -> Result<Image, ArchiveError> {
         });
     }
     let id = format!("sha256:{}", hex::encode(Sha256::digest(&config_bytes)));
-    Ok(Image { manifest_digest: id, index_digest: None, config, layers })
+    Ok(Image {
+        manifest_digest: id,
+        index_digest: None,
+        config,
+        layers,
+    })
 }
 
 #[cfg(test)]

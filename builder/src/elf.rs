@@ -35,7 +35,9 @@ fn phdrs(b: &[u8]) -> Result<Vec<Phdr>, String> {
     let phnum = u16_at(b, 0x38).ok_or_else(short)? as usize;
     (0..phnum)
         .map(|i| {
-            let o = phoff.checked_add(i.checked_mul(phentsize).ok_or_else(short)?).ok_or_else(short)?;
+            let o = phoff
+                .checked_add(i.checked_mul(phentsize).ok_or_else(short)?)
+                .ok_or_else(short)?;
             Ok(Phdr {
                 p_type: u32_at(b, o).ok_or_else(short)?,
                 offset: u64_at(b, o + 8).ok_or_else(short)?,
@@ -90,7 +92,10 @@ mod tests {
     fn refuses_non_elf_and_finds_banner() {
         assert!(pvh_entry(b"MZ not elf").is_err());
         assert!(check_static(&[0x7f, b'E', b'L', b'F', 1, 1]).is_err());
-        assert_eq!(kernel_version(b"xx Linux version 6.12.1-hyper (root@x) #1").as_deref(), Some("6.12.1-hyper"));
+        assert_eq!(
+            kernel_version(b"xx Linux version 6.12.1-hyper (root@x) #1").as_deref(),
+            Some("6.12.1-hyper")
+        );
     }
 
     #[test]

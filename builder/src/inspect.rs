@@ -9,7 +9,11 @@ use hvm::Artifact;
 /// Opens and verifies `path`, then renders it.
 pub fn inspect(path: &Path, json: bool) -> Result<String, hvm::ReadError> {
     let a = Artifact::open(path)?;
-    Ok(if json { render_json(&a) } else { render_text(&a) })
+    Ok(if json {
+        render_json(&a)
+    } else {
+        render_text(&a)
+    })
 }
 
 fn sections_json(a: &Artifact) -> Vec<serde_json::Value> {
@@ -42,12 +46,20 @@ pub fn render_text(a: &Artifact) -> String {
     let m = a.manifest();
     let mut o = String::new();
     let c = &m.config;
-    let list = |v: &Option<Vec<String>>| v.as_ref().map(|v| format!("{v:?}")).unwrap_or_else(|| "(none)".into());
+    let list = |v: &Option<Vec<String>>| {
+        v.as_ref()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_else(|| "(none)".into())
+    };
     let _ = writeln!(o, "artifact     {}", hvm::digest_string(&a.digest()));
     let _ = writeln!(o, "size         {} bytes", a.header().file_len);
     let _ = writeln!(o, "image        {}", m.image.reference);
     let _ = writeln!(o, "image digest {}", m.image.digest);
-    let _ = writeln!(o, "platform     {}/{}", m.image.platform.os, m.image.platform.architecture);
+    let _ = writeln!(
+        o,
+        "platform     {}/{}",
+        m.image.platform.os, m.image.platform.architecture
+    );
     let _ = writeln!(o, "entrypoint   {}", list(&c.entrypoint));
     let _ = writeln!(o, "cmd          {}", list(&c.cmd));
     for e in &c.env {
@@ -65,12 +77,27 @@ pub fn render_text(a: &Artifact) -> String {
     if !c.stop_signal.is_empty() {
         let _ = writeln!(o, "stop signal  {}", c.stop_signal);
     }
-    let _ = writeln!(o, "kernel       {} ({})", m.kernel.version, m.kernel.cmdline);
-    let _ = writeln!(o, "rootfs       {} {} bytes", m.rootfs.fs_type, m.rootfs.size);
+    let _ = writeln!(
+        o,
+        "kernel       {} ({})",
+        m.kernel.version, m.kernel.cmdline
+    );
+    let _ = writeln!(
+        o,
+        "rootfs       {} {} bytes",
+        m.rootfs.fs_type, m.rootfs.size
+    );
     let _ = writeln!(o, "builder      {} {}", m.builder.name, m.builder.version);
     let _ = writeln!(o, "sections:");
     for s in &a.header().sections {
-        let _ = writeln!(o, "  {:<9} offset {:>10} length {:>10} sha256:{}", s.kind.to_string(), s.offset, s.length, hex::encode(s.sha256));
+        let _ = writeln!(
+            o,
+            "  {:<9} offset {:>10} length {:>10} sha256:{}",
+            s.kind.to_string(),
+            s.offset,
+            s.length,
+            hex::encode(s.sha256)
+        );
     }
     o
 }

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use hyperbuild::build::{self, BuildOptions, InputError};
 
 #[derive(Parser, Debug)]
-#[command(name = "hyperbuild", version, about = "Build an OCI image into a sealed .hvm microVM artifact")]
+#[command(
+    name = "hyperbuild",
+    version,
+    about = "Build an OCI image into a sealed .hvm microVM artifact"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -97,7 +101,10 @@ fn main() -> ExitCode {
 }
 
 fn chain(err: &anyhow::Error) -> String {
-    err.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+    err.chain()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn exit_code(err: &anyhow::Error) -> u8 {
@@ -108,7 +115,11 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             || e.is::<UsageError>()
             || e.is::<hyperbuild::registry::RegistryError>()
     });
-    if input { 1 } else { 2 }
+    if input {
+        1
+    } else {
+        2
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,16 +134,28 @@ fn installed(var: &str, name: &str) -> PathBuf {
     }
     let data = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/share"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/share")
+        });
     data.join("hyper").join(name)
 }
 
 fn parse_platform(s: &str) -> Result<hyperbuild::oci::PlatformSpec, UsageError> {
     let parts: Vec<&str> = s.split('/').collect();
     match parts.as_slice() {
-        [os, arch] => Ok(hyperbuild::oci::PlatformSpec { os: os.to_string(), architecture: arch.to_string(), variant: None }),
-        [os, arch, v] => Ok(hyperbuild::oci::PlatformSpec { os: os.to_string(), architecture: arch.to_string(), variant: Some(v.to_string()) }),
-        _ => Err(UsageError(format!("--platform {s:?}: expected os/arch[/variant], e.g. linux/amd64"))),
+        [os, arch] => Ok(hyperbuild::oci::PlatformSpec {
+            os: os.to_string(),
+            architecture: arch.to_string(),
+            variant: None,
+        }),
+        [os, arch, v] => Ok(hyperbuild::oci::PlatformSpec {
+            os: os.to_string(),
+            architecture: arch.to_string(),
+            variant: Some(v.to_string()),
+        }),
+        _ => Err(UsageError(format!(
+            "--platform {s:?}: expected os/arch[/variant], e.g. linux/amd64"
+        ))),
     }
 }
 
@@ -143,12 +166,22 @@ fn cache_command(cmd: CacheCommand) -> anyhow::Result<()> {
         CacheCommand::Ls { json } => {
             let blobs = cache.list()?;
             if json {
-                println!("{}", serde_json::to_string(&serde_json::json!({ "root": cache.root(), "blobs": blobs }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({ "root": cache.root(), "blobs": blobs })
+                    )?
+                );
             } else {
                 for b in &blobs {
                     println!("{} {:>12}", b.digest, b.size);
                 }
-                eprintln!("{} blobs, {} bytes in {}", blobs.len(), blobs.iter().map(|b| b.size).sum::<u64>(), cache.root().display());
+                eprintln!(
+                    "{} blobs, {} bytes in {}",
+                    blobs.len(),
+                    blobs.iter().map(|b| b.size).sum::<u64>(),
+                    cache.root().display()
+                );
             }
         }
         CacheCommand::Prune { all } => {
@@ -176,8 +209,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         None => {}
     }
     let b = cli.build;
-    let reference = b.reference.ok_or_else(|| UsageError("missing image reference (hyperbuild oci:PATH[:TAG] -o app.hvm)".into()))?;
-    let output = b.output.ok_or_else(|| UsageError("missing -o OUTPUT".into()))?;
+    let reference = b.reference.ok_or_else(|| {
+        UsageError("missing image reference (hyperbuild oci:PATH[:TAG] -o app.hvm)".into())
+    })?;
+    let output = b
+        .output
+        .ok_or_else(|| UsageError("missing -o OUTPUT".into()))?;
     let credentials = match b.username {
         Some(u) => {
             let mut pw = String::new();
@@ -198,8 +235,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         output,
         pull,
         cache_dir: hyperbuild::cache::Cache::default_root(),
-        kernel: b.kernel.unwrap_or_else(|| installed("HYPER_KERNEL", "vmlinux")),
-        init: b.init.unwrap_or_else(|| installed("HYPER_INIT", "hyperinit")),
+        kernel: b
+            .kernel
+            .unwrap_or_else(|| installed("HYPER_KERNEL", "vmlinux")),
+        init: b
+            .init
+            .unwrap_or_else(|| installed("HYPER_INIT", "hyperinit")),
     };
     for (what, p) in [("kernel", &opts.kernel), ("init", &opts.init)] {
         if !p.exists() {
@@ -211,14 +252,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     if !b.quiet {
-        eprintln!("hyperbuild: building {} -> {}", opts.reference, opts.output.display());
+        eprintln!(
+            "hyperbuild: building {} -> {}",
+            opts.reference,
+            opts.output.display()
+        );
     }
     let report = build::build(&opts)?;
     if b.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         if !b.quiet {
-            eprintln!("hyperbuild: wrote {} ({} bytes, rootfs {} bytes)", report.path.display(), report.size, report.rootfs_size);
+            eprintln!(
+                "hyperbuild: wrote {} ({} bytes, rootfs {} bytes)",
+                report.path.display(),
+                report.size,
+                report.rootfs_size
+            );
         }
         println!("{}", report.digest);
     }

@@ -16,17 +16,34 @@ pub enum OciError {
     #[error("{0} is not an OCI image layout (no oci-layout file)")]
     NotLayout(PathBuf),
     #[error("cannot read {path}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("malformed {what} in {path}")]
-    Json { what: &'static str, path: PathBuf, #[source] source: serde_json::Error },
+    Json {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("malformed {what} in {path}: {reason}")]
-    Malformed { what: &'static str, path: PathBuf, reason: String },
+    Malformed {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("blob {digest} in {layout} does not match its digest (corrupt or tampered)")]
     DigestMismatch { layout: PathBuf, digest: String },
     #[error("blob {digest}: unsupported or malformed digest")]
     BadDigest { digest: String },
     #[error("no image tagged {tag:?} in {layout} (tags there: {available})")]
-    NoTag { layout: PathBuf, tag: String, available: String },
+    NoTag {
+        layout: PathBuf,
+        tag: String,
+        available: String,
+    },
     #[error("{layout} holds {count} images; name one with oci:{layout}:TAG", layout = .layout.display())]
     Ambiguous { layout: PathBuf, count: usize },
     #[error("no image for platform {platform} in the index")]
@@ -129,8 +146,10 @@ impl Compression {
     /// The compression a layer media type names.
     pub fn from_media_type(mt: &str) -> Result<Self, OciError> {
         Ok(match mt {
-            "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
-            "application/vnd.oci.image.layer.v1.tar+gzip" | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Compression::Gzip,
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Compression::Gzip,
             "application/vnd.oci.image.layer.v1.tar+zstd" => Compression::Zstd,
             other => return Err(OciError::MediaType(other.to_string())),
         })
@@ -164,7 +183,10 @@ pub struct Image {
 #[derive(Debug, Clone)]
 pub enum Manifest {
     Index(Vec<Descriptor>),
-    Image { config: Descriptor, layers: Vec<Descriptor> },
+    Image {
+        config: Descriptor,
+        layers: Vec<Descriptor>,
+    },
 }
 
 /// Parses an image manifest or image index (OCI or Docker schema 2).
@@ -176,7 +198,11 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
     if json.get("manifests").is_some() {
         let index: Index = serde_json::from_value(json).map_err(|e| e.to_string())?;
         if let Some(mt) = &index.media_type {
-            if !matches!(mt.as_str(), "application/vnd.oci.image.index.v1+json" | "application/vnd.docker.distribution.manifest.list.v2+json") {
+            if !matches!(
+                mt.as_str(),
+                "application/vnd.oci.image.index.v1+json"
+                    | "application/vnd.docker.distribution.manifest.list.v2+json"
+            ) {
                 return Err(format!("unsupported media type {mt}"));
             }
         }
@@ -184,21 +210,48 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
     }
     let m: ImageManifest = serde_json::from_value(json).map_err(|e| e.to_string())?;
     if let Some(mt) = &m.media_type {
-        if !matches!(mt.as_str(), "application/vnd.oci.image.manifest.v1+json" | "application/vnd.docker.distribution.manifest.v2+json") {
+        if !matches!(
+            mt.as_str(),
+            "application/vnd.oci.image.manifest.v1+json"
+                | "application/vnd.docker.distribution.manifest.v2+json"
+        ) {
             return Err(format!("unsupported media type {mt}"));
         }
     }
-    Ok(Manifest::Image { config: m.config, layers: m.layers })
+    Ok(Manifest::Image {
+        config: m.config,
+        layers: m.layers,
+    })
 }
 
 /// The index entry for `platform`.
-pub fn pick_platform<'a>(entries: &'a [Descriptor], platform: &PlatformSpec) -> Result<&'a Descriptor, OciError> {
+pub fn pick_platform<'a>(
+    entries: &'a [Descriptor],
+    platform: &PlatformSpec,
+) -> Result<&'a Descriptor, OciError> {
     entries
         .iter()
-        .find(|d| d.platform.as_ref().is_some_and(|p| platform_matches(p, platform)))
+        .find(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| platform_matches(p, platform))
+        })
         .ok_or_else(|| {
-            let offered: Vec<String> = entries.iter().filter_map(|d| d.platform.as_ref().map(platform_string)).collect();
-            OciError::NoPlatform { platform: format!("{} (the index offers: {})", platform_string(platform), if offered.is_empty() { "none".into() } else { offered.join(", ") }) }
+            let offered: Vec<String> = entries
+                .iter()
+                .filter_map(|d| d.platform.as_ref().map(platform_string))
+                .collect();
+            OciError::NoPlatform {
+                platform: format!(
+                    "{} (the index offers: {})",
+                    platform_string(platform),
+                    if offered.is_empty() {
+                        "none".into()
+                    } else {
+                        offered.join(", ")
+                    }
+                ),
+            }
         })
 }
 
@@ -210,19 +263,38 @@ pub fn image_from(
     layer_descs: &[Descriptor],
     locate: impl Fn(&Descriptor) -> Result<(PathBuf, bool), OciError>,
 ) -> Result<Image, OciError> {
-    let config: ImageConfigBlob = serde_json::from_slice(config_bytes)
-        .map_err(|source| OciError::Json { what: "image config", path: PathBuf::from("(config blob)"), source })?;
+    let config: ImageConfigBlob =
+        serde_json::from_slice(config_bytes).map_err(|source| OciError::Json {
+            what: "image config",
+            path: PathBuf::from("(config blob)"),
+            source,
+        })?;
     let diff_ids = &config.rootfs.diff_ids;
     if !diff_ids.is_empty() && diff_ids.len() != layer_descs.len() {
-        return Err(OciError::LayerCount { diff_ids: diff_ids.len(), layers: layer_descs.len() });
+        return Err(OciError::LayerCount {
+            diff_ids: diff_ids.len(),
+            layers: layer_descs.len(),
+        });
     }
     let mut layers = Vec::new();
     for (i, l) in layer_descs.iter().enumerate() {
         let compression = Compression::from_media_type(&l.media_type)?;
         let (path, verified) = locate(l)?;
-        layers.push(Layer { path, range: None, digest: l.digest.clone(), diff_id: diff_ids.get(i).cloned(), compression, verified });
+        layers.push(Layer {
+            path,
+            range: None,
+            digest: l.digest.clone(),
+            diff_id: diff_ids.get(i).cloned(),
+            compression,
+            verified,
+        });
     }
-    Ok(Image { manifest_digest, index_digest, config, layers })
+    Ok(Image {
+        manifest_digest,
+        index_digest,
+        config,
+        layers,
+    })
 }
 
 /// Opens `layout`, picks the image tagged `tag` (or the only one) for `platform`.
@@ -231,57 +303,95 @@ pub fn open(layout: &Path, tag: Option<&str>, platform: &PlatformSpec) -> Result
         return Err(OciError::NotLayout(layout.to_owned()));
     }
     let index_path = layout.join("index.json");
-    let index_bytes = fs::read(&index_path).map_err(|source| OciError::Io { path: index_path.clone(), source })?;
-    let index: Index = serde_json::from_slice(&index_bytes)
-        .map_err(|source| OciError::Json { what: "index", path: index_path.clone(), source })?;
+    let index_bytes = fs::read(&index_path).map_err(|source| OciError::Io {
+        path: index_path.clone(),
+        source,
+    })?;
+    let index: Index = serde_json::from_slice(&index_bytes).map_err(|source| OciError::Json {
+        what: "index",
+        path: index_path.clone(),
+        source,
+    })?;
     let _ = index.media_type;
     let desc = pick_tag(layout, &index.manifests, tag)?;
     resolve(layout, desc, platform, 0)
 }
 
-fn pick_tag<'a>(layout: &Path, manifests: &'a [Descriptor], tag: Option<&str>) -> Result<&'a Descriptor, OciError> {
+fn pick_tag<'a>(
+    layout: &Path,
+    manifests: &'a [Descriptor],
+    tag: Option<&str>,
+) -> Result<&'a Descriptor, OciError> {
     const REF: &str = "org.opencontainers.image.ref.name";
     match tag {
-        Some(tag) => manifests.iter().find(|d| d.annotations.get(REF).map(String::as_str) == Some(tag)).ok_or_else(|| {
-            let available: Vec<&str> = manifests.iter().filter_map(|d| d.annotations.get(REF).map(String::as_str)).collect();
-            OciError::NoTag {
-                layout: layout.to_owned(),
-                tag: tag.into(),
-                available: if available.is_empty() { "none".into() } else { available.join(", ") },
-            }
-        }),
+        Some(tag) => manifests
+            .iter()
+            .find(|d| d.annotations.get(REF).map(String::as_str) == Some(tag))
+            .ok_or_else(|| {
+                let available: Vec<&str> = manifests
+                    .iter()
+                    .filter_map(|d| d.annotations.get(REF).map(String::as_str))
+                    .collect();
+                OciError::NoTag {
+                    layout: layout.to_owned(),
+                    tag: tag.into(),
+                    available: if available.is_empty() {
+                        "none".into()
+                    } else {
+                        available.join(", ")
+                    },
+                }
+            }),
         None => match manifests {
             [only] => Ok(only),
             _ => manifests
                 .iter()
                 .find(|d| d.annotations.get(REF).map(String::as_str) == Some("latest"))
-                .ok_or(OciError::Ambiguous { layout: layout.to_owned(), count: manifests.len() }),
+                .ok_or(OciError::Ambiguous {
+                    layout: layout.to_owned(),
+                    count: manifests.len(),
+                }),
         },
     }
 }
 
-fn resolve(layout: &Path, desc: &Descriptor, platform: &PlatformSpec, depth: u32) -> Result<Image, OciError> {
+fn resolve(
+    layout: &Path,
+    desc: &Descriptor,
+    platform: &PlatformSpec,
+    depth: u32,
+) -> Result<Image, OciError> {
     let bytes = read_blob(layout, &desc.digest)?;
     let path = blob_path(layout, &desc.digest)?;
-    match parse_manifest(&bytes).map_err(|e| OciError::Malformed { what: "manifest", path: path.clone(), reason: e })? {
+    match parse_manifest(&bytes).map_err(|e| OciError::Malformed {
+        what: "manifest",
+        path: path.clone(),
+        reason: e,
+    })? {
         Manifest::Index(entries) => {
             if depth > 4 {
                 return Err(OciError::MediaType("image index nested too deeply".into()));
             }
             let entry = pick_platform(&entries, platform)?;
             let mut image = resolve(layout, entry, platform, depth + 1)?;
-            image.index_digest.get_or_insert_with(|| desc.digest.clone());
+            image
+                .index_digest
+                .get_or_insert_with(|| desc.digest.clone());
             Ok(image)
         }
         Manifest::Image { config, layers } => {
             let config_bytes = read_blob(layout, &config.digest)?;
-            image_from(desc.digest.clone(), None, &config_bytes, &layers, |l| Ok((blob_path(layout, &l.digest)?, false)))
+            image_from(desc.digest.clone(), None, &config_bytes, &layers, |l| {
+                Ok((blob_path(layout, &l.digest)?, false))
+            })
         }
     }
 }
 
 fn platform_matches(p: &PlatformSpec, want: &PlatformSpec) -> bool {
-    p.os == want.os && p.architecture == want.architecture && (want.variant.is_none() || p.variant == want.variant)
+    p.os == want.os
+        && p.architecture == want.architecture
+        && (want.variant.is_none() || p.variant == want.variant)
 }
 
 pub fn platform_string(p: &PlatformSpec) -> String {
@@ -293,9 +403,15 @@ pub fn platform_string(p: &PlatformSpec) -> String {
 
 /// `blobs/sha256/<hex>` for a well-formed sha256 digest.
 pub fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, OciError> {
-    let bad = || OciError::BadDigest { digest: digest.to_string() };
+    let bad = || OciError::BadDigest {
+        digest: digest.to_string(),
+    };
     let hex = digest.strip_prefix("sha256:").ok_or_else(bad)?;
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(bad());
     }
     Ok(layout.join("blobs/sha256").join(hex))
@@ -304,20 +420,35 @@ pub fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, OciError> {
 /// Reads a small blob (manifest, config) and checks its digest.
 fn read_blob(layout: &Path, digest: &str) -> Result<Vec<u8>, OciError> {
     let path = blob_path(layout, digest)?;
-    let bytes = fs::read(&path).map_err(|source| OciError::Io { path: path.clone(), source })?;
+    let bytes = fs::read(&path).map_err(|source| OciError::Io {
+        path: path.clone(),
+        source,
+    })?;
     if format!("sha256:{}", hex::encode(Sha256::digest(&bytes))) != digest {
-        return Err(OciError::DigestMismatch { layout: layout.to_owned(), digest: digest.to_string() });
+        return Err(OciError::DigestMismatch {
+            layout: layout.to_owned(),
+            digest: digest.to_string(),
+        });
     }
     Ok(bytes)
 }
 
 /// Checks a (possibly large) blob file against its digest by streaming it.
 pub fn verify_blob(layout: &Path, path: &Path, digest: &str) -> Result<(), OciError> {
-    let mut f = fs::File::open(path).map_err(|source| OciError::Io { path: path.to_owned(), source })?;
+    let mut f = fs::File::open(path).map_err(|source| OciError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut h = Sha256::new();
-    io::copy(&mut f, &mut h).map_err(|source| OciError::Io { path: path.to_owned(), source })?;
+    io::copy(&mut f, &mut h).map_err(|source| OciError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     if format!("sha256:{}", hex::encode(h.finalize())) != digest {
-        return Err(OciError::DigestMismatch { layout: layout.to_owned(), digest: digest.to_string() });
+        return Err(OciError::DigestMismatch {
+            layout: layout.to_owned(),
+            digest: digest.to_string(),
+        });
     }
     Ok(())
 }

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read as _;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::io::Read as _;
 use std::process::Command;
 
 use hyperbuild::{erofs, layer, spool::Spool, tree::Tree};
@@ -16,13 +16,22 @@ mod common;
 use common::TarLayer as Layer;
 
 fn fsck() -> &'static str {
-    let ok = Command::new("fsck.erofs").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "fsck.erofs is missing: apt-get install erofs-utils (it is this test's oracle)");
+    let ok = Command::new("fsck.erofs")
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "fsck.erofs is missing: apt-get install erofs-utils (it is this test's oracle)"
+    );
     "fsck.erofs"
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn write_image(layers: &[Vec<u8>], out: &Path) -> u64 {
@@ -46,7 +55,11 @@ fn fsck_extracts_exactly_the_flattened_tree() {
     let long_target = format!("../{}", "t/".repeat(150));
     let mut big_dir = Layer::new();
     for i in 0..700 {
-        big_dir = big_dir.file(&format!("many/entry-number-{i:05}"), 0o600, format!("{i}").as_bytes());
+        big_dir = big_dir.file(
+            &format!("many/entry-number-{i:05}"),
+            0o600,
+            format!("{i}").as_bytes(),
+        );
     }
     let l0 = l0
         .file("bin/tool", 0o4755, b"#!/bin/sh\n")
@@ -66,7 +79,10 @@ fn fsck_extracts_exactly_the_flattened_tree() {
         .special(EntryType::Fifo, "fifo", 0, 0)
         .file("gone", 0o644, b"to be deleted")
         .bytes();
-    let l1 = Layer::new().file(".wh.gone", 0o644, b"").link(EntryType::Link, "bin/tool-link", "bin/tool").bytes();
+    let l1 = Layer::new()
+        .file(".wh.gone", 0o644, b"")
+        .link(EntryType::Link, "bin/tool-link", "bin/tool")
+        .bytes();
 
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("root.erofs");
@@ -84,52 +100,110 @@ fn fsck_extracts_exactly_the_flattened_tree() {
         .arg(&img)
         .output()
         .unwrap();
-    assert!(out.status.success(), "fsck.erofs refused the image: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fsck.erofs refused the image: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     for (i, s) in sizes.iter().enumerate() {
-        assert!(fs::read(ex.join(format!("data/f{s}"))).unwrap() == pattern(*s, i as u8), "content of f{s}");
+        assert!(
+            fs::read(ex.join(format!("data/f{s}"))).unwrap() == pattern(*s, i as u8),
+            "content of f{s}"
+        );
     }
     let mode = |p: &str| fs::symlink_metadata(ex.join(p)).unwrap().mode();
     assert_eq!(mode("bin/tool") & 0o7777, 0o4755);
     assert_eq!(mode("bin/sgid") & 0o7777, 0o2711);
     assert_eq!(mode("sticky") & 0o7777, 0o1777);
     assert_eq!(mode("noperm") & 0o7777, 0o000);
-    let dump = Command::new("dump.erofs").arg("--path=/owned").arg(&img).output().unwrap();
+    let dump = Command::new("dump.erofs")
+        .arg("--path=/owned")
+        .arg(&img)
+        .output()
+        .unwrap();
     let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(dump.contains("Uid: 70000   Gid: 80000"), "dump.erofs says:\n{dump}");
-    assert_eq!(fs::metadata(ex.join("owned")).unwrap().mtime(), 1_700_000_000);
+    assert!(
+        dump.contains("Uid: 70000   Gid: 80000"),
+        "dump.erofs says:\n{dump}"
+    );
+    assert_eq!(
+        fs::metadata(ex.join("owned")).unwrap().mtime(),
+        1_700_000_000
+    );
     assert_eq!(fs::read(ex.join(&long_name)).unwrap(), b"long");
     assert_eq!(fs::read(ex.join("ünïcödé name")).unwrap(), b"utf8");
-    assert_eq!(fs::read_link(ex.join("rel")).unwrap(), Path::new("data/f100"));
-    assert_eq!(fs::read_link(ex.join("abs")).unwrap(), Path::new("/data/f1"));
-    assert_eq!(fs::read_link(ex.join("dangling")).unwrap(), Path::new("/no/such/file"));
-    assert_eq!(fs::read_link(ex.join("longlink")).unwrap(), Path::new(&long_target));
+    assert_eq!(
+        fs::read_link(ex.join("rel")).unwrap(),
+        Path::new("data/f100")
+    );
+    assert_eq!(
+        fs::read_link(ex.join("abs")).unwrap(),
+        Path::new("/data/f1")
+    );
+    assert_eq!(
+        fs::read_link(ex.join("dangling")).unwrap(),
+        Path::new("/no/such/file")
+    );
+    assert_eq!(
+        fs::read_link(ex.join("longlink")).unwrap(),
+        Path::new(&long_target)
+    );
     // fsck.erofs 1.5 extracts hardlinks as copies; dump.erofs shows the inodes.
     let inode = |p: &str| {
-        let out = Command::new("dump.erofs").arg(format!("--path={p}")).arg(&img).output().unwrap();
+        let out = Command::new("dump.erofs")
+            .arg(format!("--path={p}"))
+            .arg(&img)
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let nid = text.split("NID: ").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned);
-        let links = text.split("Links: ").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned);
-        (nid.unwrap_or_else(|| panic!("no NID for {p}: {text}")), links.unwrap())
+        let nid = text
+            .split("NID: ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned);
+        let links = text
+            .split("Links: ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned);
+        (
+            nid.unwrap_or_else(|| panic!("no NID for {p}: {text}")),
+            links.unwrap(),
+        )
     };
-    assert_eq!(inode("/data/hard"), inode("/data/f4097"), "hardlink is not one inode");
+    assert_eq!(
+        inode("/data/hard"),
+        inode("/data/f4097"),
+        "hardlink is not one inode"
+    );
     assert_eq!(inode("/data/hard").1, "2");
     assert_eq!(inode("/bin/tool-link"), inode("/bin/tool"));
     assert_eq!(inode("/bin/tool").1, "2");
-    assert!(fs::read(ex.join("data/hard")).unwrap() == pattern(4097, 5), "hardlink content");
+    assert!(
+        fs::read(ex.join("data/hard")).unwrap() == pattern(4097, 5),
+        "hardlink content"
+    );
     let null = fs::symlink_metadata(ex.join("dev/null")).unwrap();
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), libc_makedev(1, 3));
     let vdb = fs::symlink_metadata(ex.join("dev/vdb")).unwrap();
     assert!(vdb.file_type().is_block_device());
     assert_eq!(vdb.rdev(), libc_makedev(254, 16));
-    assert!(fs::symlink_metadata(ex.join("fifo")).unwrap().file_type().is_fifo());
+    assert!(fs::symlink_metadata(ex.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
     assert!(!ex.join("gone").exists());
     let many: BTreeMap<String, String> = fs::read_dir(ex.join("many"))
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), fs::read_to_string(e.path()).unwrap())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read_to_string(e.path()).unwrap(),
+            )
         })
         .collect();
     assert_eq!(many.len(), 700);
@@ -137,12 +211,19 @@ fn fsck_extracts_exactly_the_flattened_tree() {
 }
 
 fn libc_makedev(major: u64, minor: u64) -> u64 {
-    ((major & 0xfffff000) << 32) | ((major & 0xfff) << 8) | ((minor & 0xffffff00) << 12) | (minor & 0xff)
+    ((major & 0xfffff000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffffff00) << 12)
+        | (minor & 0xff)
 }
 
 #[test]
 fn same_layers_give_the_same_image_bytes() {
-    let l = Layer::new().file("b", 0o644, b"2").file("a", 0o644, b"1").dir("d/", 0o755).bytes();
+    let l = Layer::new()
+        .file("b", 0o644, b"2")
+        .file("a", 0o644, b"1")
+        .dir("d/", 0o755)
+        .bytes();
     let dir = tempfile::tempdir().unwrap();
     let (x, y) = (dir.path().join("x"), dir.path().join("y"));
     write_image(std::slice::from_ref(&l), &x);
@@ -164,12 +245,20 @@ fn a_pinned_fixture_gives_a_pinned_image_digest() {
         .special(EntryType::Char, "dev/null", 1, 3)
         .owned_file("home/u/big", 100_000, 100_000, &pattern(70_000, 9))
         .bytes();
-    let l1 = Layer::new().file("etc/.wh.hostname", 0o644, b"").file("etc/motd", 0o600, b"hi\n").bytes();
+    let l1 = Layer::new()
+        .file("etc/.wh.hostname", 0o644, b"")
+        .file("etc/motd", 0o600, b"hi\n")
+        .bytes();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("pinned.erofs");
     write_image(&[l0, l1], &img);
-    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(fs::read(&img).unwrap()));
-    assert_eq!(digest, PINNED, "the EROFS writer's output changed for a pinned input");
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        fs::read(&img).unwrap(),
+    ));
+    assert_eq!(
+        digest, PINNED,
+        "the EROFS writer's output changed for a pinned input"
+    );
 }
 
 const PINNED: &str = "733ddf23d4bbf6522c1a09faa1747ade5e487d3ad5b9ddf51d7b241b60e66781";
@@ -209,12 +298,25 @@ fn a_mostly_empty_gigabyte_file_stays_small() {
     // fsck.erofs checks the image; erofs-utils 1.5 cannot extract holes, so the
     // bytes are checked by the kernel in the QEMU tier (qemu::sparse_files…).
     let out = Command::new(fsck()).arg(&img).output().unwrap();
-    assert!(out.status.success(), "fsck.erofs: {}", String::from_utf8_lossy(&out.stderr));
-    let dump = Command::new("dump.erofs").arg("--path=/big.img").arg(&img).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fsck.erofs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = Command::new("dump.erofs")
+        .arg("--path=/big.img")
+        .arg(&img)
+        .output()
+        .unwrap();
     let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(dump.contains("Size: 1073741824") && dump.contains("Layout: 4"), "{dump}");
+    assert!(
+        dump.contains("Size: 1073741824") && dump.contains("Layout: 4"),
+        "{dump}"
+    );
     // Our own reading of the spool gives the exact bytes back.
     let node = tree.lookup(&[b"big.img"]).unwrap();
-    let hyperbuild::tree::Kind::File(c) = tree.nodes[node].kind else { panic!("not a file") };
+    let hyperbuild::tree::Kind::File(c) = tree.nodes[node].kind else {
+        panic!("not a file")
+    };
     assert_eq!(spool.hole_count(&c), (SIZE / 4096) - 3);
 }

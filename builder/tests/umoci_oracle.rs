@@ -18,9 +18,20 @@ mod common;
 use common::TarLayer as L;
 
 fn need(tool: &str, package: &str) {
-    let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
-        || Command::new(tool).arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "{tool} is missing: apt-get install {package} (it is this test's oracle)");
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+        || Command::new(tool)
+            .arg("-V")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+    assert!(
+        ok,
+        "{tool} is missing: apt-get install {package} (it is this test's oracle)"
+    );
 }
 
 fn digest(b: &[u8]) -> String {
@@ -75,17 +86,54 @@ struct Item {
 
 fn snapshot(root: &Path) -> BTreeMap<String, Item> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Item>) {
-        let mut entries: Vec<PathBuf> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         for p in entries {
             let m = fs::symlink_metadata(&p).unwrap();
             let ft = m.file_type();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let kind = if ft.is_dir() { 'd' } else if ft.is_symlink() { 'l' } else if ft.is_file() { 'f' } else if ft.is_char_device() { 'c' } else if ft.is_block_device() { 'b' } else { 'p' };
-            let content = if ft.is_file() { digest(&fs::read(&p).unwrap()) } else { String::new() };
-            let target = if ft.is_symlink() { fs::read_link(&p).unwrap().to_string_lossy().into_owned() } else { String::new() };
+            let kind = if ft.is_dir() {
+                'd'
+            } else if ft.is_symlink() {
+                'l'
+            } else if ft.is_file() {
+                'f'
+            } else if ft.is_char_device() {
+                'c'
+            } else if ft.is_block_device() {
+                'b'
+            } else {
+                'p'
+            };
+            let content = if ft.is_file() {
+                digest(&fs::read(&p).unwrap())
+            } else {
+                String::new()
+            };
+            let target = if ft.is_symlink() {
+                fs::read_link(&p).unwrap().to_string_lossy().into_owned()
+            } else {
+                String::new()
+            };
             let size = if ft.is_file() { m.len() } else { 0 };
-            out.insert(rel, Item { kind, mode: m.mode() & 0o7777, size, content, target, rdev: if ft.is_char_device() || ft.is_block_device() { m.rdev() } else { 0 } });
+            out.insert(
+                rel,
+                Item {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    size,
+                    content,
+                    target,
+                    rdev: if ft.is_char_device() || ft.is_block_device() {
+                        m.rdev()
+                    } else {
+                        0
+                    },
+                },
+            );
             if ft.is_dir() {
                 walk(root, &p, out);
             }
@@ -149,8 +197,18 @@ fn our_tree_equals_umocis() {
 
     // umoci, as root so ownership is kept.
     let bundle = dir.path().join("bundle");
-    let out = Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:latest", layout.display())).arg(&bundle).output().unwrap();
-    assert!(out.status.success(), "umoci unpack failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:latest", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci unpack failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Ours: the flattening and the EROFS writer, read back by fsck.erofs.
     let mut tree = hyperbuild::tree::Tree::new();
@@ -167,12 +225,20 @@ fn our_tree_equals_umocis() {
         .arg(&img)
         .output()
         .unwrap();
-    assert!(out.status.success(), "fsck.erofs: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fsck.erofs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let (theirs, ours) = (snapshot(&bundle.join("rootfs")), snapshot(&ex));
     let names = |m: &BTreeMap<String, Item>| m.keys().cloned().collect::<Vec<_>>();
     assert!(theirs.len() >= 30, "umoci unpacked too little: {theirs:?}");
-    assert_eq!(names(&ours), names(&theirs), "the trees hold different paths");
+    assert_eq!(
+        names(&ours),
+        names(&theirs),
+        "the trees hold different paths"
+    );
     for (path, item) in &theirs {
         let mine = &ours[path];
         // Directory modes of implicit parents may differ by tool convention; compare files exactly.
@@ -185,14 +251,32 @@ fn our_tree_equals_umocis() {
     // Ownership from umoci's tree against dump.erofs on ours.
     let m = fs::symlink_metadata(bundle.join("rootfs/owned")).unwrap();
     assert_eq!((m.uid(), m.gid()), (100_000, 200_000));
-    let dump = Command::new("dump.erofs").arg("--path=/owned").arg(&img).output().unwrap();
+    let dump = Command::new("dump.erofs")
+        .arg("--path=/owned")
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&dump.stdout).contains("Uid: 100000   Gid: 200000"));
     // The hardlink to a lower layer's file is one inode in both.
-    let (a, b) = (fs::metadata(bundle.join("rootfs/shared")).unwrap(), fs::metadata(bundle.join("rootfs/hardlink-to-lower")).unwrap());
+    let (a, b) = (
+        fs::metadata(bundle.join("rootfs/shared")).unwrap(),
+        fs::metadata(bundle.join("rootfs/hardlink-to-lower")).unwrap(),
+    );
     assert_eq!(a.ino(), b.ino(), "umoci did not hardlink");
     let nid = |p: &str| {
-        let o = Command::new("dump.erofs").arg(format!("--path={p}")).arg(&img).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).split("NID: ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+        let o = Command::new("dump.erofs")
+            .arg(format!("--path={p}"))
+            .arg(&img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .split("NID: ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
     };
     assert_eq!(nid("/shared"), nid("/hardlink-to-lower"));
 }

@@ -27,13 +27,15 @@ fuzz_target!(|data: &[u8]| {
     let mut at = 0;
     while at < MEM {
         let n = data.len().min(MEM - at);
-        mem.write_slice(&data[..n], GuestAddress(at as u64)).unwrap();
+        mem.write_slice(&data[..n], GuestAddress(at as u64))
+            .unwrap();
         at += n;
     }
     let mut disk = tempfile::tempfile().unwrap();
     std::io::Write::write_all(&mut disk, &[0x5a; 8192]).unwrap();
     let mut dev = MmioTransport::new(Block::new(disk, 0, 8192), EventFd::new(0).unwrap());
-    let w = |dev: &mut MmioTransport<Block>, off: u64, v: u32| dev.write(off, &v.to_le_bytes(), &mem);
+    let w =
+        |dev: &mut MmioTransport<Block>, off: u64, v: u32| dev.write(off, &v.to_le_bytes(), &mem);
     // Bring-up: ack, driver, VERSION_1, features ok, queue 0 where the input says.
     w(&mut dev, 0x70, 1);
     w(&mut dev, 0x70, 3);

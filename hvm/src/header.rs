@@ -97,7 +97,11 @@ pub enum HeaderError {
     #[error("non-zero reserved bytes in the header")]
     Reserved,
     #[error("section {index} ({kind}) has unknown flags {flags:#x}")]
-    Flags { index: usize, kind: SectionKind, flags: u32 },
+    Flags {
+        index: usize,
+        kind: SectionKind,
+        flags: u32,
+    },
     #[error("section {index} ({kind}) is not 4096-byte aligned or overlaps the header")]
     Misaligned { index: usize, kind: SectionKind },
     #[error("section {index} ({kind}) reaches past the end of the file")]
@@ -108,7 +112,9 @@ pub enum HeaderError {
     Duplicate(SectionKind),
     #[error("required section {0} is missing")]
     Missing(SectionKind),
-    #[error("section {index} has unknown kind {kind} flagged required; a newer hyper wrote this file")]
+    #[error(
+        "section {index} has unknown kind {kind} flagged required; a newer hyper wrote this file"
+    )]
     UnknownRequired { index: usize, kind: u32 },
 }
 
@@ -175,7 +181,13 @@ impl Header {
                     return Err(HeaderError::UnknownRequired { index, kind: k });
                 }
             }
-            sections.push(Section { kind, flags, offset, length, sha256 });
+            sections.push(Section {
+                kind,
+                flags,
+                offset,
+                length,
+                sha256,
+            });
         }
         let mut by_offset: Vec<usize> = (0..count).collect();
         by_offset.sort_by_key(|&i| sections[i].offset);
@@ -185,7 +197,12 @@ impl Header {
                 return Err(HeaderError::Overlap(pair[0], pair[1]));
             }
         }
-        for kind in [SectionKind::Manifest, SectionKind::Kernel, SectionKind::Initrd, SectionKind::Rootfs] {
+        for kind in [
+            SectionKind::Manifest,
+            SectionKind::Kernel,
+            SectionKind::Initrd,
+            SectionKind::Rootfs,
+        ] {
             match sections.iter().filter(|s| s.kind == kind).count() {
                 0 => return Err(HeaderError::Missing(kind)),
                 1 => {}
@@ -228,7 +245,12 @@ mod tests {
     use super::*;
 
     fn sample() -> Header {
-        let kinds = [SectionKind::Manifest, SectionKind::Kernel, SectionKind::Initrd, SectionKind::Rootfs];
+        let kinds = [
+            SectionKind::Manifest,
+            SectionKind::Kernel,
+            SectionKind::Initrd,
+            SectionKind::Rootfs,
+        ];
         let sections = kinds
             .iter()
             .enumerate()
@@ -240,7 +262,10 @@ mod tests {
                 sha256: [i as u8; 32],
             })
             .collect();
-        Header { file_len: 4096 * 5, sections }
+        Header {
+            file_len: 4096 * 5,
+            sections,
+        }
     }
 
     #[test]
@@ -256,21 +281,79 @@ mod tests {
             ("magic", |_, b| b[0] = b'X', HeaderError::BadMagic),
             ("short", |_, b| b.truncate(100), HeaderError::Short),
             ("version", |_, b| b[8] = 2, HeaderError::Version(2)),
-            ("count", |_, b| b[12] = 200, HeaderError::TooManySections(200)),
+            (
+                "count",
+                |_, b| b[12] = 200,
+                HeaderError::TooManySections(200),
+            ),
             ("reserved", |_, b| b[30] = 1, HeaderError::Reserved),
             ("padding", |_, b| b[4000] = 1, HeaderError::Reserved),
-            ("misaligned", |h, b| { h.sections[1].offset += 1; *b = h.encode() },
-                HeaderError::Misaligned { index: 1, kind: SectionKind::Kernel }),
-            ("past end", |h, b| { h.sections[3].length = 5000; *b = h.encode() },
-                HeaderError::OutOfBounds { index: 3, kind: SectionKind::Rootfs }),
-            ("overlap", |h, b| { h.sections[1].length = 5000; *b = h.encode() }, HeaderError::Overlap(1, 2)),
-            ("missing", |h, b| { h.sections.pop(); *b = h.encode() }, HeaderError::Missing(SectionKind::Rootfs)),
-            ("duplicate", |h, b| { h.sections[3].kind = SectionKind::Initrd; *b = h.encode() },
-                HeaderError::Duplicate(SectionKind::Initrd)),
-            ("unknown required", |h, b| { h.sections[3].kind = SectionKind::Other(99); *b = h.encode() },
-                HeaderError::UnknownRequired { index: 3, kind: 99 }),
-            ("flags", |h, b| { h.sections[0].flags = 6; *b = h.encode() },
-                HeaderError::Flags { index: 0, kind: SectionKind::Manifest, flags: 6 }),
+            (
+                "misaligned",
+                |h, b| {
+                    h.sections[1].offset += 1;
+                    *b = h.encode()
+                },
+                HeaderError::Misaligned {
+                    index: 1,
+                    kind: SectionKind::Kernel,
+                },
+            ),
+            (
+                "past end",
+                |h, b| {
+                    h.sections[3].length = 5000;
+                    *b = h.encode()
+                },
+                HeaderError::OutOfBounds {
+                    index: 3,
+                    kind: SectionKind::Rootfs,
+                },
+            ),
+            (
+                "overlap",
+                |h, b| {
+                    h.sections[1].length = 5000;
+                    *b = h.encode()
+                },
+                HeaderError::Overlap(1, 2),
+            ),
+            (
+                "missing",
+                |h, b| {
+                    h.sections.pop();
+                    *b = h.encode()
+                },
+                HeaderError::Missing(SectionKind::Rootfs),
+            ),
+            (
+                "duplicate",
+                |h, b| {
+                    h.sections[3].kind = SectionKind::Initrd;
+                    *b = h.encode()
+                },
+                HeaderError::Duplicate(SectionKind::Initrd),
+            ),
+            (
+                "unknown required",
+                |h, b| {
+                    h.sections[3].kind = SectionKind::Other(99);
+                    *b = h.encode()
+                },
+                HeaderError::UnknownRequired { index: 3, kind: 99 },
+            ),
+            (
+                "flags",
+                |h, b| {
+                    h.sections[0].flags = 6;
+                    *b = h.encode()
+                },
+                HeaderError::Flags {
+                    index: 0,
+                    kind: SectionKind::Manifest,
+                    flags: 6,
+                },
+            ),
         ];
         for (name, edit, want) in cases {
             let mut h = sample();
@@ -284,7 +367,13 @@ mod tests {
     fn skips_unknown_optional_sections() {
         let mut h = sample();
         h.file_len += 4096;
-        h.sections.push(Section { kind: SectionKind::Other(42), flags: 0, offset: 4096 * 5, length: 1, sha256: [0; 32] });
+        h.sections.push(Section {
+            kind: SectionKind::Other(42),
+            flags: 0,
+            offset: 4096 * 5,
+            length: 1,
+            sha256: [0; 32],
+        });
         let parsed = Header::parse(&h.encode()).unwrap();
         assert_eq!(parsed.sections.len(), 5);
     }

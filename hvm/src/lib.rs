@@ -71,6 +71,17 @@ pub use manifest::{
 pub use reader::{Artifact, ReadError};
 pub use writer::{ArtifactWriter, WriteError};
 
+/// hyper's per-user cache directory: `$XDG_CACHE_HOME/hyper`, else
+/// `~/.cache/hyper` (blobs for hyperbuild, verification records for hyperboot).
+pub fn cache_home() -> std::path::PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        })
+        .join("hyper")
+}
+
 /// Formats a raw sha256 as `sha256:<hex>`.
 pub fn digest_string(digest: &[u8; 32]) -> String {
     format!("sha256:{}", hex::encode(digest))

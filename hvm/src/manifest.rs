@@ -113,12 +113,29 @@ mod tests {
                 reference: "oci:x".into(),
                 digest: "sha256:00".into(),
                 index_digest: None,
-                platform: Platform { os: "linux".into(), architecture: "amd64".into(), variant: None },
+                platform: Platform {
+                    os: "linux".into(),
+                    architecture: "amd64".into(),
+                    variant: None,
+                },
             },
-            config: ImageConfig { cmd: Some(vec!["sh".into()]), env: vec!["A=1".into()], ..Default::default() },
-            kernel: KernelInfo { version: "6.12".into(), cmdline: "console=ttyS0".into() },
-            rootfs: RootfsInfo { fs_type: "erofs".into(), size: 4096 },
-            builder: BuilderInfo { name: "hyperbuild".into(), version: "0.1.0".into() },
+            config: ImageConfig {
+                cmd: Some(vec!["sh".into()]),
+                env: vec!["A=1".into()],
+                ..Default::default()
+            },
+            kernel: KernelInfo {
+                version: "6.12".into(),
+                cmdline: "console=ttyS0".into(),
+            },
+            rootfs: RootfsInfo {
+                fs_type: "erofs".into(),
+                size: 4096,
+            },
+            builder: BuilderInfo {
+                name: "hyperbuild".into(),
+                version: "0.1.0".into(),
+            },
         };
         let json = String::from_utf8(m.to_canonical_json()).unwrap();
         assert_eq!(

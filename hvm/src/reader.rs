@@ -15,15 +15,31 @@ use crate::manifest::Manifest;
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("cannot read {path}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is not a valid artifact")]
-    Header { path: PathBuf, #[source] source: HeaderError },
+    Header {
+        path: PathBuf,
+        #[source]
+        source: HeaderError,
+    },
     #[error("{path} is truncated or has trailing bytes: the header says {expected} bytes, the file has {actual}")]
-    Length { path: PathBuf, expected: u64, actual: u64 },
+    Length {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{path} is corrupt or was tampered with: section {kind} does not match its sha256 (the seal does not hold)")]
     Tampered { path: PathBuf, kind: SectionKind },
     #[error("{path} has a malformed manifest")]
-    Manifest { path: PathBuf, #[source] source: serde_json::Error },
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// A verified artifact, open for reading.
@@ -51,15 +67,25 @@ impl Artifact {
         path: &Path,
         already_verified: impl Fn(&[u8; 32], &std::fs::Metadata) -> bool,
     ) -> Result<Self, ReadError> {
-        let io_err = |source| ReadError::Io { path: path.to_owned(), source };
+        let io_err = |source| ReadError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let file = File::open(path).map_err(io_err)?;
         let meta = file.metadata().map_err(io_err)?;
         let actual = meta.len();
         let mut head = vec![0u8; HEADER_LEN.min(actual as usize)];
         file.read_exact_at(&mut head, 0).map_err(io_err)?;
-        let header = Header::parse(&head).map_err(|source| ReadError::Header { path: path.to_owned(), source })?;
+        let header = Header::parse(&head).map_err(|source| ReadError::Header {
+            path: path.to_owned(),
+            source,
+        })?;
         if header.file_len != actual {
-            return Err(ReadError::Length { path: path.to_owned(), expected: header.file_len, actual });
+            return Err(ReadError::Length {
+                path: path.to_owned(),
+                expected: header.file_len,
+                actual,
+            });
         }
         let digest: [u8; 32] = Sha256::digest(&head).into();
         let skip_bulk = already_verified(&digest, &meta);
@@ -68,15 +94,28 @@ impl Artifact {
                 continue;
             }
             if hash_range(&file, s.offset, s.length).map_err(io_err)? != s.sha256 {
-                return Err(ReadError::Tampered { path: path.to_owned(), kind: s.kind });
+                return Err(ReadError::Tampered {
+                    path: path.to_owned(),
+                    kind: s.kind,
+                });
             }
         }
-        let m = header.section(SectionKind::Manifest).expect("validated header has a manifest");
+        let m = header
+            .section(SectionKind::Manifest)
+            .expect("validated header has a manifest");
         let mut bytes = vec![0u8; m.length as usize];
         file.read_exact_at(&mut bytes, m.offset).map_err(io_err)?;
-        let manifest =
-            Manifest::from_json(&bytes).map_err(|source| ReadError::Manifest { path: path.to_owned(), source })?;
-        Ok(Self { path: path.to_owned(), file, header, digest, manifest })
+        let manifest = Manifest::from_json(&bytes).map_err(|source| ReadError::Manifest {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            header,
+            digest,
+            manifest,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -98,7 +137,9 @@ impl Artifact {
 
     /// The section of a known kind.
     pub fn section(&self, kind: SectionKind) -> &Section {
-        self.header.section(kind).expect("validated header has every known kind")
+        self.header
+            .section(kind)
+            .expect("validated header has every known kind")
     }
 
     /// Reads a whole section into memory.
@@ -117,7 +158,11 @@ impl Artifact {
 
 fn hash_range(file: &File, offset: u64, length: u64) -> io::Result<[u8; 32]> {
     let mut hasher = Sha256::new();
-    let mut reader = RangeReader { file, pos: offset, end: offset + length };
+    let mut reader = RangeReader {
+        file,
+        pos: offset,
+        end: offset + length,
+    };
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = reader.read(&mut buf)?;

@@ -12,21 +12,42 @@ fn manifest() -> Manifest {
             reference: "oci:test".into(),
             digest: "sha256:abc".into(),
             index_digest: None,
-            platform: Platform { os: "linux".into(), architecture: "amd64".into(), variant: None },
+            platform: Platform {
+                os: "linux".into(),
+                architecture: "amd64".into(),
+                variant: None,
+            },
         },
         config: ImageConfig::default(),
-        kernel: KernelInfo { version: "6.12".into(), cmdline: String::new() },
-        rootfs: RootfsInfo { fs_type: "erofs".into(), size: 5000 },
-        builder: BuilderInfo { name: "test".into(), version: "0".into() },
+        kernel: KernelInfo {
+            version: "6.12".into(),
+            cmdline: String::new(),
+        },
+        rootfs: RootfsInfo {
+            fs_type: "erofs".into(),
+            size: 5000,
+        },
+        builder: BuilderInfo {
+            name: "test".into(),
+            version: "0".into(),
+        },
     }
 }
 
 fn write(path: &std::path::Path) -> [u8; 32] {
     let mut w = ArtifactWriter::create(path).unwrap();
-    w.section_bytes(SectionKind::Manifest, FLAG_REQUIRED, &manifest().to_canonical_json()).unwrap();
-    w.section_bytes(SectionKind::Kernel, FLAG_REQUIRED, b"kernel bytes").unwrap();
-    w.section_bytes(SectionKind::Initrd, FLAG_REQUIRED, b"initrd").unwrap();
-    w.section_bytes(SectionKind::Rootfs, FLAG_REQUIRED, &vec![7u8; 5000]).unwrap();
+    w.section_bytes(
+        SectionKind::Manifest,
+        FLAG_REQUIRED,
+        &manifest().to_canonical_json(),
+    )
+    .unwrap();
+    w.section_bytes(SectionKind::Kernel, FLAG_REQUIRED, b"kernel bytes")
+        .unwrap();
+    w.section_bytes(SectionKind::Initrd, FLAG_REQUIRED, b"initrd")
+        .unwrap();
+    w.section_bytes(SectionKind::Rootfs, FLAG_REQUIRED, &vec![7u8; 5000])
+        .unwrap();
     w.finish().unwrap()
 }
 
@@ -38,7 +59,10 @@ fn written_artifact_reads_back_verified_and_aligned() {
     let a = Artifact::open(&path).unwrap();
     assert_eq!(a.digest(), digest);
     assert_eq!(a.manifest(), &manifest());
-    assert_eq!(a.read_section(SectionKind::Kernel).unwrap(), b"kernel bytes");
+    assert_eq!(
+        a.read_section(SectionKind::Kernel).unwrap(),
+        b"kernel bytes"
+    );
     for s in &a.header().sections {
         assert_eq!(s.offset % BLOCK_SIZE, 0);
     }
@@ -87,7 +111,10 @@ fn truncated_and_extended_files_are_refused() {
     let copy = dir.path().join("copy.hvm");
     for len in [0, 10, 4096, good.len() - 1] {
         fs::write(&copy, &good[..len]).unwrap();
-        assert!(Artifact::open(&copy).is_err(), "truncated to {len} accepted");
+        assert!(
+            Artifact::open(&copy).is_err(),
+            "truncated to {len} accepted"
+        );
     }
     let mut longer = good.clone();
     longer.extend_from_slice(&[0; 4096]);
@@ -101,7 +128,9 @@ fn failed_section_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.hvm");
     let mut w = ArtifactWriter::create(&path).unwrap();
-    let r = w.section(SectionKind::Rootfs, FLAG_REQUIRED, |_| Err::<(), _>("boom")).unwrap();
+    let r = w
+        .section(SectionKind::Rootfs, FLAG_REQUIRED, |_| Err::<(), _>("boom"))
+        .unwrap();
     assert_eq!(r, Err("boom"));
     drop(w);
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -112,5 +141,8 @@ fn finished_artifact_is_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.hvm");
     write(&path);
-    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o444);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
 }

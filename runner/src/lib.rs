@@ -74,11 +74,17 @@ fn note(verbose: bool, msg: &str) {
 }
 
 /// Chooses QEMU's accelerator for `choice` on this host.
-pub fn pick_accel(choice: AccelChoice, kvm: &host::Kvm, verbose: bool) -> Result<(qemu::Accel, bool), BootError> {
+pub fn pick_accel(
+    choice: AccelChoice,
+    kvm: &host::Kvm,
+    verbose: bool,
+) -> Result<(qemu::Accel, bool), BootError> {
     use host::Kvm;
     Ok(match (choice, kvm) {
         (AccelChoice::Tcg, _) => (qemu::Accel::Tcg, false),
-        (AccelChoice::Kvm, Kvm::Unavailable(why)) => return Err(BootError::Backend(format!("--accel kvm: {why}"))),
+        (AccelChoice::Kvm, Kvm::Unavailable(why)) => {
+            return Err(BootError::Backend(format!("--accel kvm: {why}")))
+        }
         (AccelChoice::Kvm, Kvm::Pvm) => {
             eprintln!("hyperboot: warning: /dev/kvm is nested KVM of the PVM kind: the guest kernel boots emulated (about a minute) and its user space cannot make system calls; use --accel tcg");
             (qemu::Accel::Kvm, true)
@@ -107,7 +113,9 @@ fn find_qemu() -> Result<String, BootError> {
     if found {
         Ok(name)
     } else {
-        Err(BootError::Backend(format!("{name} not found: install QEMU (apt-get install qemu-system-x86)")))
+        Err(BootError::Backend(format!(
+            "{name} not found: install QEMU (apt-get install qemu-system-x86)"
+        )))
     }
 }
 
@@ -121,7 +129,9 @@ fn choose_backend(choice: Backend, kvm: &host::Kvm) -> Result<Backend, BootError
     use host::Kvm;
     Ok(match (choice, kvm) {
         (Backend::Qemu, _) => Backend::Qemu,
-        (Backend::Kvm, Kvm::Unavailable(why)) => return Err(BootError::Backend(format!("--backend kvm: {why}"))),
+        (Backend::Kvm, Kvm::Unavailable(why)) => {
+            return Err(BootError::Backend(format!("--backend kvm: {why}")))
+        }
         (Backend::Kvm, _) | (Backend::Auto, Kvm::Hardware) => Backend::Kvm,
         (Backend::Auto, Kvm::Pvm) => {
             eprintln!("hyperboot: /dev/kvm is nested KVM of the PVM kind, on which guest user space cannot run: using the QEMU backend with TCG");
@@ -138,7 +148,11 @@ fn choose_backend(choice: Backend, kvm: &host::Kvm) -> Result<Backend, BootError
 /// switches, then the PVM workarounds where needed.
 fn kernel_cmdline(base: &str, opts: &BootOptions, pvm: bool, extra: &str) -> String {
     let mut c = base.to_string();
-    c.push_str(if opts.verbose || opts.console { " loglevel=8" } else { " loglevel=1" });
+    c.push_str(if opts.verbose || opts.console {
+        " loglevel=8"
+    } else {
+        " loglevel=1"
+    });
     if opts.verbose {
         c.push_str(" hyper.debug");
     }
@@ -155,9 +169,13 @@ fn kernel_cmdline(base: &str, opts: &BootOptions, pvm: bool, extra: &str) -> Str
 
 /// Boots the artifact and returns hyperboot's exit code.
 pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
-    let artifact = Artifact::open_with(&opts.artifact, verified::seen)?;
-    if let Ok(m) = artifact.file().metadata() {
-        if !verified::seen(&artifact.digest(), &m) {
+    let seen = std::cell::Cell::new(false);
+    let artifact = Artifact::open_with(&opts.artifact, |digest, meta| {
+        seen.set(verified::seen(digest, meta));
+        seen.get()
+    })?;
+    if !seen.get() {
+        if let Ok(m) = artifact.file().metadata() {
             verified::record(&artifact.digest(), &m);
         }
     }
@@ -172,7 +190,9 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     let kvm = host::probe();
     let backend = choose_backend(opts.backend, &kvm)?;
     let digest_hex = hex::encode(artifact.digest());
-    let mut run = spec::combine(&m.config, &opts.overrides, &digest_hex[..12], |k| std::env::var(k).ok())?;
+    let mut run = spec::combine(&m.config, &opts.overrides, &digest_hex[..12], |k| {
+        std::env::var(k).ok()
+    })?;
     run.debug = opts.verbose;
     match backend {
         Backend::Kvm => boot_kvm(&artifact, &run, kvm == host::Kvm::Pvm, opts),
@@ -180,10 +200,18 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     }
 }
 
-fn boot_kvm(artifact: &Artifact, run: &spec::RunConfig, pvm: bool, opts: &BootOptions) -> Result<u8, BootError> {
+fn boot_kvm(
+    artifact: &Artifact,
+    run: &spec::RunConfig,
+    pvm: bool,
+    opts: &BootOptions,
+) -> Result<u8, BootError> {
     use hvm::SectionKind;
     if pvm {
-        note(opts.verbose, "nested PVM KVM: adding the stock-kernel workarounds to the command line");
+        note(
+            opts.verbose,
+            "nested PVM KVM: adding the stock-kernel workarounds to the command line",
+        );
     }
     let k = artifact.section(SectionKind::Kernel);
     let kernel = vmm::loader::SectionReader::new(artifact.file().try_clone()?, k.offset, k.length);
@@ -191,8 +219,16 @@ fn boot_kvm(artifact: &Artifact, run: &spec::RunConfig, pvm: bool, opts: &BootOp
     initrd.resize(initrd.len().div_ceil(4) * 4, 0);
     initrd.extend_from_slice(&spec::run_archive(run));
     let r = artifact.section(SectionKind::Rootfs);
-    let cmdline = kernel_cmdline(&artifact.manifest().kernel.cmdline, opts, pvm, "8250.nr_uarts=2");
-    note(opts.verbose, &format!("KVM backend, kernel command line: {cmdline}"));
+    let cmdline = kernel_cmdline(
+        &artifact.manifest().kernel.cmdline,
+        opts,
+        pvm,
+        "8250.nr_uarts=2",
+    );
+    note(
+        opts.verbose,
+        &format!("KVM backend, kernel command line: {cmdline}"),
+    );
     let cfg = vmm::VmConfig {
         kernel,
         initrd,
@@ -202,18 +238,28 @@ fn boot_kvm(artifact: &Artifact, run: &spec::RunConfig, pvm: bool, opts: &BootOp
         timeout: opts.timeout,
         console: Box::new(std::io::LineWriter::new(std::io::stdout())),
         seccomp: true,
-        stop_signal: spec::signal_number(&artifact.manifest().config.stop_signal).map_err(BootError::Backend)?,
+        stop_signal: spec::signal_number(&artifact.manifest().config.stop_signal)
+            .map_err(BootError::Backend)?,
         stop_timeout: opts.stop_timeout,
     };
     let outcome = vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)))?;
-    if let Some(spawn) = std::env::var("HYPER_SPAWN_NS").ok().and_then(|s| s.parse::<u64>().ok()) {
+    if let Some(spawn) = std::env::var("HYPER_SPAWN_NS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
         eprintln!(
             "hyperboot-timing: exec_to_first_run_us={} exits={}",
             outcome.first_run_ns.saturating_sub(spawn) / 1000,
             outcome.exits
         );
     }
-    note(opts.verbose, &format!("the VM stopped ({:?}) after {} exits", outcome.stop, outcome.exits));
+    note(
+        opts.verbose,
+        &format!(
+            "the VM stopped ({:?}) after {} exits",
+            outcome.stop, outcome.exits
+        ),
+    );
     Ok(exit_code(&outcome.status, &outcome.stop, opts))
 }
 
@@ -262,19 +308,33 @@ fn exit_code(status: &[u8], stop: &vmm::Stop, opts: &BootOptions) -> u8 {
     }
 }
 
-fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: &BootOptions) -> Result<u8, BootError> {
+fn boot_qemu(
+    artifact: &Artifact,
+    run: &spec::RunConfig,
+    kvm: &host::Kvm,
+    opts: &BootOptions,
+) -> Result<u8, BootError> {
     let m = artifact.manifest();
     let (accel, pvm) = pick_accel(opts.accel, kvm, opts.verbose)?;
     let binary = find_qemu()?;
     let cmdline = kernel_cmdline(&m.kernel.cmdline, opts, pvm, "");
     let mut prepared = qemu::prepare(artifact, &spec::run_archive(run))?;
-    let cfg = qemu::QemuConfig { binary, accel, memory_mib: opts.memory_mib, cmdline };
+    let cfg = qemu::QemuConfig {
+        binary,
+        accel,
+        memory_mib: opts.memory_mib,
+        cmdline,
+    };
     let log = qemu::log_file()?;
     let mut cmd = qemu::command(&cfg, &prepared, &log)?;
-    note(opts.verbose, &format!("{} {}", cfg.binary, qemu::args(&cfg, &prepared).join(" ")));
+    note(
+        opts.verbose,
+        &format!("{} {}", cfg.binary, qemu::args(&cfg, &prepared).join(" ")),
+    );
 
     let (tx, rx) = mpsc::channel();
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
     let handle = signals.handle();
     let stx = tx.clone();
     std::thread::spawn(move || {
@@ -284,7 +344,9 @@ fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: 
             }
         }
     });
-    let mut child = cmd.spawn().map_err(|e| BootError::Backend(format!("cannot start {}: {e}", cfg.binary)))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BootError::Backend(format!("cannot start {}: {e}", cfg.binary)))?;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     drop(cmd);
     std::thread::spawn(move || {
@@ -293,24 +355,38 @@ fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: 
 
     let stop = |rx: &mpsc::Receiver<Event>| {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        if !matches!(rx.recv_timeout(Duration::from_secs(3)), Ok(Event::Exited(_))) {
+        if !matches!(
+            rx.recv_timeout(Duration::from_secs(3)),
+            Ok(Event::Exited(_))
+        ) {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = rx.recv_timeout(Duration::from_secs(3));
         }
     };
     let deadline = opts.timeout.map(|t| std::time::Instant::now() + t);
-    let stop_signal = spec::signal_number(&artifact.manifest().config.stop_signal).map_err(BootError::Backend)?;
+    let stop_signal =
+        spec::signal_number(&artifact.manifest().config.stop_signal).map_err(BootError::Backend)?;
     // (deadline, SIGKILL already sent, the signal hyperboot got)
     let mut graceful: Option<(std::time::Instant, bool, i32)> = None;
     let exit = loop {
-        let until = [deadline, graceful.map(|g| g.0)].into_iter().flatten().min();
+        let until = [deadline, graceful.map(|g| g.0)]
+            .into_iter()
+            .flatten()
+            .min();
         let ev = match until {
-            Some(d) => match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
-                Ok(ev) => Some(ev),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(BootError::Backend("lost track of the VM process".into())),
-            },
-            None => Some(rx.recv().map_err(|_| BootError::Backend("lost track of the VM process".into()))?),
+            Some(d) => {
+                match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
+                    Ok(ev) => Some(ev),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(BootError::Backend("lost track of the VM process".into()))
+                    }
+                }
+            }
+            None => Some(
+                rx.recv()
+                    .map_err(|_| BootError::Backend("lost track of the VM process".into()))?,
+            ),
         };
         let now = std::time::Instant::now();
         match ev {
@@ -323,7 +399,10 @@ fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: 
             }
             Some(Event::Signal(s)) => {
                 if graceful.is_none() {
-                    note(opts.verbose, &format!("signal {s}: sending signal {stop_signal} to the app"));
+                    note(
+                        opts.verbose,
+                        &format!("signal {s}: sending signal {stop_signal} to the app"),
+                    );
                     qemu::send_control(&prepared, &format!("signal {stop_signal}\n"));
                     graceful = Some((now + opts.stop_timeout, false, s));
                 }
@@ -372,7 +451,11 @@ fn boot_qemu(artifact: &Artifact, run: &spec::RunConfig, kvm: &host::Kvm, opts: 
                 eprintln!("hyperboot: the guest stopped without reporting an exit status (kernel panic or reset; rerun with --console to see the kernel log)");
                 Ok(status::NO_STATUS)
             } else {
-                Err(BootError::Backend(format!("{} failed ({exit}): {}", cfg.binary, qlog.trim())))
+                Err(BootError::Backend(format!(
+                    "{} failed ({exit}): {}",
+                    cfg.binary,
+                    qlog.trim()
+                )))
             }
         }
     }

@@ -8,7 +8,11 @@ use clap::Parser;
 use hyperboot::{boot, spec::Overrides, status, AccelChoice, Backend, BootOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "hyperboot", version, about = "Boot a sealed .hvm artifact as a microVM")]
+#[command(
+    name = "hyperboot",
+    version,
+    about = "Boot a sealed .hvm artifact as a microVM"
+)]
 struct Cli {
     /// The artifact to boot
     artifact: PathBuf,
@@ -78,14 +82,18 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
     let mib = n.checked_mul(mult).ok_or("size too large")?;
     if mib < 32 {
-        return Err(format!("{mib} MiB is too little memory for a guest (at least 32M)"));
+        return Err(format!(
+            "{mib} MiB is too little memory for a guest (at least 32M)"
+        ));
     }
     Ok(mib)
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let s = s.trim_end_matches('s');
-    let v: f64 = s.parse().map_err(|_| format!("not a number of seconds: {s:?}"))?;
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s:?}"))?;
     if !(v > 0.0 && v.is_finite()) {
         return Err("the timeout must be positive".into());
     }
@@ -110,7 +118,10 @@ fn main() -> ExitCode {
     };
     let mut env = Vec::new();
     for f in &cli.env_file {
-        match std::fs::read_to_string(f).map_err(|e| e.to_string()).and_then(|t| hyperboot::spec::parse_env_file(&t)) {
+        match std::fs::read_to_string(f)
+            .map_err(|e| e.to_string())
+            .and_then(|t| hyperboot::spec::parse_env_file(&t))
+        {
             Ok(v) => env.extend(v),
             Err(e) => {
                 eprintln!("hyperboot: error: --env-file {}: {e}", f.display());

@@ -70,7 +70,11 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     }
     let open_rw = |name: &str| {
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(fifo_dir.path().join(name))
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo_dir.path().join(name))
     };
     let status = open_rw("status.out")?;
     let control = open_rw("status.in")?;
@@ -78,7 +82,16 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     let rootfs_fd = nix::unistd::dup(a.file().as_raw_fd())?;
     let rootfs_fd = owned(rootfs_fd);
     let s = a.section(SectionKind::Rootfs);
-    Ok(Prepared { kernel, initrd, status, control, fifo_dir, rootfs_fd, rootfs_offset: s.offset, rootfs_len: s.length })
+    Ok(Prepared {
+        kernel,
+        initrd,
+        status,
+        control,
+        fifo_dir,
+        rootfs_fd,
+        rootfs_offset: s.offset,
+        rootfs_len: s.length,
+    })
 }
 
 fn owned(fd: std::os::fd::RawFd) -> OwnedFd {
@@ -141,7 +154,10 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
 /// messages captured in `qemu_log`.
 pub fn command(cfg: &QemuConfig, p: &Prepared, qemu_log: &File) -> std::io::Result<Command> {
     let mut c = Command::new(&cfg.binary);
-    c.args(args(cfg, p)).stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(qemu_log.try_clone()?);
+    c.args(args(cfg, p))
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(qemu_log.try_clone()?);
     Ok(c)
 }
 
@@ -186,9 +202,17 @@ mod tests {
             rootfs_offset: 8192,
             rootfs_len: 4096,
         };
-        let cfg = QemuConfig { binary: "qemu".into(), accel: Accel::Tcg, memory_mib: 128, cmdline: "console=ttyS0".into() };
+        let cfg = QemuConfig {
+            binary: "qemu".into(),
+            accel: Accel::Tcg,
+            memory_mib: 128,
+            cmdline: "console=ttyS0".into(),
+        };
         let a = args(&cfg, &p).join(" ");
-        assert!(a.contains("driver=raw,node-name=rootfs,read-only=on,offset=8192,size=4096,"), "{a}");
+        assert!(
+            a.contains("driver=raw,node-name=rootfs,read-only=on,offset=8192,size=4096,"),
+            "{a}"
+        );
         assert!(a.contains("file.read-only=on"));
         assert!(a.contains("-accel tcg"));
         assert!(a.contains("-no-reboot"));

@@ -8,18 +8,38 @@ use serde::Serialize;
 /// `TERM`, `15`); SIGTERM when empty.
 pub fn signal_number(name: &str) -> Result<i32, String> {
     const NAMES: [(&str, i32); 14] = [
-        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("KILL", 9), ("USR1", 10), ("USR2", 12), ("PIPE", 13),
-        ("ALRM", 14), ("TERM", 15), ("CHLD", 17), ("CONT", 18), ("STOP", 19), ("TSTP", 20), ("WINCH", 28),
+        ("HUP", 1),
+        ("INT", 2),
+        ("QUIT", 3),
+        ("KILL", 9),
+        ("USR1", 10),
+        ("USR2", 12),
+        ("PIPE", 13),
+        ("ALRM", 14),
+        ("TERM", 15),
+        ("CHLD", 17),
+        ("CONT", 18),
+        ("STOP", 19),
+        ("TSTP", 20),
+        ("WINCH", 28),
     ];
     let n = name.trim();
     if n.is_empty() {
         return Ok(libc::SIGTERM);
     }
     if let Ok(v) = n.parse::<i32>() {
-        return if (1..=64).contains(&v) { Ok(v) } else { Err(format!("signal {v} is out of range")) };
+        return if (1..=64).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("signal {v} is out of range"))
+        };
     }
     let bare = n.strip_prefix("SIG").unwrap_or(n);
-    NAMES.iter().find(|(k, _)| *k == bare).map(|(_, v)| *v).ok_or_else(|| format!("unknown signal {n:?}"))
+    NAMES
+        .iter()
+        .find(|(k, _)| *k == bare)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| format!("unknown signal {n:?}"))
 }
 
 /// Parses a `--env-file` as Docker does: `KEY=VALUE` or `KEY` (taken from the
@@ -121,9 +141,15 @@ pub fn combine(
     Ok(RunConfig {
         argv,
         env,
-        workdir: o.workdir.clone().unwrap_or_else(|| image.working_dir.clone()),
+        workdir: o
+            .workdir
+            .clone()
+            .unwrap_or_else(|| image.working_dir.clone()),
         user: o.user.clone().unwrap_or_else(|| image.user.clone()),
-        hostname: o.hostname.clone().unwrap_or_else(|| default_hostname.to_string()),
+        hostname: o
+            .hostname
+            .clone()
+            .unwrap_or_else(|| default_hostname.to_string()),
         read_only: o.read_only,
         tmpfs: o.tmpfs.clone(),
         debug: false,
@@ -134,7 +160,11 @@ pub fn combine(
 pub fn run_archive(cfg: &RunConfig) -> Vec<u8> {
     let mut c = hvm::cpio::Cpio::new();
     c.dir("hyper", 0o755);
-    c.file("hyper/run.json", 0o644, &serde_json::to_vec(cfg).expect("serializes"));
+    c.file(
+        "hyper/run.json",
+        0o644,
+        &serde_json::to_vec(cfg).expect("serializes"),
+    );
     c.finish()
 }
 
@@ -144,7 +174,13 @@ mod tests {
 
     fn image(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> hvm::ImageConfig {
         let v = |x: Option<&[&str]>| x.map(|s| s.iter().map(|s| s.to_string()).collect());
-        hvm::ImageConfig { entrypoint: v(ep), cmd: v(cmd), env: vec!["A=1".into()], working_dir: "/w".into(), ..Default::default() }
+        hvm::ImageConfig {
+            entrypoint: v(ep),
+            cmd: v(cmd),
+            env: vec!["A=1".into()],
+            working_dir: "/w".into(),
+            ..Default::default()
+        }
     }
 
     fn argv(img: &hvm::ImageConfig, o: Overrides) -> Result<Vec<String>, SpecError> {
@@ -155,17 +191,70 @@ mod tests {
     fn entrypoint_and_cmd_combine_as_in_docker() {
         let both = image(Some(&["/ep", "x"]), Some(&["c1", "c2"]));
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(argv(&both, Overrides::default()).unwrap(), s(&["/ep", "x", "c1", "c2"]));
-        assert_eq!(argv(&both, Overrides { args: s(&["a"]), ..Default::default() }).unwrap(), s(&["/ep", "x", "a"]));
-        assert_eq!(argv(&both, Overrides { entrypoint: Some("/new".into()), ..Default::default() }).unwrap(), s(&["/new"]));
         assert_eq!(
-            argv(&both, Overrides { entrypoint: Some("".into()), args: s(&["sh", "-c", "true"]), ..Default::default() }).unwrap(),
+            argv(&both, Overrides::default()).unwrap(),
+            s(&["/ep", "x", "c1", "c2"])
+        );
+        assert_eq!(
+            argv(
+                &both,
+                Overrides {
+                    args: s(&["a"]),
+                    ..Default::default()
+                }
+            )
+            .unwrap(),
+            s(&["/ep", "x", "a"])
+        );
+        assert_eq!(
+            argv(
+                &both,
+                Overrides {
+                    entrypoint: Some("/new".into()),
+                    ..Default::default()
+                }
+            )
+            .unwrap(),
+            s(&["/new"])
+        );
+        assert_eq!(
+            argv(
+                &both,
+                Overrides {
+                    entrypoint: Some("".into()),
+                    args: s(&["sh", "-c", "true"]),
+                    ..Default::default()
+                }
+            )
+            .unwrap(),
             s(&["sh", "-c", "true"])
         );
         let cmd_only = image(None, Some(&["sh"]));
-        assert_eq!(argv(&cmd_only, Overrides { args: s(&["echo", "hi"]), ..Default::default() }).unwrap(), s(&["echo", "hi"]));
-        assert_eq!(argv(&image(None, None), Overrides::default()), Err(SpecError::NoCommand));
-        assert_eq!(argv(&both, Overrides { entrypoint: Some("".into()), ..Default::default() }), Err(SpecError::NoCommand));
+        assert_eq!(
+            argv(
+                &cmd_only,
+                Overrides {
+                    args: s(&["echo", "hi"]),
+                    ..Default::default()
+                }
+            )
+            .unwrap(),
+            s(&["echo", "hi"])
+        );
+        assert_eq!(
+            argv(&image(None, None), Overrides::default()),
+            Err(SpecError::NoCommand)
+        );
+        assert_eq!(
+            argv(
+                &both,
+                Overrides {
+                    entrypoint: Some("".into()),
+                    ..Default::default()
+                }
+            ),
+            Err(SpecError::NoCommand)
+        );
     }
 
     #[test]
@@ -173,9 +262,23 @@ mod tests {
         let img = image(None, Some(&["sh"]));
         let c = combine(&img, &Overrides::default(), "h", |_| None).unwrap();
         let json = serde_json::to_string(&c).unwrap();
-        assert!(!json.contains("read_only") && !json.contains("tmpfs"), "{json}");
-        let c = combine(&img, &Overrides { read_only: true, ..Default::default() }, "h", |_| None).unwrap();
-        assert!(serde_json::to_string(&c).unwrap().contains(r#""read_only":true"#));
+        assert!(
+            !json.contains("read_only") && !json.contains("tmpfs"),
+            "{json}"
+        );
+        let c = combine(
+            &img,
+            &Overrides {
+                read_only: true,
+                ..Default::default()
+            },
+            "h",
+            |_| None,
+        )
+        .unwrap();
+        assert!(serde_json::to_string(&c)
+            .unwrap()
+            .contains(r#""read_only":true"#));
     }
 
     #[test]
@@ -191,7 +294,10 @@ mod tests {
     #[test]
     fn env_files_parse_like_docker() {
         let text = "# comment\n\nA=1\n  B=two words\nFROM_HOST\nC=\n";
-        assert_eq!(parse_env_file(text).unwrap(), ["A=1", "B=two words", "FROM_HOST", "C="]);
+        assert_eq!(
+            parse_env_file(text).unwrap(),
+            ["A=1", "B=two words", "FROM_HOST", "C="]
+        );
         assert!(parse_env_file("=nokey\n").unwrap_err().contains("line 1"));
         assert!(parse_env_file("BAD KEY=1\n").is_err());
     }
@@ -200,14 +306,35 @@ mod tests {
     fn env_workdir_user_hostname() {
         let img = image(None, Some(&["sh"]));
         let o = Overrides {
-            env: vec!["B=2".into(), "A=9".into(), "FROM_HOST".into(), "UNSET".into()],
+            env: vec![
+                "B=2".into(),
+                "A=9".into(),
+                "FROM_HOST".into(),
+                "UNSET".into(),
+            ],
             user: Some("app".into()),
             ..Default::default()
         };
-        let c = combine(&img, &o, "abc", |k| (k == "FROM_HOST").then(|| "v".to_string())).unwrap();
+        let c = combine(&img, &o, "abc", |k| {
+            (k == "FROM_HOST").then(|| "v".to_string())
+        })
+        .unwrap();
         assert_eq!(c.env, ["A=1", "B=2", "A=9", "FROM_HOST=v"]);
-        assert_eq!((c.workdir.as_str(), c.user.as_str(), c.hostname.as_str()), ("/w", "app", "abc"));
-        let c = combine(&img, &Overrides { workdir: Some("/x".into()), hostname: Some("n".into()), ..Default::default() }, "abc", |_| None).unwrap();
+        assert_eq!(
+            (c.workdir.as_str(), c.user.as_str(), c.hostname.as_str()),
+            ("/w", "app", "abc")
+        );
+        let c = combine(
+            &img,
+            &Overrides {
+                workdir: Some("/x".into()),
+                hostname: Some("n".into()),
+                ..Default::default()
+            },
+            "abc",
+            |_| None,
+        )
+        .unwrap();
         assert_eq!((c.workdir.as_str(), c.hostname.as_str()), ("/x", "n"));
     }
 }

@@ -35,8 +35,15 @@ impl GuestStatus {
         let line = text.split_once('\n')?.0;
         let (key, value) = line.split_once('=')?;
         match key {
-            "exit" => value.parse::<i64>().ok().map(|c| GuestStatus::Exited((c & 0xff) as u8)),
-            "signal" => value.parse::<u8>().ok().filter(|s| (1..=64).contains(s)).map(GuestStatus::Signaled),
+            "exit" => value
+                .parse::<i64>()
+                .ok()
+                .map(|c| GuestStatus::Exited((c & 0xff) as u8)),
+            "signal" => value
+                .parse::<u8>()
+                .ok()
+                .filter(|s| (1..=64).contains(s))
+                .map(GuestStatus::Signaled),
             "error" => Some(GuestStatus::InitError(value.to_string())),
             _ => None,
         }
@@ -57,11 +64,31 @@ mod tests {
 
     #[test]
     fn parses_reports_and_refuses_garbage() {
-        assert_eq!(GuestStatus::parse(b"exit=7\n"), Some(GuestStatus::Exited(7)));
-        assert_eq!(GuestStatus::parse(b"exit=300\n").map(|s| s.exit_code()), Some(44));
-        assert_eq!(GuestStatus::parse(b"signal=9\n").map(|s| s.exit_code()), Some(137));
-        assert_eq!(GuestStatus::parse(b"error=no root\n"), Some(GuestStatus::InitError("no root".into())));
-        for bad in [&b""[..], b"exit=7", b"exit=x\n", b"signal=0\n", b"signal=200\n", b"hello\n", b"\xff\n"] {
+        assert_eq!(
+            GuestStatus::parse(b"exit=7\n"),
+            Some(GuestStatus::Exited(7))
+        );
+        assert_eq!(
+            GuestStatus::parse(b"exit=300\n").map(|s| s.exit_code()),
+            Some(44)
+        );
+        assert_eq!(
+            GuestStatus::parse(b"signal=9\n").map(|s| s.exit_code()),
+            Some(137)
+        );
+        assert_eq!(
+            GuestStatus::parse(b"error=no root\n"),
+            Some(GuestStatus::InitError("no root".into()))
+        );
+        for bad in [
+            &b""[..],
+            b"exit=7",
+            b"exit=x\n",
+            b"signal=0\n",
+            b"signal=200\n",
+            b"hello\n",
+            b"\xff\n",
+        ] {
             assert_eq!(GuestStatus::parse(bad), None, "{bad:?}");
         }
     }

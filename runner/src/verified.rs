@@ -11,14 +11,20 @@ fn dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HYPER_VERIFIED_CACHE") {
         return PathBuf::from(p);
     }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
-        .join("hyper/verified")
+    hvm::cache_home().join("verified")
 }
 
 fn stamp(m: &std::fs::Metadata) -> String {
-    format!("{} {} {} {}.{} {}.{}\n", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+    format!(
+        "{} {} {} {}.{} {}.{}\n",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
 }
 
 /// Whether this file, with this digest, was verified before.

@@ -14,27 +14,42 @@ use std::sync::OnceLock;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn script_output(name: &str) -> PathBuf {
     let out = Command::new(repo().join("scripts").join(name))
         .output()
         .unwrap_or_else(|e| panic!("cannot run scripts/{name}: {e}"));
-    assert!(out.status.success(), "scripts/{name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "scripts/{name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
 }
 
 /// The guest kernel: `$HYPER_KERNEL`, or the cached build (built if missing).
 pub fn kernel() -> &'static Path {
     static K: OnceLock<PathBuf> = OnceLock::new();
-    K.get_or_init(|| std::env::var_os("HYPER_KERNEL").map(PathBuf::from).unwrap_or_else(|| script_output("build-kernel")))
+    K.get_or_init(|| {
+        std::env::var_os("HYPER_KERNEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| script_output("build-kernel"))
+    })
 }
 
 /// The static hyperinit: `$HYPER_INIT`, or built now.
 pub fn init() -> &'static Path {
     static I: OnceLock<PathBuf> = OnceLock::new();
-    I.get_or_init(|| std::env::var_os("HYPER_INIT").map(PathBuf::from).unwrap_or_else(|| script_output("build-init")))
+    I.get_or_init(|| {
+        std::env::var_os("HYPER_INIT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| script_output("build-init"))
+    })
 }
 
 /// The path of a workspace binary (built on first use).
@@ -69,7 +84,8 @@ pub fn hyperboot() -> Command {
 /// A scratch directory that lives for the whole test binary.
 pub fn scratch() -> &'static Path {
     static D: OnceLock<tempfile::TempDir> = OnceLock::new();
-    D.get_or_init(|| tempfile::tempdir().expect("tempdir")).path()
+    D.get_or_init(|| tempfile::tempdir().expect("tempdir"))
+        .path()
 }
 
 /// Makes the busybox OCI layout (`scripts/make-test-image`) at `dir`.
@@ -80,7 +96,11 @@ pub fn make_image(dir: &Path, tag: &str, user: &str) {
         .arg(user)
         .output()
         .expect("run make-test-image");
-    assert!(out.status.success(), "make-test-image failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "make-test-image failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Builds `oci:layout` into `out` with the test kernel and init.
@@ -107,7 +127,11 @@ pub fn busybox_artifact() -> &'static Path {
         make_image(&layout, "latest", "");
         let out = scratch().join("busybox.hvm");
         let o = build(&layout, &out);
-        assert!(o.status.success(), "hyperbuild failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "hyperbuild failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         out
     })
 }
@@ -139,7 +163,11 @@ pub fn boot(artifact: &Path, args: &[&str]) -> Run {
 /// Boots `artifact` on `backend` (`qemu` or `kvm`) with `args`.
 pub fn boot_on(backend: &str, artifact: &Path, args: &[&str]) -> Run {
     let flags: Vec<&str> = args.iter().copied().take_while(|a| *a != "--").collect();
-    let bound: &[&str] = if flags.contains(&"--timeout") { &[] } else { &["--timeout", "120"] };
+    let bound: &[&str] = if flags.contains(&"--timeout") {
+        &[]
+    } else {
+        &["--timeout", "120"]
+    };
     let out = hyperboot()
         .arg("--backend")
         .arg(backend)
@@ -158,7 +186,11 @@ pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED {test}: {reason}");
     if let Some(log) = std::env::var_os("HYPER_TEST_SKIP_LOG") {
         use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
             // One write per line: concurrent tests append to the same file.
             let _ = f.write_all(format!("{test}: {reason}\n").as_bytes());
         }
@@ -168,14 +200,21 @@ pub fn skip(test: &str, reason: &str) {
 /// Whether /dev/kvm can be opened (any kind, PVM included): the tiny test
 /// guests run on it.
 pub fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 /// Whether the host has hardware virtualization (vmx/svm) and not nested PVM
 /// KVM: full guests with user space run only there.
 pub fn hardware_kvm() -> bool {
     let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let hw = flags
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     kvm_usable() && hw && !Path::new("/sys/module/kvm_pvm").exists()
 }
 
@@ -185,28 +224,59 @@ pub fn hardware_kvm() -> bool {
 /// left to convert) so the same loader as for a vmlinux takes it.
 pub fn build_guest(name: &str, defines: &[&str]) -> PathBuf {
     let src = repo().join("tests/guests");
-    let tag = format!("{name}{}", defines.iter().map(|d| format!("-{}", d.replace('=', ""))).collect::<String>());
+    let tag = format!(
+        "{name}{}",
+        defines
+            .iter()
+            .map(|d| format!("-{}", d.replace('=', "")))
+            .collect::<String>()
+    );
     let dir = scratch().join(format!("guest-{tag}"));
     std::fs::create_dir_all(&dir).expect("guest dir");
     let flags = [
-        "-m32", "-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector", "-nostdlib",
-        "-fno-builtin", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wall", "-Werror",
+        "-m32",
+        "-O2",
+        "-ffreestanding",
+        "-fno-pic",
+        "-fno-pie",
+        "-fno-stack-protector",
+        "-nostdlib",
+        "-fno-builtin",
+        "-mgeneral-regs-only",
+        "-fno-asynchronous-unwind-tables",
+        "-Wall",
+        "-Werror",
     ];
     let mut objs = Vec::new();
     for (file, obj) in [("start.S", "start.o"), (&format!("{name}.c")[..], "main.o")] {
         let o = dir.join(obj);
         let mut cc = Command::new("gcc");
-        cc.args(flags).args(defines.iter().map(|d| format!("-D{d}"))).arg("-c").arg(src.join(file)).arg("-o").arg(&o);
+        cc.args(flags)
+            .args(defines.iter().map(|d| format!("-D{d}")))
+            .arg("-c")
+            .arg(src.join(file))
+            .arg("-o")
+            .arg(&o);
         run_ok(cc, "gcc (install build-essential)");
         objs.push(o);
     }
     let elf32 = dir.join(format!("{tag}.elf32"));
     let mut ld = Command::new("ld");
-    ld.args(["-m", "elf_i386", "-nostdlib", "-static", "-z", "noexecstack", "--no-warn-rwx-segments", "--build-id=none", "-T"])
-        .arg(src.join("guest.ld"))
-        .arg("-o")
-        .arg(&elf32)
-        .args(&objs);
+    ld.args([
+        "-m",
+        "elf_i386",
+        "-nostdlib",
+        "-static",
+        "-z",
+        "noexecstack",
+        "--no-warn-rwx-segments",
+        "--build-id=none",
+        "-T",
+    ])
+    .arg(src.join("guest.ld"))
+    .arg("-o")
+    .arg(&elf32)
+    .args(&objs);
     run_ok(ld, "ld");
     let elf = dir.join(format!("{tag}.elf"));
     let mut oc = Command::new("objcopy");
@@ -216,13 +286,21 @@ pub fn build_guest(name: &str, defines: &[&str]) -> PathBuf {
 }
 
 fn run_ok(mut c: Command, what: &str) {
-    let out = c.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The rootfs test guests read: at every 4-byte offset o, the word o ^ 0x5a5a5a5a.
 pub fn pattern_rootfs(len: usize) -> Vec<u8> {
-    (0..len / 4).flat_map(|i| ((i as u32 * 4) ^ 0x5a5a_5a5a).to_le_bytes()).collect()
+    (0..len / 4)
+        .flat_map(|i| ((i as u32 * 4) ^ 0x5a5a_5a5a).to_le_bytes())
+        .collect()
 }
 
 /// Wraps a test guest into an artifact (kernel = the guest, rootfs = `rootfs`).
@@ -232,20 +310,49 @@ pub fn guest_artifact(elf: &Path, rootfs: &[u8]) -> PathBuf {
     let manifest = hvm::Manifest {
         image: hvm::ImageInfo {
             reference: "test-guest".into(),
-            digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+            digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                .into(),
             index_digest: None,
-            platform: hvm::Platform { os: "linux".into(), architecture: "amd64".into(), variant: None },
+            platform: hvm::Platform {
+                os: "linux".into(),
+                architecture: "amd64".into(),
+                variant: None,
+            },
         },
-        config: hvm::ImageConfig { cmd: Some(vec!["guest".into()]), ..Default::default() },
-        kernel: hvm::KernelInfo { version: "test-guest".into(), cmdline: String::new() },
-        rootfs: hvm::RootfsInfo { fs_type: "raw".into(), size: rootfs.len() as u64 },
-        builder: hvm::BuilderInfo { name: "hyper-tests".into(), version: "0".into() },
+        config: hvm::ImageConfig {
+            cmd: Some(vec!["guest".into()]),
+            ..Default::default()
+        },
+        kernel: hvm::KernelInfo {
+            version: "test-guest".into(),
+            cmdline: String::new(),
+        },
+        rootfs: hvm::RootfsInfo {
+            fs_type: "raw".into(),
+            size: rootfs.len() as u64,
+        },
+        builder: hvm::BuilderInfo {
+            name: "hyper-tests".into(),
+            version: "0".into(),
+        },
     };
     let mut w = hvm::ArtifactWriter::create(&out).expect("create artifact");
-    w.section_bytes(hvm::SectionKind::Kernel, hvm::FLAG_REQUIRED, &std::fs::read(elf).expect("guest elf")).unwrap();
-    w.section_bytes(hvm::SectionKind::Initrd, hvm::FLAG_REQUIRED, &[]).unwrap();
-    w.section_bytes(hvm::SectionKind::Rootfs, hvm::FLAG_REQUIRED, rootfs).unwrap();
-    w.section_bytes(hvm::SectionKind::Manifest, hvm::FLAG_REQUIRED, &manifest.to_canonical_json()).unwrap();
+    w.section_bytes(
+        hvm::SectionKind::Kernel,
+        hvm::FLAG_REQUIRED,
+        &std::fs::read(elf).expect("guest elf"),
+    )
+    .unwrap();
+    w.section_bytes(hvm::SectionKind::Initrd, hvm::FLAG_REQUIRED, &[])
+        .unwrap();
+    w.section_bytes(hvm::SectionKind::Rootfs, hvm::FLAG_REQUIRED, rootfs)
+        .unwrap();
+    w.section_bytes(
+        hvm::SectionKind::Manifest,
+        hvm::FLAG_REQUIRED,
+        &manifest.to_canonical_json(),
+    )
+    .unwrap();
     w.finish().expect("finish artifact");
     out
 }

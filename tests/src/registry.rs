@@ -11,7 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A running `docker-registry`; stopped when dropped.
@@ -37,7 +41,10 @@ impl Registry {
             dir.path().join("data").display()
         );
         let credentials = if auth {
-            let out = Command::new("htpasswd").args(["-Bbn", "tester", "s3cret"]).output().expect("htpasswd (apache2-utils)");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", "tester", "s3cret"])
+                .output()
+                .expect("htpasswd (apache2-utils)");
             assert!(out.status.success());
             std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
             config.push_str(&format!(
@@ -64,19 +71,29 @@ impl Registry {
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
-        Registry { addr, credentials, child, _dir: dir }
+        Registry {
+            addr,
+            credentials,
+            child,
+            _dir: dir,
+        }
     }
 
     /// Pushes `oci:LAYOUT[:TAG]` (or any skopeo source) to `REPO:TAG` here.
     pub fn push(&self, source: &str, dest: &str, extra: &[&str]) {
         let mut c = Command::new("skopeo");
-        c.args(["copy", "--quiet", "--dest-tls-verify=false"]).args(extra);
+        c.args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .args(extra);
         if let Some((u, p)) = &self.credentials {
             c.arg(format!("--dest-creds={u}:{p}"));
         }
         c.arg(source).arg(format!("docker://{}/{dest}", self.addr));
         let out = c.output().expect("skopeo (apt-get install skopeo)");
-        assert!(out.status.success(), "skopeo copy {source} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "skopeo copy {source} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -113,7 +130,11 @@ type Blobs = Arc<Mutex<std::collections::HashMap<String, (String, Vec<u8>)>>>;
 impl FakeRegistry {
     /// `manifests`: reference (tag or digest) → (media type, bytes); `blobs`:
     /// digest → bytes.
-    pub fn start(manifests: Vec<(String, String, Vec<u8>)>, blobs: Vec<(String, Vec<u8>)>, fault: BlobFault) -> FakeRegistry {
+    pub fn start(
+        manifests: Vec<(String, String, Vec<u8>)>,
+        blobs: Vec<(String, Vec<u8>)>,
+        fault: BlobFault,
+    ) -> FakeRegistry {
         Self::start_with(manifests, blobs, fault, false)
     }
 
@@ -128,10 +149,15 @@ impl FakeRegistry {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().unwrap().to_string();
         let map: Blobs = Arc::new(Mutex::new(
-            manifests.into_iter().map(|(r, mt, b)| (format!("manifests/{r}"), (mt, b))).collect(),
+            manifests
+                .into_iter()
+                .map(|(r, mt, b)| (format!("manifests/{r}"), (mt, b)))
+                .collect(),
         ));
         for (d, b) in blobs {
-            map.lock().unwrap().insert(format!("blobs/{d}"), ("application/octet-stream".into(), b));
+            map.lock()
+                .unwrap()
+                .insert(format!("blobs/{d}"), ("application/octet-stream".into(), b));
         }
         let counter = Arc::new(AtomicUsize::new(0));
         let seen: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
@@ -141,10 +167,15 @@ impl FakeRegistry {
             for stream in listener.incoming().flatten() {
                 let (map, seen, c2, addr) = (map.clone(), seen.clone(), c2.clone(), a2.clone());
                 let token = bearer.then_some(addr);
-                std::thread::spawn(move || serve(stream, &map, &seen, &c2, fault, token.as_deref()));
+                std::thread::spawn(move || {
+                    serve(stream, &map, &seen, &c2, fault, token.as_deref())
+                });
             }
         });
-        FakeRegistry { addr, blob_requests: counter }
+        FakeRegistry {
+            addr,
+            blob_requests: counter,
+        }
     }
 }
 
@@ -166,7 +197,10 @@ fn serve(
             return;
         }
         let parts: Vec<&str> = line.split_whitespace().collect();
-        let (method, path) = (parts.first().copied().unwrap_or(""), parts.get(1).copied().unwrap_or(""));
+        let (method, path) = (
+            parts.first().copied().unwrap_or(""),
+            parts.get(1).copied().unwrap_or(""),
+        );
         let (mut range_start, mut body_len, mut authorized) = (0usize, 0usize, false);
         loop {
             let mut h = String::new();
@@ -175,7 +209,13 @@ fn serve(
             }
             let lower = h.to_ascii_lowercase();
             if let Some(v) = lower.strip_prefix("range: bytes=") {
-                range_start = v.trim().trim_end_matches('-').split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                range_start = v
+                    .trim()
+                    .trim_end_matches('-')
+                    .split('-')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
             }
             if let Some(v) = lower.strip_prefix("content-length:") {
                 body_len = v.trim().parse().unwrap_or(0);
@@ -188,12 +228,14 @@ fn serve(
         let _ = reader.read_exact(&mut sink);
         if let Some(realm) = bearer_realm {
             if path.starts_with("/token") {
-                let body = format!(r#"{{"token":"{TOKEN}","access_token":"{TOKEN}","expires_in":300}}"#);
+                let body =
+                    format!(r#"{{"token":"{TOKEN}","access_token":"{TOKEN}","expires_in":300}}"#);
                 let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
                 continue;
             }
             if !authorized {
-                let msg = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+                let msg =
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
                 let _ = write!(
                     out,
                     "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{realm}/token\",service=\"fake\",scope=\"repository:test/fake:pull\"\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -204,12 +246,18 @@ fn serve(
             }
         }
         if path == "/v2/" {
-            let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}");
+            let _ = out.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}",
+            );
             continue;
         }
         // /v2/<name>/manifests/<ref> or /v2/<name>/blobs/<digest>
         let key = path.rsplitn(3, '/').collect::<Vec<_>>();
-        let key = if key.len() >= 2 { format!("{}/{}", key[1], key[0]) } else { String::new() };
+        let key = if key.len() >= 2 {
+            format!("{}/{}", key[1], key[0])
+        } else {
+            String::new()
+        };
         let entry = map.lock().unwrap().get(&key).cloned();
         let Some((media_type, mut body)) = entry else {
             let msg = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"not found"}]}"#;
@@ -227,13 +275,19 @@ fn serve(
             }
         }
         let first_time = seen.lock().unwrap().insert(key.clone());
-        let cut = is_blob && (fault == BlobFault::CutAlways || (fault == BlobFault::CutOnce && first_time)) && body.len() > 1;
+        let cut = is_blob
+            && (fault == BlobFault::CutAlways || (fault == BlobFault::CutOnce && first_time))
+            && body.len() > 1;
         let (status, slice) = if is_blob && range_start > 0 && range_start < body.len() {
             ("206 Partial Content", &body[range_start..])
         } else {
             ("200 OK", &body[..])
         };
-        let _ = write!(out, "HTTP/1.1 {status}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\n\r\n", slice.len());
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\n\r\n",
+            slice.len()
+        );
         if method == "HEAD" {
             continue;
         }
@@ -253,7 +307,10 @@ pub fn layout_blobs(layout: &Path) -> Vec<(String, Vec<u8>)> {
         .expect("blobs")
         .map(|e| {
             let p: PathBuf = e.unwrap().path();
-            (format!("sha256:{}", p.file_name().unwrap().to_string_lossy()), std::fs::read(&p).unwrap())
+            (
+                format!("sha256:{}", p.file_name().unwrap().to_string_lossy()),
+                std::fs::read(&p).unwrap(),
+            )
         })
         .collect()
 }

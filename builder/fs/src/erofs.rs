@@ -75,7 +75,9 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         if let Some(children) = tree.children(order[i]) {
             for (name, e) in children {
                 if name.len() > 255 {
-                    return Err(ErofsError::NameTooLong(String::from_utf8_lossy(name).into_owned()));
+                    return Err(ErofsError::NameTooLong(
+                        String::from_utf8_lossy(name).into_owned(),
+                    ));
                 }
                 let is_dir = matches!(tree.nodes[e.node].kind, Kind::Dir(_));
                 match index.get(&e.node) {
@@ -103,8 +105,15 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         let xattrs = encode_xattrs(&n.meta.xattrs)?;
         let (size, nlink) = match &n.kind {
             Kind::Dir(children) => {
-                let subdirs = children.values().filter(|e| matches!(tree.nodes[e.node].kind, Kind::Dir(_))).count();
-                let names: Vec<&[u8]> = children.keys().map(|k| k.as_slice()).chain([&b"."[..], b".."]).collect();
+                let subdirs = children
+                    .values()
+                    .filter(|e| matches!(tree.nodes[e.node].kind, Kind::Dir(_)))
+                    .count();
+                let names: Vec<&[u8]> = children
+                    .keys()
+                    .map(|k| k.as_slice())
+                    .chain([&b"."[..], b".."])
+                    .collect();
                 (dir_size(&names), 2 + subdirs as u32)
             }
             Kind::File(c) => (c.len, links[i]),
@@ -121,7 +130,17 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
             let nid = pos / 32;
             pos = (ibody.div_ceil(4) * 4 + size.div_ceil(BLOCK) * 4 + pos).div_ceil(32) * 32;
             let nblocks = size.div_ceil(BLOCK) - holes;
-            inodes.push(Inode { node, nlink, xattrs, size, inline: false, chunked: true, nid, blkaddr: 0, nblocks });
+            inodes.push(Inode {
+                node,
+                nlink,
+                xattrs,
+                size,
+                inline: false,
+                chunked: true,
+                nid,
+                blkaddr: 0,
+                nblocks,
+            });
             continue;
         }
         let tail = size % BLOCK;
@@ -132,8 +151,22 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         }
         let nid = pos / 32;
         pos = (pos + total).div_ceil(32) * 32;
-        let nblocks = if inline { size / BLOCK } else { size.div_ceil(BLOCK) };
-        inodes.push(Inode { node, nlink, xattrs, size, inline, chunked: false, nid, blkaddr: 0, nblocks });
+        let nblocks = if inline {
+            size / BLOCK
+        } else {
+            size.div_ceil(BLOCK)
+        };
+        inodes.push(Inode {
+            node,
+            nlink,
+            xattrs,
+            size,
+            inline,
+            chunked: false,
+            nid,
+            blkaddr: 0,
+            nblocks,
+        });
     }
     if inodes[0].nid > u64::from(u16::MAX) {
         return Err(ErofsError::TooLarge);
@@ -148,11 +181,23 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
     }
     let total_blocks = u32::try_from(blk).map_err(|_| ErofsError::TooLarge)?;
 
-    let ctx = Ctx { tree, spool, inodes: &inodes, index: &index, parent: &parent };
+    let ctx = Ctx {
+        tree,
+        spool,
+        inodes: &inodes,
+        index: &index,
+        parent: &parent,
+    };
     // 3. The metadata area, superblock included.
     let mut meta = vec![0u8; meta_len as usize];
     let chunked = inodes.iter().any(|i| i.chunked);
-    write_superblock(&mut meta[SB_OFFSET..SB_OFFSET + SB_LEN], inodes[0].nid as u16, inodes.len() as u64, total_blocks, chunked);
+    write_superblock(
+        &mut meta[SB_OFFSET..SB_OFFSET + SB_LEN],
+        inodes[0].nid as u16,
+        inodes.len() as u64,
+        total_blocks,
+        chunked,
+    );
     for (i, ino) in inodes.iter().enumerate() {
         let off = (ino.nid * 32) as usize;
         let n = &tree.nodes[ino.node];
@@ -160,7 +205,9 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         write_inode(body, ino, n, i as u32 + 1);
         body[INODE_LEN..INODE_LEN + ino.xattrs.len()].copy_from_slice(&ino.xattrs);
         if ino.chunked {
-            let Kind::File(c) = &n.kind else { unreachable!("only files are chunked") };
+            let Kind::File(c) = &n.kind else {
+                unreachable!("only files are chunked")
+            };
             let map_at = (INODE_LEN + ino.xattrs.len()).div_ceil(4) * 4;
             let mut next = ino.blkaddr;
             for block in 0..ino.size.div_ceil(BLOCK) {
@@ -204,7 +251,13 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
             continue;
         }
         if let Kind::File(c) = &tree.nodes[ino.node].kind {
-            spool.copy_to(c, &mut LimitedWriter { out: &mut *out, left: data_len })?;
+            spool.copy_to(
+                c,
+                &mut LimitedWriter {
+                    out: &mut *out,
+                    left: data_len,
+                },
+            )?;
         } else {
             let data = node_data(&ctx, ino)?;
             out.write_all(&data[..data_len as usize])?;
@@ -232,10 +285,22 @@ fn node_data(ctx: &Ctx<'_>, ino: &Inode) -> io::Result<Vec<u8>> {
             let parent_nid = inodes[index[&ctx.parent[&ino.node]]].nid;
             let mut entries: Vec<DirEntry> = children
                 .iter()
-                .map(|(name, e)| DirEntry { name: name.clone(), nid: inodes[index[&e.node]].nid, ftype: file_type(&tree.nodes[e.node].kind) })
+                .map(|(name, e)| DirEntry {
+                    name: name.clone(),
+                    nid: inodes[index[&e.node]].nid,
+                    ftype: file_type(&tree.nodes[e.node].kind),
+                })
                 .collect();
-            entries.push(DirEntry { name: b".".to_vec(), nid: ino.nid, ftype: 2 });
-            entries.push(DirEntry { name: b"..".to_vec(), nid: parent_nid, ftype: 2 });
+            entries.push(DirEntry {
+                name: b".".to_vec(),
+                nid: ino.nid,
+                ftype: 2,
+            });
+            entries.push(DirEntry {
+                name: b"..".to_vec(),
+                nid: parent_nid,
+                ftype: 2,
+            });
             entries.sort_by(|a, b| a.name.cmp(&b.name));
             let data = dir_blocks(&entries);
             debug_assert_eq!(data.len() as u64, ino.size);
@@ -309,7 +374,9 @@ fn dir_blocks(entries: &[DirEntry]) -> Vec<u8> {
     out
 }
 
-fn encode_xattrs(xattrs: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Vec<u8>, ErofsError> {
+fn encode_xattrs(
+    xattrs: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Result<Vec<u8>, ErofsError> {
     if xattrs.is_empty() {
         return Ok(Vec::new());
     }
@@ -337,7 +404,9 @@ fn encode_xattrs(xattrs: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>) -> Resul
         out.resize(out.len().div_ceil(4) * 4, 0);
     }
     if out.len() > 4096 - INODE_LEN {
-        return Err(ErofsError::Xattr("(all xattrs of one file together)".into()));
+        return Err(ErofsError::Xattr(
+            "(all xattrs of one file together)".into(),
+        ));
     }
     Ok(out)
 }
@@ -374,15 +443,14 @@ fn write_superblock(sb: &mut [u8], root_nid: u16, inos: u64, blocks: u32, chunke
 }
 
 fn write_inode(b: &mut [u8], ino: &Inode, n: &crate::tree::Node, ino_no: u32) {
-    let (fmt_bits, mode_type, rdev) = match &n.kind {
-        Kind::Dir(_) => (0, 0o040000, 0),
-        Kind::File(_) => (0, 0o100000, 0),
-        Kind::Symlink(_) => (0, 0o120000, 0),
-        Kind::CharDev { major, minor } => (0, 0o020000, encode_dev(*major, *minor)),
-        Kind::BlockDev { major, minor } => (0, 0o060000, encode_dev(*major, *minor)),
-        Kind::Fifo => (0, 0o010000, 0),
+    let (mode_type, rdev) = match &n.kind {
+        Kind::Dir(_) => (0o040000, 0),
+        Kind::File(_) => (0o100000, 0),
+        Kind::Symlink(_) => (0o120000, 0),
+        Kind::CharDev { major, minor } => (0o020000, encode_dev(*major, *minor)),
+        Kind::BlockDev { major, minor } => (0o060000, encode_dev(*major, *minor)),
+        Kind::Fifo => (0o010000, 0),
     };
-    let _: u16 = fmt_bits;
     let layout = if ino.chunked {
         LAYOUT_CHUNK_BASED
     } else if ino.inline {
@@ -391,7 +459,11 @@ fn write_inode(b: &mut [u8], ino: &Inode, n: &crate::tree::Node, ino_no: u32) {
         LAYOUT_FLAT_PLAIN
     };
     let i_format: u16 = 1 | (layout << 1); // extended inode
-    let xattr_icount: u16 = if ino.xattrs.is_empty() { 0 } else { (1 + (ino.xattrs.len() - XATTR_HEADER_LEN) / 4) as u16 };
+    let xattr_icount: u16 = if ino.xattrs.is_empty() {
+        0
+    } else {
+        (1 + (ino.xattrs.len() - XATTR_HEADER_LEN) / 4) as u16
+    };
     // Chunk-based: i_u holds the chunk format (0: 4 KiB chunks, 4-byte block map).
     let i_u = if ino.chunked {
         0
@@ -422,8 +494,17 @@ mod tests {
 
     #[test]
     fn directory_blocks_never_split_an_entry() {
-        let names: Vec<Vec<u8>> = (0..400).map(|i| format!("file-with-a-longish-name-{i:04}").into_bytes()).collect();
-        let mut entries: Vec<DirEntry> = names.iter().map(|n| DirEntry { name: n.clone(), nid: 40, ftype: 1 }).collect();
+        let names: Vec<Vec<u8>> = (0..400)
+            .map(|i| format!("file-with-a-longish-name-{i:04}").into_bytes())
+            .collect();
+        let mut entries: Vec<DirEntry> = names
+            .iter()
+            .map(|n| DirEntry {
+                name: n.clone(),
+                nid: 40,
+                ftype: 1,
+            })
+            .collect();
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         let data = dir_blocks(&entries);
         let refs: Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
@@ -441,6 +522,9 @@ mod tests {
     #[test]
     fn device_numbers_use_the_kernel_encoding() {
         assert_eq!(encode_dev(1, 3), 0x103);
-        assert_eq!(encode_dev(259, 0x12345), 0x12345 & 0xff | 259 << 8 | (0x12300 << 12));
+        assert_eq!(
+            encode_dev(259, 0x12345),
+            0x12345 & 0xff | 259 << 8 | (0x12300 << 12)
+        );
     }
 }

@@ -23,7 +23,10 @@ pub enum LayerError {
 }
 
 fn entry_err(path: &[u8], reason: impl Into<String>) -> LayerError {
-    LayerError::Entry { path: String::from_utf8_lossy(path).into_owned(), reason: reason.into() }
+    LayerError::Entry {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason: reason.into(),
+    }
 }
 
 /// Splits a tar path into components; `./` and `.` are dropped, `..` and
@@ -51,13 +54,28 @@ pub enum Op {
     /// `.wh..wh..opq`: hide everything lower layers put in the directory.
     Opaque { parents: Vec<Vec<u8>> },
     /// `.wh.NAME`: delete NAME from lower layers.
-    Whiteout { parents: Vec<Vec<u8>>, name: Vec<u8> },
+    Whiteout {
+        parents: Vec<Vec<u8>>,
+        name: Vec<u8>,
+    },
     /// A directory (merged with an existing one).
-    Dir { parents: Vec<Vec<u8>>, name: Vec<u8>, meta: Meta },
+    Dir {
+        parents: Vec<Vec<u8>>,
+        name: Vec<u8>,
+        meta: Meta,
+    },
     /// A file, symlink, device or fifo.
-    Node { parents: Vec<Vec<u8>>, name: Vec<u8>, node: Node },
+    Node {
+        parents: Vec<Vec<u8>>,
+        name: Vec<u8>,
+        node: Node,
+    },
     /// A hardlink to a path already in the tree.
-    Hardlink { parents: Vec<Vec<u8>>, name: Vec<u8>, target: Vec<u8> },
+    Hardlink {
+        parents: Vec<Vec<u8>>,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
 }
 
 /// An [`Op`] with the tar path it came from (for error messages).
@@ -83,7 +101,10 @@ pub fn parse(spool: &mut SpoolWriter, reader: impl Read) -> Result<Vec<OpAt>, La
         let Some((name, parents)) = comps.split_last() else {
             if et.is_dir() {
                 let meta = meta_of(&mut entry, &raw_path)?;
-                ops.push(OpAt { path: raw_path, op: Op::RootMeta(meta) });
+                ops.push(OpAt {
+                    path: raw_path,
+                    op: Op::RootMeta(meta),
+                });
             }
             continue;
         };
@@ -92,29 +113,76 @@ pub fn parse(spool: &mut SpoolWriter, reader: impl Read) -> Result<Vec<OpAt>, La
         let op = if name == OPAQUE {
             Op::Opaque { parents }
         } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            Op::Whiteout { parents, name: hidden.to_vec() }
+            Op::Whiteout {
+                parents,
+                name: hidden.to_vec(),
+            }
         } else {
             let meta = meta_of(&mut entry, &raw_path)?;
             if et.is_file() || et.is_contiguous() || et.is_gnu_sparse() {
-                Op::Node { parents, name, node: Node { meta, kind: Kind::File(spool.append(&mut entry)?) } }
+                Op::Node {
+                    parents,
+                    name,
+                    node: Node {
+                        meta,
+                        kind: Kind::File(spool.append(&mut entry)?),
+                    },
+                }
             } else if et.is_dir() {
-                Op::Dir { parents, name, meta }
+                Op::Dir {
+                    parents,
+                    name,
+                    meta,
+                }
             } else if et.is_symlink() {
-                let target = entry.link_name_bytes().ok_or_else(|| entry_err(&raw_path, "symlink without target"))?;
-                Op::Node { parents, name, node: Node { meta, kind: Kind::Symlink(target.into_owned()) } }
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| entry_err(&raw_path, "symlink without target"))?;
+                Op::Node {
+                    parents,
+                    name,
+                    node: Node {
+                        meta,
+                        kind: Kind::Symlink(target.into_owned()),
+                    },
+                }
             } else if et.is_hard_link() {
-                let target = entry.link_name_bytes().ok_or_else(|| entry_err(&raw_path, "hardlink without target"))?;
-                Op::Hardlink { parents, name, target: target.into_owned() }
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| entry_err(&raw_path, "hardlink without target"))?;
+                Op::Hardlink {
+                    parents,
+                    name,
+                    target: target.into_owned(),
+                }
             } else if et.is_character_special() || et.is_block_special() {
                 let h = entry.header();
                 let major = h.device_major()?.unwrap_or(0);
                 let minor = h.device_minor()?.unwrap_or(0);
-                let kind = if et.is_character_special() { Kind::CharDev { major, minor } } else { Kind::BlockDev { major, minor } };
-                Op::Node { parents, name, node: Node { meta, kind } }
+                let kind = if et.is_character_special() {
+                    Kind::CharDev { major, minor }
+                } else {
+                    Kind::BlockDev { major, minor }
+                };
+                Op::Node {
+                    parents,
+                    name,
+                    node: Node { meta, kind },
+                }
             } else if et.is_fifo() {
-                Op::Node { parents, name, node: Node { meta, kind: Kind::Fifo } }
+                Op::Node {
+                    parents,
+                    name,
+                    node: Node {
+                        meta,
+                        kind: Kind::Fifo,
+                    },
+                }
             } else {
-                return Err(entry_err(&raw_path, format!("unsupported tar entry type {:?}", et)));
+                return Err(entry_err(
+                    &raw_path,
+                    format!("unsupported tar entry type {:?}", et),
+                ));
             }
         };
         ops.push(OpAt { path: raw_path, op });
@@ -134,7 +202,9 @@ pub fn apply_ops(tree: &mut Tree, layer: usize, ops: Vec<OpAt>) -> Result<(), La
             Op::RootMeta(meta) => tree.nodes[Tree::ROOT].meta = meta,
             Op::Opaque { parents } => {
                 if let Some(dir) = resolve_dir(tree, &comps(&parents), layer, false).map_err(err)? {
-                    tree.children_mut(dir).expect("a dir").retain(|_, e| e.layer >= layer);
+                    tree.children_mut(dir)
+                        .expect("a dir")
+                        .retain(|_, e| e.layer >= layer);
                 }
             }
             Op::Whiteout { parents, name } => {
@@ -142,29 +212,62 @@ pub fn apply_ops(tree: &mut Tree, layer: usize, ops: Vec<OpAt>) -> Result<(), La
                     tree.children_mut(dir).expect("a dir").remove(&name);
                 }
             }
-            Op::Dir { parents, name, meta } => {
-                let parent = resolve_dir(tree, &comps(&parents), layer, true).map_err(err)?.expect("created when missing");
+            Op::Dir {
+                parents,
+                name,
+                meta,
+            } => {
+                let parent = resolve_dir(tree, &comps(&parents), layer, true)
+                    .map_err(err)?
+                    .expect("created when missing");
                 // A directory over a directory keeps the children and takes the new metadata.
                 match tree.children(parent).and_then(|c| c.get(&name)).copied() {
                     Some(e) if matches!(tree.nodes[e.node].kind, Kind::Dir(_)) => {
                         tree.nodes[e.node].meta = meta;
-                        tree.children_mut(parent).expect("a dir").insert(name, Entry { node: e.node, layer });
+                        tree.children_mut(parent).expect("a dir").insert(
+                            name,
+                            Entry {
+                                node: e.node,
+                                layer,
+                            },
+                        );
                     }
                     _ => {
-                        let node = tree.add(Node { meta, kind: Kind::Dir(BTreeMap::new()) });
-                        tree.children_mut(parent).expect("a dir").insert(name, Entry { node, layer });
+                        let node = tree.add(Node {
+                            meta,
+                            kind: Kind::Dir(BTreeMap::new()),
+                        });
+                        tree.children_mut(parent)
+                            .expect("a dir")
+                            .insert(name, Entry { node, layer });
                     }
                 }
             }
-            Op::Node { parents, name, node } => {
-                let parent = resolve_dir(tree, &comps(&parents), layer, true).map_err(err)?.expect("created when missing");
+            Op::Node {
+                parents,
+                name,
+                node,
+            } => {
+                let parent = resolve_dir(tree, &comps(&parents), layer, true)
+                    .map_err(err)?
+                    .expect("created when missing");
                 let node = tree.add(node);
-                tree.children_mut(parent).expect("a dir").insert(name, Entry { node, layer });
+                tree.children_mut(parent)
+                    .expect("a dir")
+                    .insert(name, Entry { node, layer });
             }
-            Op::Hardlink { parents, name, target } => {
-                let parent = resolve_dir(tree, &comps(&parents), layer, true).map_err(err)?.expect("created when missing");
+            Op::Hardlink {
+                parents,
+                name,
+                target,
+            } => {
+                let parent = resolve_dir(tree, &comps(&parents), layer, true)
+                    .map_err(err)?
+                    .expect("created when missing");
                 let node = hardlink_target(tree, &target).map_err(err)?;
-                tree.children_mut(parent).expect("a dir").insert(name, Entry { node, layer });
+                tree.children_mut(parent)
+                    .expect("a dir")
+                    .insert(name, Entry { node, layer });
             }
         }
     }
@@ -172,7 +275,12 @@ pub fn apply_ops(tree: &mut Tree, layer: usize, ops: Vec<OpAt>) -> Result<(), La
 }
 
 /// Parses and applies the tar stream `reader` as layer number `layer`.
-pub fn apply(tree: &mut Tree, spool: &mut Spool, layer: usize, reader: impl Read) -> Result<(), LayerError> {
+pub fn apply(
+    tree: &mut Tree,
+    spool: &mut Spool,
+    layer: usize,
+    reader: impl Read,
+) -> Result<(), LayerError> {
     let ops = parse(spool.main_writer(), reader)?;
     apply_ops(tree, layer, ops)
 }
@@ -181,7 +289,12 @@ pub fn apply(tree: &mut Tree, spool: &mut Spool, layer: usize, reader: impl Read
 /// inside the tree (never outside it: `..` stops at the root, absolute targets
 /// start at the root). Missing directories are created when `create` is set,
 /// otherwise `Ok(None)` is returned.
-fn resolve_dir(tree: &mut Tree, comps: &[&[u8]], layer: usize, create: bool) -> Result<Option<NodeId>, String> {
+fn resolve_dir(
+    tree: &mut Tree,
+    comps: &[&[u8]],
+    layer: usize,
+    create: bool,
+) -> Result<Option<NodeId>, String> {
     let mut stack: Vec<NodeId> = vec![Tree::ROOT];
     let mut todo: Vec<Vec<u8>> = comps.iter().rev().map(|c| c.to_vec()).collect();
     let mut hops = 0;
@@ -200,8 +313,13 @@ fn resolve_dir(tree: &mut Tree, comps: &[&[u8]], layer: usize, create: bool) -> 
         let existing = tree.children(cur).expect("a dir").get(&c).copied();
         match existing {
             None if create => {
-                let node = tree.add(Node { meta: Meta::implicit_dir(), kind: Kind::Dir(BTreeMap::new()) });
-                tree.children_mut(cur).expect("a dir").insert(c, Entry { node, layer });
+                let node = tree.add(Node {
+                    meta: Meta::implicit_dir(),
+                    kind: Kind::Dir(BTreeMap::new()),
+                });
+                tree.children_mut(cur)
+                    .expect("a dir")
+                    .insert(c, Entry { node, layer });
                 stack.push(node);
             }
             None => return Ok(None),
@@ -217,7 +335,12 @@ fn resolve_dir(tree: &mut Tree, comps: &[&[u8]], layer: usize, create: bool) -> 
                     }
                     todo.extend(target.split(|&b| b == b'/').rev().map(|s| s.to_vec()));
                 }
-                _ => return Err(format!("parent {:?} is not a directory", String::from_utf8_lossy(&c))),
+                _ => {
+                    return Err(format!(
+                        "parent {:?} is not a directory",
+                        String::from_utf8_lossy(&c)
+                    ))
+                }
             },
         }
     }
@@ -227,9 +350,19 @@ fn resolve_dir(tree: &mut Tree, comps: &[&[u8]], layer: usize, create: bool) -> 
 fn hardlink_target(tree: &mut Tree, target: &[u8]) -> Result<NodeId, String> {
     let comps = split_path(target).map_err(|r| format!("hardlink target: {r}"))?;
     let (name, parents) = comps.split_last().ok_or("hardlink to the root")?;
-    let missing = || format!("hardlink target {:?} does not exist", String::from_utf8_lossy(target));
+    let missing = || {
+        format!(
+            "hardlink target {:?} does not exist",
+            String::from_utf8_lossy(target)
+        )
+    };
     let dir = resolve_dir(tree, parents, 0, false)?.ok_or_else(missing)?;
-    let node = tree.children(dir).expect("a dir").get(*name).ok_or_else(missing)?.node;
+    let node = tree
+        .children(dir)
+        .expect("a dir")
+        .get(*name)
+        .ok_or_else(missing)?
+        .node;
     if matches!(tree.nodes[node].kind, Kind::Dir(_)) {
         return Err("hardlink to a directory".into());
     }
@@ -251,13 +384,24 @@ fn meta_of<R: Read>(entry: &mut tar::Entry<'_, R>, path: &[u8]) -> Result<Meta, 
             let ext = ext?;
             let key = ext.key_bytes();
             let value = ext.value_bytes();
-            let num = |v: &[u8]| -> Option<u64> { std::str::from_utf8(v).ok()?.split('.').next()?.parse().ok() };
+            let num = |v: &[u8]| -> Option<u64> {
+                std::str::from_utf8(v).ok()?.split('.').next()?.parse().ok()
+            };
             match key {
-                b"uid" => meta.uid = num(value).and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad("PAX uid"))?,
-                b"gid" => meta.gid = num(value).and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad("PAX gid"))?,
+                b"uid" => {
+                    meta.uid = num(value)
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| bad("PAX uid"))?
+                }
+                b"gid" => {
+                    meta.gid = num(value)
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| bad("PAX gid"))?
+                }
                 b"mtime" => meta.mtime = num(value).unwrap_or(0),
                 k if k.starts_with(b"SCHILY.xattr.") => {
-                    meta.xattrs.insert(k[b"SCHILY.xattr.".len()..].to_vec(), value.to_vec());
+                    meta.xattrs
+                        .insert(k[b"SCHILY.xattr.".len()..].to_vec(), value.to_vec());
                 }
                 _ => {}
             }
@@ -313,8 +457,19 @@ mod tests {
 
     #[test]
     fn whiteouts_and_opaque_dirs() {
-        let l0 = layer(&[("a/", T::Directory, ""), ("a/x", T::Regular, "x"), ("a/y", T::Regular, "y"), ("b/z", T::Regular, "z"), ("c", T::Regular, "c")]);
-        let l1 = layer(&[("a/new", T::Regular, "n"), ("a/.wh..wh..opq", T::Regular, ""), ("b/.wh.z", T::Regular, ""), (".wh.c", T::Regular, "")]);
+        let l0 = layer(&[
+            ("a/", T::Directory, ""),
+            ("a/x", T::Regular, "x"),
+            ("a/y", T::Regular, "y"),
+            ("b/z", T::Regular, "z"),
+            ("c", T::Regular, "c"),
+        ]);
+        let l1 = layer(&[
+            ("a/new", T::Regular, "n"),
+            ("a/.wh..wh..opq", T::Regular, ""),
+            ("b/.wh.z", T::Regular, ""),
+            (".wh.c", T::Regular, ""),
+        ]);
         let (t, _) = build(&[l0, l1]).unwrap();
         assert_eq!(paths(&t), ["/", "/a", "/a/new", "/b"]);
     }
@@ -322,18 +477,27 @@ mod tests {
     #[test]
     fn file_and_directory_replace_each_other() {
         let l0 = layer(&[("d/f", T::Regular, "1"), ("f", T::Regular, "2")]);
-        let l1 = layer(&[("d", T::Regular, "now a file"), ("f/", T::Directory, ""), ("f/inner", T::Regular, "3")]);
+        let l1 = layer(&[
+            ("d", T::Regular, "now a file"),
+            ("f/", T::Directory, ""),
+            ("f/inner", T::Regular, "3"),
+        ]);
         let (t, spool) = build(&[l0, l1]).unwrap();
         assert_eq!(paths(&t), ["/", "/d", "/f", "/f/inner"]);
         let d = t.lookup(&[b"d"]).unwrap();
-        let Kind::File(c) = t.nodes[d].kind else { panic!("d is not a file") };
+        let Kind::File(c) = t.nodes[d].kind else {
+            panic!("d is not a file")
+        };
         assert_eq!(spool.read(c).unwrap(), b"now a file");
     }
 
     #[test]
     fn hardlinks_share_one_node_across_layers() {
         let l0 = layer(&[("bin/busybox", T::Regular, "bb")]);
-        let l1 = layer(&[("bin/sh", T::Link, "bin/busybox"), ("./bin/ash", T::Link, "./bin/busybox")]);
+        let l1 = layer(&[
+            ("bin/sh", T::Link, "bin/busybox"),
+            ("./bin/ash", T::Link, "./bin/busybox"),
+        ]);
         let (t, _) = build(&[l0, l1]).unwrap();
         let bb = t.lookup(&[b"bin", b"busybox"]).unwrap();
         assert_eq!(t.lookup(&[b"bin", b"sh"]), Some(bb));
@@ -342,8 +506,15 @@ mod tests {
 
     #[test]
     fn parents_through_symlinks_stay_in_the_tree() {
-        let l0 = layer(&[("usr/lib/", T::Directory, ""), ("lib", T::Symlink, "usr/lib"), ("evil", T::Symlink, "/../../../usr")]);
-        let l1 = layer(&[("lib/libc.so", T::Regular, "c"), ("evil/x", T::Regular, "x")]);
+        let l0 = layer(&[
+            ("usr/lib/", T::Directory, ""),
+            ("lib", T::Symlink, "usr/lib"),
+            ("evil", T::Symlink, "/../../../usr"),
+        ]);
+        let l1 = layer(&[
+            ("lib/libc.so", T::Regular, "c"),
+            ("evil/x", T::Regular, "x"),
+        ]);
         let (t, _) = build(&[l0, l1]).unwrap();
         assert!(t.lookup(&[b"usr", b"lib", b"libc.so"]).is_some());
         assert!(t.lookup(&[b"usr", b"x"]).is_some());
@@ -356,8 +527,14 @@ mod tests {
             (layer(&[("/etc/passwd", T::Regular, "x")]), "absolute path"),
             (layer(&[("a", T::Link, "missing")]), "does not exist"),
             (layer(&[("a", T::Link, "../../etc/shadow")]), "'..'"),
-            (layer(&[("loop", T::Symlink, "loop"), ("loop/x", T::Regular, "")]), "too many levels"),
-            (layer(&[("f", T::Regular, ""), ("f/x", T::Regular, "")]), "not a directory"),
+            (
+                layer(&[("loop", T::Symlink, "loop"), ("loop/x", T::Regular, "")]),
+                "too many levels",
+            ),
+            (
+                layer(&[("f", T::Regular, ""), ("f/x", T::Regular, "")]),
+                "not a directory",
+            ),
         ];
         for (l, want) in cases {
             let err = build(&[l]).map(|_| ()).unwrap_err().to_string();

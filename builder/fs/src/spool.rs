@@ -34,7 +34,8 @@ pub struct SpoolWriter {
 }
 
 fn is_hole(map: &[u64], block: u64) -> bool {
-    map.get((block / 64) as usize).is_some_and(|w| w & (1 << (block % 64)) != 0)
+    map.get((block / 64) as usize)
+        .is_some_and(|w| w & (1 << (block % 64)) != 0)
 }
 
 impl SpoolWriter {
@@ -84,14 +85,28 @@ impl SpoolWriter {
             self.holes.push(map);
             self.holes.len() as u32
         };
-        Ok(Content { file: self.id, offset, len, holes })
+        Ok(Content {
+            file: self.id,
+            offset,
+            len,
+            holes,
+        })
     }
 }
 
 impl Spool {
     pub fn new() -> io::Result<Self> {
         let file = tempfile::tempfile()?;
-        Ok(Self { files: vec![file.try_clone()?], holes: vec![Vec::new()], main: SpoolWriter { id: 0, file, len: 0, holes: Vec::new() } })
+        Ok(Self {
+            files: vec![file.try_clone()?],
+            holes: vec![Vec::new()],
+            main: SpoolWriter {
+                id: 0,
+                file,
+                len: 0,
+                holes: Vec::new(),
+            },
+        })
     }
 
     /// A new spool file for one more writer; give it back with [`adopt`](Self::adopt).
@@ -99,7 +114,12 @@ impl Spool {
         let file = tempfile::tempfile()?;
         self.files.push(file.try_clone()?);
         self.holes.push(Vec::new());
-        Ok(SpoolWriter { id: (self.files.len() - 1) as u32, file, len: 0, holes: Vec::new() })
+        Ok(SpoolWriter {
+            id: (self.files.len() - 1) as u32,
+            file,
+            len: 0,
+            holes: Vec::new(),
+        })
     }
 
     /// Takes back a writer's hole maps once it is done.
@@ -121,8 +141,14 @@ impl Spool {
         if c.holes == 0 {
             return &[];
         }
-        let tables = if c.file == 0 { &self.main.holes } else { &self.holes[c.file as usize] };
-        tables.get(c.holes as usize - 1).map_or(&[], |m| m.as_slice())
+        let tables = if c.file == 0 {
+            &self.main.holes
+        } else {
+            &self.holes[c.file as usize]
+        };
+        tables
+            .get(c.holes as usize - 1)
+            .map_or(&[], |m| m.as_slice())
     }
 
     /// Whether logical block `block` of `c` is a hole.
@@ -132,12 +158,18 @@ impl Spool {
 
     /// How many of `c`'s blocks are holes.
     pub fn hole_count(&self, c: &Content) -> u64 {
-        self.hole_map(c).iter().map(|w| u64::from(w.count_ones())).sum()
+        self.hole_map(c)
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
     }
 
     /// Reads the stored (non-hole) bytes of `c` starting `at` bytes into them.
     pub fn read_stored_at(&self, c: &Content, buf: &mut [u8], at: u64) -> io::Result<()> {
-        let file = self.files.get(c.file as usize).ok_or_else(|| io::Error::other("content names no spool file"))?;
+        let file = self
+            .files
+            .get(c.file as usize)
+            .ok_or_else(|| io::Error::other("content names no spool file"))?;
         file.read_exact_at(buf, c.offset + at)
     }
 
@@ -185,6 +217,9 @@ mod tests {
         assert!(s.is_hole(&c, 0) && !s.is_hole(&c, 1) && !s.is_hole(&c, 10));
         assert_eq!(s.read(c).unwrap(), data);
         let dense = s.append(&mut &b"no holes here"[..]).unwrap();
-        assert_eq!((dense.holes, s.read(dense).unwrap()), (0, b"no holes here".to_vec()));
+        assert_eq!(
+            (dense.holes, s.read(dense).unwrap()),
+            (0, b"no holes here".to_vec())
+        );
     }
 }

@@ -24,7 +24,13 @@ pub struct Meta {
 impl Meta {
     /// Metadata for a directory that no tar entry described.
     pub fn implicit_dir() -> Self {
-        Self { perm: 0o755, uid: 0, gid: 0, mtime: 0, xattrs: BTreeMap::new() }
+        Self {
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: BTreeMap::new(),
+        }
     }
 }
 
@@ -81,7 +87,12 @@ impl Tree {
     pub const ROOT: NodeId = 0;
 
     pub fn new() -> Self {
-        Self { nodes: vec![Node { meta: Meta::implicit_dir(), kind: Kind::Dir(BTreeMap::new()) }] }
+        Self {
+            nodes: vec![Node {
+                meta: Meta::implicit_dir(),
+                kind: Kind::Dir(BTreeMap::new()),
+            }],
+        }
     }
 
     pub fn add(&mut self, node: Node) -> NodeId {

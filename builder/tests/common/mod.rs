@@ -65,7 +65,9 @@ impl TarLayer {
     /// A file carrying one extended attribute as a PAX `SCHILY.xattr.` record.
     pub fn xattr_file(mut self, path: &str, name: &str, value: &[u8], data: &[u8]) -> Self {
         let key = format!("SCHILY.xattr.{name}");
-        self.0.append_pax_extensions([(key.as_str(), value)]).unwrap();
+        self.0
+            .append_pax_extensions([(key.as_str(), value)])
+            .unwrap();
         self.file_inner(path, data)
     }
 

@@ -29,7 +29,10 @@ pub fn open() -> Result<Kvm, KvmError> {
         return Err(KvmError::Version(v));
     }
     for (cap, name) in [
-        (Cap::Irqchip, "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)"),
+        (
+            Cap::Irqchip,
+            "an in-kernel interrupt controller (KVM_CAP_IRQCHIP)",
+        ),
         (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
         (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
         (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),

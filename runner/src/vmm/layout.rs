@@ -39,7 +39,10 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(MMIO_GAP_END), (mem_bytes - MMIO_GAP_START) as usize),
+            (
+                GuestAddress(MMIO_GAP_END),
+                (mem_bytes - MMIO_GAP_START) as usize,
+            ),
         ]
     }
 }
@@ -50,7 +53,11 @@ pub type MemmapEntry = (u64, u64, u32);
 /// The memory map the kernel sees.
 pub fn memmap(mem_bytes: u64) -> Vec<MemmapEntry> {
     let low_end = mem_bytes.min(MMIO_GAP_START);
-    let mut m = vec![(0, EBDA_START, 1), (EBDA_START, HIMEM_START - EBDA_START, 2), (HIMEM_START, low_end - HIMEM_START, 1)];
+    let mut m = vec![
+        (0, EBDA_START, 1),
+        (EBDA_START, HIMEM_START - EBDA_START, 2),
+        (HIMEM_START, low_end - HIMEM_START, 1),
+    ];
     if mem_bytes > MMIO_GAP_START {
         m.push((MMIO_GAP_END, mem_bytes - MMIO_GAP_START, 1));
     }
@@ -129,8 +136,10 @@ pub fn write_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MpTableError
     fps.extend_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]); // length 1 (×16), rev 1.4, checksum, features
     fps[10] = checksum(&fps);
 
-    mem.write_slice(&fps, GuestAddress(EBDA_START)).map_err(MpTableError)?;
-    mem.write_slice(&table, GuestAddress(table_addr)).map_err(MpTableError)?;
+    mem.write_slice(&fps, GuestAddress(EBDA_START))
+        .map_err(MpTableError)?;
+    mem.write_slice(&table, GuestAddress(table_addr))
+        .map_err(MpTableError)?;
     Ok(())
 }
 
@@ -144,7 +153,10 @@ mod tests {
         let r = ram_regions(4 << 30);
         assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), (1 << 30) as usize));
         let m = memmap(4 << 30);
-        assert_eq!(m.iter().filter(|e| e.2 == 1).map(|e| e.1).sum::<u64>(), (4 << 30) - (HIMEM_START - EBDA_START));
+        assert_eq!(
+            m.iter().filter(|e| e.2 == 1).map(|e| e.1).sum::<u64>(),
+            (4 << 30) - (HIMEM_START - EBDA_START)
+        );
     }
 
     #[test]
@@ -157,12 +169,14 @@ mod tests {
         assert_eq!(fps.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         let len = {
             let mut h = [0u8; 6];
-            mem.read_slice(&mut h, GuestAddress(EBDA_START + 16)).unwrap();
+            mem.read_slice(&mut h, GuestAddress(EBDA_START + 16))
+                .unwrap();
             assert_eq!(&h[..4], b"PCMP");
             u16::from_le_bytes([h[4], h[5]]) as usize
         };
         let mut table = vec![0u8; len];
-        mem.read_slice(&mut table, GuestAddress(EBDA_START + 16)).unwrap();
+        mem.read_slice(&mut table, GuestAddress(EBDA_START + 16))
+            .unwrap();
         assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         assert!(EBDA_START + 16 + len as u64 <= HIMEM_START);
     }

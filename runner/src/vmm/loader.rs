@@ -7,11 +7,15 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice,
+};
 
 use super::layout;
 
@@ -43,7 +47,12 @@ pub struct SectionReader {
 
 impl SectionReader {
     pub fn new(file: File, start: u64, len: u64) -> Self {
-        Self { file, start, len, pos: 0 }
+        Self {
+            file,
+            start,
+            len,
+            pos: 0,
+        }
     }
 }
 
@@ -54,7 +63,9 @@ impl Seek for SectionReader {
             SeekFrom::End(d) => self.len.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        let pos = target.filter(|p| *p <= self.len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let pos = target
+            .filter(|p| *p <= self.len)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         self.file.seek(SeekFrom::Start(self.start + pos))?;
         self.pos = pos;
         Ok(pos)
@@ -71,7 +82,10 @@ impl Read for SectionReader {
 }
 
 impl ReadVolatile for SectionReader {
-    fn read_volatile<B: BitmapSlice>(&mut self, buf: &mut VolatileSlice<B>) -> Result<usize, VolatileMemoryError> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
         let n = buf.len().min((self.len - self.pos) as usize);
         if n == 0 {
             return Ok(0);
@@ -98,7 +112,8 @@ pub fn load(
     initrd: &[u8],
     cmdline: &str,
 ) -> Result<Loaded, LoadError> {
-    let result = Elf::load(mem, None, kernel, Some(GuestAddress(layout::HIMEM_START))).map_err(LoadError::Elf)?;
+    let result = Elf::load(mem, None, kernel, Some(GuestAddress(layout::HIMEM_START)))
+        .map_err(LoadError::Elf)?;
     let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
         return Err(LoadError::NoPvh);
     };
@@ -108,19 +123,29 @@ pub fn load(
     }
     let mut c = cmdline.as_bytes().to_vec();
     c.push(0);
-    mem.write_slice(&c, GuestAddress(layout::CMDLINE_ADDR)).map_err(LoadError::Memory)?;
+    mem.write_slice(&c, GuestAddress(layout::CMDLINE_ADDR))
+        .map_err(LoadError::Memory)?;
 
-    let too_small = || LoadError::TooSmall { memory_mib: memory_bytes >> 20, initrd: initrd.len() };
+    let too_small = || LoadError::TooSmall {
+        memory_mib: memory_bytes >> 20,
+        initrd: initrd.len(),
+    };
     let top = layout::low_ram_end(memory_bytes);
     let initrd_addr = top.checked_sub(initrd.len() as u64).ok_or_else(too_small)? & !0xfff;
     if initrd_addr < result.kernel_end {
         return Err(too_small());
     }
-    mem.write_slice(initrd, GuestAddress(initrd_addr)).map_err(LoadError::Memory)?;
+    mem.write_slice(initrd, GuestAddress(initrd_addr))
+        .map_err(LoadError::Memory)?;
 
     let memmap: Vec<hvm_memmap_table_entry> = layout::memmap(memory_bytes)
         .into_iter()
-        .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        })
         .collect();
     let start_info = hvm_start_info {
         magic: 0x336e_c578,
@@ -137,9 +162,18 @@ pub fn load(
     let mut params = BootParams::new(&start_info, GuestAddress(layout::START_INFO_ADDR));
     params.set_sections(&memmap, GuestAddress(layout::MEMMAP_ADDR));
     if !initrd.is_empty() {
-        let module = hvm_modlist_entry { paddr: initrd_addr, size: initrd.len() as u64, cmdline_paddr: 0, reserved: 0 };
+        let module = hvm_modlist_entry {
+            paddr: initrd_addr,
+            size: initrd.len() as u64,
+            cmdline_paddr: 0,
+            reserved: 0,
+        };
         params.set_modules(&[module], GuestAddress(layout::MODLIST_ADDR));
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(LoadError::StartInfo)?;
-    Ok(Loaded { entry: entry.0, kernel_end: result.kernel_end })
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+        .map_err(LoadError::StartInfo)?;
+    Ok(Loaded {
+        entry: entry.0,
+        kernel_end: result.kernel_end,
+    })
 }

@@ -48,7 +48,10 @@ pub struct VmConfig {
 
 impl std::fmt::Debug for VmConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmConfig").field("cmdline", &self.cmdline).field("memory_mib", &self.memory_mib).finish()
+        f.debug_struct("VmConfig")
+            .field("cmdline", &self.cmdline)
+            .field("memory_mib", &self.memory_mib)
+            .finish()
     }
 }
 
@@ -106,8 +109,14 @@ pub enum VmmError {
 /// Prints how long after `HYPER_SPAWN_NS` a startup phase ended (HYPER_VMM_TRACE).
 pub fn phase(name: &str) {
     if std::env::var_os("HYPER_VMM_TRACE").is_some() {
-        let spawn = std::env::var("HYPER_SPAWN_NS").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        eprintln!("hyperboot: phase {name}: {} us", monotonic_ns().saturating_sub(spawn) / 1000);
+        let spawn = std::env::var("HYPER_SPAWN_NS")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        eprintln!(
+            "hyperboot: phase {name}: {} us",
+            monotonic_ns().saturating_sub(spawn) / 1000
+        );
     }
 }
 
@@ -127,19 +136,33 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     phase("vmm start");
     let kvm = kvm::open()?;
     phase("kvm open");
-    let vm = kvm.create_vm().map_err(|e| VmmError::Create("KVM_CREATE_VM", e))?;
-    vm.set_tss_address(0xfffb_d000).map_err(|e| VmmError::Create("KVM_SET_TSS_ADDR", e))?;
-    vm.create_irq_chip().map_err(|e| VmmError::Create("KVM_CREATE_IRQCHIP", e))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(|e| VmmError::Create("KVM_CREATE_PIT2", e))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmmError::Create("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(|e| VmmError::Create("KVM_SET_TSS_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmmError::Create("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmmError::Create("KVM_CREATE_PIT2", e))?;
 
     phase("vm created");
     let mem_bytes = cfg.memory_mib << 20;
     let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
         .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?;
     for (slot, region) in mem.iter().enumerate() {
-        sys::map_region(&vm, slot as u32, region.start_addr().0, region.len(), region.as_ptr())
-            .map_err(|e| VmmError::Create("KVM_SET_USER_MEMORY_REGION", e))?;
+        sys::map_region(
+            &vm,
+            slot as u32,
+            region.start_addr().0,
+            region.len(),
+            region.as_ptr(),
+        )
+        .map_err(|e| VmmError::Create("KVM_SET_USER_MEMORY_REGION", e))?;
     }
 
     phase("memory mapped");
@@ -156,20 +179,25 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
 
     phase("guest loaded");
     let console_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    vm.register_irqfd(&console_irq, layout::SERIAL_IRQ).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+    vm.register_irqfd(&console_irq, layout::SERIAL_IRQ)
+        .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
     let control_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    vm.register_irqfd(&control_irq, layout::CONTROL_IRQ).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+    vm.register_irqfd(&control_irq, layout::CONTROL_IRQ)
+        .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
     let mut pio = PioBus::new(console_irq, control_irq, cfg.console);
     let mut blk = match cfg.rootfs.take() {
         Some((file, offset, len)) => {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE).map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE)
+                .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
             Some(MmioTransport::new(Block::new(file, offset, len), irq))
         }
         None => None,
     };
 
-    let mut vcpu = vm.create_vcpu(0).map_err(|e| VmmError::Create("KVM_CREATE_VCPU", e))?;
+    let mut vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| VmmError::Create("KVM_CREATE_VCPU", e))?;
     vcpu::setup_cpuid(&kvm, &vcpu, 0, 1)?;
     vcpu::setup_msrs(&vcpu)?;
     vcpu::setup_pvh_regs(&vcpu, &mem, loaded.entry)?;
@@ -225,7 +253,9 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             },
             VcpuExit::IoIn(port, data) => pio.read(port, data),
             VcpuExit::MmioRead(addr, data) => match blk.as_mut() {
-                Some(b) if blk_range.contains(&addr) => b.read(addr - layout::VIRTIO_MMIO_BASE, data),
+                Some(b) if blk_range.contains(&addr) => {
+                    b.read(addr - layout::VIRTIO_MMIO_BASE, data)
+                }
                 _ => data.fill(0),
             },
             VcpuExit::MmioWrite(addr, data) => {
@@ -236,16 +266,27 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => break Stop::Reset,
             VcpuExit::Hlt => break Stop::GuestError("the guest halted with interrupts off".into()),
             VcpuExit::FailEntry(reason, _) => {
-                break Stop::GuestError(format!("KVM could not enter the guest (hardware reason {reason:#x})"))
+                break Stop::GuestError(format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x})"
+                ))
             }
             VcpuExit::InternalError => {
-                break Stop::GuestError("KVM internal error: the guest ran something KVM cannot emulate".into())
+                break Stop::GuestError(
+                    "KVM internal error: the guest ran something KVM cannot emulate".into(),
+                )
             }
-            VcpuExit::Exception => break Stop::GuestError("the guest raised an unhandled exception".into()),
+            VcpuExit::Exception => {
+                break Stop::GuestError("the guest raised an unhandled exception".into())
+            }
             other => break Stop::GuestError(format!("unexpected VM exit {other:?}")),
         }
     };
     sys::disarm();
     pio.flush();
-    Ok(Outcome { stop, status: pio.status(), exits, first_run_ns })
+    Ok(Outcome {
+        stop,
+        status: pio.status(),
+        exits,
+        first_run_ns,
+    })
 }

@@ -49,9 +49,15 @@ const ALLOWED: &[i64] = &[
 
 /// Installs the filter on the calling thread.
 pub fn install() -> Result<(), SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
-    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(SeccompError::Build)?;
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::Build)?;
     let program: BpfProgram = filter.try_into().map_err(SeccompError::Build)?;
     seccompiler::apply_filter(&program).map_err(SeccompError::Install)
 }

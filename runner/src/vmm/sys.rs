@@ -14,8 +14,14 @@ use std::time::Duration;
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 fn arm_timer(first: Duration, interval: Duration) {
-    let tv = |d: Duration| libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t };
-    let t = libc::itimerval { it_interval: tv(interval), it_value: tv(first) };
+    let tv = |d: Duration| libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    let t = libc::itimerval {
+        it_interval: tv(interval),
+        it_value: tv(first),
+    };
     // SAFETY: setitimer reads a valid itimerval; it is async-signal-safe.
     unsafe { libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut()) };
 }
@@ -78,7 +84,13 @@ pub fn disarm() {
 }
 
 /// Maps guest memory region `slot` into the VM.
-pub fn map_region(vm: &kvm_ioctls::VmFd, slot: u32, guest: u64, size: u64, host: *mut u8) -> Result<(), kvm_ioctls::Error> {
+pub fn map_region(
+    vm: &kvm_ioctls::VmFd,
+    slot: u32,
+    guest: u64,
+    size: u64,
+    host: *mut u8,
+) -> Result<(), kvm_ioctls::Error> {
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot,
         flags: 0,

@@ -3,7 +3,9 @@
 //! supports it with this vCPU's topology; the boot MSRs; the local APIC's LINT
 //! pins wired as on a PC (ExtINT, NMI).
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -41,7 +43,9 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 /// Sets CPUID: KVM's supported set, with this vCPU's APIC id and topology.
 pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8) -> Result<(), VcpuError> {
-    let mut cpuid: CpuId = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VcpuError::GetCpuid)?;
+    let mut cpuid: CpuId = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VcpuError::GetCpuid)?;
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -61,7 +65,11 @@ pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8) -> Result<(), Vc
 
 /// Sets the MSRs a freshly reset PC would have, as Linux expects them.
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), VcpuError> {
-    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     let entries = [
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -72,15 +80,14 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), VcpuError> {
         entry(MSR_SYSCALL_MASK, 0),
         entry(MSR_LSTAR, 0),
         entry(MSR_IA32_TSC, 0),
-        entry(MSR_IA32_MISC_ENABLE, 1), // fast strings
+        entry(MSR_IA32_MISC_ENABLE, 1),          // fast strings
         entry(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
     ];
-    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs(kvm_ioctls::Error::new(libc::EINVAL)))?;
-    let set = vcpu.set_msrs(&msrs).map_err(VcpuError::Msrs)?;
-    if set != entries.len() {
-        // KVM stops at the first MSR it refuses; the rest are optional on some hosts.
-        return Ok(());
-    }
+    let msrs = Msrs::from_entries(&entries)
+        .map_err(|_| VcpuError::Msrs(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    // KVM stops at the first MSR it refuses; the ones after it are optional
+    // on some hosts, so a short count is not an error.
+    vcpu.set_msrs(&msrs).map_err(VcpuError::Msrs)?;
     Ok(())
 }
 
@@ -105,9 +112,15 @@ fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
 /// Puts the vCPU at the PVH entry: protected mode, paging off, flat segments.
 pub fn setup_pvh_regs(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: u64) -> Result<(), VcpuError> {
     // A GDT in guest memory matching the hidden segment state: null, code, data, TSS.
-    let gdt: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
+    let gdt: [u64; 4] = [
+        0,
+        0x00cf_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x0000_8b00_0000_0067,
+    ];
     for (i, e) in gdt.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(VcpuError::Gdt)?;
+        mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))
+            .map_err(VcpuError::Gdt)?;
     }
     let mut sregs = vcpu.get_sregs().map_err(VcpuError::Regs)?;
     sregs.gdt.base = GDT_ADDR;
@@ -121,16 +134,35 @@ pub fn setup_pvh_regs(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: u64) -> Resul
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = kvm_segment { base: 0, limit: 0x67, selector: 0x18, type_: 0xb, present: 1, s: 0, db: 0, g: 0, ..Default::default() };
+    sregs.tr = kvm_segment {
+        base: 0,
+        limit: 0x67,
+        selector: 0x18,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        db: 0,
+        g: 0,
+        ..Default::default()
+    };
     sregs.cr0 = CR0_PE;
     sregs.cr3 = 0;
     sregs.cr4 = 0;
     sregs.efer = 0;
     vcpu.set_sregs(&sregs).map_err(VcpuError::Regs)?;
 
-    let regs = kvm_regs { rflags: 0x2, rip: entry, rbx: START_INFO_ADDR, ..Default::default() };
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rbx: START_INFO_ADDR,
+        ..Default::default()
+    };
     vcpu.set_regs(&regs).map_err(VcpuError::Regs)?;
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(VcpuError::Regs)
 }
 

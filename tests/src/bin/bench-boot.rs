@@ -27,7 +27,12 @@ struct Sample {
 
 fn time(mut cmd: Command) -> Sample {
     let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let mut out = child.stdout.take().expect("stdout");
     let mut byte = [0u8; 1];
     let n = out.read(&mut byte).expect("read");
@@ -37,15 +42,26 @@ fn time(mut cmd: Command) -> Sample {
     let _ = out.read_to_end(&mut rest);
     let status = child.wait().expect("wait");
     let total = start.elapsed();
-    assert!(status.success() || status.code() == Some(1), "{cmd:?} failed: {status}");
-    Sample { first_output, total }
+    assert!(
+        status.success() || status.code() == Some(1),
+        "{cmd:?} failed: {status}"
+    );
+    Sample {
+        first_output,
+        total,
+    }
 }
 
 fn stats(name: &str, what: &str, v: &mut [Duration]) -> f64 {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let median = ms(v[v.len() / 2]);
-    println!("{name:<28} {what:<14} median {median:9.1} ms   min {:9.1}   max {:9.1}   (n={})", ms(v[0]), ms(v[v.len() - 1]), v.len());
+    println!(
+        "{name:<28} {what:<14} median {median:9.1} ms   min {:9.1}   max {:9.1}   (n={})",
+        ms(v[0]),
+        ms(v[v.len() - 1]),
+        v.len()
+    );
     median
 }
 
@@ -66,7 +82,10 @@ fn main() {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -77,7 +96,12 @@ fn measure(mut cmd: Command) -> (Duration, u64, String) {
     let start = Instant::now();
     // Reaped by wait4 below (std's wait would not report the child's rusage).
     #[allow(clippy::zombie_processes)]
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn");
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
@@ -98,17 +122,27 @@ fn null(runs: usize) {
     let art = hyper_tests::guest_artifact(&elf, &[0u8; 4096]);
     let qemu = |accel: &str| {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-M", "microvm,acpi=off,x-option-roms=off", "-nodefaults", "-no-user-config", "-no-reboot"])
-            .args(["-display", "none", "-m", "64M", "-accel", accel])
-            .arg("-kernel").arg(&elf)
-            .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
+        c.args([
+            "-M",
+            "microvm,acpi=off,x-option-roms=off",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+        ])
+        .args(["-display", "none", "-m", "64M", "-accel", accel])
+        .arg("-kernel")
+        .arg(&elf)
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
         c
     };
-    let (mut hw, mut hr, mut hf, mut qkw, mut qkr, mut qtw, mut qtr) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut hw, mut hr, mut hf, mut qkw, mut qkr, mut qtw, mut qtr) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut exits = 0;
     for _ in 0..runs {
         let mut c = Command::new(&hyperboot);
-        c.args(["--backend", "kvm", "--memory", "64M"]).arg(&art).env("HYPER_SPAWN_NS", monotonic_ns().to_string());
+        c.args(["--backend", "kvm", "--memory", "64M"])
+            .arg(&art)
+            .env("HYPER_SPAWN_NS", monotonic_ns().to_string());
         let (w, rss, err) = measure(c);
         let first = err
             .split("exec_to_first_run_us=")
@@ -116,7 +150,11 @@ fn null(runs: usize) {
             .and_then(|r| r.split_whitespace().next())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("hyperboot did not report its timing: {err}"));
-        exits = err.split("exits=").nth(1).and_then(|r| r.trim().parse::<u64>().ok()).unwrap_or(0);
+        exits = err
+            .split("exits=")
+            .nth(1)
+            .and_then(|r| r.trim().parse::<u64>().ok())
+            .unwrap_or(0);
         hw.push(w);
         hr.push(Duration::from_micros(rss));
         hf.push(Duration::from_micros(first));
@@ -127,7 +165,9 @@ fn null(runs: usize) {
         qtw.push(w);
         qtr.push(Duration::from_micros(rss));
     }
-    println!("bench-boot null: {runs} runs each, a null guest that leaves on its first instructions");
+    println!(
+        "bench-boot null: {runs} runs each, a null guest that leaves on its first instructions"
+    );
     let ours = stats("hyperboot --backend kvm", "whole process", &mut hw);
     stats("hyperboot --backend kvm", "exec->KVM_RUN", &mut hf);
     let peer = stats("qemu microvm -accel kvm", "whole process", &mut qkw);
@@ -136,10 +176,17 @@ fn null(runs: usize) {
         v.sort();
         v[v.len() / 2].as_micros() as f64 / 1024.0
     };
-    println!("peak RSS (median, MiB): hyperboot {:.1}, qemu kvm {:.1}, qemu tcg {:.1}", kib(&mut hr), kib(&mut qkr), kib(&mut qtr));
+    println!(
+        "peak RSS (median, MiB): hyperboot {:.1}, qemu kvm {:.1}, qemu tcg {:.1}",
+        kib(&mut hr),
+        kib(&mut qkr),
+        kib(&mut qtr)
+    );
     println!("exits to hyperboot for the null guest: {exits}");
     println!("ratio hyperboot/qemu-kvm whole process: {:.3}", ours / peer);
-    println!("firecracker: not measured (no release can be fetched from this machine's registries)");
+    println!(
+        "firecracker: not measured (no release can be fetched from this machine's registries)"
+    );
 }
 
 /// Time from SIGTERM to hyperboot's exit for an app that exits promptly on
@@ -153,7 +200,12 @@ fn stop(artifact: PathBuf, runs: usize) {
         let mut child = Command::new(&hyperboot)
             .args(["--backend", "qemu"])
             .arg(&artifact)
-            .args(["--", "sh", "-c", "trap 'exit 0' TERM; echo ready; while true; do sleep 0.05; done"])
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "trap 'exit 0' TERM; echo ready; while true; do sleep 0.05; done",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -165,13 +217,22 @@ fn stop(artifact: PathBuf, runs: usize) {
         // SAFETY: kill has no memory effects; the pid is our live child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().expect("wait");
-        assert_eq!(status.code(), Some(0), "the app did not exit cleanly on SIGTERM");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "the app did not exit cleanly on SIGTERM"
+        );
         stops.push(t.elapsed());
         // 4 MiB of output through the console.
         let mut child = Command::new(&hyperboot)
             .args(["--backend", "qemu"])
             .arg(&artifact)
-            .args(["--", "sh", "-c", "echo go; dd if=/dev/zero bs=65536 count=64 2>/dev/null | tr '\\000' x"])
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "echo go; dd if=/dev/zero bs=65536 count=64 2>/dev/null | tr '\\000' x",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -190,7 +251,10 @@ fn stop(artifact: PathBuf, runs: usize) {
     println!("bench-boot stop: {runs} runs, QEMU backend");
     stats("SIGTERM -> hyperboot exit", "app exits", &mut stops);
     let s = stats("4 MiB of app output", "serial", &mut rates);
-    println!("app output through the serial console: {:.2} MB/s (no faster path yet)", 4.194304 / (s / 1000.0));
+    println!(
+        "app output through the serial console: {:.2} MB/s (no faster path yet)",
+        4.194304 / (s / 1000.0)
+    );
 }
 
 fn app(artifact: PathBuf, runs: usize) {
@@ -213,27 +277,77 @@ fn app(artifact: PathBuf, runs: usize) {
     c.file("hyper/run.json", 0o644, run);
     initrd.extend_from_slice(&c.finish());
     let initrd = write("initrd", &initrd);
-    let rootfs = write("rootfs.erofs", &a.read_section(SectionKind::Rootfs).unwrap());
+    let rootfs = write(
+        "rootfs.erofs",
+        &a.read_section(SectionKind::Rootfs).unwrap(),
+    );
     let status = dir.path().join("status");
     let cmdline = format!("{} loglevel=1", a.manifest().kernel.cmdline);
-    let accel = if Path::new("/sys/module/kvm_pvm").exists() || !std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains(" vmx") && !std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains(" svm") { "tcg" } else { "kvm" };
+    let accel = if Path::new("/sys/module/kvm_pvm").exists()
+        || !std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .contains(" vmx")
+            && !std::fs::read_to_string("/proc/cpuinfo")
+                .unwrap_or_default()
+                .contains(" svm")
+    {
+        "tcg"
+    } else {
+        "kvm"
+    };
     let peer = || {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-M", "microvm,acpi=off,x-option-roms=off", "-nodefaults", "-no-user-config", "-no-reboot"])
-            .args(["-display", "none", "-m", "128M", "-accel", accel, "-cpu", if accel == "kvm" { "host" } else { "max" }])
-            .arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd).arg("-append").arg(&cmdline)
-            .args(["-serial", "stdio", "-chardev"]).arg(format!("file,id=st,path={}", status.display()))
-            .args(["-device", "isa-serial,chardev=st,iobase=0x2f8,irq=3", "-device", "isa-debug-exit,iobase=0x501,iosize=1"])
-            .arg("-drive").arg(format!("file={},format=raw,if=none,id=root,readonly=on", rootfs.display()))
-            .args(["-device", "virtio-blk-device,drive=root"]);
+        c.args([
+            "-M",
+            "microvm,acpi=off,x-option-roms=off",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-m",
+            "128M",
+            "-accel",
+            accel,
+            "-cpu",
+            if accel == "kvm" { "host" } else { "max" },
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(&cmdline)
+        .args(["-serial", "stdio", "-chardev"])
+        .arg(format!("file,id=st,path={}", status.display()))
+        .args([
+            "-device",
+            "isa-serial,chardev=st,iobase=0x2f8,irq=3",
+            "-device",
+            "isa-debug-exit,iobase=0x501,iosize=1",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=root,readonly=on",
+            rootfs.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"]);
         c
     };
     let ours = || {
         let mut c = Command::new(&hyperboot);
-        c.args(["--backend", "qemu"]).arg(&artifact).args(["--", "echo", "ready"]);
+        c.args(["--backend", "qemu"])
+            .arg(&artifact)
+            .args(["--", "echo", "ready"]);
         c
     };
-    println!("bench-boot: {} runs each, accel {accel}, artifact {}", runs, artifact.display());
+    println!(
+        "bench-boot: {} runs each, accel {accel}, artifact {}",
+        runs,
+        artifact.display()
+    );
     let (mut of, mut ot, mut pf, mut pt) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let s = time(ours());
@@ -247,5 +361,9 @@ fn app(artifact: PathBuf, runs: usize) {
     let a2 = stats("hyperboot --backend qemu", "whole run", &mut ot);
     let b1 = stats("qemu microvm by hand (peer)", "first output", &mut pf);
     let b2 = stats("qemu microvm by hand (peer)", "whole run", &mut pt);
-    println!("ratio hyperboot/peer: first output {:.2}, whole run {:.2}", a1 / b1, a2 / b2);
+    println!(
+        "ratio hyperboot/peer: first output {:.2}, whole run {:.2}",
+        a1 / b1,
+        a2 / b2
+    );
 }

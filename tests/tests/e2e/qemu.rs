@@ -7,7 +7,13 @@ use std::os::unix::fs::PermissionsExt;
 use hyper_tests::*;
 
 fn assert_run(r: &Run, code: i32, stdout: &str) {
-    assert_eq!(r.code, Some(code), "exit code; stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.code,
+        Some(code),
+        "exit code; stdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
     assert_eq!(r.stdout, stdout, "stdout; stderr:\n{}", r.stderr);
 }
 
@@ -30,20 +36,54 @@ fn exit_codes_pass_through() {
 
 #[test]
 fn image_config_is_what_the_app_sees() {
-    let r = boot(busybox_artifact(), &["--", "sh", "-c", "echo $GREETING; pwd; id -u; echo $HOME; echo $PATH"]);
-    assert_run(&r, 0, "hello\n/srv/app\n0\n/root\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING; pwd; id -u; echo $HOME; echo $PATH",
+        ],
+    );
+    assert_run(
+        &r,
+        0,
+        "hello\n/srv/app\n0\n/root\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+    );
 }
 
 #[test]
 fn command_line_overrides_the_image_config() {
     let r = boot(
         busybox_artifact(),
-        &["-e", "GREETING=bye", "-e", "EXTRA=1", "-w", "/tmp", "-u", "app", "--hostname", "box", "--", "sh", "-c", "echo $GREETING $EXTRA; pwd; id; hostname; echo $HOME"],
+        &[
+            "-e",
+            "GREETING=bye",
+            "-e",
+            "EXTRA=1",
+            "-w",
+            "/tmp",
+            "-u",
+            "app",
+            "--hostname",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $EXTRA; pwd; id; hostname; echo $HOME",
+        ],
     );
-    assert_run(&r, 0, "bye 1\n/tmp\nuid=1000(app) gid=1000(app) groups=50(staff),1000(app)\nbox\n/home/app\n");
+    assert_run(
+        &r,
+        0,
+        "bye 1\n/tmp\nuid=1000(app) gid=1000(app) groups=50(staff),1000(app)\nbox\n/home/app\n",
+    );
     let r = boot(busybox_artifact(), &["-u", "1234:4321", "--", "id"]);
     assert_run(&r, 0, "uid=1234 gid=4321 groups=4321\n");
-    let r = boot(busybox_artifact(), &["--entrypoint", "/bin/echo", "--", "a", "b"]);
+    let r = boot(
+        busybox_artifact(),
+        &["--entrypoint", "/bin/echo", "--", "a", "b"],
+    );
     assert_run(&r, 0, "a b\n");
 }
 
@@ -54,7 +94,15 @@ fn user_from_the_image_config() {
     let art = scratch().join("user.hvm");
     let o = build(&layout, &art);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r = boot(&art, &["--", "sh", "-c", "id -un; echo $HOME; touch /srv/app/x 2>/dev/null || echo cannot-write"]);
+    let r = boot(
+        &art,
+        &[
+            "--",
+            "sh",
+            "-c",
+            "id -un; echo $HOME; touch /srv/app/x 2>/dev/null || echo cannot-write",
+        ],
+    );
     assert_run(&r, 0, "app\n/home/app\ncannot-write\n");
     let r = boot(&art, &["-u", "ghost", "--", "true"]);
     assert_eq!(r.code, Some(123), "{r:?}");
@@ -64,15 +112,39 @@ fn user_from_the_image_config() {
 #[test]
 fn writes_vanish_when_the_vm_ends() {
     let a = busybox_artifact();
-    let r = boot(a, &["--", "sh", "-c", "echo data > /etc/written && cat /etc/written && rm /bin/ls && echo removed"]);
+    let r = boot(
+        a,
+        &[
+            "--",
+            "sh",
+            "-c",
+            "echo data > /etc/written && cat /etc/written && rm /bin/ls && echo removed",
+        ],
+    );
     assert_run(&r, 0, "data\nremoved\n");
-    let r = boot(a, &["--", "sh", "-c", "test -e /etc/written && echo present || echo absent; test -e /bin/ls && echo ls-back"]);
+    let r = boot(
+        a,
+        &[
+            "--",
+            "sh",
+            "-c",
+            "test -e /etc/written && echo present || echo absent; test -e /bin/ls && echo ls-back",
+        ],
+    );
     assert_run(&r, 0, "absent\nls-back\n");
 }
 
 #[test]
 fn layers_are_flattened_with_whiteouts() {
-    let r = boot(busybox_artifact(), &["--", "sh", "-c", "cat /etc/motd; ls -A /opt; stat -c %a /tmp"]);
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/motd; ls -A /opt; stat -c %a /tmp",
+        ],
+    );
     assert_run(&r, 0, "layer two\n1777\n");
 }
 
@@ -94,7 +166,10 @@ fn a_flipped_byte_in_any_section_is_refused_before_boot() {
         assert_eq!(r.code, Some(125), "byte {pos}: {r:?}");
         assert_eq!(r.stdout, "", "byte {pos} booted");
         assert!(r.stderr.contains("flipped-"), "byte {pos}: {}", r.stderr);
-        assert!(started.elapsed().as_secs() < 10, "refusal took a boot's time");
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "refusal took a boot's time"
+        );
     }
     let path = scratch().join("truncated.hvm");
     fs::write(&path, &good[..good.len() - 4096]).unwrap();
@@ -133,7 +208,11 @@ fn sigterm_ends_the_vm() {
 }
 
 fn nix_kill(pid: u32, sig: i32) {
-    let st = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -146,13 +225,19 @@ fn missing_qemu_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("apt-get install qemu-system-x86"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("apt-get install qemu-system-x86"),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn builds_are_reproducible_and_inspectable() {
     // The same image in two different places gives the same artifact.
-    let (la, lb) = (scratch().join("repro-layout-a"), scratch().join("repro-b/elsewhere"));
+    let (la, lb) = (
+        scratch().join("repro-layout-a"),
+        scratch().join("repro-b/elsewhere"),
+    );
     make_image(&la, "latest", "");
     make_image(&lb, "latest", "");
     let (a, b) = (scratch().join("r1.hvm"), scratch().join("r2.hvm"));
@@ -160,15 +245,35 @@ fn builds_are_reproducible_and_inspectable() {
     assert!(oa.status.success() && ob.status.success());
     assert_eq!(oa.stdout, ob.stdout, "digests differ");
     assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
-    assert_eq!(fs::metadata(&a).unwrap().permissions().mode() & 0o222, 0, "artifact is writable");
-    let out = hyperbuild().arg("inspect").arg("--json").arg(&a).output().unwrap();
+    assert_eq!(
+        fs::metadata(&a).unwrap().permissions().mode() & 0o222,
+        0,
+        "artifact is writable"
+    );
+    let out = hyperbuild()
+        .arg("inspect")
+        .arg("--json")
+        .arg(&a)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(doc["digest"].as_str().unwrap(), String::from_utf8_lossy(&oa.stdout).trim());
+    assert_eq!(
+        doc["digest"].as_str().unwrap(),
+        String::from_utf8_lossy(&oa.stdout).trim()
+    );
     assert_eq!(doc["manifest"]["config"]["Cmd"], serde_json::json!(["sh"]));
-    assert_eq!(doc["manifest"]["config"]["ExposedPorts"], serde_json::json!(["8080/tcp"]));
+    assert_eq!(
+        doc["manifest"]["config"]["ExposedPorts"],
+        serde_json::json!(["8080/tcp"])
+    );
     assert_eq!(doc["manifest"]["rootfs"]["type"], "erofs");
-    let kinds: Vec<&str> = doc["sections"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = doc["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["kernel", "initrd", "rootfs", "manifest"]);
 }
 
@@ -222,7 +327,11 @@ fn bad_input_to_hyperbuild_leaves_no_output() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no PVH entry note"));
     assert!(!out_path.exists(), "a failed build left an output file");
-    let leftovers: Vec<_> = fs::read_dir(scratch()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".hvm-partial")).collect();
+    let leftovers: Vec<_> = fs::read_dir(scratch())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".hvm-partial"))
+        .collect();
     assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
 }
 
@@ -233,7 +342,17 @@ fn busybox_layout() -> std::path::PathBuf {
 
 #[test]
 fn docker_generated_files_and_limits() {
-    let r = boot(busybox_artifact(), &["--hostname", "box", "--", "sh", "-c", "cat /etc/hostname; grep -c 'localhost' /etc/hosts; grep box /etc/hosts; ulimit -n"]);
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "--hostname",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/hostname; grep -c 'localhost' /etc/hosts; grep box /etc/hosts; ulimit -n",
+        ],
+    );
     assert_run(&r, 0, "box\n2\n127.0.1.1\tbox\n1048576\n");
 }
 
@@ -245,7 +364,10 @@ fn read_only_root_and_tmpfs_mounts() {
           "touch /etc/new 2>/dev/null || echo root-is-read-only; echo x > /scratch/f && cat /scratch/f; grep -c ' /cache tmpfs .*size=1024k' /proc/mounts; cat /etc/hostname >/dev/null && echo hostname-present"],
     );
     assert_run(&r, 0, "root-is-read-only\nx\n1\nhostname-present\n");
-    let r = boot(busybox_artifact(), &["--tmpfs", "relative/path", "--", "true"]);
+    let r = boot(
+        busybox_artifact(),
+        &["--tmpfs", "relative/path", "--", "true"],
+    );
     assert_eq!(r.code, Some(123), "{r:?}");
     assert!(r.stderr.contains("--tmpfs relative/path"), "{}", r.stderr);
 }
@@ -262,13 +384,22 @@ fn layout_with_layer(name: &str, layer: &[u8]) -> std::path::PathBuf {
         fs::write(blob(&d), b).unwrap();
         d
     };
-    let mut index: serde_json::Value = serde_json::from_slice(&fs::read(l.join("index.json")).unwrap()).unwrap();
-    let md = index["manifests"][0]["digest"].as_str().unwrap().to_string();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(blob(&md)).unwrap()).unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(l.join("index.json")).unwrap()).unwrap();
+    let md = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(&md)).unwrap()).unwrap();
     let cd = manifest["config"]["digest"].as_str().unwrap().to_string();
-    let mut config: serde_json::Value = serde_json::from_slice(&fs::read(blob(&cd)).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(&cd)).unwrap()).unwrap();
     let ld = put(layer);
-    config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(ld.clone().into());
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(ld.clone().into());
     let cbytes = serde_json::to_vec(&config).unwrap();
     manifest["config"]["digest"] = put(&cbytes).into();
     manifest["config"]["size"] = cbytes.len().into();
@@ -300,31 +431,73 @@ fn sparse_files_read_back_exactly_in_the_guest() {
     let art = scratch().join("sparse.hvm");
     let o = build(&layout, &art);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rootfs = hvm::Artifact::open(&art).unwrap().section(hvm::SectionKind::Rootfs).length;
-    assert!(rootfs < 8 << 20, "64 MiB of mostly zeros cost {rootfs} bytes of rootfs");
+    let rootfs = hvm::Artifact::open(&art)
+        .unwrap()
+        .section(hvm::SectionKind::Rootfs)
+        .length;
+    assert!(
+        rootfs < 8 << 20,
+        "64 MiB of mostly zeros cost {rootfs} bytes of rootfs"
+    );
     let r = boot(&art, &["--", "sh", "-c", "stat -c %s /big.img; head -c 4 /big.img; echo; dd if=/big.img bs=1 skip=33554432 count=6 2>/dev/null; echo; tail -c 3 /big.img; echo; sha256sum /big.img | cut -c1-64"]);
-    let want = format!("{SIZE}\nhead\nmiddle\nend\n{}\n", hex::encode(Sha256::digest(&data)));
+    let want = format!(
+        "{SIZE}\nhead\nmiddle\nend\n{}\n",
+        hex::encode(Sha256::digest(&data))
+    );
     assert_run(&r, 0, &want);
 }
 
 #[test]
 fn env_file_then_e_flags_as_in_docker() {
     let f = scratch().join("app.env");
-    fs::write(&f, "# settings\nA=from-file\nB=from-file\n\nGREETING=file\n").unwrap();
-    let r = boot(busybox_artifact(), &["--env-file", f.to_str().unwrap(), "-e", "B=from-flag", "--", "sh", "-c", "echo $A $B $GREETING"]);
+    fs::write(
+        &f,
+        "# settings\nA=from-file\nB=from-file\n\nGREETING=file\n",
+    )
+    .unwrap();
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "--env-file",
+            f.to_str().unwrap(),
+            "-e",
+            "B=from-flag",
+            "--",
+            "sh",
+            "-c",
+            "echo $A $B $GREETING",
+        ],
+    );
     assert_run(&r, 0, "from-file from-flag file\n");
-    let r = boot(busybox_artifact(), &["--env-file", "/no/such/file", "--", "true"]);
+    let r = boot(
+        busybox_artifact(),
+        &["--env-file", "/no/such/file", "--", "true"],
+    );
     assert_eq!(r.code, Some(125));
-    assert!(r.stderr.contains("--env-file /no/such/file"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--env-file /no/such/file"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn the_guest_clock_is_the_hosts() {
     let r = boot(busybox_artifact(), &["--", "date", "+%s"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    let guest: i64 = r.stdout.trim().parse().unwrap_or_else(|_| panic!("not a time: {r:?}"));
-    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    assert!((host - guest).abs() < 300, "guest clock {guest}, host {host}");
+    let guest: i64 = r
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a time: {r:?}"));
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (host - guest).abs() < 300,
+        "guest clock {guest}, host {host}"
+    );
 }
 
 /// Starts hyperboot on `app`, waits for its first line, sends SIGTERM to
@@ -352,13 +525,19 @@ fn stop_app(extra: &[&str], app: &str) -> (Option<i32>, String, f64) {
 
 #[test]
 fn sigterm_delivers_the_stop_signal_to_the_app() {
-    let (code, out, _) = stop_app(&[], "trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done");
+    let (code, out, _) = stop_app(
+        &[],
+        "trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done",
+    );
     assert_eq!((code, out.as_str()), (Some(3), "ready\ngot-term\n"));
 }
 
 #[test]
 fn an_app_ignoring_the_stop_signal_is_killed_after_the_stop_timeout() {
-    let (code, out, secs) = stop_app(&["--stop-timeout", "2"], "trap '' TERM; echo ready; while true; do sleep 0.1; done");
+    let (code, out, secs) = stop_app(
+        &["--stop-timeout", "2"],
+        "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+    );
     assert_eq!((code, out.as_str()), (Some(137), "ready\n"));
     assert!((1.5..15.0).contains(&secs), "stopped after {secs} s");
 }
@@ -372,7 +551,11 @@ fn a_file_changed_in_place_after_a_verified_boot_is_verified_again() {
     assert_run(&boot(&path, &["--", "true"]), 0, "");
     let header = hvm::Header::parse(&fs::read(&path).unwrap()[..4096]).unwrap();
     let rootfs = header.section(hvm::SectionKind::Rootfs).unwrap();
-    let f = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, rootfs.offset + 5000).unwrap();
     f.write_all_at(&[b[0] ^ 1], rootfs.offset + 5000).unwrap();
@@ -394,7 +577,8 @@ fn file_capabilities_from_pax_xattrs_work_in_the_guest() {
     }
     let bb = fs::read("/bin/busybox").expect("busybox-static");
     let mut b = tar::Builder::new(Vec::new());
-    b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])]).unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])])
+        .unwrap();
     let mut h = tar::Header::new_gnu();
     h.set_size(bb.len() as u64);
     h.set_mode(0o755);
@@ -411,6 +595,13 @@ fn file_capabilities_from_pax_xattrs_work_in_the_guest() {
     let r = boot(&art, &["-u", "app", "--", "sh", "-c", script]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(lines.first(), Some(&"1"), "the capable copy did not listen on :80: {r:?}");
-    assert!(r.stdout.contains("Permission denied"), "the plain busybox could bind :81 as app: {r:?}");
+    assert_eq!(
+        lines.first(),
+        Some(&"1"),
+        "the capable copy did not listen on :80: {r:?}"
+    );
+    assert!(
+        r.stdout.contains("Permission denied"),
+        "the plain busybox could bind :81 as app: {r:?}"
+    );
 }

@@ -18,14 +18,30 @@ fn hb(cache: &Path, reference: &str, out: &Path, extra: &[&str]) -> Output {
     hb_stdin(cache, reference, out, extra, None, &[])
 }
 
-fn hb_stdin(cache: &Path, reference: &str, out: &Path, extra: &[&str], stdin: Option<&str>, env: &[(&str, &Path)]) -> Output {
+fn hb_stdin(
+    cache: &Path,
+    reference: &str,
+    out: &Path,
+    extra: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &Path)],
+) -> Output {
     let mut c = hyperbuild();
-    c.env("HYPER_BLOB_CACHE", cache).arg(reference).arg("-o").arg(out).arg("--kernel").arg(kernel()).arg("--init").arg(init());
+    c.env("HYPER_BLOB_CACHE", cache)
+        .arg(reference)
+        .arg("-o")
+        .arg(out)
+        .arg("--kernel")
+        .arg(kernel())
+        .arg("--init")
+        .arg(init());
     c.args(extra).arg("--quiet");
     for (k, v) in env {
         c.env(k, v);
     }
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().expect("hyperbuild");
     if let Some(s) = stdin {
         use std::io::Write;
@@ -36,25 +52,46 @@ fn hb_stdin(cache: &Path, reference: &str, out: &Path, extra: &[&str], stdin: Op
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "hyperbuild failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "hyperbuild failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 fn failed(o: &Output, needle: &str) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(1), "expected a bad-input failure: {err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a bad-input failure: {err}"
+    );
     assert!(err.contains(needle), "error does not say {needle:?}: {err}");
     err
 }
 
 fn inspect(art: &Path) -> serde_json::Value {
-    let o = hyperbuild().arg("inspect").arg("--json").arg(art).output().unwrap();
+    let o = hyperbuild()
+        .arg("inspect")
+        .arg("--json")
+        .arg(art)
+        .output()
+        .unwrap();
     serde_json::from_slice(&o.stdout).expect("inspect json")
 }
 
 fn rootfs_sha(art: &Path) -> String {
     let doc = inspect(art);
-    doc["sections"].as_array().unwrap().iter().find(|s| s["kind"] == "rootfs").unwrap()["sha256"].as_str().unwrap().to_string()
+    doc["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "rootfs")
+        .unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Test images are made once per binary; the lock keeps parallel tests from
@@ -78,46 +115,113 @@ fn tmp() -> tempfile::TempDir {
 fn pulls_by_tag_and_digest_and_the_artifact_boots() {
     let reg = Registry::start(false);
     let l = layout("plain", "");
-    reg.push(&format!("oci:{}:latest", l.display()), "test/busybox:v1", &[]);
+    reg.push(
+        &format!("oci:{}:latest", l.display()),
+        "test/busybox:v1",
+        &[],
+    );
     let d = tmp();
     let (cache, art) = (d.path().join("cache"), d.path().join("a.hvm"));
-    ok(&hb(&cache, &format!("{}/test/busybox:v1", reg.addr), &art, &[]));
+    ok(&hb(
+        &cache,
+        &format!("{}/test/busybox:v1", reg.addr),
+        &art,
+        &[],
+    ));
     let doc = inspect(&art);
-    assert_eq!(doc["manifest"]["image"]["reference"], format!("{}/test/busybox:v1", reg.addr));
-    let digest = doc["manifest"]["image"]["digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        doc["manifest"]["image"]["reference"],
+        format!("{}/test/busybox:v1", reg.addr)
+    );
+    let digest = doc["manifest"]["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let by_digest = d.path().join("b.hvm");
-    ok(&hb(&cache, &format!("{}/test/busybox@{digest}", reg.addr), &by_digest, &[]));
+    ok(&hb(
+        &cache,
+        &format!("{}/test/busybox@{digest}", reg.addr),
+        &by_digest,
+        &[],
+    ));
     assert_eq!(rootfs_sha(&art), rootfs_sha(&by_digest));
     // The same image from the layout directly gives the same filesystem.
     let direct = d.path().join("direct.hvm");
     ok(&build(&l, &direct).clone());
     assert_eq!(rootfs_sha(&art), rootfs_sha(&direct));
     let r = boot(&art, &["--", "cat", "/etc/motd"]);
-    assert_eq!((r.code, r.stdout.as_str()), (Some(0), "layer two\n"), "{r:?}");
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (Some(0), "layer two\n"),
+        "{r:?}"
+    );
 }
 
 #[test]
 fn a_second_build_needs_no_registry_and_pull_policies_hold() {
     let reg = Registry::start(false);
-    reg.push(&format!("oci:{}:latest", layout("plain", "").display()), "test/cached:v1", &[]);
+    reg.push(
+        &format!("oci:{}:latest", layout("plain", "").display()),
+        "test/cached:v1",
+        &[],
+    );
     let d = tmp();
     let cache = d.path().join("cache");
     let r = format!("{}/test/cached:v1", reg.addr);
     let first = ok(&hb(&cache, &r, &d.path().join("1.hvm"), &[]));
     drop(reg); // the registry is gone
     assert_eq!(ok(&hb(&cache, &r, &d.path().join("2.hvm"), &[])), first);
-    assert_eq!(ok(&hb(&cache, &r, &d.path().join("3.hvm"), &["--pull", "never"])), first);
-    failed(&hb(&cache, &r, &d.path().join("4.hvm"), &["--pull", "always"]), &r);
-    failed(&hb(&d.path().join("empty"), &r, &d.path().join("5.hvm"), &["--pull", "never"]), "--pull never");
+    assert_eq!(
+        ok(&hb(
+            &cache,
+            &r,
+            &d.path().join("3.hvm"),
+            &["--pull", "never"]
+        )),
+        first
+    );
+    failed(
+        &hb(&cache, &r, &d.path().join("4.hvm"), &["--pull", "always"]),
+        &r,
+    );
+    failed(
+        &hb(
+            &d.path().join("empty"),
+            &r,
+            &d.path().join("5.hvm"),
+            &["--pull", "never"],
+        ),
+        "--pull never",
+    );
     assert!(!d.path().join("4.hvm").exists() && !d.path().join("5.hvm").exists());
     // cache ls lists what was pulled; prune --all empties it.
-    let ls = Command::new(bin_path("hyperbuild")).env("HYPER_BLOB_CACHE", &cache).args(["cache", "ls", "--json"]).output().unwrap();
+    let ls = Command::new(bin_path("hyperbuild"))
+        .env("HYPER_BLOB_CACHE", &cache)
+        .args(["cache", "ls", "--json"])
+        .output()
+        .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
-    assert_eq!(doc["blobs"].as_array().unwrap().len(), 5, "index? manifest, config, 3 layers: {doc}");
-    let pr = Command::new(bin_path("hyperbuild")).env("HYPER_BLOB_CACHE", &cache).args(["cache", "prune"]).output().unwrap();
+    assert_eq!(
+        doc["blobs"].as_array().unwrap().len(),
+        5,
+        "index? manifest, config, 3 layers: {doc}"
+    );
+    let pr = Command::new(bin_path("hyperbuild"))
+        .env("HYPER_BLOB_CACHE", &cache)
+        .args(["cache", "prune"])
+        .output()
+        .unwrap();
     assert!(pr.status.success());
-    assert!(String::from_utf8_lossy(&pr.stderr).contains("removed 0 blobs"), "{}", String::from_utf8_lossy(&pr.stderr));
-    let pr = Command::new(bin_path("hyperbuild")).env("HYPER_BLOB_CACHE", &cache).args(["cache", "prune", "--all"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&pr.stderr).contains("removed 0 blobs"),
+        "{}",
+        String::from_utf8_lossy(&pr.stderr)
+    );
+    let pr = Command::new(bin_path("hyperbuild"))
+        .env("HYPER_BLOB_CACHE", &cache)
+        .args(["cache", "prune", "--all"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&pr.stderr).contains("removed 5 blobs"));
 }
 
@@ -127,10 +231,18 @@ fn schema2_and_zstd_layers_give_the_same_filesystem() {
     let l = layout("plain", "");
     let src = format!("oci:{}:latest", l.display());
     reg.push(&src, "test/v2s2:v1", &["--format", "v2s2"]);
-    reg.push(&src, "test/zstd:v1", &["--format", "oci", "--dest-compress-format", "zstd"]);
+    reg.push(
+        &src,
+        "test/zstd:v1",
+        &["--format", "oci", "--dest-compress-format", "zstd"],
+    );
     let d = tmp();
     let cache = d.path().join("cache");
-    let (a, b, c) = (d.path().join("v2s2.hvm"), d.path().join("zstd.hvm"), d.path().join("direct.hvm"));
+    let (a, b, c) = (
+        d.path().join("v2s2.hvm"),
+        d.path().join("zstd.hvm"),
+        d.path().join("direct.hvm"),
+    );
     ok(&hb(&cache, &format!("{}/test/v2s2:v1", reg.addr), &a, &[]));
     ok(&hb(&cache, &format!("{}/test/zstd:v1", reg.addr), &b, &[]));
     ok(&build(&l, &c));
@@ -146,16 +258,25 @@ fn multi_platform_layout() -> PathBuf {
         return l;
     }
     make_image(&l, "latest", "");
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
     let amd = index["manifests"][0].clone();
-    let read = |d: &str| std::fs::read(l.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
+    let read = |d: &str| {
+        std::fs::read(l.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap()
+    };
     let put = |b: &[u8]| {
         let d = sha(b);
-        std::fs::write(l.join("blobs/sha256").join(d.trim_start_matches("sha256:")), b).unwrap();
+        std::fs::write(
+            l.join("blobs/sha256").join(d.trim_start_matches("sha256:")),
+            b,
+        )
+        .unwrap();
         d
     };
-    let manifest: serde_json::Value = serde_json::from_slice(&read(amd["digest"].as_str().unwrap())).unwrap();
-    let mut config: serde_json::Value = serde_json::from_slice(&read(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&read(amd["digest"].as_str().unwrap())).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&read(manifest["config"]["digest"].as_str().unwrap())).unwrap();
     config["architecture"] = "arm64".into();
     let cbytes = serde_json::to_vec(&config).unwrap();
     let mut arm = manifest.clone();
@@ -163,9 +284,7 @@ fn multi_platform_layout() -> PathBuf {
     arm["config"]["size"] = cbytes.len().into();
     let arm_bytes = serde_json::to_vec(&arm).unwrap();
     let arm_digest = put(&arm_bytes);
-    let entry = |digest: &str, size: usize, arch: &str| {
-        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size, "platform": {"os": "linux", "architecture": arch}})
-    };
+    let entry = |digest: &str, size: usize, arch: &str| serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size, "platform": {"os": "linux", "architecture": arch}});
     let idx = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
         entry(&arm_digest, arm_bytes.len(), "arm64"),
         entry(amd["digest"].as_str().unwrap(), amd["size"].as_u64().unwrap() as usize, "amd64"),
@@ -181,76 +300,188 @@ fn multi_platform_layout() -> PathBuf {
 fn an_index_resolves_to_the_asked_platform() {
     let reg = Registry::start(false);
     let l = multi_platform_layout();
-    reg.push(&format!("oci:{}:latest", l.display()), "test/multi:v1", &["--all"]);
+    reg.push(
+        &format!("oci:{}:latest", l.display()),
+        "test/multi:v1",
+        &["--all"],
+    );
     let d = tmp();
     let cache = d.path().join("cache");
     let r = format!("{}/test/multi:v1", reg.addr);
     let art = d.path().join("m.hvm");
     ok(&hb(&cache, &r, &art, &[]));
     let doc = inspect(&art);
-    assert_eq!(doc["manifest"]["image"]["platform"]["architecture"], "amd64");
-    assert!(doc["manifest"]["image"]["index_digest"].is_string(), "{doc}");
+    assert_eq!(
+        doc["manifest"]["image"]["platform"]["architecture"],
+        "amd64"
+    );
+    assert!(
+        doc["manifest"]["image"]["index_digest"].is_string(),
+        "{doc}"
+    );
     // The layout itself resolves the same way.
     ok(&build(&l, &d.path().join("l.hvm")));
-    let err = failed(&hb(&cache, &r, &d.path().join("x.hvm"), &["--platform", "linux/s390x"]), "no image for platform linux/s390x");
-    assert!(err.contains("linux/arm64") && err.contains("linux/amd64"), "{err}");
+    let err = failed(
+        &hb(
+            &cache,
+            &r,
+            &d.path().join("x.hvm"),
+            &["--platform", "linux/s390x"],
+        ),
+        "no image for platform linux/s390x",
+    );
+    assert!(
+        err.contains("linux/arm64") && err.contains("linux/amd64"),
+        "{err}"
+    );
     assert!(!d.path().join("x.hvm").exists());
 }
 
 #[test]
 fn basic_auth_from_flags_and_docker_config() {
     let reg = Registry::start(true);
-    reg.push(&format!("oci:{}:latest", layout("plain", "").display()), "test/private:v1", &[]);
+    reg.push(
+        &format!("oci:{}:latest", layout("plain", "").display()),
+        "test/private:v1",
+        &[],
+    );
     let d = tmp();
     let cache = d.path().join("cache");
     let r = format!("{}/test/private:v1", reg.addr);
     let home = d.path().join("home");
     std::fs::create_dir_all(home.join(".docker")).unwrap();
     let no_creds = [("HOME", home.as_path())];
-    failed(&hb_stdin(&cache, &r, &d.path().join("n.hvm"), &[], None, &no_creds), "401");
-    failed(&hb_stdin(&cache, &r, &d.path().join("w.hvm"), &["--username", "tester", "--password-stdin"], Some("wrong\n"), &no_creds), "401");
-    ok(&hb_stdin(&cache, &r, &d.path().join("f.hvm"), &["--username", "tester", "--password-stdin"], Some("s3cret\n"), &no_creds));
+    failed(
+        &hb_stdin(&cache, &r, &d.path().join("n.hvm"), &[], None, &no_creds),
+        "401",
+    );
+    failed(
+        &hb_stdin(
+            &cache,
+            &r,
+            &d.path().join("w.hvm"),
+            &["--username", "tester", "--password-stdin"],
+            Some("wrong\n"),
+            &no_creds,
+        ),
+        "401",
+    );
+    ok(&hb_stdin(
+        &cache,
+        &r,
+        &d.path().join("f.hvm"),
+        &["--username", "tester", "--password-stdin"],
+        Some("s3cret\n"),
+        &no_creds,
+    ));
     use base64::Engine;
     let token = base64::engine::general_purpose::STANDARD.encode("tester:s3cret");
-    std::fs::write(home.join(".docker/config.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{token}"}}}}}}"#, reg.addr)).unwrap();
+    std::fs::write(
+        home.join(".docker/config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{token}"}}}}}}"#, reg.addr),
+    )
+    .unwrap();
     let fresh = d.path().join("cache2");
-    ok(&hb_stdin(&fresh, &r, &d.path().join("c.hvm"), &[], None, &no_creds));
+    ok(&hb_stdin(
+        &fresh,
+        &r,
+        &d.path().join("c.hvm"),
+        &[],
+        None,
+        &no_creds,
+    ));
     // A credential helper, as docker login with credsStore/credHelpers sets up.
     let bin = d.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let helper = bin.join("docker-credential-hypertest");
     std::fs::write(&helper, "#!/bin/sh\nread server\necho \"{\\\"ServerURL\\\":\\\"$server\\\",\\\"Username\\\":\\\"tester\\\",\\\"Secret\\\":\\\"s3cret\\\"}\"\n").unwrap();
     std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::write(home.join(".docker/config.json"), format!(r#"{{"credHelpers":{{"{}":"hypertest"}}}}"#, reg.addr)).unwrap();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    std::fs::write(
+        home.join(".docker/config.json"),
+        format!(r#"{{"credHelpers":{{"{}":"hypertest"}}}}"#, reg.addr),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let path = std::path::PathBuf::from(path);
-    ok(&hb_stdin(&d.path().join("cache3"), &r, &d.path().join("h.hvm"), &[], None, &[("HOME", home.as_path()), ("PATH", path.as_path())]));
+    ok(&hb_stdin(
+        &d.path().join("cache3"),
+        &r,
+        &d.path().join("h.hvm"),
+        &[],
+        None,
+        &[("HOME", home.as_path()), ("PATH", path.as_path())],
+    ));
     assert!(!d.path().join("n.hvm").exists() && !d.path().join("w.hvm").exists());
 }
 
 #[test]
 fn unknown_repositories_and_tags_are_not_found() {
     let reg = Registry::start(false);
-    reg.push(&format!("oci:{}:latest", layout("plain", "").display()), "test/here:v1", &[]);
+    reg.push(
+        &format!("oci:{}:latest", layout("plain", "").display()),
+        "test/here:v1",
+        &[],
+    );
     let d = tmp();
     let cache = d.path().join("cache");
-    failed(&hb(&cache, &format!("{}/test/nothere:v1", reg.addr), &d.path().join("a.hvm"), &[]), "not found");
-    failed(&hb(&cache, &format!("{}/test/here:v9", reg.addr), &d.path().join("b.hvm"), &[]), "not found");
+    failed(
+        &hb(
+            &cache,
+            &format!("{}/test/nothere:v1", reg.addr),
+            &d.path().join("a.hvm"),
+            &[],
+        ),
+        "not found",
+    );
+    failed(
+        &hb(
+            &cache,
+            &format!("{}/test/here:v9", reg.addr),
+            &d.path().join("b.hvm"),
+            &[],
+        ),
+        "not found",
+    );
 }
 
-fn fake(fault: BlobFault, tweak: impl Fn(&mut Vec<(String, String, Vec<u8>)>)) -> (FakeRegistry, PathBuf) {
+fn fake(
+    fault: BlobFault,
+    tweak: impl Fn(&mut Vec<(String, String, Vec<u8>)>),
+) -> (FakeRegistry, PathBuf) {
     fake_with(fault, false, tweak)
 }
 
-fn fake_with(fault: BlobFault, bearer: bool, tweak: impl Fn(&mut Vec<(String, String, Vec<u8>)>)) -> (FakeRegistry, PathBuf) {
+fn fake_with(
+    fault: BlobFault,
+    bearer: bool,
+    tweak: impl Fn(&mut Vec<(String, String, Vec<u8>)>),
+) -> (FakeRegistry, PathBuf) {
     let l = layout("plain", "");
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
-    let md = index["manifests"][0]["digest"].as_str().unwrap().to_string();
-    let mbytes = std::fs::read(l.join("blobs/sha256").join(md.trim_start_matches("sha256:"))).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
+    let md = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mbytes = std::fs::read(
+        l.join("blobs/sha256")
+            .join(md.trim_start_matches("sha256:")),
+    )
+    .unwrap();
     let mt = "application/vnd.oci.image.manifest.v1+json".to_string();
-    let mut manifests = vec![("v1".to_string(), mt.clone(), mbytes.clone()), (md, mt, mbytes)];
+    let mut manifests = vec![
+        ("v1".to_string(), mt.clone(), mbytes.clone()),
+        (md, mt, mbytes),
+    ];
     tweak(&mut manifests);
-    (FakeRegistry::start_with(manifests, layout_blobs(&l), fault, bearer), l)
+    (
+        FakeRegistry::start_with(manifests, layout_blobs(&l), fault, bearer),
+        l,
+    )
 }
 
 #[test]
@@ -258,8 +489,16 @@ fn the_anonymous_bearer_token_flow_docker_hub_uses() {
     let (reg, _) = fake_with(BlobFault::None, true, |_| {});
     let d = tmp();
     let art = d.path().join("a.hvm");
-    ok(&hb(&d.path().join("cache"), &format!("{}/test/fake:v1", reg.addr), &art, &[]));
-    assert!(reg.blob_requests.load(std::sync::atomic::Ordering::SeqCst) >= 4, "config and layers were fetched");
+    ok(&hb(
+        &d.path().join("cache"),
+        &format!("{}/test/fake:v1", reg.addr),
+        &art,
+        &[],
+    ));
+    assert!(
+        reg.blob_requests.load(std::sync::atomic::Ordering::SeqCst) >= 4,
+        "config and layers were fetched"
+    );
 }
 
 #[test]
@@ -268,9 +507,14 @@ fn a_blob_with_the_wrong_bytes_is_refused_and_not_cached() {
     let d = tmp();
     let cache = d.path().join("cache");
     let out = d.path().join("a.hvm");
-    failed(&hb(&cache, &format!("{}/test/fake:v1", reg.addr), &out, &[]), "digest");
+    failed(
+        &hb(&cache, &format!("{}/test/fake:v1", reg.addr), &out, &[]),
+        "digest",
+    );
     assert!(!out.exists());
-    let blobs: Vec<_> = std::fs::read_dir(cache.join("blobs/sha256")).unwrap().collect();
+    let blobs: Vec<_> = std::fs::read_dir(cache.join("blobs/sha256"))
+        .unwrap()
+        .collect();
     // Only the manifest (served correctly) may be cached; no wrong blob is.
     assert!(blobs.len() <= 1, "unverified blobs kept: {blobs:?}");
 }
@@ -280,11 +524,24 @@ fn a_connection_cut_mid_blob_is_resumed() {
     let (reg, _) = fake(BlobFault::CutOnce, |_| {});
     let d = tmp();
     let art = d.path().join("a.hvm");
-    ok(&hb(&d.path().join("cache"), &format!("{}/test/fake:v1", reg.addr), &art, &[]));
+    ok(&hb(
+        &d.path().join("cache"),
+        &format!("{}/test/fake:v1", reg.addr),
+        &art,
+        &[],
+    ));
     assert_eq!(inspect(&art)["manifest"]["rootfs"]["type"], "erofs");
     let (reg, _) = fake(BlobFault::CutAlways, |_| {});
     let out = d.path().join("b.hvm");
-    failed(&hb(&d.path().join("cache2"), &format!("{}/test/fake:v1", reg.addr), &out, &[]), "could not be downloaded");
+    failed(
+        &hb(
+            &d.path().join("cache2"),
+            &format!("{}/test/fake:v1", reg.addr),
+            &out,
+            &[],
+        ),
+        "could not be downloaded",
+    );
     assert!(!out.exists());
 }
 
@@ -292,10 +549,28 @@ fn a_connection_cut_mid_blob_is_resumed() {
 fn malformed_manifests_and_pinned_digests() {
     let (reg, _) = fake(BlobFault::None, |m| m[0].2 = b"{this is not json".to_vec());
     let d = tmp();
-    failed(&hb(&d.path().join("c"), &format!("{}/test/fake:v1", reg.addr), &d.path().join("a.hvm"), &[]), "malformed manifest");
+    failed(
+        &hb(
+            &d.path().join("c"),
+            &format!("{}/test/fake:v1", reg.addr),
+            &d.path().join("a.hvm"),
+            &[],
+        ),
+        "malformed manifest",
+    );
     let other = format!("sha256:{}", "1".repeat(64));
-    let (reg, _) = fake(BlobFault::None, |m| m.push((other.clone(), m[0].1.clone(), m[0].2.clone())));
-    failed(&hb(&d.path().join("c2"), &format!("{}/test/fake@{other}", reg.addr), &d.path().join("b.hvm"), &[]), "pinned digest");
+    let (reg, _) = fake(BlobFault::None, |m| {
+        m.push((other.clone(), m[0].1.clone(), m[0].2.clone()))
+    });
+    failed(
+        &hb(
+            &d.path().join("c2"),
+            &format!("{}/test/fake@{other}", reg.addr),
+            &d.path().join("b.hvm"),
+            &[],
+        ),
+        "pinned digest",
+    );
 }
 
 /// A docker-archive holding two images: the busybox one and the same with User=app.
@@ -316,17 +591,30 @@ fn two_image_archive() -> PathBuf {
     };
     let mut entries = Vec::new();
     for (tag, user) in [("busybox:root", ""), ("127.0.0.1:5000/busybox:app", "app")] {
-        let l = if user.is_empty() { plain.clone() } else { app.clone() };
-        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
-        let read = |d: &str| std::fs::read(l.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
-        let manifest: serde_json::Value = serde_json::from_slice(&read(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+        let l = if user.is_empty() {
+            plain.clone()
+        } else {
+            app.clone()
+        };
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
+        let read = |d: &str| {
+            std::fs::read(l.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap()
+        };
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&read(index["manifests"][0]["digest"].as_str().unwrap()))
+                .unwrap();
         let config = read(manifest["config"]["digest"].as_str().unwrap());
         let cname = format!("{}.json", sha(&config).trim_start_matches("sha256:"));
         add(&cname, &config);
         let mut layers = Vec::new();
         for layer in manifest["layers"].as_array().unwrap() {
             let mut raw = Vec::new();
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&read(layer["digest"].as_str().unwrap())[..]), &mut raw).unwrap();
+            std::io::Read::read_to_end(
+                &mut flate2::read::GzDecoder::new(&read(layer["digest"].as_str().unwrap())[..]),
+                &mut raw,
+            )
+            .unwrap();
             let lname = format!("{}/layer.tar", sha(&raw).trim_start_matches("sha256:"));
             add(&lname, &raw);
             layers.push(lname);
@@ -344,33 +632,80 @@ fn docker_archives_with_several_images() {
     let d = tmp();
     let cache = d.path().join("cache");
     let (x, y) = (d.path().join("x.hvm"), d.path().join("y.hvm"));
-    ok(&hb(&cache, &format!("docker-archive:{}:busybox:root", a.display()), &x, &[]));
-    ok(&hb(&cache, &format!("docker-archive:{}:127.0.0.1:5000/busybox:app", a.display()), &y, &[]));
-    assert_eq!(inspect(&x)["manifest"]["config"]["User"], serde_json::Value::Null);
+    ok(&hb(
+        &cache,
+        &format!("docker-archive:{}:busybox:root", a.display()),
+        &x,
+        &[],
+    ));
+    ok(&hb(
+        &cache,
+        &format!("docker-archive:{}:127.0.0.1:5000/busybox:app", a.display()),
+        &y,
+        &[],
+    ));
+    assert_eq!(
+        inspect(&x)["manifest"]["config"]["User"],
+        serde_json::Value::Null
+    );
     assert_eq!(inspect(&y)["manifest"]["config"]["User"], "app");
     ok(&build(&layout("plain", ""), &d.path().join("direct.hvm")));
     assert_eq!(rootfs_sha(&x), rootfs_sha(&d.path().join("direct.hvm")));
-    let err = failed(&hb(&cache, &format!("docker-archive:{}:nginx:latest", a.display()), &d.path().join("z.hvm"), &[]), "no image \"nginx:latest\"");
+    let err = failed(
+        &hb(
+            &cache,
+            &format!("docker-archive:{}:nginx:latest", a.display()),
+            &d.path().join("z.hvm"),
+            &[],
+        ),
+        "no image \"nginx:latest\"",
+    );
     assert!(err.contains("busybox:root"), "{err}");
-    failed(&hb(&cache, &format!("docker-archive:{}", a.display()), &d.path().join("z.hvm"), &[]), "holds 2 images");
+    failed(
+        &hb(
+            &cache,
+            &format!("docker-archive:{}", a.display()),
+            &d.path().join("z.hvm"),
+            &[],
+        ),
+        "holds 2 images",
+    );
     assert!(!d.path().join("z.hvm").exists());
 }
 
 #[test]
 fn concurrent_builds_share_one_cache() {
     let reg = Registry::start(false);
-    reg.push(&format!("oci:{}:latest", layout("plain", "").display()), "test/together:v1", &[]);
+    reg.push(
+        &format!("oci:{}:latest", layout("plain", "").display()),
+        "test/together:v1",
+        &[],
+    );
     let d = tmp();
     let cache = d.path().join("cache");
     let r = format!("{}/test/together:v1", reg.addr);
     let spawn = |n: &str| {
         let mut c = hyperbuild();
-        c.env("HYPER_BLOB_CACHE", &cache).arg(&r).arg("-o").arg(d.path().join(n)).arg("--kernel").arg(kernel()).arg("--init").arg(init()).arg("-q");
-        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        c.env("HYPER_BLOB_CACHE", &cache)
+            .arg(&r)
+            .arg("-o")
+            .arg(d.path().join(n))
+            .arg("--kernel")
+            .arg(kernel())
+            .arg("--init")
+            .arg(init())
+            .arg("-q");
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let (a, b) = (spawn("a.hvm"), spawn("b.hvm"));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert_eq!(ok(&a), ok(&b));
     let leftovers: Vec<_> = std::fs::read_dir(cache.join("tmp")).unwrap().collect();
-    assert!(leftovers.is_empty(), "partial downloads left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "partial downloads left: {leftovers:?}"
+    );
 }

@@ -9,22 +9,55 @@ use hyper_tests::*;
 #[test]
 fn the_kernel_boots_on_our_vmm_to_init() {
     if !kvm_usable() {
-        skip("slow::the_kernel_boots_on_our_vmm_to_init", "no usable /dev/kvm on this host");
+        skip(
+            "slow::the_kernel_boots_on_our_vmm_to_init",
+            "no usable /dev/kvm on this host",
+        );
         return;
     }
-    let r = boot_on("kvm", busybox_artifact(), &["--console", "--timeout", "400", "--", "echo", "slow-tier-ok"]);
+    let r = boot_on(
+        "kvm",
+        busybox_artifact(),
+        &[
+            "--console",
+            "--timeout",
+            "400",
+            "--",
+            "echo",
+            "slow-tier-ok",
+        ],
+    );
     let console = &r.stdout;
-    assert!(console.contains("Linux version 6.12"), "no kernel banner: {r:?}");
-    assert!(console.contains("virtio_blk virtio0: [vda]"), "the rootfs disk was not found: {}", tail(console));
-    assert!(console.contains("Unpacking initramfs"), "no initrd: {}", tail(console));
-    assert!(console.contains("Run /init as init process"), "init was not started: {}", tail(console));
+    assert!(
+        console.contains("Linux version 6.12"),
+        "no kernel banner: {r:?}"
+    );
+    assert!(
+        console.contains("virtio_blk virtio0: [vda]"),
+        "the rootfs disk was not found: {}",
+        tail(console)
+    );
+    assert!(
+        console.contains("Unpacking initramfs"),
+        "no initrd: {}",
+        tail(console)
+    );
+    assert!(
+        console.contains("Run /init as init process"),
+        "init was not started: {}",
+        tail(console)
+    );
     if hardware_kvm() {
         assert_eq!(r.code, Some(0), "{}", tail(console));
         assert!(console.contains("slow-tier-ok\n"));
     } else {
         // PVM: init's first system call faults; hyperboot must still end with a clear report.
         assert_eq!(r.code, Some(122), "{r:?}");
-        assert!(r.stderr.contains("without reporting an exit status"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("without reporting an exit status"),
+            "{}",
+            r.stderr
+        );
         eprintln!("slow tier: nested PVM KVM, checked the boot up to init only (user space cannot run here)");
     }
 }

@@ -62,12 +62,27 @@ fn hostile_virtio_guests_fail_their_requests_not_the_vmm() {
     if !kvm_or_skip("vmm::hostile_virtio_guests_fail_their_requests_not_the_vmm") {
         return;
     }
-    let names = ["queue outside memory", "data outside memory", "descriptor loop", "absurd lengths", "unknown registers", "avail index jump", "read-only status"];
+    let names = [
+        "queue outside memory",
+        "data outside memory",
+        "descriptor loop",
+        "absurd lengths",
+        "unknown registers",
+        "avail index jump",
+        "read-only status",
+    ];
     for (i, name) in names.iter().enumerate() {
         let mode = i + 1;
-        let r = boot_kvm(&guest("virtio", &[&format!("MODE={mode}")]), &["--timeout", "20"]);
+        let r = boot_kvm(
+            &guest("virtio", &[&format!("MODE={mode}")]),
+            &["--timeout", "20"],
+        );
         assert_eq!(r.code, Some(0), "mode {mode} ({name}): {r:?}");
-        assert!(r.stdout.contains(&format!("still serves after mode {mode}")), "mode {mode} ({name}): {r:?}");
+        assert!(
+            r.stdout
+                .contains(&format!("still serves after mode {mode}")),
+            "mode {mode} ({name}): {r:?}"
+        );
     }
 }
 
@@ -78,7 +93,16 @@ fn the_vmm_runs_under_seccomp() {
     }
     let art = guest("spin", &[]);
     let mut child = hyperboot()
-        .args(["--backend", "kvm", "--memory", "64M", "--timeout", "20", "--stop-timeout", "0"])
+        .args([
+            "--backend",
+            "kvm",
+            "--memory",
+            "64M",
+            "--timeout",
+            "20",
+            "--stop-timeout",
+            "0",
+        ])
         .arg(&art)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -87,9 +111,14 @@ fn the_vmm_runs_under_seccomp() {
     let mut line = [0u8; 9];
     std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut line).unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
     let st = child.wait().unwrap();
-    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "no seccomp filter: {status}");
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2"),
+        "no seccomp filter: {status}"
+    );
     assert_eq!(st.code(), Some(143));
 }
 
@@ -101,7 +130,11 @@ fn errors_name_the_fix() {
     let art = guest("hello", &[]);
     let r = boot_kvm(&art, &["--memory", "100000G"]);
     assert_eq!(r.code, Some(125), "{r:?}");
-    assert!(r.stderr.contains("more than this host has") && r.stderr.contains("lower --memory"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("more than this host has") && r.stderr.contains("lower --memory"),
+        "{}",
+        r.stderr
+    );
 
     // An artifact for another architecture.
     let other = scratch().join("arm64.hvm");
@@ -109,10 +142,20 @@ fn errors_name_the_fix() {
     let mut m = a.manifest().clone();
     m.image.platform.architecture = "arm64".into();
     let mut w = hvm::ArtifactWriter::create(&other).unwrap();
-    for kind in [hvm::SectionKind::Kernel, hvm::SectionKind::Initrd, hvm::SectionKind::Rootfs] {
-        w.section_bytes(kind, hvm::FLAG_REQUIRED, &a.read_section(kind).unwrap()).unwrap();
+    for kind in [
+        hvm::SectionKind::Kernel,
+        hvm::SectionKind::Initrd,
+        hvm::SectionKind::Rootfs,
+    ] {
+        w.section_bytes(kind, hvm::FLAG_REQUIRED, &a.read_section(kind).unwrap())
+            .unwrap();
     }
-    w.section_bytes(hvm::SectionKind::Manifest, hvm::FLAG_REQUIRED, &m.to_canonical_json()).unwrap();
+    w.section_bytes(
+        hvm::SectionKind::Manifest,
+        hvm::FLAG_REQUIRED,
+        &m.to_canonical_json(),
+    )
+    .unwrap();
     w.finish().unwrap();
     let r = boot_kvm(&other, &[]);
     assert_eq!(r.code, Some(125));
@@ -131,7 +174,10 @@ fn errors_name_the_fix() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "{err}");
-        assert!(err.contains("no /dev/kvm") && err.contains("--backend qemu"), "{err}");
+        assert!(
+            err.contains("no /dev/kvm") && err.contains("--backend qemu"),
+            "{err}"
+        );
         // No permission: an unprivileged user.
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -141,20 +187,29 @@ fn errors_name_the_fix() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        if std::fs::metadata("/dev/kvm").map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0).unwrap_or(false) {
+        if std::fs::metadata("/dev/kvm")
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0)
+            .unwrap_or(false)
+        {
             assert!(err.contains("add your user to the kvm group"), "{err}");
         } else {
             // /dev/kvm is world-accessible here; the artifact itself may be unreadable instead.
             assert!(out.status.code().is_some(), "{err}");
         }
     } else {
-        skip("vmm::errors_name_the_fix (no-/dev/kvm and permission cases)", "needs root to hide /dev/kvm");
+        skip(
+            "vmm::errors_name_the_fix (no-/dev/kvm and permission cases)",
+            "needs root to hide /dev/kvm",
+        );
     }
 }
 
 fn unsafe_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -164,7 +219,11 @@ fn auto_backend_picks_kvm_on_hardware_and_says_why_it_does_not() {
     let r = boot_on("auto", &guest("hello", &[]), &[]);
     assert_eq!(r.code, Some(42), "{r:?}");
     assert_eq!(r.stdout, "hello from a test guest\n");
-    let notices = r.stderr.lines().filter(|l| l.contains("using the QEMU backend")).count();
+    let notices = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("using the QEMU backend"))
+        .count();
     assert_eq!(notices, if hardware_kvm() { 0 } else { 1 }, "{}", r.stderr);
 }
 
@@ -184,7 +243,9 @@ fn a_stop_request_reaches_the_guest_on_com2() {
     let mut first = [0u8; 22];
     std::io::Read::read_exact(&mut out, &mut first).unwrap();
     assert_eq!(&first, b"waiting for a request\n");
-    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     let st = child.wait().unwrap();

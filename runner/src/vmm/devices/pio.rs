@@ -63,12 +63,18 @@ pub struct PioBus {
 
 impl std::fmt::Debug for PioBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PioBus").field("status", &self.status).finish()
+        f.debug_struct("PioBus")
+            .field("status", &self.status)
+            .finish()
     }
 }
 
 impl PioBus {
-    pub fn new(console_irq: EventFd, control_irq: EventFd, console_out: Box<dyn Write + Send>) -> Self {
+    pub fn new(
+        console_irq: EventFd,
+        control_irq: EventFd,
+        console_out: Box<dyn Write + Send>,
+    ) -> Self {
         let status = StatusSink::default();
         Self {
             console: Serial::new(IrqTrigger(console_irq), console_out),
@@ -80,7 +86,9 @@ impl PioBus {
     /// Queues a request for hyperinit on COM2 (`signal 15\n`); false when the
     /// guest's receive FIFO is full.
     pub fn send_control(&mut self, line: &[u8]) -> bool {
-        self.control.enqueue_raw_bytes(line).is_ok_and(|n| n == line.len())
+        self.control
+            .enqueue_raw_bytes(line)
+            .is_ok_and(|n| n == line.len())
     }
 
     /// A guest `out`: returns a stop request when the guest asked to stop.
@@ -116,7 +124,11 @@ impl PioBus {
 
     /// What the guest wrote on the status channel (at most 512 bytes).
     pub fn status(&self) -> Vec<u8> {
-        self.status.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn flush(&mut self) {
@@ -129,7 +141,11 @@ mod tests {
     use super::*;
 
     fn bus() -> PioBus {
-        PioBus::new(EventFd::new(0).unwrap(), EventFd::new(0).unwrap(), Box::new(std::io::sink()))
+        PioBus::new(
+            EventFd::new(0).unwrap(),
+            EventFd::new(0).unwrap(),
+            Box::new(std::io::sink()),
+        )
     }
 
     #[test]

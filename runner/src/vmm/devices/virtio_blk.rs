@@ -48,7 +48,14 @@ impl Block {
         let mut config = vec![0u8; 16];
         config[0..8].copy_from_slice(&(len / SECTOR).to_le_bytes());
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
-        Self { file, offset, len, config, buf: vec![0; CHUNK], refused: 0 }
+        Self {
+            file,
+            offset,
+            len,
+            config,
+            buf: vec![0; CHUNK],
+            refused: 0,
+        }
     }
 
     /// Serves one chain; returns how many bytes were written to the guest.
@@ -65,14 +72,21 @@ impl Block {
         }
         let data = &descs[1..descs.len() - 1];
         let mut header = [0u8; 16];
-        let code = if head.is_write_only() || head.len() < 16 || mem.read_slice(&mut header, head.addr()).is_err() {
+        let code = if head.is_write_only()
+            || head.len() < 16
+            || mem.read_slice(&mut header, head.addr()).is_err()
+        {
             S_IOERR
         } else {
             let rtype = u32::from_le_bytes(header[0..4].try_into().expect("4"));
             let sector = u64::from_le_bytes(header[8..16].try_into().expect("8"));
             match rtype {
                 T_IN => match self.read(sector, data, mem) {
-                    Ok(n) => return self.finish(status, S_OK, mem).map_or(0, |_| n.saturating_add(1)),
+                    Ok(n) => {
+                        return self
+                            .finish(status, S_OK, mem)
+                            .map_or(0, |_| n.saturating_add(1))
+                    }
                     Err(()) => S_IOERR,
                 },
                 T_OUT => S_IOERR,
@@ -118,9 +132,12 @@ impl Block {
             let mut done = 0u64;
             while done < u64::from(d.len()) {
                 let n = (u64::from(d.len()) - done).min(CHUNK as u64) as usize;
-                self.file.read_exact_at(&mut self.buf[..n], self.offset + pos).map_err(|_| ())?;
+                self.file
+                    .read_exact_at(&mut self.buf[..n], self.offset + pos)
+                    .map_err(|_| ())?;
                 let at = d.addr().0.checked_add(done).ok_or(())?;
-                mem.write_slice(&self.buf[..n], GuestAddress(at)).map_err(|_| ())?;
+                mem.write_slice(&self.buf[..n], GuestAddress(at))
+                    .map_err(|_| ())?;
                 done += n as u64;
                 pos += n as u64;
             }
@@ -146,13 +163,20 @@ impl VirtioDevice for Block {
         &[QUEUE_SIZE]
     }
 
-    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
+    fn process(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String> {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.collect();
             let len = self.handle(&descs, mem);
-            queue.add_used(mem, head, len).map_err(|e| format!("cannot update the used ring: {e}"))?;
+            queue
+                .add_used(mem, head, len)
+                .map_err(|e| format!("cannot update the used ring: {e}"))?;
             used = true;
         }
         Ok(used && queue.needs_notification(mem).unwrap_or(true))

@@ -28,7 +28,12 @@ pub trait VirtioDevice {
     fn queue_max_sizes(&self) -> &[u16];
     /// Handles a notification on queue `index`; returns whether the guest
     /// should be interrupted. Errors end the device until it is reset.
-    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String>;
+    fn process(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String>;
 }
 
 /// One virtio-mmio device slot.
@@ -48,13 +53,20 @@ pub struct MmioTransport<D: VirtioDevice> {
 
 impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MmioTransport").field("status", &self.status).field("broken", &self.broken).finish()
+        f.debug_struct("MmioTransport")
+            .field("status", &self.status)
+            .field("broken", &self.broken)
+            .finish()
     }
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
     pub fn new(device: D, irq: EventFd) -> Self {
-        let queues = device.queue_max_sizes().iter().map(|&m| Queue::new(m).expect("valid queue size")).collect();
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| Queue::new(m).expect("valid queue size"))
+            .collect();
         Self {
             device,
             queues,
@@ -94,7 +106,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             let cfg = self.device.config();
             let start = (offset - 0x100) as usize;
             for (i, b) in data.iter_mut().enumerate() {
-                *b = start.checked_add(i).and_then(|j| cfg.get(j)).copied().unwrap_or(0);
+                *b = start
+                    .checked_add(i)
+                    .and_then(|j| cfg.get(j))
+                    .copied()
+                    .unwrap_or(0);
             }
             return;
         }
@@ -124,14 +140,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// A guest write; `mem` is needed when a notification makes the device work.
     pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
-        let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
         let v = u32::from_le_bytes(bytes);
         let configurable = self.status & STATUS_DRIVER_OK == 0;
         match offset {
             0x014 => self.device_features_sel = v,
             0x020 if configurable => match self.driver_features_sel {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
                 _ => {}
             },
             0x024 => self.driver_features_sel = v,
@@ -154,7 +175,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x070 => {
                 if v == 0 {
                     self.reset();
-                } else if v & STATUS_FEATURES_OK != 0 && self.driver_features & !self.offered() != 0 {
+                } else if v & STATUS_FEATURES_OK != 0 && self.driver_features & !self.offered() != 0
+                {
                     // Features the device did not offer: refuse FEATURES_OK.
                     self.status = v & !STATUS_FEATURES_OK;
                 } else {
@@ -163,7 +185,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if configurable => {
                 if let Some(q) = self.selected() {
-                    let (lo, hi) = if offset.is_multiple_of(8) { (Some(v), None) } else { (None, Some(v)) };
+                    let (lo, hi) = if offset.is_multiple_of(8) {
+                        (Some(v), None)
+                    } else {
+                        (None, Some(v))
+                    };
                     match offset {
                         0x080 | 0x084 => q.set_desc_table_address(lo, hi),
                         0x090 | 0x094 => q.set_avail_ring_address(lo, hi),
@@ -180,7 +206,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let index = index as usize;
-        let Some(queue) = self.queues.get_mut(index) else { return };
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
         if !queue.ready() || !queue.is_valid(mem) {
             self.fail(format!("queue {index} notified but not validly configured"));
             return;
