@@ -133,11 +133,43 @@ impl Source {
     }
 }
 
+/// Where the artifact goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A local file (replaced if it exists, like `cp`).
+    Path(PathBuf),
+    /// Object storage or `file://`: streamed, atomic, immutable unless `replace`.
+    Url { url: String, replace: bool },
+}
+
+impl Output {
+    /// A URL (`s3://…`, `file://…`) or a path.
+    pub fn parse(s: &str, replace: bool) -> Self {
+        if hyper_remote::is_url(s) {
+            Output::Url {
+                url: s.to_string(),
+                replace,
+            }
+        } else {
+            Output::Path(PathBuf::from(s))
+        }
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Output::Path(p) => write!(f, "{}", p.display()),
+            Output::Url { url, .. } => f.write_str(url),
+        }
+    }
+}
+
 /// Everything a build needs.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     pub reference: String,
-    pub output: PathBuf,
+    pub output: Output,
     pub kernel: PathBuf,
     pub init: PathBuf,
     pub pull: crate::registry::PullOptions,
@@ -148,8 +180,12 @@ pub struct BuildOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BuildReport {
     pub digest: String,
-    pub path: PathBuf,
+    /// The path or URL written.
+    pub output: String,
     pub size: u64,
+    /// For a URL: whether the artifact was written or already there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<hyper_remote::publish::Outcome>,
     pub image_digest: String,
     pub rootfs_size: u64,
 }
@@ -158,6 +194,11 @@ pub struct BuildReport {
 pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let reference = opts.reference.clone();
     let source = Source::parse(&reference)?;
+    // A bad destination fails before any work.
+    let target = match &opts.output {
+        Output::Url { url, .. } => Some(hyper_remote::Target::open(url)?),
+        Output::Path(_) => None,
+    };
     let kernel_bytes = read_checked(
         &opts.kernel,
         |b| elf::pvh_entry(b).map(|_| ()),
@@ -214,33 +255,76 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         })?;
     }
 
-    let mut w = ArtifactWriter::create(&opts.output)?;
-    w.section_bytes(SectionKind::Kernel, FLAG_REQUIRED, &kernel)?;
-    w.section_bytes(SectionKind::Initrd, FLAG_REQUIRED, &initrd(&init))?;
-    let mut rootfs_size = 0;
-    w.section(SectionKind::Rootfs, FLAG_REQUIRED, |out| {
-        rootfs_size = erofs::write(&tree, &spool, out)?;
-        Ok::<_, erofs::ErofsError>(())
-    })?
-    .map_err(|source| InputError::Filesystem {
-        reference: reference.clone(),
-        source,
-    })?;
-    let manifest = manifest(&source.recorded(), &image, kernel_version, rootfs_size);
-    w.section_bytes(
-        SectionKind::Manifest,
-        FLAG_REQUIRED,
-        &manifest.to_canonical_json(),
-    )?;
-    let digest = w.finish()?;
-    let size = std::fs::metadata(&opts.output)?.len();
+    let manifest = |rootfs_size| {
+        manifest(
+            &source.recorded(),
+            &image,
+            kernel_version.clone(),
+            rootfs_size,
+        )
+        .to_canonical_json()
+    };
+    let parts = Parts {
+        kernel: &kernel,
+        initrd: &initrd(&init),
+        tree: &tree,
+        spool: &spool,
+        reference: &reference,
+    };
+    let (digest, size, rootfs_size, outcome) = match (&opts.output, target) {
+        (Output::Url { replace, .. }, Some(target)) => {
+            let sink = hyper_remote::publish::PublishSink::create(target, *replace)?;
+            let (d, s, r, o) = write_artifact(ArtifactWriter::with_sink(sink), parts, manifest)?;
+            (d, s, r, Some(o))
+        }
+        (Output::Path(p), _) => {
+            let (d, s, r, _) = write_artifact(ArtifactWriter::create(p)?, parts, manifest)?;
+            (d, s, r, None)
+        }
+        (Output::Url { .. }, None) => unreachable!("URL targets are opened above"),
+    };
     Ok(BuildReport {
         digest: hvm::digest_string(&digest),
-        path: opts.output.clone(),
+        output: opts.output.to_string(),
         size,
+        outcome,
         image_digest: image.manifest_digest,
         rootfs_size,
     })
+}
+
+/// What goes into an artifact besides its manifest.
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    kernel: &'a [u8],
+    initrd: &'a [u8],
+    tree: &'a Tree,
+    spool: &'a Spool,
+    reference: &'a str,
+}
+
+/// Streams the sections into `w` and seals it: digest, size, rootfs size and
+/// what the sink reported.
+fn write_artifact<S: hvm::Sink>(
+    mut w: ArtifactWriter<S>,
+    p: Parts<'_>,
+    manifest: impl FnOnce(u64) -> Vec<u8>,
+) -> anyhow::Result<([u8; 32], u64, u64, S::Done)> {
+    w.section_bytes(SectionKind::Kernel, FLAG_REQUIRED, p.kernel)?;
+    w.section_bytes(SectionKind::Initrd, FLAG_REQUIRED, p.initrd)?;
+    let mut rootfs_size = 0;
+    w.section(SectionKind::Rootfs, FLAG_REQUIRED, |out| {
+        rootfs_size = erofs::write(p.tree, p.spool, out)?;
+        Ok::<_, erofs::ErofsError>(())
+    })?
+    .map_err(|source| InputError::Filesystem {
+        reference: p.reference.to_string(),
+        source,
+    })?;
+    w.section_bytes(SectionKind::Manifest, FLAG_REQUIRED, &manifest(rootfs_size))?;
+    let size = w.file_len();
+    let (digest, done) = w.finish_sink()?;
+    Ok((digest, size, rootfs_size, done))
 }
 
 fn read_checked(

@@ -30,9 +30,14 @@ struct BuildArgs {
     /// ghcr.io/org/app@sha256:…, 127.0.0.1:5000/app:tag), oci:PATH[:TAG] or
     /// docker-archive:PATH[:REF]
     reference: Option<String>,
-    /// Output artifact path
+    /// Output: a path, or a URL (s3://BUCKET/KEY.hvm, gs://, az://, file:///PATH)
+    /// streamed to object storage
     #[arg(short, long)]
-    output: Option<PathBuf>,
+    output: Option<String>,
+    /// For a URL output: replace a different artifact already under the key
+    /// (artifacts are immutable by default)
+    #[arg(long)]
+    replace: bool,
     /// Guest kernel (uncompressed vmlinux with a PVH entry) [default: $HYPER_KERNEL, then the installed one]
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -67,6 +72,17 @@ enum Command {
     /// Verify an artifact and print its manifest and sections
     Inspect {
         artifact: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload a built artifact to object storage (s3://, gs://, az://, file://)
+    Push {
+        artifact: PathBuf,
+        url: String,
+        /// Replace a different artifact already under the key
+        #[arg(long)]
+        replace: bool,
+        /// Print the result as JSON on stdout
         #[arg(long)]
         json: bool,
     },
@@ -114,12 +130,26 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             || e.is::<hyperbuild::oci::OciError>()
             || e.is::<UsageError>()
             || e.is::<hyperbuild::registry::RegistryError>()
+            || e.downcast_ref::<hyper_remote::RemoteError>()
+                .or_else(|| {
+                    e.downcast_ref::<std::io::Error>()
+                        .and_then(|io| io.get_ref())
+                        .and_then(|inner| inner.downcast_ref())
+                })
+                .is_some_and(remote_input_error)
     });
     if input {
         1
     } else {
         2
     }
+}
+
+/// Remote errors the user can fix (a bad URL or key, an existing artifact)
+/// rather than a failed transfer.
+fn remote_input_error(e: &hyper_remote::RemoteError) -> bool {
+    use hyper_remote::RemoteError as R;
+    !matches!(e, R::Store { .. } | R::Io { .. })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +236,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Cache(c)) => return cache_command(c),
+        Some(Command::Push {
+            artifact,
+            url,
+            replace,
+            json,
+        }) => {
+            if !hyper_remote::is_url(&url) {
+                return Err(UsageError(format!(
+                    "{url:?} is not a URL (s3://BUCKET/KEY.hvm, gs://, az://, file:///PATH)"
+                ))
+                .into());
+            }
+            let target = hyper_remote::Target::open(&url)?;
+            let p = hyper_remote::publish::push(&artifact, target, replace)?;
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                if p.outcome == hyper_remote::publish::Outcome::AlreadyPresent {
+                    eprintln!("hyperbuild: {} already holds this artifact", p.url);
+                } else {
+                    eprintln!("hyperbuild: pushed {} ({} bytes)", p.url, p.size);
+                }
+                println!("{}", p.digest);
+            }
+            return Ok(());
+        }
         None => {}
     }
     let b = cli.build;
@@ -232,7 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let opts = BuildOptions {
         reference,
-        output,
+        output: build::Output::parse(&output, b.replace),
         pull,
         cache_dir: hyperbuild::cache::Cache::default_root(),
         kernel: b
@@ -252,23 +308,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     if !b.quiet {
-        eprintln!(
-            "hyperbuild: building {} -> {}",
-            opts.reference,
-            opts.output.display()
-        );
+        eprintln!("hyperbuild: building {} -> {}", opts.reference, opts.output);
     }
     let report = build::build(&opts)?;
     if b.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         if !b.quiet {
-            eprintln!(
-                "hyperbuild: wrote {} ({} bytes, rootfs {} bytes)",
-                report.path.display(),
-                report.size,
-                report.rootfs_size
-            );
+            if report.outcome == Some(hyper_remote::publish::Outcome::AlreadyPresent) {
+                eprintln!(
+                    "hyperbuild: {} already holds this artifact; nothing uploaded",
+                    report.output
+                );
+            } else {
+                eprintln!(
+                    "hyperbuild: wrote {} ({} bytes, rootfs {} bytes)",
+                    report.output, report.size, report.rootfs_size
+                );
+            }
         }
         println!("{}", report.digest);
     }

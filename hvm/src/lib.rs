@@ -69,7 +69,7 @@ pub use manifest::{
     BuilderInfo, ImageConfig, ImageInfo, KernelInfo, Manifest, Platform, RootfsInfo,
 };
 pub use reader::{Artifact, ReadError};
-pub use writer::{ArtifactWriter, WriteError};
+pub use writer::{ArtifactWriter, FileSink, SectionWriter, Sink, WriteError};
 
 /// hyper's per-user cache directory: `$XDG_CACHE_HOME/hyper`, else
 /// `~/.cache/hyper` (blobs for hyperbuild, verification records for hyperboot).

@@ -1,8 +1,8 @@
-//! Writing an artifact: sections are streamed into a temporary file beside the
-//! destination, hashed on the way, and the file is renamed into place only once
-//! the header is written — a failed build leaves nothing at the destination.
+//! Writing an artifact: sections are streamed into a [`Sink`] (a temporary file
+//! beside the destination, or an object-store upload), hashed on the way, and
+//! the artifact appears only once the header is written — a failed build
+//! leaves nothing at the destination.
 
-use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -31,38 +31,27 @@ pub enum WriteError {
     },
 }
 
-/// Streams sections into a new artifact.
+/// Where an artifact's bytes go. The writer streams everything after the
+/// header in order, starting at offset [`HEADER_LEN`], zero padding included;
+/// the header comes last, once every section's hash is known.
+pub trait Sink: Write {
+    /// What a finished sink reports (the path, the object written, ...).
+    type Done;
+    /// Places `header` at offset 0 and makes the artifact of `file_len` bytes
+    /// appear at its destination, all at once.
+    fn finish(self, header: &[u8], file_len: u64) -> Result<Self::Done, WriteError>;
+}
+
+/// A local file: a temporary file beside the destination, renamed into place
+/// and made read-only at the end.
 #[derive(Debug)]
-pub struct ArtifactWriter {
+pub struct FileSink {
     file: tempfile::NamedTempFile,
     dest: PathBuf,
-    pos: u64,
-    sections: Vec<Section>,
 }
 
-/// A section being written: counts and hashes what goes through it.
-#[derive(Debug)]
-pub struct SectionWriter<'a> {
-    file: &'a mut File,
-    hasher: Sha256,
-    length: u64,
-}
-
-impl Write for SectionWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.length += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl ArtifactWriter {
-    /// Starts an artifact that will appear at `dest` on [`finish`](Self::finish).
+impl FileSink {
+    /// A sink whose artifact appears at `dest`.
     pub fn create(dest: &Path) -> Result<Self, WriteError> {
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -75,13 +64,106 @@ impl ArtifactWriter {
                 path: dest.to_owned(),
                 source,
             })?;
-        file.as_file_mut().write_all(&[0u8; HEADER_LEN])?;
+        file.as_file_mut()
+            .seek(SeekFrom::Start(HEADER_LEN as u64))?;
         Ok(Self {
             file,
             dest: dest.to_owned(),
+        })
+    }
+}
+
+impl Write for FileSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.as_file_mut().write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_file_mut().flush()
+    }
+}
+
+impl Sink for FileSink {
+    type Done = PathBuf;
+
+    fn finish(mut self, header: &[u8], file_len: u64) -> Result<PathBuf, WriteError> {
+        let f = self.file.as_file_mut();
+        f.set_len(file_len)?;
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(header)?;
+        f.sync_all()?;
+        self.file
+            .persist(&self.dest)
+            .map_err(|e| WriteError::Persist {
+                path: self.dest.clone(),
+                source: e.error,
+            })?;
+        // Artifacts are immutable: read-only for everyone once written.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.dest, std::fs::Permissions::from_mode(0o444)).map_err(
+            |source| WriteError::Persist {
+                path: self.dest.clone(),
+                source,
+            },
+        )?;
+        Ok(self.dest)
+    }
+}
+
+/// Streams sections into a new artifact.
+#[derive(Debug)]
+pub struct ArtifactWriter<S: Sink = FileSink> {
+    sink: S,
+    pos: u64,
+    sections: Vec<Section>,
+}
+
+/// A section being written: counts and hashes what goes through it.
+#[derive(Debug)]
+pub struct SectionWriter<'a, W: Write> {
+    out: &'a mut W,
+    hasher: Sha256,
+    length: u64,
+}
+
+impl<W: Write> Write for SectionWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.length += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl ArtifactWriter<FileSink> {
+    /// Starts an artifact that will appear at `dest` on [`finish`](Self::finish).
+    pub fn create(dest: &Path) -> Result<Self, WriteError> {
+        Ok(Self::with_sink(FileSink::create(dest)?))
+    }
+}
+
+impl<S: Sink> ArtifactWriter<S> {
+    /// Starts an artifact streamed into `sink`.
+    pub fn with_sink(sink: S) -> Self {
+        Self {
+            sink,
             pos: HEADER_LEN as u64,
             sections: Vec::new(),
-        })
+        }
+    }
+
+    fn pad_to(&mut self, offset: u64) -> io::Result<()> {
+        const ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
+        while self.pos < offset {
+            let n = (offset - self.pos).min(BLOCK_SIZE) as usize;
+            self.sink.write_all(&ZEROS[..n])?;
+            self.pos += n as u64;
+        }
+        Ok(())
     }
 
     /// Writes one section: `fill` gets a writer and streams the bytes into it.
@@ -89,16 +171,15 @@ impl ArtifactWriter {
         &mut self,
         kind: SectionKind,
         flags: u32,
-        fill: impl FnOnce(&mut SectionWriter<'_>) -> Result<(), E>,
+        fill: impl FnOnce(&mut SectionWriter<'_, S>) -> Result<(), E>,
     ) -> Result<Result<(), E>, WriteError> {
         if self.sections.len() == MAX_SECTIONS {
             return Err(WriteError::TooManySections);
         }
         let offset = self.pos.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
-        let f = self.file.as_file_mut();
-        f.seek(SeekFrom::Start(offset))?;
+        self.pad_to(offset)?;
         let mut w = SectionWriter {
-            file: f,
+            out: &mut self.sink,
             hasher: Sha256::new(),
             length: 0,
         };
@@ -129,35 +210,28 @@ impl ArtifactWriter {
             .map_err(WriteError::Io)
     }
 
-    /// Pads the file to a block boundary, writes the header, syncs and renames
-    /// the file into place. Returns the artifact digest.
-    pub fn finish(mut self) -> Result<[u8; 32], WriteError> {
+    /// The length of the artifact if it were finished now.
+    pub fn file_len(&self) -> u64 {
+        self.pos.div_ceil(BLOCK_SIZE) * BLOCK_SIZE
+    }
+
+    /// Pads to a block boundary, writes the header and makes the artifact
+    /// appear (see [`Sink::finish`]). Returns the artifact digest.
+    pub fn finish(self) -> Result<[u8; 32], WriteError> {
+        Ok(self.finish_sink()?.0)
+    }
+
+    /// As [`finish`](Self::finish), also returning what the sink reported.
+    pub fn finish_sink(mut self) -> Result<([u8; 32], S::Done), WriteError> {
         let file_len = self.pos.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        self.pad_to(file_len)?;
         let header = Header {
             file_len,
-            sections: self.sections,
+            sections: std::mem::take(&mut self.sections),
         };
         let bytes = header.encode();
-        let f = self.file.as_file_mut();
-        f.set_len(file_len)?;
-        f.seek(SeekFrom::Start(0))?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        self.file
-            .persist(&self.dest)
-            .map_err(|e| WriteError::Persist {
-                path: self.dest.clone(),
-                source: e.error,
-            })?;
-        // Artifacts are immutable: read-only for everyone once written.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&self.dest, std::fs::Permissions::from_mode(0o444)).map_err(
-            |source| WriteError::Persist {
-                path: self.dest.clone(),
-                source,
-            },
-        )?;
-        Ok(digest)
+        let done = self.sink.finish(&bytes, file_len)?;
+        Ok((digest, done))
     }
 }

@@ -14,8 +14,9 @@ use hyperboot::{boot, spec::Overrides, status, AccelChoice, Backend, BootOptions
     about = "Boot a sealed .hvm artifact as a microVM"
 )]
 struct Cli {
-    /// The artifact to boot
-    artifact: PathBuf,
+    /// The artifact to boot: a path, or a URL (s3://BUCKET/KEY.hvm, gs://,
+    /// az://, https://, file://) fetched into the local cache first
+    artifact: String,
     /// Replace the image's Cmd (as in `docker run IMAGE CMD ARGS`)
     #[arg(last = true)]
     args: Vec<String>,
@@ -66,6 +67,82 @@ struct Cli {
     console: bool,
 }
 
+/// `hyperboot pull URL`: fetch into the cache without booting.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hyperboot pull",
+    version,
+    about = "Fetch an artifact into the local cache"
+)]
+struct PullCli {
+    /// s3://, gs://, az://, https:// or file:// URL of an artifact
+    url: String,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    json: bool,
+    /// No progress messages
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// Fetches `url` into the cache, reporting errors the hyperboot way.
+fn fetch(url: &str, progress: bool) -> Result<hyper_remote::fetch::Fetched, ExitCode> {
+    match hyper_remote::fetch::fetch(url, &hvm::cache_home(), progress) {
+        Ok(f) => {
+            if f.transferred > 0 {
+                // Just verified in full: the boot need not hash it again.
+                if let (Ok(m), Ok(d)) = (
+                    std::fs::metadata(&f.path),
+                    hex::decode(f.digest.trim_start_matches("sha256:")),
+                ) {
+                    if let Ok(d) = <[u8; 32]>::try_from(d.as_slice()) {
+                        hyperboot::verified::record(&d, &m);
+                    }
+                }
+            }
+            Ok(f)
+        }
+        Err(e) => {
+            eprintln!("hyperboot: error: {}", error_chain(&e));
+            Err(ExitCode::from(status::FAILED))
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+fn pull_main() -> ExitCode {
+    let cli = match PullCli::try_parse_from(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { status::FAILED } else { 0 });
+        }
+    };
+    let f = match fetch(&cli.url, !cli.quiet) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string(&f).unwrap_or_default());
+    } else {
+        if !cli.quiet {
+            eprintln!("hyperboot: {} is {}", f.url, f.path.display());
+        }
+        println!("{}", f.digest);
+    }
+    ExitCode::SUCCESS
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
@@ -109,6 +186,9 @@ fn parse_seconds_or_zero(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     hyperboot::vmm::phase("main");
+    if std::env::args_os().nth(1).is_some_and(|a| a == "pull") {
+        return pull_main();
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -130,8 +210,16 @@ fn main() -> ExitCode {
         }
     }
     env.extend(cli.env);
+    let artifact = if hyper_remote::is_url(&cli.artifact) {
+        match fetch(&cli.artifact, true) {
+            Ok(f) => f.path,
+            Err(code) => return code,
+        }
+    } else {
+        PathBuf::from(&cli.artifact)
+    };
     let opts = BootOptions {
-        artifact: cli.artifact,
+        artifact,
         backend: cli.backend,
         accel: cli.accel,
         overrides: Overrides {
@@ -153,14 +241,7 @@ fn main() -> ExitCode {
     match boot(&opts) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
-            eprintln!("hyperboot: error: {msg}");
+            eprintln!("hyperboot: error: {}", error_chain(&e));
             ExitCode::from(status::FAILED)
         }
     }

@@ -6,6 +6,7 @@
 //! otherwise from the repository's scripts, so `cargo test -p hyper-tests`
 //! works on its own after the README's set-up command.
 
+pub mod objstore;
 pub mod registry;
 
 use std::path::{Path, PathBuf};

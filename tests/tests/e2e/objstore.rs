@@ -1,0 +1,435 @@
+//! The objstore tier: artifacts published to and booted from a real
+//! S3-compatible server on loopback (moto), and `file://` / `http://` URLs:
+//! streaming publish, immutability, boot from the bucket, cache reuse,
+//! interrupted and failed transfers, corrupt objects, credentials.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use hyper_tests::objstore::{CutProxy, Direction, S3Server};
+use hyper_tests::*;
+
+const AWS_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+];
+
+/// A command that sees only the object-store settings it is given.
+fn with_env(mut c: Command, env: &[(&str, String)]) -> Command {
+    for v in AWS_VARS {
+        c.env_remove(v);
+    }
+    // No profile from the host's home either.
+    c.env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// The busybox layout behind `busybox_artifact()`.
+fn layout() -> PathBuf {
+    busybox_artifact();
+    scratch().join("busybox-layout")
+}
+
+/// A second, different image (runs as `app`), built locally once.
+fn other_artifact() -> &'static Path {
+    static A: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    A.get_or_init(|| {
+        let l = scratch().join("objstore-other-layout");
+        make_image(&l, "latest", "app");
+        let out = scratch().join("objstore-other.hvm");
+        let o = build(&l, &out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    })
+}
+
+fn build_to(layout: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
+    with_env(hyperbuild(), env)
+        .arg(format!("oci:{}", layout.display()))
+        .arg("-o")
+        .arg(url)
+        .arg("--kernel")
+        .arg(kernel())
+        .arg("--init")
+        .arg(init())
+        .args(extra)
+        .arg("--json")
+        .output()
+        .expect("run hyperbuild")
+}
+
+fn push(file: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
+    with_env(hyperbuild(), env)
+        .arg("push")
+        .arg(file)
+        .arg(url)
+        .args(extra)
+        .arg("--json")
+        .output()
+        .expect("run hyperbuild push")
+}
+
+fn pull(cache: &Path, url: &str, env: &[(&str, String)]) -> Output {
+    with_env(hyperboot(), env)
+        .env("XDG_CACHE_HOME", cache)
+        .args(["pull", "--json", url])
+        .output()
+        .expect("run hyperboot pull")
+}
+
+fn ok_json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+fn digest_of(file: &Path) -> String {
+    hvm::digest_string(&hvm::Artifact::open(file).expect("artifact").digest())
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn published_artifact_boots_from_the_bucket_and_is_cached() {
+    let s3 = S3Server::start();
+    s3.bucket("artifacts");
+    let url = "s3://artifacts/app/v1.hvm";
+    let j = ok_json(&build_to(&layout(), url, &s3.env(), &[]));
+    let local = std::fs::read(busybox_artifact()).unwrap();
+    assert_eq!(j["digest"], digest_of(busybox_artifact()));
+    assert_eq!(j["outcome"], "written");
+    assert_eq!(j["output"], url);
+    assert_eq!(j["size"], local.len() as u64);
+    // Streamed in parts out of order, yet byte-identical to a local build.
+    assert!(s3.get("artifacts", "app/v1.hvm").unwrap() == local);
+    assert_eq!(s3.pending_uploads("artifacts"), 0);
+
+    let cache = tempfile::tempdir().unwrap();
+    let p = ok_json(&pull(cache.path(), url, &s3.env()));
+    assert_eq!(p["digest"], j["digest"]);
+    assert_eq!(p["transferred"], local.len() as u64);
+    let path = PathBuf::from(p["path"].as_str().unwrap());
+    assert!(path.starts_with(cache.path()), "{path:?}");
+    assert!(std::fs::read(&path).unwrap() == local);
+
+    // Booting by URL: served from the cache, nothing transferred again.
+    let o = with_env(hyperboot(), &s3.env())
+        .env("XDG_CACHE_HOME", cache.path())
+        .args([
+            "--backend",
+            "qemu",
+            "--timeout",
+            "120",
+            url,
+            "--",
+            "echo",
+            "booted from s3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "booted from s3\n");
+    assert!(!stderr(&o).contains("fetching"), "{}", stderr(&o));
+    let again = ok_json(&pull(cache.path(), url, &s3.env()));
+    assert_eq!(again["transferred"], 0);
+    assert_eq!(again["path"], p["path"]);
+
+    // A second URL naming the same artifact reuses the cached file too.
+    ok_json(&push(
+        busybox_artifact(),
+        "s3://artifacts/app/current.hvm",
+        &s3.env(),
+        &[],
+    ));
+    let other = ok_json(&pull(
+        cache.path(),
+        "s3://artifacts/app/current.hvm",
+        &s3.env(),
+    ));
+    assert_eq!(other["transferred"], 0);
+    assert_eq!(other["path"], p["path"]);
+}
+
+#[test]
+fn keys_are_immutable_unless_replaced() {
+    let s3 = S3Server::start();
+    s3.bucket("imm");
+    let url = "s3://imm/app.hvm";
+    let first = ok_json(&build_to(&layout(), url, &s3.env(), &[]));
+    let same = ok_json(&build_to(&layout(), url, &s3.env(), &[]));
+    assert_eq!(same["outcome"], "already_present");
+    assert_eq!(same["digest"], first["digest"]);
+
+    let other = other_artifact();
+    let refused = push(other, url, &s3.env(), &[]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("different artifact"),
+        "{}",
+        stderr(&refused)
+    );
+    let kept = s3.get("imm", "app.hvm").unwrap();
+    assert!(
+        kept == std::fs::read(busybox_artifact()).unwrap(),
+        "the object changed"
+    );
+    let l2 = scratch().join("objstore-other-layout");
+    let refused = build_to(&l2, url, &s3.env(), &[]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("immutable"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        s3.pending_uploads("imm"),
+        0,
+        "the refused upload was not aborted"
+    );
+
+    let replaced = ok_json(&push(other, url, &s3.env(), &["--replace"]));
+    assert_eq!(replaced["outcome"], "written");
+    assert_eq!(replaced["digest"], digest_of(other));
+    assert!(s3.get("imm", "app.hvm").unwrap() == std::fs::read(other).unwrap());
+    let noop = ok_json(&push(other, url, &s3.env(), &[]));
+    assert_eq!(noop["outcome"], "already_present");
+
+    // Something that is not an artifact is never overwritten by accident.
+    s3.put("imm", "notes.txt", b"not an artifact");
+    let o = push(other, "s3://imm/notes.txt", &s3.env(), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a .hvm artifact"), "{}", stderr(&o));
+    assert_eq!(s3.get("imm", "notes.txt").unwrap(), b"not an artifact");
+}
+
+#[test]
+fn failed_uploads_leave_no_object_and_no_parts() {
+    let s3 = S3Server::start();
+    s3.bucket("cut");
+    // Every connection carrying more than 1 MiB up is cut: parts never arrive.
+    let proxy = CutProxy::start(&s3.addr, Direction::Up, 1 << 20, usize::MAX);
+    let mut env = s3.env();
+    env.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+    env.push(("AWS_ENDPOINT_URL", proxy.endpoint()));
+    let o = build_to(&layout(), "s3://cut/app.hvm", &env, &[]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("s3://cut/app.hvm"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert!(
+        proxy.cut.load(std::sync::atomic::Ordering::SeqCst) > 1,
+        "retried"
+    );
+    assert_eq!(s3.get("cut", "app.hvm"), None, "a partial object appeared");
+    assert_eq!(
+        s3.pending_uploads("cut"),
+        0,
+        "the multipart upload was not aborted"
+    );
+
+    // A push of a file that does not verify sends nothing at all.
+    let bad = scratch().join("objstore-bad.hvm");
+    let mut bytes = std::fs::read(busybox_artifact()).unwrap();
+    let n = bytes.len();
+    bytes[n - 5000] ^= 1;
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = push(&bad, "s3://cut/bad.hvm", &s3.env(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(s3.get("cut", "bad.hvm"), None);
+    assert_eq!(s3.pending_uploads("cut"), 0);
+}
+
+#[test]
+fn interrupted_transfers_are_retried() {
+    let s3 = S3Server::start();
+    s3.bucket("flaky");
+    let local = std::fs::read(busybox_artifact()).unwrap();
+    let via = |dir, after| {
+        let proxy = CutProxy::start(&s3.addr, dir, after, 1);
+        let mut env = s3.env();
+        env.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+        env.push(("AWS_ENDPOINT_URL", proxy.endpoint()));
+        (proxy, env)
+    };
+    let (up, env) = via(Direction::Up, 3 << 20);
+    ok_json(&build_to(&layout(), "s3://flaky/app.hvm", &env, &[]));
+    assert_eq!(up.cut.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(s3.get("flaky", "app.hvm").unwrap() == local);
+    assert_eq!(s3.pending_uploads("flaky"), 0);
+
+    let (down, env) = via(Direction::Down, 5 << 20);
+    let cache = tempfile::tempdir().unwrap();
+    let p = ok_json(&pull(cache.path(), "s3://flaky/app.hvm", &env));
+    assert_eq!(down.cut.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(p["digest"], digest_of(busybox_artifact()));
+    assert!(std::fs::read(p["path"].as_str().unwrap()).unwrap() == local);
+}
+
+#[test]
+fn corrupt_missing_and_foreign_objects_are_refused_before_boot() {
+    let s3 = S3Server::start();
+    s3.bucket("bad");
+    let mut bytes = std::fs::read(busybox_artifact()).unwrap();
+    let n = bytes.len();
+    bytes[n - 5000] ^= 0x40; // inside the last sections, past the header
+    s3.put("bad", "tampered.hvm", &bytes);
+    s3.put("bad", "junk.hvm", &vec![b'x'; 9000]);
+    let cache = tempfile::tempdir().unwrap();
+    let run = |url: &str| {
+        with_env(hyperboot(), &s3.env())
+            .env("XDG_CACHE_HOME", cache.path())
+            .args([
+                "--backend",
+                "qemu",
+                "--timeout",
+                "60",
+                url,
+                "--",
+                "echo",
+                "must not run",
+            ])
+            .output()
+            .unwrap()
+    };
+    for (url, want) in [
+        ("s3://bad/tampered.hvm", "does not verify"),
+        ("s3://bad/junk.hvm", "not a .hvm artifact"),
+        ("s3://bad/missing.hvm", "no such object"),
+        ("s3://no-such-bucket/app.hvm", "s3://no-such-bucket/app.hvm"),
+    ] {
+        let o = run(url);
+        assert_eq!(o.status.code(), Some(125), "{url}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{url}: {}", stderr(&o));
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("must not run"));
+    }
+    let kept: Vec<_> = std::fs::read_dir(cache.path().join("hyper/artifacts/sha256"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "a bad artifact was cached: {kept:?}");
+
+    let o = build_to(&layout(), "s3://no-such-bucket/app.hvm", &s3.env(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no-such-bucket"), "{}", stderr(&o));
+    let o = build_to(&layout(), "ftp://host/app.hvm", &s3.env(), &[]);
+    assert_ne!(o.status.code(), Some(0));
+}
+
+#[test]
+fn file_and_http_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("bucket/app/v1.hvm");
+    let url = format!("file://{}", dest.display());
+    let j = ok_json(&build_to(&layout(), &url, &[], &[]));
+    assert_eq!(j["outcome"], "written");
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(busybox_artifact()).unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+    assert_eq!(
+        ok_json(&build_to(&layout(), &url, &[], &[]))["outcome"],
+        "already_present"
+    );
+    let o = push(other_artifact(), &url, &[], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let leftovers: Vec<_> = std::fs::read_dir(dest.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
+    let o = with_env(hyperboot(), &[])
+        .args([
+            "--backend",
+            "qemu",
+            "--timeout",
+            "120",
+            &url,
+            "--",
+            "echo",
+            "from file url",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from file url\n");
+
+    // http://: a public object on the S3 server, fetched without credentials.
+    let s3 = S3Server::start();
+    s3.bucket("pub");
+    ok_json(&push(
+        busybox_artifact(),
+        "s3://pub/app.hvm",
+        &s3.env(),
+        &[],
+    ));
+    s3.make_public("pub", "app.hvm");
+    let cache = tempfile::tempdir().unwrap();
+    let p = ok_json(&pull(
+        cache.path(),
+        &format!("http://{}/pub/app.hvm", s3.addr),
+        &[],
+    ));
+    assert_eq!(p["digest"], digest_of(busybox_artifact()));
+    let o = push(
+        busybox_artifact(),
+        &format!("http://{}/pub/x.hvm", s3.addr),
+        &[],
+        &[],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("cannot publish over plain http"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn aws_profiles_supply_credentials_and_endpoint() {
+    let s3 = S3Server::start();
+    s3.bucket("prof");
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials");
+    let config = dir.path().join("config");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = wrong\n[ci]\naws_access_key_id = ci-key\naws_secret_access_key = ci-secret\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[profile ci]\nregion = us-east-1\nendpoint_url = {}\n",
+            s3.endpoint()
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_PROFILE", "ci".to_string()),
+        ("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string()),
+        ("AWS_CONFIG_FILE", config.display().to_string()),
+    ];
+    let j = ok_json(&push(busybox_artifact(), "s3://prof/app.hvm", &env, &[]));
+    assert_eq!(j["outcome"], "written");
+    assert!(s3.get("prof", "app.hvm").is_some());
+}
