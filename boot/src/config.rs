@@ -34,6 +34,33 @@ pub struct RunConfig {
     /// Print each boot step on the console.
     #[serde(default)]
     pub debug: bool,
+    /// The guest's network, when it has one.
+    #[serde(default)]
+    pub network: Option<Network>,
+}
+
+/// One configured interface (the runner decides every value; no DHCP).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub interface: String,
+    /// IPv4 address of the guest.
+    pub address: String,
+    pub prefix: u8,
+    /// Default gateway; empty for none.
+    #[serde(default)]
+    pub gateway: String,
+    /// Name servers for /etc/resolv.conf.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Search domains for /etc/resolv.conf.
+    #[serde(default)]
+    pub search: Vec<String>,
+    /// Extra /etc/hosts entries as `IP NAME`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 fn default_root() -> String {

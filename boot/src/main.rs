@@ -11,6 +11,7 @@
 //! code (123).
 
 mod config;
+mod net;
 mod plan;
 mod report;
 mod sys;
@@ -74,13 +75,20 @@ fn boot() -> Result<Outcome, String> {
     wait_for(&cfg.root_device)?;
     plan::root(&mut linux, &cfg.root_device, &cfg.tmpfs).map_err(|e| e.to_string())?;
     debug!("root mounted");
+    if let Err(e) = net::loopback() {
+        debug!("cannot bring lo up: {e}");
+    }
+    if let Some(n) = &cfg.network {
+        net::configure(n).map_err(|e| format!("network: {e}"))?;
+        debug!("network: {} {}/{} via {}", n.interface, n.address, n.prefix, n.gateway);
+    }
     if !cfg.hostname.is_empty() {
         use sys::Sys;
         linux
             .sethostname(&cfg.hostname)
             .map_err(|e| format!("set hostname {:?}: {e}", cfg.hostname))?;
         let _ = std::fs::create_dir_all("/etc");
-        for (path, content) in plan::hosts_files(&cfg.hostname) {
+        for (path, content) in plan::hosts_files(&cfg.hostname, cfg.network.as_ref()) {
             // Like Docker's generated files; an image whose /etc is not a directory keeps its own.
             if let Err(e) = std::fs::write(path, content) {
                 debug!("cannot write {path}: {e}");

@@ -175,16 +175,26 @@ pub fn seal_root(sys: &mut dyn Sys) -> Result<(), StepError> {
 }
 
 /// The files Docker generates for every container: /etc/hostname and /etc/hosts.
-pub fn hosts_files(hostname: &str) -> [(&'static str, String); 2] {
-    [
-        ("/etc/hostname", format!("{hostname}\n")),
-        (
-            "/etc/hosts",
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n127.0.1.1\t{hostname}\n"
-            ),
-        ),
-    ]
+pub fn hosts_files(
+    hostname: &str,
+    network: Option<&crate::config::Network>,
+) -> Vec<(&'static str, String)> {
+    // As Docker: the hostname resolves to the guest's address when it has one.
+    let own = network.map_or("127.0.1.1", |n| n.address.as_str());
+    let mut hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n{own}\t{hostname}\n"
+    );
+    let mut files = vec![("/etc/hostname", format!("{hostname}\n"))];
+    if let Some(n) = network {
+        for h in &n.hosts {
+            if let Some((ip, name)) = h.split_once(' ') {
+                hosts.push_str(&format!("{ip}\t{name}\n"));
+            }
+        }
+        files.push(("/etc/resolv.conf", crate::net::resolv_conf(n)));
+    }
+    files.insert(1, ("/etc/hosts", hosts));
+    files
 }
 
 #[cfg(test)]
@@ -313,7 +323,7 @@ mod tests {
             let mut r = Recorder::default();
             assert!(root(&mut r, "/dev/vda", &[bad.into()]).is_err(), "{bad}");
         }
-        let hosts = &hosts_files("box")[1].1;
+        let hosts = &hosts_files("box", None)[1].1;
         assert!(hosts.starts_with("127.0.0.1\tlocalhost\n") && hosts.ends_with("127.0.1.1\tbox\n"));
     }
 

@@ -6,6 +6,7 @@
 //! Backends: QEMU `microvm` ([`qemu`]); the own KVM VMM comes next.
 
 pub mod host;
+pub mod net;
 pub mod qemu;
 pub mod spec;
 pub mod status;
@@ -48,6 +49,7 @@ pub struct BootOptions {
     pub stop_timeout: Duration,
     pub verbose: bool,
     pub console: bool,
+    pub net: net::NetOptions,
 }
 
 /// A failure of hyperboot itself (exit code 125).
@@ -188,15 +190,22 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
         )));
     }
     let kvm = host::probe();
-    let backend = choose_backend(opts.backend, &kvm)?;
+    let mut backend = choose_backend(opts.backend, &kvm)?;
+    if backend == Backend::Kvm && opts.backend == Backend::Auto && opts.net.requested() {
+        eprintln!("hyperboot: networking is not available on the KVM backend yet: using the QEMU backend");
+        backend = Backend::Qemu;
+    }
+    let net = net::plan(&opts.net, &m.config.exposed_ports, backend != Backend::Kvm)
+        .map_err(BootError::Backend)?;
     let digest_hex = hex::encode(artifact.digest());
     let mut run = spec::combine(&m.config, &opts.overrides, &digest_hex[..12], |k| {
         std::env::var(k).ok()
     })?;
     run.debug = opts.verbose;
+    run.network = net.as_ref().map(|p| p.guest.clone());
     match backend {
         Backend::Kvm => boot_kvm(&artifact, &run, kvm == host::Kvm::Pvm, opts),
-        _ => boot_qemu(&artifact, &run, &kvm, opts),
+        _ => boot_qemu(&artifact, &run, &kvm, opts, net.as_ref()),
     }
 }
 
@@ -313,6 +322,7 @@ fn boot_qemu(
     run: &spec::RunConfig,
     kvm: &host::Kvm,
     opts: &BootOptions,
+    net: Option<&net::Plan>,
 ) -> Result<u8, BootError> {
     let m = artifact.manifest();
     let (accel, pvm) = pick_accel(opts.accel, kvm, opts.verbose)?;
@@ -324,7 +334,14 @@ fn boot_qemu(
         accel,
         memory_mib: opts.memory_mib,
         cmdline,
+        extra: net.map(net::qemu_args).unwrap_or_default(),
     };
+    if let Some(p) = net {
+        if let net::Link::Tap { .. } = p.link {
+            let guest: std::net::Ipv4Addr = p.guest.address.parse().expect("own address");
+            net::forward_tcp(&p.ports, guest).map_err(BootError::Backend)?;
+        }
+    }
     let log = qemu::log_file()?;
     let mut cmd = qemu::command(&cfg, &prepared, &log)?;
     note(

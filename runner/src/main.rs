@@ -65,6 +65,19 @@ struct Cli {
     /// Show the kernel log
     #[arg(long)]
     console: bool,
+    /// Publish a guest port: [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp]
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
+    /// Publish every port the image exposes on a free host port
+    #[arg(short = 'P', long = "publish-all")]
+    publish_all: bool,
+    /// Network: user (QEMU user-mode, no root; default on the QEMU backend),
+    /// tap[:NAME] (needs CAP_NET_ADMIN), none
+    #[arg(long)]
+    net: Option<hyperboot::net::NetMode>,
+    /// Name server for the guest's /etc/resolv.conf
+    #[arg(long)]
+    dns: Vec<String>,
 }
 
 /// `hyperboot pull URL`: fetch into the cache without booting.
@@ -210,6 +223,22 @@ fn main() -> ExitCode {
         }
     }
     env.extend(cli.env);
+    let mut publish = Vec::new();
+    for p in &cli.publish {
+        match hyperboot::net::parse_publish(p) {
+            Ok(m) => publish.push(m),
+            Err(e) => {
+                eprintln!("hyperboot: error: {e}");
+                return ExitCode::from(status::FAILED);
+            }
+        }
+    }
+    let net = hyperboot::net::NetOptions {
+        mode: cli.net.unwrap_or_default(),
+        publish,
+        publish_all: cli.publish_all,
+        dns: cli.dns,
+    };
     let artifact = if hyper_remote::is_url(&cli.artifact) {
         match fetch(&cli.artifact, true) {
             Ok(f) => f.path,
@@ -237,6 +266,7 @@ fn main() -> ExitCode {
         stop_timeout: cli.stop_timeout,
         verbose: cli.verbose,
         console: cli.console,
+        net,
     };
     match boot(&opts) {
         Ok(code) => ExitCode::from(code),

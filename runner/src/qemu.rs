@@ -40,6 +40,8 @@ pub struct QemuConfig {
     pub accel: Accel,
     pub memory_mib: u64,
     pub cmdline: String,
+    /// More devices (the network).
+    pub extra: Vec<String>,
 }
 
 fn memfd(name: &str) -> std::io::Result<File> {
@@ -147,6 +149,7 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
         "-device".into(),
         "virtio-blk-device,drive=rootfs".into(),
     ]);
+    a.extend(cfg.extra.iter().cloned());
     a
 }
 
@@ -207,6 +210,7 @@ mod tests {
             accel: Accel::Tcg,
             memory_mib: 128,
             cmdline: "console=ttyS0".into(),
+            extra: vec![],
         };
         let a = args(&cfg, &p).join(" ");
         assert!(

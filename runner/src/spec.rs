@@ -95,6 +95,19 @@ pub struct RunConfig {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tmpfs: Vec<String>,
     pub debug: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+}
+
+/// The guest's interface configuration (hyperinit's `Network`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub interface: String,
+    pub address: String,
+    pub prefix: u8,
+    pub gateway: String,
+    pub dns: Vec<String>,
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -153,6 +166,7 @@ pub fn combine(
         read_only: o.read_only,
         tmpfs: o.tmpfs.clone(),
         debug: false,
+        network: None,
     })
 }
 
