@@ -192,7 +192,9 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     let kvm = host::probe();
     let mut backend = choose_backend(opts.backend, &kvm)?;
     if backend == Backend::Kvm && opts.backend == Backend::Auto && opts.net.requested() {
-        eprintln!("hyperboot: networking is not available on the KVM backend yet: using the QEMU backend");
+        eprintln!(
+            "hyperboot: networking is not available on the KVM backend yet: using the QEMU backend"
+        );
         backend = Backend::Qemu;
     }
     let net = net::plan(&opts.net, &m.config.exposed_ports, backend != Backend::Kvm)
@@ -337,10 +339,7 @@ fn boot_qemu(
         extra: net.map(net::qemu_args).unwrap_or_default(),
     };
     if let Some(p) = net {
-        if let net::Link::Tap { .. } = p.link {
-            let guest: std::net::Ipv4Addr = p.guest.address.parse().expect("own address");
-            net::forward_tcp(&p.ports, guest).map_err(BootError::Backend)?;
-        }
+        net::forward_tcp(&p.ports, |m| p.upstream(m)).map_err(BootError::Backend)?;
     }
     let log = qemu::log_file()?;
     let mut cmd = qemu::command(&cfg, &prepared, &log)?;

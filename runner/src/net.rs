@@ -39,12 +39,16 @@ impl std::str::FromStr for NetMode {
             "none" => NetMode::None,
             "user" => NetMode::User,
             "tap" => NetMode::Tap(None),
-            _ => match s.strip_prefix("tap:") {
-                Some(n) if !n.is_empty() && n.len() < 16 && !n.contains('/') => {
-                    NetMode::Tap(Some(n.to_string()))
+            _ => {
+                match s.strip_prefix("tap:") {
+                    Some(n) if !n.is_empty() && n.len() < 16 && !n.contains('/') => {
+                        NetMode::Tap(Some(n.to_string()))
+                    }
+                    _ => return Err(format!(
+                        "--net {s:?}: expected none, user, tap or tap:NAME (at most 15 characters)"
+                    )),
                 }
-                _ => return Err(format!("--net {s:?}: expected none, user, tap or tap:NAME (at most 15 characters)")),
-            },
+            }
         })
     }
 }
@@ -96,7 +100,8 @@ fn port(s: &str, what: &str, zero_ok: bool) -> Result<u16, String> {
 
 /// Parses a `-p` value as Docker does (IPv4 host addresses).
 pub fn parse_publish(s: &str) -> Result<PortMap, String> {
-    let err = |e: String| format!("-p {s:?}: {e} (expected [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp])");
+    let err =
+        |e: String| format!("-p {s:?}: {e} (expected [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp])");
     let (spec, proto) = match s.rsplit_once('/') {
         Some((a, "tcp")) => (a, Proto::Tcp),
         Some((a, "udp")) => (a, Proto::Udp),
@@ -154,13 +159,40 @@ pub struct Plan {
     pub link: Link,
     pub guest: Network,
     pub ports: Vec<PortMap>,
+    /// User mode: the loopback port QEMU forwards for each TCP entry of `ports`.
+    pub internal: Vec<u16>,
+}
+
+impl Plan {
+    /// Where hyperboot's relay sends a published TCP port's connections.
+    pub fn upstream(&self, p: &PortMap) -> SocketAddr {
+        match self.link {
+            Link::User => {
+                let i = self
+                    .ports
+                    .iter()
+                    .filter(|q| q.proto == Proto::Tcp)
+                    .position(|q| q == p)
+                    .expect("a planned port");
+                SocketAddr::from((Ipv4Addr::LOCALHOST, self.internal[i]))
+            }
+            Link::Tap { .. } => {
+                let guest: Ipv4Addr = self.guest.address.parse().expect("own address");
+                SocketAddr::from((guest, p.guest_port))
+            }
+        }
+    }
 }
 
 const USER_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
 /// Resolves `-P` and free host ports, checks every host port can be bound,
 /// and prepares the link. `None` when the guest gets no network.
-pub fn plan(o: &NetOptions, exposed: &[String], qemu_backend: bool) -> Result<Option<Plan>, String> {
+pub fn plan(
+    o: &NetOptions,
+    exposed: &[String],
+    qemu_backend: bool,
+) -> Result<Option<Plan>, String> {
     let mut ports = o.publish.clone();
     if o.publish_all {
         if exposed.is_empty() {
@@ -197,6 +229,19 @@ pub fn plan(o: &NetOptions, exposed: &[String], qemu_backend: bool) -> Result<Op
     }
     match mode {
         NetMode::User => Ok(Some(Plan {
+            internal: ports
+                .iter()
+                .filter(|p| p.proto == Proto::Tcp)
+                .map(|_| {
+                    let mut q = PortMap {
+                        host_ip: Ipv4Addr::LOCALHOST,
+                        host_port: 0,
+                        guest_port: 1,
+                        proto: Proto::Tcp,
+                    };
+                    reserve(&mut q).map(|()| q.host_port)
+                })
+                .collect::<Result<_, _>>()?,
             link: Link::User,
             guest: Network {
                 interface: "eth0".into(),
@@ -235,6 +280,7 @@ pub fn plan(o: &NetOptions, exposed: &[String], qemu_backend: bool) -> Result<Op
                     hosts: vec![format!("{host} host.hyper.internal")],
                 },
                 ports,
+                internal: vec![],
             }))
         }
         NetMode::None | NetMode::Auto => Ok(None),
@@ -269,16 +315,21 @@ pub fn qemu_args(p: &Plan) -> Vec<String> {
                 "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,dns={},ipv6=off",
                 "10.0.2.3"
             );
+            let mut internal = p.internal.iter();
             for m in &p.ports {
-                let ip = if m.host_ip.is_unspecified() {
-                    String::new()
-                } else {
-                    m.host_ip.to_string()
+                // TCP goes through hyperboot's relay to a loopback-only forward;
+                // UDP is forwarded by QEMU directly.
+                let (ip, port) = match m.proto {
+                    Proto::Tcp => (
+                        "127.0.0.1".to_string(),
+                        *internal.next().expect("one internal port per TCP port"),
+                    ),
+                    Proto::Udp if m.host_ip.is_unspecified() => (String::new(), m.host_port),
+                    Proto::Udp => (m.host_ip.to_string(), m.host_port),
                 };
                 s.push_str(&format!(
-                    ",hostfwd={}:{ip}:{}-{USER_GUEST}:{}",
+                    ",hostfwd={}:{ip}:{port}-{USER_GUEST}:{}",
                     m.proto.name(),
-                    m.host_port,
                     m.guest_port
                 ));
             }
@@ -296,7 +347,10 @@ pub fn qemu_args(p: &Plan) -> Vec<String> {
 
 fn ifreq_name(name: &str) -> [libc::c_char; libc::IFNAMSIZ] {
     let mut n = [0 as libc::c_char; libc::IFNAMSIZ];
-    for (d, s) in n.iter_mut().zip(name.as_bytes().iter().take(libc::IFNAMSIZ - 1)) {
+    for (d, s) in n
+        .iter_mut()
+        .zip(name.as_bytes().iter().take(libc::IFNAMSIZ - 1))
+    {
         *d = *s as libc::c_char;
     }
     n
@@ -330,7 +384,9 @@ fn create_tap(name: Option<&str>) -> Result<(OwnedFd, String), String> {
         } else {
             ""
         };
-        return Err(format!("--net tap: cannot create the tap device: {e}{hint}"));
+        return Err(format!(
+            "--net tap: cannot create the tap device: {e}{hint}"
+        ));
     }
     let name: String = r
         .ifr_name
@@ -386,13 +442,19 @@ fn host_nameservers() -> Vec<String> {
         .collect()
 }
 
-/// Tap mode's `-p`: host listeners whose connections are relayed to the
-/// guest. Bound before the VM starts; they close when hyperboot exits.
-pub fn forward_tcp(ports: &[PortMap], guest: Ipv4Addr) -> Result<(), String> {
-    for p in ports {
+/// `-p` for TCP: host listeners whose connections hyperboot relays to
+/// `upstream(port)` — the guest itself in tap mode, QEMU's internal forward
+/// in user mode (whose own listener has a backlog of one and resets
+/// connections under a burst). Bound before the VM starts; they close when
+/// hyperboot exits.
+pub fn forward_tcp(
+    ports: &[PortMap],
+    upstream: impl Fn(&PortMap) -> SocketAddr,
+) -> Result<(), String> {
+    for p in ports.iter().filter(|p| p.proto == Proto::Tcp) {
         let addr = SocketAddr::new(IpAddr::V4(p.host_ip), p.host_port);
         let l = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let to = SocketAddr::new(IpAddr::V4(guest), p.guest_port);
+        let to = upstream(p);
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
                 std::thread::spawn(move || relay(c, to));
@@ -402,24 +464,138 @@ pub fn forward_tcp(ports: &[PortMap], guest: Ipv4Addr) -> Result<(), String> {
     Ok(())
 }
 
-fn relay(client: TcpStream, to: SocketAddr) {
-    // The guest may still be booting: retry a refused connection briefly.
-    let mut server = None;
-    for _ in 0..50 {
-        match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
-            Ok(s) => {
-                server = Some(s);
-                break;
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+/// Connections being established through one relay at once: QEMU's user-mode
+/// stack drops and closes connections when a burst hits the guest at once.
+const ESTABLISHING: usize = 16;
+
+/// A slot among the connections being established.
+struct Slot;
+
+static SLOTS: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+impl Slot {
+    fn take() -> Slot {
+        let mut n = SLOTS.0.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= ESTABLISHING {
+            n = SLOTS.1.wait(n).unwrap_or_else(|e| e.into_inner());
         }
+        *n += 1;
+        Slot
     }
-    let Some(server) = server else {
-        let _ = client.shutdown(Shutdown::Both);
-        return;
-    };
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut n = SLOTS.0.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        SLOTS.1.notify_one();
+    }
+}
+
+/// Client bytes kept for a replay until the guest's first answer.
+const REPLAY_LIMIT: usize = 256 * 1024;
+/// Fresh upstream connections tried before a client is closed.
+const ATTEMPTS: u32 = 8;
+
+/// Relays one client. Until the first byte comes back, a connection the
+/// upstream resets or closes without a word (it never reached the app: a
+/// full backlog, a guest still booting) is retried with the client's bytes
+/// replayed; after that, bytes flow both ways until either side closes.
+fn relay(mut client: TcpStream, to: SocketAddr) {
     let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
+    let mut slot = Some(Slot::take());
+    let mut sent: Vec<u8> = Vec::new();
+    let mut client_done = false;
+    let mut attempt = 0;
+    let server = 'connect: loop {
+        attempt += 1;
+        if attempt > ATTEMPTS {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
+        if attempt > 1 {
+            std::thread::sleep(Duration::from_millis(50 << attempt.min(5)));
+        }
+        let Ok(mut up) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
+            continue;
+        };
+        let _ = up.set_nodelay(true);
+        if up.write_all(&sent).is_err() {
+            continue;
+        }
+        if client_done {
+            let _ = up.shutdown(Shutdown::Write);
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            use std::os::fd::AsFd;
+            let client_events = if client_done {
+                nix::poll::PollFlags::empty()
+            } else {
+                nix::poll::PollFlags::POLLIN
+            };
+            let mut fds = [
+                nix::poll::PollFd::new(client.as_fd(), client_events),
+                nix::poll::PollFd::new(up.as_fd(), nix::poll::PollFlags::POLLIN),
+            ];
+            // A quiet connection (a client that sends nothing yet) gives its
+            // slot back after a second, so idle clients never block others.
+            let timeout = if slot.is_some() {
+                nix::poll::PollTimeout::from(1000u16)
+            } else {
+                nix::poll::PollTimeout::NONE
+            };
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => {
+                    slot = None;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
+            let (client_ready, up_ready) = (ready(0) && !client_done, ready(1));
+            if up_ready {
+                match up.read(&mut buf) {
+                    Ok(0) => continue 'connect, // closed without a word: retry
+                    Ok(n) => {
+                        if client.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        break 'connect up;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => continue 'connect, // reset before any answer: retry
+                }
+            }
+            if client_ready {
+                match client.read(&mut buf) {
+                    Ok(0) => {
+                        client_done = true;
+                        let _ = up.shutdown(Shutdown::Write);
+                    }
+                    Ok(n) => {
+                        if sent.len() + n > REPLAY_LIMIT {
+                            // Too much to keep: no more replays.
+                            if up.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                            break 'connect up;
+                        }
+                        sent.extend_from_slice(&buf[..n]);
+                        if up.write_all(&buf[..n]).is_err() {
+                            continue 'connect;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    };
+    drop((sent, slot));
     let (c2, s2) = match (client.try_clone(), server.try_clone()) {
         (Ok(c), Ok(s)) => (c, s),
         _ => return,
@@ -457,12 +633,23 @@ mod tests {
             (Ipv4Addr::UNSPECIFIED, 8080, 80, Proto::Tcp)
         );
         let p = parse_publish("127.0.0.1:9000:90/udp").unwrap();
-        assert_eq!((p.host_ip, p.host_port, p.guest_port, p.proto), (Ipv4Addr::LOCALHOST, 9000, 90, Proto::Udp));
+        assert_eq!(
+            (p.host_ip, p.host_port, p.guest_port, p.proto),
+            (Ipv4Addr::LOCALHOST, 9000, 90, Proto::Udp)
+        );
         let p = parse_publish("127.0.0.1::90").unwrap();
         assert_eq!((p.host_port, p.guest_port), (0, 90));
         let p = parse_publish("6379").unwrap();
         assert_eq!((p.host_port, p.guest_port), (0, 6379));
-        for bad in ["", "x:80", "80:0", "1:2:3:4", "80/sctp", "999999:80", "host:80:80"] {
+        for bad in [
+            "",
+            "x:80",
+            "80:0",
+            "1:2:3:4",
+            "80/sctp",
+            "999999:80",
+            "host:80:80",
+        ] {
             assert!(parse_publish(bad).is_err(), "{bad}");
         }
     }
@@ -470,7 +657,10 @@ mod tests {
     #[test]
     fn net_modes() {
         assert_eq!("user".parse::<NetMode>().unwrap(), NetMode::User);
-        assert_eq!("tap:hv0".parse::<NetMode>().unwrap(), NetMode::Tap(Some("hv0".into())));
+        assert_eq!(
+            "tap:hv0".parse::<NetMode>().unwrap(),
+            NetMode::Tap(Some("hv0".into()))
+        );
         assert!("tap:".parse::<NetMode>().is_err());
         assert!("bridge".parse::<NetMode>().is_err());
     }
@@ -485,9 +675,13 @@ mod tests {
         assert_ne!(p.ports[0].host_port, 0, "a free port was chosen");
         let a = qemu_args(&p).join(" ");
         assert!(
-            a.contains(&format!("hostfwd=tcp:127.0.0.1:{}-10.0.2.15:80", p.ports[0].host_port)),
+            a.contains(&format!(
+                "hostfwd=tcp:127.0.0.1:{}-10.0.2.15:80",
+                p.internal[0]
+            )),
             "{a}"
         );
+        assert_eq!(p.upstream(&p.ports[0]).port(), p.internal[0]);
         assert!(a.contains("virtio-net-device,netdev=net0"));
         assert_eq!(p.guest.address, "10.0.2.15");
         assert_eq!(p.guest.dns, vec!["10.0.2.3".to_string()]);
@@ -496,7 +690,9 @@ mod tests {
             publish_all: true,
             ..Default::default()
         };
-        let p = plan(&all, &["8080/tcp".into(), "53/udp".into()], true).unwrap().unwrap();
+        let p = plan(&all, &["8080/tcp".into(), "53/udp".into()], true)
+            .unwrap()
+            .unwrap();
         assert_eq!(p.ports.len(), 2);
         assert_eq!(p.ports[1].proto, Proto::Udp);
         // KVM backend: no network by default, a clear error when asked.

@@ -274,8 +274,8 @@ FAKE_HYPERBOOT = """#!/bin/sh
 if [ "$1" = pull ]; then
   [ -z "${FAKE_FAIL:-}" ] || { echo "hyperboot: store unreachable" >&2; exit 125; }
   [ -z "${FAKE_GARBAGE:-}" ] || { echo '{"oops":1}'; exit 0; }
-  printf '{"digest":"%s","path":"/var/cache/hyper/artifacts/%s.hvm","url":"%s"}\\n' \\
-    "$FAKE_DIGEST" "${FAKE_DIGEST#sha256:}" "$3"
+  printf '{"url":"%s","digest":"%s","path":"/var/cache/hyper/artifacts/sha256/%s","transferred":0}\\n' \\
+    "$3" "$FAKE_DIGEST" "${FAKE_DIGEST#sha256:}"
 else
   echo "hyperboot $*" >> "$FAKE_LOG"
 fi
@@ -285,7 +285,7 @@ D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 UPDATE_CASES = [
     # (name, args, env, want exit code, want log); each starts with D1 recorded but --boot
     ("--boot records the digest and boots the pulled file", ["--boot", "demo", "-m", "256M"],
-     {"FAKE_DIGEST": D2}, 0, f"hyperboot /var/cache/hyper/artifacts/{'2' * 64}.hvm -m 256M"),
+     {"FAKE_DIGEST": D2}, 0, f"hyperboot /var/cache/hyper/artifacts/sha256/{'2' * 64} -m 256M"),
     ("--check unchanged exits 0", ["--check", "demo"], {"FAKE_DIGEST": D1}, 0, ""),
     ("--check changed exits 10", ["--check", "demo"], {"FAKE_DIGEST": D2}, 10, ""),
     ("update unchanged does not restart", ["demo"], {"FAKE_DIGEST": D1}, 0, ""),

@@ -2,12 +2,14 @@
 //! tier by its module name):
 //! - `qemu`: real artifacts from a busybox image booted on the QEMU backend;
 //! - `registry`: pulls from loopback registries, docker-archives, faults;
+//! - `net`: nginx and redis from Debian packages reached through `-p`/`-P`, outbound, tap;
 //! - `objstore`: artifacts published to and booted from object storage (moto on loopback);
 //! - `vmm`: tiny purpose-built guests on hyperboot's own KVM VMM (any KVM);
 //! - `slow`: the project's kernel booted by the KVM VMM up to init;
 //! - `kvm_app`: the app-level checks on the KVM backend (hardware KVM only).
 
 mod kvm_app;
+mod net;
 mod objstore;
 mod qemu;
 mod registry;
