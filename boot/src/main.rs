@@ -80,7 +80,10 @@ fn boot() -> Result<Outcome, String> {
     }
     if let Some(n) = &cfg.network {
         net::configure(n).map_err(|e| format!("network: {e}"))?;
-        debug!("network: {} {}/{} via {}", n.interface, n.address, n.prefix, n.gateway);
+        debug!(
+            "network: {} {}/{} via {}",
+            n.interface, n.address, n.prefix, n.gateway
+        );
     }
     if !cfg.hostname.is_empty() {
         use sys::Sys;

@@ -76,7 +76,12 @@ fn up(s: &Sock, name: &str) -> io::Result<()> {
     ioctl(s, libc::SIOCGIFFLAGS, ptr(&mut r), &format!("{name} flags"))?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe { r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    ioctl(s, libc::SIOCSIFFLAGS, ptr(&mut r), &format!("bring {name} up"))
+    ioctl(
+        s,
+        libc::SIOCSIFFLAGS,
+        ptr(&mut r),
+        &format!("bring {name} up"),
+    )
 }
 
 /// Brings `lo` up (the kernel gives it 127.0.0.1/8).
@@ -86,8 +91,12 @@ pub fn loopback() -> io::Result<()> {
 
 /// Parses `A.B.C.D`.
 fn ip(s: &str) -> io::Result<Ipv4Addr> {
-    s.parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("bad IPv4 address {s:?}")))
+    s.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad IPv4 address {s:?}"),
+        )
+    })
 }
 
 /// The netmask of a prefix length.
@@ -114,10 +123,20 @@ pub fn configure(n: &Network) -> io::Result<()> {
     let name = &n.interface;
     let mut r = ifreq(name)?;
     r.ifr_ifru.ifru_addr = sockaddr(ip(&n.address)?);
-    ioctl(&s, libc::SIOCSIFADDR, ptr(&mut r), &format!("address of {name}"))?;
+    ioctl(
+        &s,
+        libc::SIOCSIFADDR,
+        ptr(&mut r),
+        &format!("address of {name}"),
+    )?;
     let mut r = ifreq(name)?;
     r.ifr_ifru.ifru_netmask = sockaddr(netmask(n.prefix));
-    ioctl(&s, libc::SIOCSIFNETMASK, ptr(&mut r), &format!("netmask of {name}"))?;
+    ioctl(
+        &s,
+        libc::SIOCSIFNETMASK,
+        ptr(&mut r),
+        &format!("netmask of {name}"),
+    )?;
     if let Some(mtu) = n.mtu {
         let mut r = ifreq(name)?;
         r.ifr_ifru.ifru_mtu = mtu as libc::c_int;

@@ -433,3 +433,126 @@ fn aws_profiles_supply_credentials_and_endpoint() {
     assert_eq!(j["outcome"], "written");
     assert!(s3.get("prof", "app.hvm").is_some());
 }
+
+/// Runs `sh -c SCRIPT` with hyper's binaries first on PATH.
+fn run_script(script: &str, dir: &Path, env: &[(&str, String)]) -> Output {
+    let bins = bin_path("hyperbuild").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    with_env(Command::new("sh"), env)
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("HYPER_KERNEL", kernel())
+        .env("HYPER_INIT", init())
+        .output()
+        .expect("run sh")
+}
+
+fn validate_py() -> Command {
+    Command::new(repo().join("tests/templates/validate.py"))
+}
+
+#[test]
+fn templates_validate_and_their_ci_and_update_scripts_run() {
+    // Every template renders and passes its validator (skips are reported).
+    let v = validate_py().output().expect("run validate.py");
+    let out = String::from_utf8_lossy(&v.stdout).into_owned();
+    assert!(
+        v.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(out.contains(" 0 failed"), "{out}");
+    for line in out.lines().filter(|l| l.starts_with("SKIPPED")) {
+        skip("objstore::templates (validator)", line);
+    }
+
+    // The CI templates' own build-and-publish shell, run against the bucket.
+    let s3 = S3Server::start();
+    s3.bucket("tmpl");
+    let work = tempfile::tempdir().unwrap();
+    let script = |ci: &str| {
+        let o = validate_py().args(["emit-script", ci]).output().unwrap();
+        assert!(o.status.success());
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let mut env = s3.env();
+    env.extend([
+        ("IMAGE", format!("oci:{}", layout().display())),
+        ("BUCKET", "tmpl".into()),
+        ("APP", "web".into()),
+        ("GITHUB_SHA", "c1".into()),
+    ]);
+    let o = run_script(&script("github"), work.path(), &env);
+    assert!(o.status.success(), "github script: {}", stderr(&o));
+    let first = std::fs::read(busybox_artifact()).unwrap();
+    assert!(s3.get("tmpl", "web/c1.hvm").unwrap() == first);
+    assert!(s3.get("tmpl", "web/current.hvm").unwrap() == first);
+    // A rerun of the same commit is a no-op.
+    assert!(run_script(&script("github"), work.path(), &env)
+        .status
+        .success());
+
+    // hyper-update --boot boots the current artifact and records its digest.
+    let run_dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let update = repo().join("templates/systemd/hyper-update");
+    let mut uenv = s3.env();
+    uenv.extend([
+        ("HYPER_URL", "s3://tmpl/web/current.hvm".to_string()),
+        ("HYPER_RUN_DIR", run_dir.path().display().to_string()),
+        ("XDG_CACHE_HOME", cache.path().display().to_string()),
+    ]);
+    let o = run_script(
+        &format!(
+            "{} --boot web --backend qemu --timeout 120 -- echo booted by hyper-update",
+            update.display()
+        ),
+        work.path(),
+        &uenv,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "booted by hyper-update\n"
+    );
+    let check = |env: &[(&str, String)]| {
+        run_script(
+            &format!("{} --check web", update.display()),
+            work.path(),
+            env,
+        )
+        .status
+        .code()
+    };
+    assert_eq!(check(&uenv), Some(0), "unchanged");
+
+    // The GitLab job publishes a new commit with a different image: the
+    // pointer moves and the update check sees it.
+    let mut genv = s3.env();
+    other_artifact();
+    genv.extend([
+        (
+            "IMAGE",
+            format!("oci:{}", scratch().join("objstore-other-layout").display()),
+        ),
+        ("BUCKET", "tmpl".into()),
+        ("APP", "web".into()),
+        ("CI_COMMIT_SHA", "c2".into()),
+    ]);
+    let o = run_script(&script("gitlab"), work.path(), &genv);
+    assert!(o.status.success(), "gitlab script: {}", stderr(&o));
+    let second = std::fs::read(other_artifact()).unwrap();
+    assert!(s3.get("tmpl", "web/c2.hvm").unwrap() == second);
+    assert!(s3.get("tmpl", "web/current.hvm").unwrap() == second);
+    assert!(
+        s3.get("tmpl", "web/c1.hvm").unwrap() == first,
+        "c1 stays immutable"
+    );
+    assert_eq!(check(&uenv), Some(10), "changed");
+}
