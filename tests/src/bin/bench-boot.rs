@@ -77,7 +77,12 @@ fn main() {
             PathBuf::from(args.get(2).expect("usage: bench-boot app ARTIFACT [RUNS]")),
             args.get(3).map(|s| s.parse().expect("RUNS")).unwrap_or(5),
         ),
-        _ => panic!("usage: bench-boot null [RUNS] | bench-boot app ARTIFACT [RUNS]"),
+        Some("peer-files") => peer_files(
+            PathBuf::from(args.get(2).expect("usage: bench-boot peer-files ARTIFACT DIR RUN_JSON")),
+            PathBuf::from(args.get(3).expect("DIR")),
+            args.get(4).expect("RUN_JSON"),
+        ),
+        _ => panic!("usage: bench-boot null [RUNS] | bench-boot app ARTIFACT [RUNS] | bench-boot peer-files ARTIFACT DIR RUN_JSON"),
     }
 }
 
@@ -254,6 +259,31 @@ fn stop(artifact: PathBuf, runs: usize) {
     println!(
         "app output through the serial console: {:.2} MB/s (no faster path yet)",
         4.194304 / (s / 1000.0)
+    );
+}
+
+/// Writes what a peer VMM needs to boot the artifact by hand into `dir`:
+/// `vmlinux`, `initrd` (with `run_json` as hyperinit's run configuration),
+/// `rootfs.erofs` and `cmdline`.
+fn peer_files(artifact: PathBuf, dir: PathBuf, run_json: &str) {
+    let a = Artifact::open(&artifact).expect("open artifact");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).expect("write");
+    write("vmlinux", &a.read_section(SectionKind::Kernel).unwrap());
+    let mut initrd = a.read_section(SectionKind::Initrd).unwrap();
+    initrd.resize(initrd.len().div_ceil(4) * 4, 0);
+    let mut c = hvm::cpio::Cpio::new();
+    c.dir("hyper", 0o755);
+    c.file("hyper/run.json", 0o644, run_json.as_bytes());
+    initrd.extend_from_slice(&c.finish());
+    write("initrd", &initrd);
+    write(
+        "rootfs.erofs",
+        &a.read_section(SectionKind::Rootfs).unwrap(),
+    );
+    write(
+        "cmdline",
+        format!("{} loglevel=1", a.manifest().kernel.cmdline).as_bytes(),
     );
 }
 
