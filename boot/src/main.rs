@@ -14,13 +14,14 @@ mod config;
 mod net;
 mod plan;
 mod report;
+mod streams;
 mod sys;
 mod user;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use config::RunConfig;
 use report::Outcome;
@@ -132,13 +133,52 @@ fn boot() -> Result<Outcome, String> {
         "starting {:?} as {}:{} in {workdir}",
         cfg.argv, id.uid, id.gid
     );
+    // Separate stdout/stderr streams when the host offers the ports.
+    let pipes = match streams::open() {
+        Some(ports) => {
+            let (out_r, out_w) = streams::pipe().map_err(|e| format!("pipe: {e}"))?;
+            let (err_r, err_w) = streams::pipe().map_err(|e| format!("pipe: {e}"))?;
+            Some((ports, out_r, out_w, err_r, err_w))
+        }
+        None => {
+            debug!("no stream ports: the app's output goes to the console");
+            None
+        }
+    };
+    // Listen before the app starts, so a request that comes at once is not lost.
+    listen_for_requests();
     let _ = std::io::stderr().flush();
     let pid = process::fork().map_err(|e| format!("fork: {e}"))?;
     if pid == 0 {
+        if let Some((_, _, out_w, _, err_w)) = &pipes {
+            use std::os::fd::AsRawFd;
+            process::dup_onto(out_w.as_raw_fd(), 1);
+            process::dup_onto(err_w.as_raw_fd(), 2);
+        }
         run_app(&cfg.argv, &env, &workdir, &path_var, &id);
     }
-    listen_for_requests(pid);
-    Ok(supervise(pid))
+    let drained = pipes.map(|(ports, out_r, out_w, err_r, err_w)| {
+        drop((out_w, err_w));
+        streams::relay(ports, out_r, err_r)
+    });
+    APP_PID.store(pid, Ordering::SeqCst);
+    let outcome = supervise(pid);
+    if let Some(done) = drained {
+        // Every process is gone, so both pipes are at their end. A host that
+        // stopped reading gets a few seconds, not forever.
+        let wait = std::time::Duration::from_secs(10);
+        match done.recv_timeout(wait) {
+            Ok(sent) if report::announce_drain(sent) => {
+                debug!("sent {} + {} bytes; waiting for the host", sent[0], sent[1]);
+                let until = std::time::Instant::now() + wait;
+                while !DRAINED.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+            _ => debug!("the app's output was not fully passed on"),
+        }
+    }
+    Ok(outcome)
 }
 
 /// Waits (briefly) for the root block device node to appear.
@@ -153,6 +193,12 @@ fn wait_for(device: &str) -> Result<(), String> {
         "root device {device} did not appear (is the rootfs attached as virtio-blk?)"
     ))
 }
+
+/// The app's pid once it runs (0 before).
+static APP_PID: AtomicI32 = AtomicI32::new(0);
+
+/// The host has every byte the app wrote (see `streams`).
+static DRAINED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn record_signal(sig: libc::c_int) {
     PENDING_SIGNAL.store(sig, Ordering::SeqCst);
@@ -217,7 +263,7 @@ fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
 /// Serves the host's requests on COM2 (`signal N`: deliver N to the app) on a
 /// thread of its own. The port is put in raw mode first: no echo, so nothing
 /// the host sends comes back on the status channel.
-fn listen_for_requests(app: libc::pid_t) {
+fn listen_for_requests() {
     let Some(mut tty) = process::open_raw_tty("/dev/ttyS1") else {
         debug!("no /dev/ttyS1: the host cannot send requests");
         return;
@@ -235,6 +281,11 @@ fn listen_for_requests(app: libc::pid_t) {
             }
             let text = String::from_utf8_lossy(&line).into_owned();
             line.clear();
+            if text.trim() == "drained" {
+                debug!("the host has all the output");
+                DRAINED.store(true, Ordering::SeqCst);
+                continue;
+            }
             if let Some(sig) = text
                 .trim()
                 .strip_prefix("signal ")
@@ -242,7 +293,11 @@ fn listen_for_requests(app: libc::pid_t) {
             {
                 if (1..=64).contains(&sig) {
                     debug!("host asks for signal {sig}");
-                    process::kill(app, sig);
+                    match APP_PID.load(Ordering::SeqCst) {
+                        // Not started yet: supervise() delivers it first thing.
+                        0 => PENDING_SIGNAL.store(sig, Ordering::SeqCst),
+                        app => process::kill(app, sig),
+                    }
                 }
             }
         }

@@ -37,19 +37,34 @@ pub fn status_line(o: &Outcome) -> String {
     }
 }
 
+/// Writes one line on COM2 (bounded wait per byte).
+fn send_line(line: &str) {
+    for b in line.bytes() {
+        // Bounded wait for the transmitter; emulated UARTs are always ready.
+        for _ in 0..100_000 {
+            if process::inb(STATUS_PORT + LSR) & LSR_THRE != 0 {
+                break;
+            }
+        }
+        process::outb(STATUS_PORT, b);
+    }
+}
+
+/// Tells the host how many bytes went out on the stream ports; the host
+/// answers `drained` once it has them all.
+pub fn announce_drain(sent: [u64; 2]) -> bool {
+    if process::ioperm(STATUS_PORT, 8).is_err() {
+        return false;
+    }
+    send_line(&format!("drain {} {}\n", sent[0], sent[1]));
+    true
+}
+
 /// Reports the outcome and ends the VM. Never returns.
 pub fn report_and_stop(o: &Outcome) -> ! {
     process::sync();
     if process::ioperm(STATUS_PORT, 8).is_ok() && process::ioperm(EXIT_PORT, 1).is_ok() {
-        for b in status_line(o).bytes() {
-            // Bounded wait for the transmitter; emulated UARTs are always ready.
-            for _ in 0..100_000 {
-                if process::inb(STATUS_PORT + LSR) & LSR_THRE != 0 {
-                    break;
-                }
-            }
-            process::outb(STATUS_PORT, b);
-        }
+        send_line(&status_line(o));
         process::outb(EXIT_PORT, u8::from(matches!(o, Outcome::InitError(_))));
     }
     process::reboot()

@@ -235,6 +235,12 @@ pub mod process {
     }
 
     /// Redirects fd `to` to a newly opened `path`.
+    /// `dup2(from, to)` (the copy is not close-on-exec).
+    pub fn dup_onto(from: libc::c_int, to: libc::c_int) {
+        // SAFETY: dup2 takes two descriptors and no pointers.
+        unsafe { libc::dup2(from, to) };
+    }
+
     pub fn redirect(path: &str, flags: libc::c_int, to: libc::c_int) -> io::Result<()> {
         let p = cstr(path)?;
         // SAFETY: valid path; the new fd is closed after dup2.

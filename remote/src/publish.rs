@@ -337,13 +337,46 @@ impl Drop for Upload {
     }
 }
 
-/// Uploads a built artifact file (verified first). The same artifact already
-/// under the key is a no-op; a different one is refused unless `replace`.
+/// Hashes the sections of an artifact as its bytes stream past, so a push
+/// reads the file once: a section that does not match its header entry fails
+/// the push before the upload completes.
+struct Checked<W> {
+    inner: W,
+    pos: u64,
+    sections: Vec<(hvm::Section, sha2::Sha256)>,
+}
+
+impl<W: Write> Write for Checked<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.write(buf)?;
+        let (start, end) = (self.pos, self.pos + n as u64);
+        for (s, h) in &mut self.sections {
+            let (a, b) = (start.max(s.offset), end.min(s.offset + s.length));
+            if a < b {
+                h.update(&buf[(a - start) as usize..(b - start) as usize]);
+            }
+        }
+        self.pos = end;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Uploads a built artifact file. The same artifact already under the key is
+/// a no-op; a different one is refused unless `replace`. Every section is
+/// checked against the header while it is uploaded; a mismatch aborts the
+/// upload, so nothing appears under the key.
 pub fn push(file: &Path, target: Target, replace: bool) -> Result<Published, RemoteError> {
-    let artifact = hvm::Artifact::open(file).map_err(|source| RemoteError::Verify {
+    let verify_err = |source| RemoteError::Verify {
         url: file.display().to_string(),
         source,
-    })?;
+    };
+    // Header and manifest now; the bulk sections on the way up.
+    let artifact = hvm::Artifact::open_with(file, |_, _| true).map_err(verify_err)?;
     let digest = hvm::digest_string(&artifact.digest());
     let size = artifact.header().file_len;
     let url = target.url().to_string();
@@ -365,22 +398,39 @@ pub fn push(file: &Path, target: Target, replace: bool) -> Result<Published, Rem
     let mut header = vec![0u8; hvm::HEADER_LEN];
     std::os::unix::fs::FileExt::read_exact_at(f, &mut header, 0)
         .map_err(io_err(format!("cannot read {}", file.display())))?;
-    let mut sink = PublishSink::create(target, replace)?;
+    let mut sink = Checked {
+        inner: PublishSink::create(target, replace)?,
+        pos: hvm::HEADER_LEN as u64,
+        sections: artifact
+            .header()
+            .sections
+            .iter()
+            .map(|s| (s.clone(), <sha2::Sha256 as sha2::Digest>::new()))
+            .collect(),
+    };
     io::Seek::seek(&mut f, io::SeekFrom::Start(hvm::HEADER_LEN as u64))
         .map_err(io_err(format!("cannot read {}", file.display())))?;
-    let copied = io::copy(&mut f.take(size - hvm::HEADER_LEN as u64), &mut sink).map_err(|e| {
-        RemoteError::Io {
-            what: format!("uploading {} to {url}", file.display()),
-            source: e,
-        }
+    let body = size - hvm::HEADER_LEN as u64;
+    let copied = io::copy(&mut f.take(body), &mut sink).map_err(|e| RemoteError::Io {
+        what: format!("uploading {} to {url}", file.display()),
+        source: e,
     })?;
-    if copied != size - hvm::HEADER_LEN as u64 {
+    if copied != body {
         return Err(RemoteError::Io {
             what: format!("{} changed while it was uploaded", file.display()),
             source: io::Error::from(io::ErrorKind::UnexpectedEof),
         });
     }
-    let outcome = hvm::Sink::finish(sink, &header, size).map_err(|e| RemoteError::Io {
+    for (s, h) in std::mem::take(&mut sink.sections) {
+        if <[u8; 32]>::from(sha2::Digest::finalize(h)) != s.sha256 {
+            // Dropping the sink aborts the upload.
+            return Err(verify_err(hvm::ReadError::Tampered {
+                path: file.to_owned(),
+                kind: s.kind,
+            }));
+        }
+    }
+    let outcome = hvm::Sink::finish(sink.inner, &header, size).map_err(|e| RemoteError::Io {
         what: format!("publishing {url}"),
         source: io::Error::other(e),
     })?;

@@ -319,6 +319,22 @@ fn exit_code(status: &[u8], stop: &vmm::Stop, opts: &BootOptions) -> u8 {
     }
 }
 
+/// The threads copying the app's streams; dropping them lets them drain what
+/// is left and waits for them, so no output is lost on any way out.
+struct Pumps {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: std::sync::Arc<qemu::Stop>,
+}
+
+impl Drop for Pumps {
+    fn drop(&mut self) {
+        self.stop.set();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 fn boot_qemu(
     artifact: &Artifact,
     run: &spec::RunConfig,
@@ -330,7 +346,7 @@ fn boot_qemu(
     let (accel, pvm) = pick_accel(opts.accel, kvm, opts.verbose)?;
     let binary = find_qemu()?;
     let cmdline = kernel_cmdline(&m.kernel.cmdline, opts, pvm, "");
-    let mut prepared = qemu::prepare(artifact, &spec::run_archive(run))?;
+    let prepared = qemu::prepare(artifact, &spec::run_archive(run))?;
     let cfg = qemu::QemuConfig {
         binary,
         accel,
@@ -365,6 +381,40 @@ fn boot_qemu(
         .map_err(|e| BootError::Backend(format!("cannot start {}: {e}", cfg.binary)))?;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     drop(cmd);
+    let stop_pumps = qemu::Stop::new()?;
+    let counts: [std::sync::Arc<std::sync::atomic::AtomicU64>; 2] = Default::default();
+    use std::os::fd::AsFd;
+    let stdout = qemu::dup_file(std::io::stdout().as_fd())?;
+    let pumps = Pumps {
+        threads: vec![
+            qemu::pump(
+                prepared.app_out.try_clone()?,
+                stdout.try_clone()?,
+                stop_pumps.clone(),
+                counts[0].clone(),
+            ),
+            qemu::pump(
+                prepared.app_err.try_clone()?,
+                qemu::dup_file(std::io::stderr().as_fd())?,
+                stop_pumps.clone(),
+                counts[1].clone(),
+            ),
+            qemu::pump(
+                prepared.console.try_clone()?,
+                stdout,
+                stop_pumps.clone(),
+                Default::default(),
+            ),
+        ],
+        stop: stop_pumps,
+    };
+    let stop_status = qemu::Stop::new()?;
+    let status_watch = qemu::watch_status(
+        prepared.status.try_clone()?,
+        prepared.control.try_clone()?,
+        counts,
+        stop_status.clone(),
+    );
     std::thread::spawn(move || {
         let _ = tx.send(Event::Exited(child.wait()));
     });
@@ -449,7 +499,9 @@ fn boot_qemu(
         }
     };
     handle.close();
-    let report = qemu::read_status(&mut prepared);
+    drop(pumps);
+    stop_status.set();
+    let report = status_watch.join().unwrap_or_default();
     match status::GuestStatus::parse(&report) {
         Some(s) => {
             if let status::GuestStatus::InitError(msg) = &s {

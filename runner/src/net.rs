@@ -35,23 +35,20 @@ pub enum NetMode {
 impl std::str::FromStr for NetMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "none" => NetMode::None,
-            "user" => NetMode::User,
-            "tap" => NetMode::Tap(None),
-            _ => {
-                match s.strip_prefix("tap:") {
-                    Some(n) if !n.is_empty() && n.len() < 16 && !n.contains('/') => {
-                        NetMode::Tap(Some(n.to_string()))
-                    }
-                    _ => return Err(format!(
-                        "--net {s:?}: expected none, user, tap or tap:NAME (at most 15 characters)"
-                    )),
-                }
-            }
-        })
+        let tap = |n: &str| !n.is_empty() && n.len() < 16 && !n.contains('/');
+        match s {
+            "none" => Ok(NetMode::None),
+            "user" => Ok(NetMode::User),
+            "tap" => Ok(NetMode::Tap(None)),
+            _ => match s.strip_prefix("tap:") {
+                Some(n) if tap(n) => Ok(NetMode::Tap(Some(n.to_string()))),
+                _ => Err(format!("--net {s:?}: {NET_MODES}")),
+            },
+        }
     }
 }
+
+const NET_MODES: &str = "expected none, user, tap or tap:NAME (at most 15 characters)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {

@@ -8,6 +8,10 @@ use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use std::sync::Arc;
+
 use hvm::{Artifact, SectionKind};
 
 /// Which accelerator QEMU uses.
@@ -26,7 +30,14 @@ pub struct Prepared {
     pub status: File,
     /// The guest's COM2 input: requests to hyperinit (`signal 15`).
     pub control: File,
-    /// Holds the two FIFOs QEMU's pipe chardev opens.
+    /// The app's stdout and stderr (virtio console ports `hyper.stdout`,
+    /// `hyper.stderr`), read by hyperboot while the VM runs.
+    pub app_out: File,
+    pub app_err: File,
+    /// The serial console (kernel and init messages; the app's output too
+    /// when the guest's init predates the stream ports).
+    pub console: File,
+    /// Holds the FIFOs QEMU's pipe chardevs open.
     pub fifo_dir: tempfile::TempDir,
     pub rootfs_fd: OwnedFd,
     pub rootfs_offset: u64,
@@ -67,7 +78,16 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     // means neither side ever blocks on open.
     let fifo_dir = tempfile::Builder::new().prefix("hyperboot-").tempdir()?;
     let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
-    for end in ["status.in", "status.out"] {
+    for end in [
+        "status.in",
+        "status.out",
+        "out.in",
+        "out.out",
+        "err.in",
+        "err.out",
+        "console.in",
+        "console.out",
+    ] {
         nix::unistd::mkfifo(&fifo_dir.path().join(end), mode)?;
     }
     let open_rw = |name: &str| {
@@ -80,6 +100,18 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     };
     let status = open_rw("status.out")?;
     let control = open_rw("status.in")?;
+    let app_out = open_rw("out.out")?;
+    let app_err = open_rw("err.out")?;
+    let console = open_rw("console.out")?;
+    let _ = open_rw("console.in")?;
+    // Room for bursts, so QEMU rarely has to hold the guest back.
+    for f in [&app_out, &app_err] {
+        // SAFETY: F_SETPIPE_SZ takes an integer; a failure only leaves the default size.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    }
+    // QEMU opens PATH.in for reading too; hold them so nothing blocks.
+    let _ = open_rw("out.in")?;
+    let _ = open_rw("err.in")?;
     // dup() gives a descriptor without close-on-exec.
     let rootfs_fd = nix::unistd::dup(a.file().as_raw_fd())?;
     let rootfs_fd = owned(rootfs_fd);
@@ -89,6 +121,9 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
         initrd,
         status,
         control,
+        app_out,
+        app_err,
+        console,
         fifo_dir,
         rootfs_fd,
         rootfs_offset: s.offset,
@@ -130,7 +165,7 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
         "-append".into(),
         cfg.cmdline.clone(),
         "-chardev".into(),
-        "stdio,id=console,signal=off".into(),
+        format!("pipe,id=console,path={}", p.fifo_dir.path().join("console").display()),
         "-serial".into(),
         "chardev:console".into(),
         "-chardev".into(),
@@ -139,6 +174,16 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
         "isa-serial,chardev=status,iobase=0x2f8,irq=3".into(),
         "-device".into(),
         "isa-debug-exit,iobase=0x501,iosize=1".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!("pipe,id=appout,path={}", p.fifo_dir.path().join("out").display()),
+        "-device".into(),
+        "virtserialport,chardev=appout,name=hyper.stdout".into(),
+        "-chardev".into(),
+        format!("pipe,id=apperr,path={}", p.fifo_dir.path().join("err").display()),
+        "-device".into(),
+        "virtserialport,chardev=apperr,name=hyper.stderr".into(),
         "-blockdev".into(),
         format!(
             "driver=raw,node-name=rootfs,read-only=on,offset={},size={},file.driver=file,file.filename={},file.read-only=on",
@@ -153,35 +198,186 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
     a
 }
 
-/// Builds the QEMU process: stdin closed, console on our stdout, QEMU's own
+/// Builds the QEMU process: stdin and stdout closed (every guest stream comes
+/// through a FIFO hyperboot copies), QEMU's own
 /// messages captured in `qemu_log`.
 pub fn command(cfg: &QemuConfig, p: &Prepared, qemu_log: &File) -> std::io::Result<Command> {
     let mut c = Command::new(&cfg.binary);
     c.args(args(cfg, p))
         .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::null())
         .stderr(qemu_log.try_clone()?);
     Ok(c)
 }
 
-/// Reads what the guest wrote on the status port (the FIFO is non-blocking).
-pub fn read_status(p: &mut Prepared) -> Vec<u8> {
-    use std::io::Read;
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0;
-    while n < buf.len() {
-        match (&p.status).read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
+/// Writes all of `data`, waiting when `out` is non-blocking and full (a
+/// terminal or pipe someone else made non-blocking).
+fn write_out(out: &File, mut data: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    while !data.is_empty() {
+        match (&*out).write(data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fds = [nix::poll::PollFd::new(
+                    out.as_fd(),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
-    buf.truncate(n);
-    buf
+    Ok(())
+}
+
+/// A descriptor of ours (stdout or stderr) as a file, for the pumps.
+pub fn dup_file(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
+    Ok(File::from(fd.try_clone_to_owned()?))
+}
+
+/// Watches the status port while the VM runs. A `drain OUT ERR` line (the
+/// guest's byte counts on the stream ports) is answered with `drained` once
+/// the pumps have received that much; everything else is the status report,
+/// returned (at most 4 KiB) when `stop` is set and the FIFO is empty.
+pub fn watch_status(
+    status: File,
+    control: File,
+    counts: [Arc<AtomicU64>; 2],
+    stop: Arc<Stop>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let mut report = Vec::new();
+        let mut line = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            let stopping = stop.is_set();
+            stop.wait(&status);
+            let n = match (&status).read(&mut buf) {
+                Ok(n) => n,
+                Err(_) => 0,
+            };
+            for &b in &buf[..n] {
+                if line.len() < 4096 {
+                    line.push(b);
+                }
+                if b != b'\n' {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&line).into_owned();
+                match parse_drain(&text) {
+                    Some(want) => {
+                        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                        while (0..2).any(|i| counts[i].load(Ordering::SeqCst) < want[i])
+                            && std::time::Instant::now() < until
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        let _ = (&control).write_all(b"drained\n");
+                    }
+                    None => {
+                        if report.len() < 4096 {
+                            report.extend_from_slice(&line);
+                        }
+                    }
+                }
+                line.clear();
+            }
+            if stopping && n == 0 {
+                report.extend_from_slice(&line);
+                return report;
+            }
+        }
+    })
+}
+
+/// `drain OUT ERR` from hyperinit: bytes it sent on stdout and stderr.
+fn parse_drain(line: &str) -> Option<[u64; 2]> {
+    let mut it = line.trim().strip_prefix("drain ")?.split(' ');
+    let out = it.next()?.parse().ok()?;
+    let err = it.next()?.parse().ok()?;
+    Some([out, err])
 }
 
 /// Sends a request to hyperinit on the guest's COM2.
 pub fn send_control(p: &Prepared, line: &str) {
     let _ = (&p.control).write_all(line.as_bytes());
+}
+
+/// Tells the stream threads to finish: a flag, and a pipe whose readability
+/// wakes them at once.
+#[derive(Debug)]
+pub struct Stop {
+    flag: AtomicBool,
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Stop {
+    pub fn new() -> std::io::Result<Arc<Stop>> {
+        let (r, w) = nix::unistd::pipe()?;
+        Ok(Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            r,
+            w,
+        }))
+    }
+
+    pub fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = nix::unistd::write(&self.w, b"x");
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `src` is readable or the stop is set.
+    fn wait(&self, src: &File) {
+        use std::os::fd::AsFd;
+        let mut fds = [
+            nix::poll::PollFd::new(src.as_fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(self.r.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+    }
+}
+
+/// Copies what the guest writes on one stream FIFO to `out` until `stop` is
+/// set and the FIFO is empty.
+pub fn pump(
+    src: File,
+    out: File,
+    stop: Arc<Stop>,
+    count: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let stopping = stop.is_set();
+            stop.wait(&src);
+            let mut got = false;
+            loop {
+                match (&src).read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        got = true;
+                        count.fetch_add(n as u64, Ordering::SeqCst);
+                        // If our own stdout is gone, keep draining so QEMU never blocks.
+                        let _ = write_out(&out, &buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            if stopping && !got {
+                return;
+            }
+        }
+    })
 }
 
 /// A memory file for QEMU's stderr.
@@ -200,6 +396,9 @@ mod tests {
             initrd: tempfile::tempfile().unwrap(),
             status: tempfile::tempfile().unwrap(),
             control: tempfile::tempfile().unwrap(),
+            app_out: tempfile::tempfile().unwrap(),
+            app_err: tempfile::tempfile().unwrap(),
+            console: tempfile::tempfile().unwrap(),
             fifo_dir: tempfile::tempdir().unwrap(),
             rootfs_fd: std::fs::File::open("/dev/null").unwrap().into(),
             rootfs_offset: 8192,
@@ -222,5 +421,14 @@ mod tests {
         assert!(a.contains("-no-reboot"));
         assert!(a.contains("isa-debug-exit,iobase=0x501"));
         assert!(a.contains("-m 128M"));
+        assert!(a.contains("virtserialport,chardev=appout,name=hyper.stdout"));
+        assert!(a.contains("virtserialport,chardev=apperr,name=hyper.stderr"));
+    }
+
+    #[test]
+    fn drain_lines() {
+        assert_eq!(parse_drain("drain 12 0\n"), Some([12, 0]));
+        assert_eq!(parse_drain("drain 12\n"), None);
+        assert_eq!(parse_drain("exit=0\n"), None);
     }
 }

@@ -31,7 +31,39 @@ fn exit_codes_pass_through() {
     assert_run(&r, 137, "");
     let r = boot(busybox_artifact(), &["--", "no-such-command"]);
     assert_eq!(r.code, Some(127), "{r:?}");
-    assert!(r.stdout.contains("executable file not found"), "{r:?}");
+    assert!(r.stderr.contains("executable file not found"), "{r:?}");
+    assert_eq!(r.stdout, "", "the error goes to stderr, as with docker run");
+}
+
+#[test]
+fn stdout_and_stderr_are_separate_binary_safe_and_complete() {
+    // 8 MiB of random bytes on stdout, their digest on stderr; a slow reader
+    // on hyperboot's stdout must not cost a byte.
+    let out = hyperboot()
+        .args(["--backend", "qemu", "--timeout", "120", "-m", "256M"])
+        .arg(busybox_artifact())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "head -c 8388608 /dev/urandom > /tmp/r; cat /tmp/r; sha256sum /tmp/r | cut -d' ' -f1 >&2; printf 'no newline' >&2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read stdout slowly at first: the pipe fills and everything backs up.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let o = out.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(o.stdout.len(), 8 << 20);
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(&o.stdout));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{digest}\nno newline")),
+        "stderr: {err}"
+    );
 }
 
 #[test]
@@ -353,7 +385,23 @@ fn docker_generated_files_and_limits() {
             "cat /etc/hostname; grep -c 'localhost' /etc/hosts; grep box /etc/hosts; ulimit -n",
         ],
     );
-    assert_run(&r, 0, "box\n2\n127.0.1.1\tbox\n1048576\n");
+    // As Docker: the hostname resolves to the guest's address on its network…
+    assert_run(&r, 0, "box\n2\n10.0.2.15\tbox\n1048576\n");
+    // …and to 127.0.1.1 without one.
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "--net",
+            "none",
+            "--hostname",
+            "box",
+            "--",
+            "grep",
+            "box",
+            "/etc/hosts",
+        ],
+    );
+    assert_run(&r, 0, "127.0.1.1\tbox\n");
 }
 
 #[test]
