@@ -37,6 +37,32 @@ pub struct RunConfig {
     /// The guest's network, when it has one.
     #[serde(default)]
     pub network: Option<Network>,
+    /// Volumes: host directories (`-v`) and the image's VOLUME paths.
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+    /// `-i`: the app's stdin comes from the host.
+    #[serde(default)]
+    pub stdin: bool,
+    /// `-t`: the app runs on a pseudo-terminal.
+    #[serde(default)]
+    pub tty: bool,
+    /// The host terminal's size (rows, columns) for `-t`.
+    #[serde(default)]
+    pub tty_size: Option<[u16; 2]>,
+}
+
+/// One volume mount.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// `9p`: a host directory shared under `tag`; `tmpfs`: a fresh volume
+    /// holding a copy of what the image has at `target`.
+    pub kind: String,
+    #[serde(default)]
+    pub tag: String,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// One configured interface (the runner decides every value; no DHCP).

@@ -74,7 +74,8 @@ fn boot() -> Result<Outcome, String> {
     }
     debug!("run config: {cfg:?}");
     wait_for(&cfg.root_device)?;
-    plan::root(&mut linux, &cfg.root_device, &cfg.tmpfs).map_err(|e| e.to_string())?;
+    plan::root(&mut linux, &cfg.root_device, &cfg.tmpfs, &cfg.volumes)
+        .map_err(|e| e.to_string())?;
     debug!("root mounted");
     if let Err(e) = net::loopback() {
         debug!("cannot bring lo up: {e}");
@@ -133,12 +134,10 @@ fn boot() -> Result<Outcome, String> {
         "starting {:?} as {}:{} in {workdir}",
         cfg.argv, id.uid, id.gid
     );
-    // Separate stdout/stderr streams when the host offers the ports.
-    let pipes = match streams::open() {
+    // Separate stdout/stderr streams (and stdin, a pty) when the host offers the ports.
+    let wiring = match streams::open(cfg.stdin) {
         Some(ports) => {
-            let (out_r, out_w) = streams::pipe().map_err(|e| format!("pipe: {e}"))?;
-            let (err_r, err_w) = streams::pipe().map_err(|e| format!("pipe: {e}"))?;
-            Some((ports, out_r, out_w, err_r, err_w))
+            Some(streams::wire(ports, cfg.tty, cfg.tty_size).map_err(|e| format!("app i/o: {e}"))?)
         }
         None => {
             debug!("no stream ports: the app's output goes to the console");
@@ -150,16 +149,32 @@ fn boot() -> Result<Outcome, String> {
     let _ = std::io::stderr().flush();
     let pid = process::fork().map_err(|e| format!("fork: {e}"))?;
     if pid == 0 {
-        if let Some((_, _, out_w, _, err_w)) = &pipes {
+        let mut stdin_attached = false;
+        let mut tty = false;
+        if let Some(w) = &wiring {
             use std::os::fd::AsRawFd;
-            process::dup_onto(out_w.as_raw_fd(), 1);
-            process::dup_onto(err_w.as_raw_fd(), 2);
+            for (fd, f) in w.child.iter().enumerate() {
+                if let Some(f) = f {
+                    process::dup_onto(f.as_raw_fd(), fd as i32);
+                    stdin_attached |= fd == 0;
+                }
+            }
+            tty = w.tty;
         }
-        run_app(&cfg.argv, &env, &workdir, &path_var, &id);
+        run_app(
+            &cfg.argv,
+            &env,
+            &workdir,
+            &path_var,
+            &id,
+            stdin_attached,
+            tty,
+        );
     }
-    let drained = pipes.map(|(ports, out_r, out_w, err_r, err_w)| {
-        drop((out_w, err_w));
-        streams::relay(ports, out_r, err_r)
+    let drained = wiring.map(|mut w| {
+        // The app holds its ends now; ours must close for end of file to come.
+        w.child = [None, None, None];
+        w.start()
     });
     APP_PID.store(pid, Ordering::SeqCst);
     let outcome = supervise(pid);
@@ -212,11 +227,18 @@ fn run_app(
     workdir: &str,
     path_var: &str,
     id: &user::Identity,
+    stdin_attached: bool,
+    tty: bool,
 ) -> ! {
     process::reset_signals();
     process::setsid();
+    if tty {
+        process::set_controlling_tty(0);
+    }
     process::docker_rlimits();
-    let _ = process::redirect("/dev/null", libc::O_RDONLY, 0);
+    if !stdin_attached {
+        let _ = process::redirect("/dev/null", libc::O_RDONLY, 0);
+    }
     let fail = |code: i32, msg: String| -> ! {
         let _ = writeln!(std::io::stderr(), "hyperinit: {msg}");
         std::process::exit(code)
@@ -268,6 +290,9 @@ fn listen_for_requests() {
         debug!("no /dev/ttyS1: the host cannot send requests");
         return;
     };
+    // The host holds its requests until this line: earlier bytes would have
+    // met a closed (or echoing) port.
+    report::announce_ready();
     std::thread::spawn(move || {
         use std::io::Read;
         let mut line = Vec::new();
@@ -281,6 +306,22 @@ fn listen_for_requests() {
             }
             let text = String::from_utf8_lossy(&line).into_owned();
             line.clear();
+            let words: Vec<&str> = text.split_whitespace().collect();
+            match words.as_slice() {
+                ["stdin-eof", n] => {
+                    if let Ok(n) = n.parse() {
+                        streams::STDIN_EOF_AT.store(n, Ordering::SeqCst);
+                    }
+                    continue;
+                }
+                ["winsize", r, c] => {
+                    if let (Ok(r), Ok(c)) = (r.parse(), c.parse()) {
+                        streams::set_winsize(r, c);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             if text.trim() == "drained" {
                 debug!("the host has all the output");
                 DRAINED.store(true, Ordering::SeqCst);

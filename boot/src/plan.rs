@@ -48,7 +48,12 @@ pub fn early(sys: &mut dyn Sys) -> Result<(), StepError> {
 
 /// Mounts the read-only EROFS image with a tmpfs-backed overlay on top, the
 /// API filesystems inside it, and moves it onto `/`.
-pub fn root(sys: &mut dyn Sys, device: &str, tmpfs: &[String]) -> Result<(), StepError> {
+pub fn root(
+    sys: &mut dyn Sys,
+    device: &str,
+    tmpfs: &[String],
+    volumes: &[crate::config::Volume],
+) -> Result<(), StepError> {
     for d in [LOWER, RW, NEWROOT] {
         step(|| format!("create {d}"), sys.mkdir_all(d, 0o755))?;
     }
@@ -146,6 +151,55 @@ pub fn root(sys: &mut dyn Sys, device: &str, tmpfs: &[String]) -> Result<(), Ste
                 &data,
             ),
         )?;
+    }
+    for v in volumes {
+        let at = v.target.as_str();
+        if !at.starts_with('/') || at.split('/').any(|c| c == "..") || at == "/" {
+            return Err(StepError {
+                step: format!("volume {at}"),
+                source: std::io::Error::other("needs an absolute path other than / without '..'"),
+            });
+        }
+        step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o755))?;
+        let ro = if v.read_only { MS_RDONLY } else { 0 };
+        match v.kind.as_str() {
+            "9p" => step(
+                || format!("mount the host directory {} on {at}", v.tag),
+                sys.mount(
+                    &v.tag,
+                    &r(at),
+                    "9p",
+                    MS_NODEV | ro,
+                    "trans=virtio,version=9p2000.L,msize=262144",
+                ),
+            )?,
+            "tmpfs" => {
+                step(
+                    || format!("mount a fresh volume on {at}"),
+                    sys.mount("tmpfs", &r(at), "tmpfs", MS_NODEV, "mode=0755"),
+                )?;
+                // As Docker fills a new volume: with what the image has there.
+                let image = format!("{LOWER}{at}");
+                if sys.exists(&image) && !sys.dir_is_empty(&image) {
+                    step(
+                        || format!("copy the image's {at} into its volume"),
+                        sys.copy_tree(&image, &r(at)),
+                    )?;
+                }
+                if v.read_only {
+                    step(
+                        || format!("make {at} read-only"),
+                        sys.mount("", &r(at), "", MS_REMOUNT | MS_RDONLY, ""),
+                    )?;
+                }
+            }
+            other => {
+                return Err(StepError {
+                    step: format!("volume {at}"),
+                    source: std::io::Error::other(format!("unknown kind {other:?}")),
+                })
+            }
+        }
     }
     for (target, link) in [
         ("/proc/self/fd", "/dev/fd"),
@@ -255,6 +309,9 @@ mod tests {
         fn dir_is_empty(&mut self, path: &str) -> bool {
             !self.populated.iter().any(|p| path.ends_with(p))
         }
+        fn copy_tree(&mut self, from: &str, to: &str) -> io::Result<()> {
+            self.rec(format!("copy {from} -> {to}"))
+        }
     }
 
     fn index_of(calls: &[String], needle: &str) -> usize {
@@ -267,7 +324,7 @@ mod tests {
     #[test]
     fn root_is_erofs_under_an_overlay_then_moved_onto_slash() {
         let mut r = Recorder::default();
-        root(&mut r, "/dev/vda", &[]).unwrap();
+        root(&mut r, "/dev/vda", &[], &[]).unwrap();
         let c = &r.calls;
         let erofs = index_of(c, &format!("mount /dev/vda {LOWER} erofs 0x1 "));
         let overlay = index_of(c, &format!("mount overlay {NEWROOT} overlay 0x0 lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work"));
@@ -294,7 +351,7 @@ mod tests {
             populated: vec!["/run"],
             ..Default::default()
         };
-        root(&mut r, "/dev/vda", &[]).unwrap();
+        root(&mut r, "/dev/vda", &[], &[]).unwrap();
         assert!(!r
             .calls
             .iter()
@@ -309,6 +366,7 @@ mod tests {
             &mut r,
             "/dev/vda",
             &["/scratch:size=1m".into(), "/data".into()],
+            &[],
         )
         .unwrap();
         index_of(
@@ -321,10 +379,57 @@ mod tests {
         );
         for bad in ["relative", "/a/../../etc"] {
             let mut r = Recorder::default();
-            assert!(root(&mut r, "/dev/vda", &[bad.into()]).is_err(), "{bad}");
+            assert!(
+                root(&mut r, "/dev/vda", &[bad.into()], &[]).is_err(),
+                "{bad}"
+            );
         }
         let hosts = &hosts_files("box", None)[1].1;
         assert!(hosts.starts_with("127.0.0.1\tlocalhost\n") && hosts.ends_with("127.0.1.1\tbox\n"));
+    }
+
+    #[test]
+    fn volumes_are_host_shares_or_fresh_copies_of_the_image() {
+        use crate::config::Volume;
+        let mut r = Recorder {
+            populated: vec!["/var/lib/db"],
+            ..Default::default()
+        };
+        let vols = [
+            Volume {
+                kind: "9p".into(),
+                tag: "vol0".into(),
+                target: "/data".into(),
+                read_only: true,
+            },
+            Volume {
+                kind: "tmpfs".into(),
+                tag: String::new(),
+                target: "/var/lib/db".into(),
+                read_only: false,
+            },
+        ];
+        root(&mut r, "/dev/vda", &[], &vols).unwrap();
+        let c = &r.calls;
+        index_of(c, &format!("mount vol0 {NEWROOT}/data 9p 0x5 trans=virtio"));
+        let fresh = index_of(c, &format!("mount tmpfs {NEWROOT}/var/lib/db tmpfs"));
+        let copy = index_of(
+            c,
+            &format!("copy {LOWER}/var/lib/db -> {NEWROOT}/var/lib/db"),
+        );
+        assert!(fresh < copy && copy < index_of(c, "mount . / "));
+        for bad in ["relative", "/", "/a/../b"] {
+            let v = Volume {
+                kind: "9p".into(),
+                tag: "vol0".into(),
+                target: bad.into(),
+                read_only: false,
+            };
+            assert!(
+                root(&mut Recorder::default(), "/dev/vda", &[], &[v]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -333,7 +438,7 @@ mod tests {
             fail_on: Some("erofs"),
             ..Default::default()
         };
-        let err = root(&mut r, "/dev/vda", &[]).unwrap_err().to_string();
+        let err = root(&mut r, "/dev/vda", &[], &[]).unwrap_err().to_string();
         assert!(
             err.starts_with("mount the image's EROFS root from /dev/vda: "),
             "{err}"

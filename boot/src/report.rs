@@ -50,6 +50,13 @@ fn send_line(line: &str) {
     }
 }
 
+/// Tells the host that hyperinit listens on COM2 now.
+pub fn announce_ready() {
+    if process::ioperm(STATUS_PORT, 8).is_ok() {
+        send_line("ready\n");
+    }
+}
+
 /// Tells the host how many bytes went out on the stream ports; the host
 /// answers `drained` once it has them all.
 pub fn announce_drain(sent: [u64; 2]) -> bool {

@@ -21,6 +21,8 @@ use std::time::Duration;
 pub struct Ports {
     out: File,
     err: File,
+    /// `hyper.stdin`, when the app's stdin is attached (`-i`).
+    input: Option<File>,
 }
 
 /// The device of the virtio port named `name`, if the host created one.
@@ -31,7 +33,7 @@ fn port_device(name: &str) -> Option<String> {
         .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
 }
 
-fn open_port(dev: &str) -> std::io::Result<File> {
+fn open_port(dev: &str, read: bool) -> std::io::Result<File> {
     // devtmpfs creates the node shortly after the port appears.
     for _ in 0..100 {
         if std::path::Path::new(dev).exists() {
@@ -40,19 +42,178 @@ fn open_port(dev: &str) -> std::io::Result<File> {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::fs::OpenOptions::new()
-        .write(true)
+        .read(read)
+        .write(!read)
         .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(dev)
 }
 
-/// The ports, when the host provides them.
-pub fn open() -> Option<Ports> {
+/// The ports, when the host provides them; `stdin`: the input port too.
+pub fn open(stdin: bool) -> Option<Ports> {
     let out = port_device("hyper.stdout")?;
     let err = port_device("hyper.stderr")?;
-    match (open_port(&out), open_port(&err)) {
-        (Ok(out), Ok(err)) => Some(Ports { out, err }),
+    let input = if stdin {
+        Some(open_port(&port_device("hyper.stdin")?, true).ok()?)
+    } else {
+        None
+    };
+    match (open_port(&out, false), open_port(&err, false)) {
+        (Ok(out), Ok(err)) => Some(Ports { out, err, input }),
         _ => None,
     }
+}
+
+/// Bytes the host sent on stdin before it closed it (`stdin-eof N`); until
+/// then `u64::MAX`.
+pub static STDIN_EOF_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// The pty master in `-t` mode (-1 otherwise), for window size changes.
+pub static TTY_MASTER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Sets the terminal size of the `-t` pty.
+pub fn set_winsize(rows: u16, cols: u16) {
+    let fd = TTY_MASTER.load(std::sync::atomic::Ordering::SeqCst);
+    if fd < 0 {
+        return;
+    }
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which is live.
+    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+}
+
+/// How the app is wired to the host.
+pub struct Wiring {
+    /// Descriptors for the app's 0, 1, 2 (None: stdin stays /dev/null).
+    pub child: [Option<OwnedFd>; 3],
+    /// Whether the app gets a controlling terminal (the pty slave).
+    pub tty: bool,
+    relay: Box<dyn FnOnce() -> mpsc::Receiver<[u64; 2]> + Send>,
+}
+
+impl Wiring {
+    /// Starts copying (call in the parent after fork, once `child` is dropped).
+    pub fn start(self) -> mpsc::Receiver<[u64; 2]> {
+        (self.relay)()
+    }
+}
+
+/// Pipes for stdout/stderr (and stdin with `-i`), or a pty with `-t`.
+pub fn wire(ports: Ports, tty: bool, size: Option<[u16; 2]>) -> std::io::Result<Wiring> {
+    if tty {
+        let (master, slave) = openpty()?;
+        TTY_MASTER.store(master.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
+        if let Some([r, c]) = size {
+            set_winsize(r, c);
+        }
+        let reader = File::from(master.try_clone()?);
+        let writer = File::from(master);
+        let child = [
+            Some(slave.try_clone()?),
+            Some(slave.try_clone()?),
+            Some(slave),
+        ];
+        let Ports { out, err, input } = ports;
+        return Ok(Wiring {
+            child,
+            tty: true,
+            relay: Box::new(move || {
+                if let Some(input) = input {
+                    feed(input, writer, true);
+                }
+                drop(err);
+                relay(vec![(reader, out)])
+            }),
+        });
+    }
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (stdin_child, stdin_feed) = match ports.input.is_some() {
+        true => {
+            let (r, w) = pipe()?;
+            (Some(r), Some(w))
+        }
+        false => (None, None),
+    };
+    let Ports { out, err, input } = ports;
+    Ok(Wiring {
+        child: [stdin_child, Some(out_w), Some(err_w)],
+        tty: false,
+        relay: Box::new(move || {
+            if let (Some(input), Some(w)) = (input, stdin_feed) {
+                feed(input, File::from(w), false);
+            }
+            relay(vec![(File::from(out_r), out), (File::from(err_r), err)])
+        }),
+    })
+}
+
+fn openpty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty writes two descriptors; the other pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (m, s) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+    for fd in [&m, &s] {
+        // SAFETY: FD_CLOEXEC on our own descriptors.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((m, s))
+}
+
+/// Copies the host's stdin (the input port) to the app until the host said
+/// where it ended (`stdin-eof N`): then closes the pipe, or types the
+/// terminal's end-of-file character on a pty.
+fn feed(mut input: File, mut to: File, tty: bool) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut got = 0u64;
+        loop {
+            let eof_at = STDIN_EOF_AT.load(std::sync::atomic::Ordering::SeqCst);
+            if got >= eof_at {
+                if tty {
+                    let _ = to.write_all(&[4]); // VEOF (^D)
+                }
+                return; // dropping `to` closes the app's stdin
+            }
+            let mut p = libc::pollfd {
+                fd: input.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut p, 1, 50) };
+            if n <= 0 {
+                continue;
+            }
+            match input.read(&mut buf) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(k) => {
+                    got += k as u64;
+                    if to.write_all(&buf[..k]).is_err() {
+                        return; // the app closed its stdin
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
 }
 
 /// Writes all of `data` to a port, waiting out a full queue (the host is
@@ -100,15 +261,14 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Copies both pipes to their ports until both reach end of file. The
-/// receiver gets the byte counts (stdout, stderr) when all has been written.
-pub fn relay(ports: Ports, out: OwnedFd, err: OwnedFd) -> mpsc::Receiver<[u64; 2]> {
+/// Copies each source to its port until all reach end of file (a pty master
+/// ends with EIO once the app's side is closed). The receiver gets the byte
+/// counts (stdout, stderr) when all has been written.
+fn relay(pairs: Vec<(File, File)>) -> mpsc::Receiver<[u64; 2]> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut sources = [
-            (Some(File::from(out)), ports.out),
-            (Some(File::from(err)), ports.err),
-        ];
+        let mut sources: Vec<(Option<File>, File)> =
+            pairs.into_iter().map(|(s, p)| (Some(s), p)).collect();
         let mut buf = vec![0u8; 64 * 1024];
         let mut sent = [0u64; 2];
         while sources.iter().any(|(s, _)| s.is_some()) {

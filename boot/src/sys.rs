@@ -32,6 +32,35 @@ pub trait Sys {
     fn sethostname(&mut self, name: &str) -> io::Result<()>;
     fn exists(&mut self, path: &str) -> bool;
     fn dir_is_empty(&mut self, path: &str) -> bool;
+    /// Copies a directory tree (files, directories, symlinks; owners and
+    /// modes kept) into an existing directory.
+    fn copy_tree(&mut self, from: &str, to: &str) -> io::Result<()>;
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let m = std::fs::symlink_metadata(&src)?;
+        let ft = m.file_type();
+        if ft.is_dir() {
+            std::fs::create_dir_all(&dst)?;
+            copy_tree(&src, &dst)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if ft.is_file() {
+            std::fs::copy(&src, &dst)?;
+        } else {
+            continue; // devices, fifos and sockets are not volume content
+        }
+        std::os::unix::fs::lchown(&dst, Some(m.uid()), Some(m.gid()))?;
+        if !ft.is_symlink() {
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        }
+    }
+    Ok(())
 }
 
 fn cstr(s: &str) -> io::Result<CString> {
@@ -100,6 +129,10 @@ impl Sys for Linux {
         std::fs::read_dir(path)
             .map(|mut d| d.next().is_none())
             .unwrap_or(true)
+    }
+
+    fn copy_tree(&mut self, from: &str, to: &str) -> io::Result<()> {
+        copy_tree(Path::new(from), Path::new(to))
     }
 }
 
@@ -235,6 +268,12 @@ pub mod process {
     }
 
     /// Redirects fd `to` to a newly opened `path`.
+    /// Makes the terminal on `fd` the session's controlling terminal.
+    pub fn set_controlling_tty(fd: libc::c_int) {
+        // SAFETY: TIOCSCTTY takes an integer argument.
+        unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) };
+    }
+
     /// `dup2(from, to)` (the copy is not close-on-exec).
     pub fn dup_onto(from: libc::c_int, to: libc::c_int) {
         // SAFETY: dup2 takes two descriptors and no pointers.

@@ -44,6 +44,14 @@ pub struct BootOptions {
     pub accel: AccelChoice,
     pub overrides: spec::Overrides,
     pub memory_mib: u64,
+    /// vCPUs (`--cpus`).
+    pub cpus: u8,
+    /// `-v` host directories.
+    pub binds: Vec<spec::Bind>,
+    /// `-i`: the app's stdin is hyperboot's.
+    pub interactive: bool,
+    /// `-t`: the app runs on a pseudo-terminal.
+    pub tty: bool,
     pub timeout: Option<Duration>,
     /// Time the app gets after its stop signal before SIGKILL (`--stop-timeout`).
     pub stop_timeout: Duration,
@@ -191,11 +199,43 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     }
     let kvm = host::probe();
     let mut backend = choose_backend(opts.backend, &kvm)?;
-    if backend == Backend::Kvm && opts.backend == Backend::Auto && opts.net.requested() {
-        eprintln!(
-            "hyperboot: networking is not available on the KVM backend yet: using the QEMU backend"
-        );
-        backend = Backend::Qemu;
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if usize::from(opts.cpus) > host_cpus {
+        return Err(BootError::Backend(format!(
+            "--cpus {}: this host has {host_cpus} CPUs",
+            opts.cpus
+        )));
+    }
+    if let Some(host) = vmm::kvm::host_memory_mib() {
+        if opts.memory_mib > host {
+            return Err(BootError::Backend(format!(
+                "--memory {} MiB is more than this host has ({host} MiB): lower --memory",
+                opts.memory_mib
+            )));
+        }
+    }
+    let kvm_lacks = if opts.net.requested() {
+        Some("networking")
+    } else if opts.cpus > 1 {
+        Some("more than one vCPU")
+    } else if !opts.binds.is_empty() {
+        Some("-v (host directories)")
+    } else if opts.interactive || opts.tty {
+        Some("-i/-t")
+    } else {
+        None
+    };
+    if let (Backend::Kvm, Some(what)) = (backend, kvm_lacks) {
+        if opts.backend == Backend::Auto {
+            eprintln!(
+                "hyperboot: {what} is not available on the KVM backend yet: using the QEMU backend"
+            );
+            backend = Backend::Qemu;
+        } else if !opts.net.requested() {
+            return Err(BootError::Backend(format!(
+                "{what} is not available on the KVM backend yet; use --backend qemu"
+            )));
+        }
     }
     let net = net::plan(&opts.net, &m.config.exposed_ports, backend != Backend::Kvm)
         .map_err(BootError::Backend)?;
@@ -205,6 +245,16 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     })?;
     run.debug = opts.verbose;
     run.network = net.as_ref().map(|p| p.guest.clone());
+    run.volumes = spec::volumes(&opts.binds, &m.config.volumes);
+    run.stdin = opts.interactive;
+    run.tty = opts.tty;
+    run.tty_size = opts.tty.then(terminal_size).flatten();
+    for b in &opts.binds {
+        // As Docker: a missing host directory is created.
+        std::fs::create_dir_all(&b.host).map_err(|e| {
+            BootError::Backend(format!("-v {}: cannot create it: {e}", b.host.display()))
+        })?;
+    }
     match backend {
         Backend::Kvm => boot_kvm(&artifact, &run, kvm == host::Kvm::Pvm, opts),
         _ => boot_qemu(&artifact, &run, &kvm, opts, net.as_ref()),
@@ -319,6 +369,54 @@ fn exit_code(status: &[u8], stop: &vmm::Stop, opts: &BootOptions) -> u8 {
     }
 }
 
+/// The size (rows, columns) of the terminal on stdin or stdout, if any.
+fn terminal_size() -> Option<[u16; 2]> {
+    for fd in [0, 1] {
+        // SAFETY: winsize is plain old data; TIOCGWINSZ fills it.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: the pointer is to a live winsize.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            return Some([ws.ws_row, ws.ws_col]);
+        }
+    }
+    None
+}
+
+/// `-t` on a terminal: raw mode while the VM runs (keys, Ctrl-C included, go
+/// to the app), the previous mode restored when dropped.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn new(on: bool) -> RawTerminal {
+        // SAFETY: isatty takes a descriptor.
+        if !on || unsafe { libc::isatty(0) } != 1 {
+            return RawTerminal(None);
+        }
+        // SAFETY: termios is plain old data; tcgetattr fills it.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is a terminal and `t` a live termios.
+        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            return RawTerminal(None);
+        }
+        let saved = t;
+        // SAFETY: as above.
+        unsafe {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+        RawTerminal(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restores the mode saved from the same terminal.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}
+
 /// The threads copying the app's streams; dropping them lets them drain what
 /// is left and waits for them, so no output is lost on any way out.
 struct Pumps {
@@ -351,8 +449,15 @@ fn boot_qemu(
         binary,
         accel,
         memory_mib: opts.memory_mib,
+        cpus: opts.cpus,
+        stdin: opts.interactive,
         cmdline,
-        extra: net.map(net::qemu_args).unwrap_or_default(),
+        extra: net
+            .map(net::qemu_args)
+            .unwrap_or_default()
+            .into_iter()
+            .chain(qemu::share_args(&opts.binds))
+            .collect(),
     };
     if let Some(p) = net {
         net::forward_tcp(&p.ports, |m| p.upstream(m)).map_err(BootError::Backend)?;
@@ -365,8 +470,12 @@ fn boot_qemu(
     );
 
     let (tx, rx) = mpsc::channel();
-    let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGWINCH,
+    ])?;
     let handle = signals.handle();
     let stx = tx.clone();
     std::thread::spawn(move || {
@@ -376,9 +485,14 @@ fn boot_qemu(
             }
         }
     });
+    let control = qemu::Control::new(prepared.control.try_clone()?);
+    let raw = RawTerminal::new(opts.tty);
     let mut child = cmd
         .spawn()
         .map_err(|e| BootError::Backend(format!("cannot start {}: {e}", cfg.binary)))?;
+    if opts.interactive {
+        qemu::feed_stdin(prepared.app_in.try_clone()?, control.clone());
+    }
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     drop(cmd);
     let stop_pumps = qemu::Stop::new()?;
@@ -411,7 +525,7 @@ fn boot_qemu(
     let stop_status = qemu::Stop::new()?;
     let status_watch = qemu::watch_status(
         prepared.status.try_clone()?,
-        prepared.control.try_clone()?,
+        control.clone(),
         counts,
         stop_status.clone(),
     );
@@ -457,6 +571,11 @@ fn boot_qemu(
         let now = std::time::Instant::now();
         match ev {
             Some(Event::Exited(r)) => break r?,
+            Some(Event::Signal(libc::SIGWINCH)) => {
+                if let (true, Some([r, c])) = (opts.tty, terminal_size()) {
+                    control.send(&format!("winsize {r} {c}\n"));
+                }
+            }
             Some(Event::Signal(s)) if opts.stop_timeout.is_zero() => {
                 note(opts.verbose, &format!("signal {s}: stopping the VM"));
                 stop(&rx);
@@ -469,14 +588,14 @@ fn boot_qemu(
                         opts.verbose,
                         &format!("signal {s}: sending signal {stop_signal} to the app"),
                     );
-                    qemu::send_control(&prepared, &format!("signal {stop_signal}\n"));
+                    control.send(&format!("signal {stop_signal}\n"));
                     graceful = Some((now + opts.stop_timeout, false, s));
                 }
             }
             None => match graceful {
                 Some((g, false, s)) if now >= g => {
                     note(opts.verbose, "the app did not stop in time: SIGKILL");
-                    qemu::send_control(&prepared, "signal 9\n");
+                    control.send("signal 9\n");
                     graceful = Some((now + Duration::from_secs(2), true, s));
                 }
                 Some((g, true, s)) if now >= g => {
@@ -500,6 +619,7 @@ fn boot_qemu(
     };
     handle.close();
     drop(pumps);
+    drop(raw);
     stop_status.set();
     let report = status_watch.join().unwrap_or_default();
     match status::GuestStatus::parse(&report) {

@@ -53,14 +53,26 @@ struct Cli {
     /// Guest memory (e.g. 128M, 1G; a plain number is MiB)
     #[arg(short = 'm', long, default_value = "128M", value_parser = parse_memory)]
     memory: u64,
+    /// Share a host directory: /HOSTDIR:/GUESTDIR[:ro|rw] (QEMU backend, virtio-9p)
+    #[arg(short = 'v', long = "volume")]
+    volume: Vec<String>,
+    /// Keep stdin open: the app reads hyperboot's stdin (as docker run -i)
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the app a pseudo-terminal (as docker run -t; stderr joins stdout)
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// vCPUs for the guest (QEMU backend; the KVM VMM runs one for now)
+    #[arg(long, default_value = "1", value_parser = clap::value_parser!(u8).range(1..=64))]
+    cpus: u8,
     /// Stop the VM after this many seconds (exit code 124)
     #[arg(long, value_parser = parse_seconds)]
     timeout: Option<Duration>,
     /// On SIGTERM/SIGINT the app gets the image's StopSignal, then SIGKILL after this many seconds
     #[arg(long, default_value = "10", value_parser = parse_seconds_or_zero)]
     stop_timeout: Duration,
-    /// Show the kernel log and hyperinit's steps
-    #[arg(short, long)]
+    /// Show the kernel log and hyperinit's steps (-v is --volume, as in docker run)
+    #[arg(long)]
     verbose: bool,
     /// Show the kernel log
     #[arg(long)]
@@ -233,6 +245,16 @@ fn main() -> ExitCode {
             }
         }
     }
+    let mut binds = Vec::new();
+    for v in &cli.volume {
+        match hyperboot::spec::parse_bind(v) {
+            Ok(b) => binds.push(b),
+            Err(e) => {
+                eprintln!("hyperboot: error: {e}");
+                return ExitCode::from(status::FAILED);
+            }
+        }
+    }
     let net = hyperboot::net::NetOptions {
         mode: cli.net.unwrap_or_default(),
         publish,
@@ -262,6 +284,10 @@ fn main() -> ExitCode {
             tmpfs: cli.tmpfs,
         },
         memory_mib: cli.memory,
+        cpus: cli.cpus,
+        binds,
+        interactive: cli.interactive,
+        tty: cli.tty,
         timeout: cli.timeout,
         stop_timeout: cli.stop_timeout,
         verbose: cli.verbose,

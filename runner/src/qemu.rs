@@ -37,6 +37,8 @@ pub struct Prepared {
     /// The serial console (kernel and init messages; the app's output too
     /// when the guest's init predates the stream ports).
     pub console: File,
+    /// The app's stdin (`-i`): what hyperboot writes here reaches `hyper.stdin`.
+    pub app_in: File,
     /// Holds the FIFOs QEMU's pipe chardevs open.
     pub fifo_dir: tempfile::TempDir,
     pub rootfs_fd: OwnedFd,
@@ -50,7 +52,10 @@ pub struct QemuConfig {
     pub binary: String,
     pub accel: Accel,
     pub memory_mib: u64,
+    pub cpus: u8,
     pub cmdline: String,
+    /// Add the `hyper.stdin` port (`-i`).
+    pub stdin: bool,
     /// More devices (the network).
     pub extra: Vec<String>,
 }
@@ -87,6 +92,8 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
         "err.out",
         "console.in",
         "console.out",
+        "in.in",
+        "in.out",
     ] {
         nix::unistd::mkfifo(&fifo_dir.path().join(end), mode)?;
     }
@@ -104,6 +111,8 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     let app_err = open_rw("err.out")?;
     let console = open_rw("console.out")?;
     let _ = open_rw("console.in")?;
+    let app_in = open_rw("in.in")?;
+    let _ = open_rw("in.out")?;
     // Room for bursts, so QEMU rarely has to hold the guest back.
     for f in [&app_out, &app_err] {
         // SAFETY: F_SETPIPE_SZ takes an integer; a failure only leaves the default size.
@@ -124,6 +133,7 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
         app_out,
         app_err,
         console,
+        app_in,
         fifo_dir,
         rootfs_fd,
         rootfs_offset: s.offset,
@@ -151,7 +161,7 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
         "-m".into(),
         format!("{}M", cfg.memory_mib),
         "-smp".into(),
-        "1".into(),
+        cfg.cpus.max(1).to_string(),
     ];
     match cfg.accel {
         Accel::Kvm => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
@@ -194,7 +204,61 @@ pub fn args(cfg: &QemuConfig, p: &Prepared) -> Vec<String> {
         "-device".into(),
         "virtio-blk-device,drive=rootfs".into(),
     ]);
+    if cfg.stdin {
+        a.extend([
+            "-chardev".into(),
+            format!(
+                "pipe,id=appin,path={}",
+                p.fifo_dir.path().join("in").display()
+            ),
+            "-device".into(),
+            "virtserialport,chardev=appin,name=hyper.stdin".into(),
+        ]);
+    }
     a.extend(cfg.extra.iter().cloned());
+    a
+}
+
+/// `-i`: copies hyperboot's stdin to the guest; at its end, tells hyperinit
+/// how many bytes there were (`stdin-eof N` on COM2), so the app sees end of
+/// file after the last byte.
+pub fn feed_stdin(to: File, control: Arc<Control>) {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut sent = 0u64;
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if write_out(&to, &buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                }
+            }
+        }
+        control.send(&format!("stdin-eof {sent}\n"));
+    });
+}
+
+/// `-v` host directories as virtio-9p shares `vol0`, `vol1`, … (QEMU's own
+/// 9p server: no extra daemon, no root; files the guest creates belong to the
+/// user running hyperboot).
+pub fn share_args(binds: &[crate::spec::Bind]) -> Vec<String> {
+    let mut a = Vec::new();
+    for (i, b) in binds.iter().enumerate() {
+        // QEMU option values escape a comma by doubling it.
+        let path = b.host.display().to_string().replace(',', ",,");
+        let ro = if b.read_only { ",readonly=on" } else { "" };
+        a.push("-fsdev".into());
+        a.push(format!(
+            "local,id=fsvol{i},path={path},security_model=none{ro}"
+        ));
+        a.push("-device".into());
+        a.push(format!("virtio-9p-device,fsdev=fsvol{i},mount_tag=vol{i}"));
+    }
     a
 }
 
@@ -243,7 +307,7 @@ pub fn dup_file(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
 /// returned (at most 4 KiB) when `stop` is set and the FIFO is empty.
 pub fn watch_status(
     status: File,
-    control: File,
+    control: Arc<Control>,
     counts: [Arc<AtomicU64>; 2],
     stop: Arc<Stop>,
 ) -> std::thread::JoinHandle<Vec<u8>> {
@@ -255,10 +319,7 @@ pub fn watch_status(
         loop {
             let stopping = stop.is_set();
             stop.wait(&status);
-            let n = match (&status).read(&mut buf) {
-                Ok(n) => n,
-                Err(_) => 0,
-            };
+            let n = (&status).read(&mut buf).unwrap_or(0);
             for &b in &buf[..n] {
                 if line.len() < 4096 {
                     line.push(b);
@@ -267,6 +328,11 @@ pub fn watch_status(
                     continue;
                 }
                 let text = String::from_utf8_lossy(&line).into_owned();
+                if text.trim() == "ready" {
+                    control.ready();
+                    line.clear();
+                    continue;
+                }
                 match parse_drain(&text) {
                     Some(want) => {
                         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -275,7 +341,7 @@ pub fn watch_status(
                         {
                             std::thread::sleep(std::time::Duration::from_millis(1));
                         }
-                        let _ = (&control).write_all(b"drained\n");
+                        control.send("drained\n");
                     }
                     None => {
                         if report.len() < 4096 {
@@ -301,7 +367,43 @@ fn parse_drain(line: &str) -> Option<[u64; 2]> {
     Some([out, err])
 }
 
-/// Sends a request to hyperinit on the guest's COM2.
+/// The host's side of COM2: requests to hyperinit. hyperinit announces
+/// `ready` once it listens; requests made before are held until then (bytes
+/// that reach the guest's UART before it is opened are echoed or lost).
+#[derive(Debug)]
+pub struct Control {
+    file: File,
+    state: std::sync::Mutex<(bool, Vec<String>)>,
+}
+
+impl Control {
+    pub fn new(file: File) -> Arc<Control> {
+        Arc::new(Control {
+            file,
+            state: std::sync::Mutex::new((false, Vec::new())),
+        })
+    }
+
+    /// Sends one line now, or once hyperinit is ready.
+    pub fn send(&self, line: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 {
+            let _ = (&self.file).write_all(line.as_bytes());
+        } else {
+            st.1.push(line.to_string());
+        }
+    }
+
+    fn ready(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = true;
+        for line in std::mem::take(&mut st.1) {
+            let _ = (&self.file).write_all(line.as_bytes());
+        }
+    }
+}
+
+/// Sends a request to hyperinit on the guest's COM2 (directly; see [`Control`]).
 pub fn send_control(p: &Prepared, line: &str) {
     let _ = (&p.control).write_all(line.as_bytes());
 }
@@ -399,6 +501,7 @@ mod tests {
             app_out: tempfile::tempfile().unwrap(),
             app_err: tempfile::tempfile().unwrap(),
             console: tempfile::tempfile().unwrap(),
+            app_in: tempfile::tempfile().unwrap(),
             fifo_dir: tempfile::tempdir().unwrap(),
             rootfs_fd: std::fs::File::open("/dev/null").unwrap().into(),
             rootfs_offset: 8192,
@@ -408,6 +511,8 @@ mod tests {
             binary: "qemu".into(),
             accel: Accel::Tcg,
             memory_mib: 128,
+            cpus: 2,
+            stdin: false,
             cmdline: "console=ttyS0".into(),
             extra: vec![],
         };
@@ -421,6 +526,7 @@ mod tests {
         assert!(a.contains("-no-reboot"));
         assert!(a.contains("isa-debug-exit,iobase=0x501"));
         assert!(a.contains("-m 128M"));
+        assert!(a.contains("-smp 2"));
         assert!(a.contains("virtserialport,chardev=appout,name=hyper.stdout"));
         assert!(a.contains("virtserialport,chardev=apperr,name=hyper.stderr"));
     }

@@ -97,6 +97,90 @@ pub struct RunConfig {
     pub debug: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tty_size: Option<[u16; 2]>,
+}
+
+/// A volume as hyperinit mounts it (`9p`: a host directory the VMM shares
+/// under `tag`; `tmpfs`: a fresh volume filled from the image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Volume {
+    pub kind: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tag: String,
+    pub target: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// `-v HOSTDIR:GUESTDIR[:ro|rw]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub host: std::path::PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// Parses a `-v` value as Docker does for bind mounts.
+pub fn parse_bind(s: &str) -> Result<Bind, String> {
+    let err = |why: &str| format!("-v {s:?}: {why} (expected /HOSTDIR:/GUESTDIR[:ro|rw])");
+    let parts: Vec<&str> = s.split(':').collect();
+    let (host, guest, mode) = match parts.as_slice() {
+        [h, g] => (*h, *g, "rw"),
+        [h, g, m] => (*h, *g, *m),
+        _ => return Err(err("wrong number of fields")),
+    };
+    if !host.starts_with('/') {
+        return Err(err(
+            "named volumes are not supported; give an absolute host path",
+        ));
+    }
+    if !guest.starts_with('/') || guest == "/" || guest.split('/').any(|c| c == "..") {
+        return Err(err("the guest path must be absolute, not /, without '..'"));
+    }
+    let read_only = match mode {
+        "ro" => true,
+        "rw" => false,
+        _ => return Err(err("the mode is ro or rw")),
+    };
+    Ok(Bind {
+        host: host.into(),
+        guest: guest.trim_end_matches('/').to_string(),
+        read_only,
+    })
+}
+
+/// The volumes of a boot: each `-v` shared as `volN`, then every image
+/// VOLUME no `-v` covers as a fresh volume.
+pub fn volumes(binds: &[Bind], image_volumes: &[String]) -> Vec<Volume> {
+    let mut out: Vec<Volume> = binds
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Volume {
+            kind: "9p".into(),
+            tag: format!("vol{i}"),
+            target: b.guest.clone(),
+            read_only: b.read_only,
+        })
+        .collect();
+    for v in image_volumes {
+        let v = v.trim_end_matches('/');
+        if v.starts_with('/') && !binds.iter().any(|b| b.guest == v) {
+            out.push(Volume {
+                kind: "tmpfs".into(),
+                tag: String::new(),
+                target: v.to_string(),
+                read_only: false,
+            });
+        }
+    }
+    out
 }
 
 /// The guest's interface configuration (hyperinit's `Network`).
@@ -167,6 +251,10 @@ pub fn combine(
         tmpfs: o.tmpfs.clone(),
         debug: false,
         network: None,
+        volumes: Vec::new(),
+        stdin: false,
+        tty: false,
+        tty_size: None,
     })
 }
 
@@ -185,6 +273,33 @@ pub fn run_archive(cfg: &RunConfig) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binds_and_image_volumes() {
+        let b = parse_bind("/srv/data:/data:ro").unwrap();
+        assert_eq!((b.guest.as_str(), b.read_only), ("/data", true));
+        assert!(!parse_bind("/h:/g").unwrap().read_only);
+        for bad in [
+            "data:/data",
+            "/h:rel",
+            "/h:/",
+            "/h:/a/../b",
+            "/h:/g:rx",
+            "/h",
+        ] {
+            assert!(parse_bind(bad).is_err(), "{bad}");
+        }
+        let v = volumes(
+            &[parse_bind("/h:/data").unwrap()],
+            &["/data".into(), "/var/lib/db/".into()],
+        );
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].kind.as_str(), v[0].tag.as_str()), ("9p", "vol0"));
+        assert_eq!(
+            (v[1].kind.as_str(), v[1].target.as_str()),
+            ("tmpfs", "/var/lib/db")
+        );
+    }
 
     fn image(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> hvm::ImageConfig {
         let v = |x: Option<&[&str]>| x.map(|s| s.iter().map(|s| s.to_string()).collect());

@@ -29,10 +29,14 @@ pub enum GuestStatus {
 }
 
 impl GuestStatus {
-    /// Parses the first complete line; anything else is no report at all.
+    /// The first complete line that is a report; without one, no report.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        let text = std::str::from_utf8(bytes).ok()?;
-        let line = text.split_once('\n')?.0;
+        let text = String::from_utf8_lossy(bytes);
+        let (complete, _) = text.rsplit_once('\n')?;
+        complete.split('\n').find_map(Self::parse_line)
+    }
+
+    fn parse_line(line: &str) -> Option<Self> {
         let (key, value) = line.split_once('=')?;
         match key {
             "exit" => value
@@ -75,6 +79,10 @@ mod tests {
         assert_eq!(
             GuestStatus::parse(b"signal=9\n").map(|s| s.exit_code()),
             Some(137)
+        );
+        assert_eq!(
+            GuestStatus::parse(b"noise\r\nexit=3\n"),
+            Some(GuestStatus::Exited(3))
         );
         assert_eq!(
             GuestStatus::parse(b"error=no root\n"),

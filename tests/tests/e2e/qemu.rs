@@ -653,3 +653,229 @@ fn file_capabilities_from_pax_xattrs_work_in_the_guest() {
         "the plain busybox could bind :81 as app: {r:?}"
     );
 }
+
+#[test]
+fn volumes_share_host_directories_and_persist() {
+    let rw = tempfile::tempdir().unwrap();
+    let ro = tempfile::tempdir().unwrap();
+    fs::write(rw.path().join("in"), "from the host\n").unwrap();
+    fs::write(ro.path().join("f"), "read me\n").unwrap();
+    let rw_flag = format!("{}:/data", rw.path().display());
+    let ro_flag = format!("{}:/config:ro", ro.path().display());
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "-v",
+            &rw_flag,
+            "-v",
+            &ro_flag,
+            "--read-only",
+            "--",
+            "sh",
+            "-c",
+            "cat /data/in /config/f; echo written > /data/out; echo x > /config/g 2>/dev/null || echo ro-refused",
+        ],
+    );
+    assert_run(&r, 0, "from the host\nread me\nro-refused\n");
+    assert_eq!(
+        fs::read_to_string(rw.path().join("out")).unwrap(),
+        "written\n"
+    );
+    assert!(!ro.path().join("g").exists());
+    // The data outlives the VM: the next one sees it.
+    let r = boot(
+        busybox_artifact(),
+        &["-v", &rw_flag, "--", "cat", "/data/out"],
+    );
+    assert_run(&r, 0, "written\n");
+    // A missing host directory is created, as by docker run.
+    let fresh = rw.path().join("new/dir");
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "-v",
+            &format!("{}:/n", fresh.display()),
+            "--",
+            "touch",
+            "/n/made",
+        ],
+    );
+    assert_run(&r, 0, "");
+    assert!(fresh.join("made").exists());
+    for (bad, want) in [
+        ("data:/data", "named volumes"),
+        ("/tmp:relative", "absolute"),
+    ] {
+        let r = boot(busybox_artifact(), &["-v", bad, "--", "true"]);
+        assert_eq!(r.code, Some(125), "{r:?}");
+        assert!(r.stderr.contains(want), "{r:?}");
+    }
+}
+
+#[test]
+fn image_volumes_get_a_fresh_writable_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("var/lib/app")).unwrap();
+    fs::write(root.join("var/lib/app/seed"), "seeded by the image\n").unwrap();
+    let layout = dir.path().join("layout");
+    let out = std::process::Command::new(repo().join("scripts/make-test-image"))
+        .arg(&layout)
+        .env("EXTRA_ROOT", &root)
+        .env(
+            "IMAGE_CONFIG",
+            r#"{"Env":["PATH=/usr/bin:/bin"],"Cmd":["sh"],"Volumes":{"/var/lib/app":{}}}"#,
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let artifact = dir.path().join("vol.hvm");
+    let o = build(&layout, &artifact);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Writable even with --read-only, and filled with the image's content.
+    let r = boot(
+        &artifact,
+        &["--read-only", "--", "sh", "-c",
+          "cat /var/lib/app/seed; echo w > /var/lib/app/new && echo writable; touch /etc/x 2>/dev/null || echo root-read-only"],
+    );
+    assert_run(&r, 0, "seeded by the image\nwritable\nroot-read-only\n");
+}
+
+#[test]
+fn cpus_and_memory_are_what_the_guest_gets() {
+    let r = boot(
+        busybox_artifact(),
+        &[
+            "--cpus",
+            "2",
+            "-m",
+            "200M",
+            "--",
+            "sh",
+            "-c",
+            "nproc; grep MemTotal /proc/meminfo",
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("2"));
+    let kb: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!((150_000..=204_800).contains(&kb), "MemTotal {kb} kB");
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 64 {
+        let r = boot(busybox_artifact(), &["--cpus", "64", "--", "true"]);
+        assert_eq!(r.code, Some(125), "{r:?}");
+        assert!(r.stderr.contains("this host has"), "{r:?}");
+    }
+    let r = boot(busybox_artifact(), &["-m", "100000G", "--", "true"]);
+    assert_eq!(r.code, Some(125), "{r:?}");
+    assert!(r.stderr.contains("MiB"), "{r:?}");
+}
+
+#[test]
+fn interactive_stdin_reaches_the_app_and_ends_with_eof() {
+    use std::io::Write;
+    let mut child = hyperboot()
+        .args(["--backend", "qemu", "--timeout", "120", "-i"])
+        .arg(busybox_artifact())
+        .args(["--", "sh", "-c", "wc -l; cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"one\ntwo\nthree\n").unwrap();
+    drop(stdin); // end of file: wc must finish and see 3 lines
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "3");
+    // Without -i the app's stdin is empty, as with docker run.
+    let r = boot(busybox_artifact(), &["--", "sh", "-c", "wc -c"]);
+    assert_run(&r, 0, "0\n");
+}
+
+/// A pseudo-terminal of `rows` x `cols` for hyperboot: (master, slave).
+fn pty(rows: u16, cols: u16) -> (fs::File, fs::File) {
+    use std::os::fd::FromRawFd;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty writes two descriptors; the winsize pointer is live.
+    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors are new and ours.
+    unsafe { (fs::File::from_raw_fd(m), fs::File::from_raw_fd(s)) }
+}
+
+#[test]
+fn tty_gives_the_app_a_terminal_and_ctrl_c_reaches_it() {
+    use std::io::{Read, Write};
+    let (mut master, slave) = pty(33, 101);
+    let mut child = hyperboot()
+        .args(["--backend", "qemu", "--timeout", "120", "-it"])
+        .arg(busybox_artifact())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size; trap 'echo got-int; exit 9' INT; echo ready; read line; echo \"typed: $line\"; while :; do sleep 0.1; done",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    // Reads the terminal until `want` shows up.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |want: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !seen.contains(want) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("never saw {want:?}; saw {seen:?}"),
+            }
+        }
+        seen.clone()
+    };
+    let out = wait_for("ready");
+    assert!(out.contains("/dev/pts/0"), "{out:?}");
+    assert!(out.contains("33 101"), "the host terminal's size: {out:?}");
+    master.write_all(b"hello there\r").unwrap();
+    wait_for("typed: hello there");
+    master.write_all(&[3]).unwrap(); // Ctrl-C: a byte for the app's terminal
+    wait_for("got-int");
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(9),
+        "the app's own exit code, not hyperboot's SIGINT"
+    );
+}
