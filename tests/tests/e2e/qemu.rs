@@ -879,3 +879,119 @@ fn tty_gives_the_app_a_terminal_and_ctrl_c_reaches_it() {
         "the app's own exit code, not hyperboot's SIGINT"
     );
 }
+
+/// Runs `script` under crun in an OCI bundle unpacked by umoci from `layout`,
+/// configured as `docker run --hostname box` would (HOSTNAME in the
+/// environment, no TERM without -t, the primary gid first among the
+/// supplementary groups as Docker puts it, no cgroup limits; the open-file limit is
+/// left out: the host's hard limit may be below Docker's 1048576, which
+/// `docker_generated_files_and_limits` checks on our side). crun
+/// needs a pure cgroup2 hierarchy: it gets one in a private mount namespace.
+fn crun_oracle(layout: &std::path::Path, script: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    let o = std::process::Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", layout.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci");
+    assert!(
+        o.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let cfg_path = bundle.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+    if let Some(p) = cfg["process"].as_object_mut() {
+        p.remove("rlimits");
+    }
+    let env: Vec<serde_json::Value> = cfg["process"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| !e.as_str().unwrap_or("").starts_with("TERM="))
+        .cloned()
+        .chain([serde_json::json!("HOSTNAME=box")])
+        .collect();
+    cfg["process"]["env"] = env.into();
+    cfg["hostname"] = "box".into();
+    // Docker (unlike umoci's default) lists the primary gid as a supplementary group.
+    let gid = cfg["process"]["user"]["gid"].clone();
+    let mut extra = vec![gid];
+    extra.extend(
+        cfg["process"]["user"]["additionalGids"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    cfg["process"]["user"]["additionalGids"] = extra.into();
+    if let Some(l) = cfg["linux"].as_object_mut() {
+        l.remove("resources");
+        l.remove("cgroupsPath");
+    }
+    fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let o = std::process::Command::new("unshare")
+        .arg("-m")
+        .arg("sh")
+        .arg("-c")
+        .arg(
+            "for m in $(awk '$2 ~ \"^/sys/fs/cgroup/\" {print $2}' /proc/mounts); do umount \"$m\"; done; \
+             umount /sys/fs/cgroup 2>/dev/null; mount -t cgroup2 none /sys/fs/cgroup && \
+             exec crun --cgroup-manager=disabled run hyper-oracle-$$ < /dev/null",
+        )
+        .current_dir(&bundle)
+        .output()
+        .expect("unshare + crun");
+    assert!(
+        o.status.success(),
+        "crun: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn a_container_runtime_sees_the_same_process_environment() {
+    // SAFETY: geteuid() takes no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    let have = |c: &str| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !root || !have("crun") || !have("umoci") {
+        skip(
+            "qemu::a_container_runtime_sees_the_same_process_environment",
+            "needs root, crun and umoci (scripts/install-deps installs them)",
+        );
+        return;
+    }
+    let script = "id; env | sort; pwd; hostname; for m in /proc /sys /dev /dev/pts /dev/shm; do grep -c \" $m \" /proc/mounts; done";
+    // The default image (root) and the same image with User app.
+    busybox_artifact();
+    let layouts = [
+        (
+            scratch().join("busybox-layout"),
+            busybox_artifact().to_path_buf(),
+        ),
+        {
+            let l = scratch().join("oracle-app-layout");
+            make_image(&l, "latest", "app");
+            let a = scratch().join("oracle-app.hvm");
+            let o = build(&l, &a);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            (l, a)
+        },
+    ];
+    for (layout, artifact) in layouts {
+        let want = crun_oracle(&layout, script);
+        let r = boot(&artifact, &["--hostname", "box", "--", "sh", "-c", script]);
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert_eq!(r.stdout, want, "hyperboot (left) and crun (right) differ");
+    }
+}
