@@ -211,7 +211,7 @@ fn stop(artifact: PathBuf, runs: usize) {
                 "--",
                 "sh",
                 "-c",
-                "trap 'exit 0' TERM; echo ready; while true; do sleep 0.05; done",
+                "trap 'exit 0' TERM; echo ready; sleep 1000 & wait",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
