@@ -236,6 +236,22 @@ fn same_layers_give_the_same_image_bytes() {
 /// (it changes every artifact digest), so update the pin in the same commit.
 #[test]
 fn a_pinned_fixture_gives_a_pinned_image_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pinned.erofs");
+    pinned_image(&img);
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        fs::read(&img).unwrap(),
+    ));
+    assert_eq!(
+        digest, PINNED,
+        "the EROFS writer's output changed for a pinned input"
+    );
+}
+
+const PINNED: &str = "733ddf23d4bbf6522c1a09faa1747ade5e487d3ad5b9ddf51d7b241b60e66781";
+
+/// The pinned fixture's image.
+fn pinned_image(out: &Path) {
     let l0 = Layer::new()
         .dir("etc/", 0o755)
         .file("etc/hostname", 0o644, b"pinned\n")
@@ -249,19 +265,74 @@ fn a_pinned_fixture_gives_a_pinned_image_digest() {
         .file("etc/.wh.hostname", 0o644, b"")
         .file("etc/motd", 0o600, b"hi\n")
         .bytes();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("pinned.erofs");
-    write_image(&[l0, l1], &img);
-    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-        fs::read(&img).unwrap(),
-    ));
-    assert_eq!(
-        digest, PINNED,
-        "the EROFS writer's output changed for a pinned input"
-    );
+    write_image(&[l0, l1], out);
 }
 
-const PINNED: &str = "733ddf23d4bbf6522c1a09faa1747ade5e487d3ad5b9ddf51d7b241b60e66781";
+/// A readable dump of the pinned image, made by Debian's `dump.erofs` (the
+/// superblock, then every inode by path), compared with the checked-in
+/// snapshot `tests/snapshots/pinned.dump`: when the writer's output changes,
+/// the diff shows how. `HYPER_UPDATE_SNAPSHOTS=1` rewrites the snapshot.
+#[test]
+fn the_pinned_image_dump_matches_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pinned.erofs");
+    pinned_image(&img);
+    let dump = |args: &[&str]| {
+        let o = Command::new("dump.erofs")
+            .args(args)
+            .arg(&img)
+            .output()
+            .expect("dump.erofs (apt-get install erofs-utils)");
+        assert!(
+            o.status.success(),
+            "dump.erofs {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let mut text = String::from("# dump.erofs -s\n");
+    text.push_str(&dump(&["-s"]));
+    let paths = [
+        "/",
+        "/bin",
+        "/bin/sh",
+        "/bin/tool",
+        "/bin/tool2",
+        "/dev",
+        "/dev/null",
+        "/etc",
+        "/etc/motd",
+        "/home",
+        "/home/u",
+        "/home/u/big",
+    ];
+    for p in paths {
+        text.push_str(&format!("\n# dump.erofs --path={p}\n"));
+        text.push_str(&dump(&[&format!("--path={p}")]));
+    }
+    for p in ["/", "/bin", "/etc"] {
+        text.push_str(&format!("\n# dump.erofs --ls --path={p}\n"));
+        text.push_str(&dump(&["--ls", &format!("--path={p}")]));
+    }
+    let snap = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/pinned.dump");
+    if std::env::var_os("HYPER_UPDATE_SNAPSHOTS").is_some() {
+        fs::create_dir_all(snap.parent().unwrap()).unwrap();
+        fs::write(&snap, &text).unwrap();
+    }
+    let want =
+        fs::read_to_string(&snap).expect("the snapshot (HYPER_UPDATE_SNAPSHOTS=1 writes it)");
+    assert!(
+        text == want,
+        "the dump differs from {}:\n{}",
+        snap.display(),
+        text.lines()
+            .zip(want.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("- {b}\n+ {a}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
 
 /// A 1 GiB file of zeros with a little data costs neither 1 GiB of image nor
 /// of spool: whole zero blocks stay holes (chunk-based EROFS), and fsck.erofs
