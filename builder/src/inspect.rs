@@ -74,6 +74,9 @@ pub fn render_text(a: &Artifact) -> String {
     if !c.exposed_ports.is_empty() {
         let _ = writeln!(o, "ports        {}", c.exposed_ports.join(" "));
     }
+    if !c.volumes.is_empty() {
+        let _ = writeln!(o, "volumes      {}", c.volumes.join(" "));
+    }
     if !c.stop_signal.is_empty() {
         let _ = writeln!(o, "stop signal  {}", c.stop_signal);
     }
