@@ -75,9 +75,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Upload a built artifact to object storage (s3://, gs://, az://, file://)
+    /// Upload a built artifact to object storage (s3://, gs://, az://, file://),
+    /// or copy one within a bucket (push s3://b/app/c1.hvm s3://b/app/current.hvm --replace)
     Push {
-        artifact: PathBuf,
+        artifact: String,
         url: String,
         /// Replace a different artifact already under the key
         #[arg(long)]
@@ -249,7 +250,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
             let target = hyper_remote::Target::open(&url)?;
-            let p = hyper_remote::publish::push(&artifact, target, replace)?;
+            let p = if hyper_remote::is_url(&artifact) {
+                hyper_remote::publish::copy(&artifact, target, replace)?
+            } else {
+                hyper_remote::publish::push(std::path::Path::new(&artifact), target, replace)?
+            };
             if json {
                 println!("{}", serde_json::to_string(&p)?);
             } else {

@@ -442,6 +442,90 @@ pub fn push(file: &Path, target: Target, replace: bool) -> Result<Published, Rem
     })
 }
 
+/// Copies an artifact already in a store to another key of the same store
+/// (server side: nothing is downloaded), with the usual immutability rules.
+/// This is how a pointer such as `current.hvm` moves back to an older build.
+pub fn copy(from: &str, to: Target, replace: bool) -> Result<Published, RemoteError> {
+    let src = match Target::open(from)? {
+        Target::Cloud(c) => c,
+        Target::File { .. } => {
+            return Err(RemoteError::Url {
+                url: from.to_string(),
+                reason: "push a local file by its path, not a file:// URL".into(),
+            })
+        }
+    };
+    let Target::Cloud(dst) = to else {
+        return Err(RemoteError::Url {
+            url: from.to_string(),
+            reason: "copying from object storage to file:// is `hyperboot pull`'s job".into(),
+        });
+    };
+    let scheme_bucket = |u: &str| {
+        let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+        (
+            scheme.to_string(),
+            rest.split('/').next().unwrap_or("").to_string(),
+        )
+    };
+    if scheme_bucket(&src.url) != scheme_bucket(&dst.url) || src.multipart.is_none() {
+        return Err(RemoteError::Url {
+            url: dst.url.clone(),
+            reason: format!(
+                "{} is in another store: copy within one bucket, or pull and push",
+                src.url
+            ),
+        });
+    }
+    let digest = match src.existing()? {
+        Some(Ok(d)) => d,
+        Some(Err(reason)) => {
+            return Err(RemoteError::NotArtifact {
+                url: src.url.clone(),
+                reason,
+            })
+        }
+        None => {
+            return Err(RemoteError::NotFound {
+                url: src.url.clone(),
+            })
+        }
+    };
+    let size = src
+        .rt
+        .block_on(object_store::ObjectStoreExt::head(&*src.store, &src.path))
+        .map_err(|e| src.store_err(e))?
+        .size;
+    let url = dst.url.clone();
+    if let Some(outcome) = may_publish(&url, dst.existing()?, &digest, replace)? {
+        return Ok(Published {
+            url,
+            digest,
+            size,
+            outcome,
+        });
+    }
+    src.rt
+        .block_on(object_store::ObjectStoreExt::copy(
+            &*src.store,
+            &src.path,
+            &dst.path,
+        ))
+        .map_err(|e| dst.store_err(e))?;
+    // The copy is the source's bytes; make sure they are still the artifact named.
+    if dst.existing()? != Some(Ok(digest.clone())) {
+        return Err(RemoteError::Changed {
+            url: src.url.clone(),
+        });
+    }
+    Ok(Published {
+        url,
+        digest,
+        size,
+        outcome: Outcome::Written,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,6 +213,29 @@ fn keys_are_immutable_unless_replaced() {
     let noop = ok_json(&push(other, url, &s3.env(), &[]));
     assert_eq!(noop["outcome"], "already_present");
 
+    // Moving a pointer back is a server-side copy, with the same rules.
+    ok_json(&push(busybox_artifact(), "s3://imm/v1.hvm", &s3.env(), &[]));
+    let refused = with_env(hyperbuild(), &s3.env())
+        .args(["push", "s3://imm/v1.hvm", url])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let moved = ok_json(
+        &with_env(hyperbuild(), &s3.env())
+            .args(["push", "s3://imm/v1.hvm", url, "--replace", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(moved["digest"], digest_of(busybox_artifact()));
+    assert!(s3.get("imm", "app.hvm").unwrap() == std::fs::read(busybox_artifact()).unwrap());
+    s3.bucket("elsewhere");
+    let o = with_env(hyperbuild(), &s3.env())
+        .args(["push", "s3://imm/v1.hvm", "s3://elsewhere/x.hvm"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("another store"), "{}", stderr(&o));
+
     // Something that is not an artifact is never overwritten by accident.
     s3.put("imm", "notes.txt", b"not an artifact");
     let o = push(other, "s3://imm/notes.txt", &s3.env(), &[]);
