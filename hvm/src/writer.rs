@@ -48,7 +48,12 @@ pub trait Sink: Write {
 pub struct FileSink {
     file: tempfile::NamedTempFile,
     dest: PathBuf,
+    /// Small writes (inodes, directory blocks) gathered into large ones.
+    buf: Vec<u8>,
 }
+
+/// How much a [`FileSink`] gathers before it writes.
+const SINK_BUFFER: usize = 1 << 20;
 
 impl FileSink {
     /// A sink whose artifact appears at `dest`.
@@ -69,17 +74,28 @@ impl FileSink {
         Ok(Self {
             file,
             dest: dest.to_owned(),
+            buf: Vec::with_capacity(SINK_BUFFER),
         })
     }
 }
 
 impl Write for FileSink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.as_file_mut().write(buf)
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > SINK_BUFFER {
+            self.flush()?;
+        }
+        if data.len() >= SINK_BUFFER {
+            return self.file.as_file_mut().write(data);
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.as_file_mut().flush()
+        let f = self.file.as_file_mut();
+        f.write_all(&self.buf)?;
+        self.buf.clear();
+        f.flush()
     }
 }
 
@@ -87,6 +103,7 @@ impl Sink for FileSink {
     type Done = PathBuf;
 
     fn finish(mut self, header: &[u8], file_len: u64) -> Result<PathBuf, WriteError> {
+        self.flush()?;
         let f = self.file.as_file_mut();
         f.set_len(file_len)?;
         f.seek(SeekFrom::Start(0))?;

@@ -173,14 +173,25 @@ impl Spool {
         file.read_exact_at(buf, c.offset + at)
     }
 
-    /// Writes `c`'s logical bytes (holes as zeros) to `out`.
+    /// Writes `c`'s logical bytes (holes as zeros) to `out`, reading runs of
+    /// stored blocks up to 1 MiB at a time.
     pub fn copy_to(&self, c: &Content, out: &mut impl Write) -> io::Result<()> {
-        let mut buf = vec![0u8; BLOCK as usize];
+        const RUN: u64 = 256; // blocks per read
+        let mut buf = vec![0u8; (RUN * BLOCK).min(c.len.max(1)) as usize];
         let (mut pos, mut stored) = (0u64, 0u64);
         let mut block = 0;
         while pos < c.len {
-            let n = (c.len - pos).min(BLOCK) as usize;
-            if self.is_hole(c, block) {
+            let hole = self.is_hole(c, block);
+            // The run of blocks of the same kind starting here.
+            let mut blocks = 1;
+            while blocks < RUN
+                && pos + blocks * BLOCK < c.len
+                && self.is_hole(c, block + blocks) == hole
+            {
+                blocks += 1;
+            }
+            let n = (c.len - pos).min(blocks * BLOCK) as usize;
+            if hole {
                 buf[..n].fill(0);
             } else {
                 self.read_stored_at(c, &mut buf[..n], stored)?;
@@ -188,7 +199,7 @@ impl Spool {
             }
             out.write_all(&buf[..n])?;
             pos += n as u64;
-            block += 1;
+            block += blocks;
         }
         Ok(())
     }
