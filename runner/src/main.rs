@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use hyperboot::{boot, spec::Overrides, status, AccelChoice, Backend, BootOptions};
+use hyperboot::{boot, error_chain, spec::Overrides, status, AccelChoice, Backend, BootOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -132,17 +132,6 @@ fn fetch(url: &str, progress: bool) -> Result<hyper_remote::fetch::Fetched, Exit
             Err(ExitCode::from(status::FAILED))
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 fn pull_main() -> ExitCode {

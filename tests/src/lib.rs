@@ -82,6 +82,15 @@ pub fn hyperboot() -> Command {
     c
 }
 
+/// A free TCP port on the loopback address (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// A scratch directory that lives for the whole test binary.
 pub fn scratch() -> &'static Path {
     static D: OnceLock<tempfile::TempDir> = OnceLock::new();

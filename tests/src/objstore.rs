@@ -9,6 +9,8 @@
 //! would take minutes to compile on a 2-core CI machine.
 
 use std::io::{Read, Write};
+
+use crate::free_port;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -31,14 +33,6 @@ pub fn pytools() -> &'static PathBuf {
             })
             .join("hyper/pytools")
     })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// A running moto S3 server; stopped when dropped.

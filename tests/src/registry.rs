@@ -3,20 +3,13 @@
 //! small misbehaving registry of our own for faults no real one produces on
 //! demand (wrong blob bytes, connections cut mid-blob, malformed manifests).
 
+use crate::free_port;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// A running `docker-registry`; stopped when dropped.
 #[derive(Debug)]

@@ -96,14 +96,6 @@ fn nix_kill(pid: u32, sig: i32) -> i32 {
     unsafe { libc::kill(pid as i32, sig) }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One HTTP/1.0 GET: (status line, body).
 fn http_get(port: u16, path: &str) -> std::io::Result<(String, Vec<u8>)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
