@@ -995,3 +995,187 @@ fn a_container_runtime_sees_the_same_process_environment() {
         assert_eq!(r.stdout, want, "hyperboot (left) and crun (right) differ");
     }
 }
+
+/// A static helper for the guest: prints every extended attribute of each
+/// path as `path name=hex`, in the kernel's listing order.
+const GETX_C: &str = r#"
+#include <stdio.h>
+#include <sys/xattr.h>
+int main(int argc, char **argv) {
+    static char names[65536];
+    static unsigned char value[65536];
+    for (int i = 1; i < argc; i++) {
+        ssize_t n = llistxattr(argv[i], names, sizeof names);
+        if (n < 0) { perror(argv[i]); return 1; }
+        for (char *p = names; p < names + n; p += strlen(p) + 1) {
+            ssize_t v = lgetxattr(argv[i], p, value, sizeof value);
+            if (v < 0) { perror(p); return 1; }
+            printf("%s %s=", argv[i], p);
+            for (ssize_t k = 0; k < v; k++) printf("%02x", value[k]);
+            printf("\n");
+        }
+    }
+    return 0;
+}
+"#;
+
+/// The POSIX ACL xattr format: version 2, then (tag, perm, id) entries.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn xattrs_and_acls_read_back_through_the_guest_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("getx.c");
+    fs::write(&src, format!("#include <string.h>\n{GETX_C}")).unwrap();
+    let getx = dir.path().join("getx");
+    let o = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&getx)
+        .arg(&src)
+        .output()
+        .expect("gcc (build-essential)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // user.* (text and binary), trusted.*, an access and a default ACL, a file
+    // capability: each as a PAX SCHILY.xattr record, as docker save writes them.
+    let access = acl(&[
+        (0x01, 6, u32::MAX),
+        (0x02, 4, 1000),
+        (0x04, 4, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ]);
+    let default = acl(&[
+        (0x01, 7, u32::MAX),
+        (0x04, 5, u32::MAX),
+        (0x20, 5, u32::MAX),
+    ]);
+    let mut cap = vec![0u8; 20];
+    cap[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes()); // v2, effective
+    cap[4..8].copy_from_slice(&(1u32 << 10).to_le_bytes()); // CAP_NET_BIND_SERVICE
+    let files: Vec<(&str, Vec<(&str, Vec<u8>)>)> = vec![
+        (
+            "x/plain",
+            vec![
+                ("user.comment", b"hello".to_vec()),
+                ("user.bin", vec![0, 0xff, 7]),
+            ],
+        ),
+        ("x/trusted", vec![("trusted.note", b"root only".to_vec())]),
+        ("x/acl", vec![("system.posix_acl_access", access.clone())]),
+        ("x/cap", vec![("security.capability", cap.clone())]),
+    ];
+    let mut tar = tar::Builder::new(Vec::new());
+    let header = |t: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(t);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    };
+    let bin = fs::read(&getx).unwrap();
+    tar.append_data(
+        &mut header(tar::EntryType::Regular, 0o755, bin.len() as u64),
+        "getx",
+        &bin[..],
+    )
+    .unwrap();
+    tar.append_pax_extensions([("SCHILY.xattr.system.posix_acl_default", &default[..])])
+        .unwrap();
+    tar.append_data(
+        &mut header(tar::EntryType::Directory, 0o755, 0),
+        "x/",
+        std::io::empty(),
+    )
+    .unwrap();
+    for (path, attrs) in &files {
+        let recs: Vec<(String, &[u8])> = attrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), &v[..]))
+            .collect();
+        tar.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), *v)))
+            .unwrap();
+        tar.append_data(
+            &mut header(tar::EntryType::Regular, 0o644, 1),
+            path,
+            &b"x"[..],
+        )
+        .unwrap();
+    }
+    let layer = tar.into_inner().unwrap();
+    let layout = dir.path().join("layout");
+    oci_layout_of(&layout, &layer, r#"{"Cmd":["/getx"]}"#);
+    let artifact = dir.path().join("xattrs.hvm");
+    let o = build(&layout, &artifact);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let r = boot(
+        &artifact,
+        &[
+            "--net",
+            "none",
+            "--",
+            "/getx",
+            "/x",
+            "/x/plain",
+            "/x/trusted",
+            "/x/acl",
+            "/x/cap",
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let mut got: Vec<&str> = r.stdout.lines().collect();
+    got.sort();
+    let hexs = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut want = vec![format!("/x system.posix_acl_default={}", hexs(&default))];
+    for (path, attrs) in &files {
+        for (k, v) in attrs {
+            want.push(format!("/{path} {k}={}", hexs(v)));
+        }
+    }
+    want.sort();
+    assert_eq!(got, want, "what the guest kernel reads back");
+}
+
+/// An OCI layout holding one uncompressed layer and an image config.
+fn oci_layout_of(out: &std::path::Path, layer: &[u8], config: &str) {
+    use sha2::Digest;
+    let blobs = out.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let h = hex::encode(sha2::Sha256::digest(b));
+        fs::write(blobs.join(&h), b).unwrap();
+        h
+    };
+    let l = put(layer);
+    let cfg = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{config},"rootfs":{{"type":"layers","diff_ids":["sha256:{l}"]}}}}"#
+    );
+    let c = put(cfg.as_bytes());
+    let m = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{l}","size":{}}}]}}"#,
+        cfg.len(),
+        layer.len()
+    );
+    let mh = put(m.as_bytes());
+    fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        out.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{mh}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#,
+            m.len()
+        ),
+    )
+    .unwrap();
+}
