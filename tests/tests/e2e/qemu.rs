@@ -1061,7 +1061,8 @@ fn xattrs_and_acls_read_back_through_the_guest_kernel() {
     let mut cap = vec![0u8; 20];
     cap[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes()); // v2, effective
     cap[4..8].copy_from_slice(&(1u32 << 10).to_le_bytes()); // CAP_NET_BIND_SERVICE
-    let files: Vec<(&str, Vec<(&str, Vec<u8>)>)> = vec![
+    type Attrs = Vec<(&'static str, Vec<u8>)>;
+    let files: Vec<(&str, Attrs)> = vec![
         (
             "x/plain",
             vec![
