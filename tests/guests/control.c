@@ -1,5 +1,7 @@
 /* Waits for a request from the host on COM2 (what hyperinit listens to),
- * echoes it on the console and reports exit 0 — or exit 1 if none comes. */
+ * echoes it on the console and reports exit 0 — or exit 1 if none comes.
+ * Like hyperinit, it says `ready` on COM2 first: the host holds requests
+ * until then. */
 #include "guest.h"
 
 #define COM2 0x2f8
@@ -8,6 +10,7 @@ int main(void) {
   char line[64];
   u32 n = 0;
   say("waiting for a request\n");
+  put(COM2, "ready\n");
   for (u32 spins = 0; spins < 2000000000u; spins++) {
     if (!(inb(COM2 + 5) & 1)) continue; /* no data ready */
     char c = (char)inb(COM2);

@@ -59,6 +59,10 @@ pub struct PioBus {
     console: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
     control: Serial<IrqTrigger, vm_superio::serial::NoEvents, StatusSink>,
     status: StatusSink,
+    /// Requests held until hyperinit says `ready` on COM2 (bytes sent before
+    /// it listens would be echoed or lost).
+    held: Vec<Vec<u8>>,
+    ready: bool,
 }
 
 impl std::fmt::Debug for PioBus {
@@ -80,12 +84,20 @@ impl PioBus {
             console: Serial::new(IrqTrigger(console_irq), console_out),
             control: Serial::new(IrqTrigger(control_irq), status.clone()),
             status,
+            held: Vec::new(),
+            ready: false,
         }
     }
 
-    /// Queues a request for hyperinit on COM2 (`signal 15\n`); false when the
-    /// guest's receive FIFO is full.
+    /// Queues a request for hyperinit on COM2 (`signal 15\n`), or holds it
+    /// until hyperinit is ready; false when the guest's receive FIFO is full.
     pub fn send_control(&mut self, line: &[u8]) -> bool {
+        if !self.ready {
+            if self.held.len() < 16 {
+                self.held.push(line.to_vec());
+            }
+            return true;
+        }
         self.control
             .enqueue_raw_bytes(line)
             .is_ok_and(|n| n == line.len())
@@ -101,6 +113,12 @@ impl PioBus {
             }
             p if (COM2..COM2 + 8).contains(&p) => {
                 let _ = self.control.write((p - COM2) as u8, value);
+                if !self.ready && p == COM2 && value == b'\n' && self.says_ready() {
+                    self.ready = true;
+                    for line in std::mem::take(&mut self.held) {
+                        self.send_control(&line);
+                    }
+                }
             }
             EXIT_PORT => return Some(StopRequest::ExitPort(value)),
             I8042_COMMAND if value == I8042_RESET => return Some(StopRequest::Reset),
@@ -120,6 +138,10 @@ impl PioBus {
         if let Some(first) = data.first_mut() {
             *first = value;
         }
+    }
+
+    fn says_ready(&self) -> bool {
+        self.status().split(|b| *b == b'\n').any(|l| l == b"ready")
     }
 
     /// What the guest wrote on the status channel (at most 512 bytes).
@@ -178,6 +200,11 @@ mod tests {
         b.read(COM2 + 5, &mut d[..1]);
         assert_eq!(d[0] & 0x60, 0x60, "COM2 transmitter idle");
         assert!(b.send_control(b"signal 15\n"));
+        b.read(COM2 + 5, &mut d[..1]);
+        assert_eq!(d[0] & 1, 0, "held until hyperinit is ready");
+        for &c in b"ready\n" {
+            b.write(COM2, &[c]);
+        }
         b.read(COM2 + 5, &mut d[..1]);
         assert_eq!(d[0] & 1, 1, "data ready");
         b.read(COM2, &mut d[..1]);
