@@ -16,15 +16,7 @@ mod common;
 use common::TarLayer as Layer;
 
 fn fsck() -> &'static str {
-    let ok = Command::new("fsck.erofs")
-        .arg("-V")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "fsck.erofs is missing: apt-get install erofs-utils (it is this test's oracle)"
-    );
+    common::need("fsck.erofs", "erofs-utils");
     "fsck.erofs"
 }
 

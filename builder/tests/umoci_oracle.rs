@@ -15,24 +15,7 @@ use sha2::{Digest, Sha256};
 use tar::EntryType;
 
 mod common;
-use common::TarLayer as L;
-
-fn need(tool: &str, package: &str) {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-        || Command::new(tool)
-            .arg("-V")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-    assert!(
-        ok,
-        "{tool} is missing: apt-get install {package} (it is this test's oracle)"
-    );
-}
+use common::{need, TarLayer as L};
 
 fn digest(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))

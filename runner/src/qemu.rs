@@ -110,17 +110,12 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     let app_out = open_rw("out.out")?;
     let app_err = open_rw("err.out")?;
     let console = open_rw("console.out")?;
-    let _ = open_rw("console.in")?;
     let app_in = open_rw("in.in")?;
-    let _ = open_rw("in.out")?;
     // Room for bursts, so QEMU rarely has to hold the guest back.
     for f in [&app_out, &app_err] {
         // SAFETY: F_SETPIPE_SZ takes an integer; a failure only leaves the default size.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     }
-    // QEMU opens PATH.in for reading too; hold them so nothing blocks.
-    let _ = open_rw("out.in")?;
-    let _ = open_rw("err.in")?;
     // dup() gives a descriptor without close-on-exec.
     let rootfs_fd = nix::unistd::dup(a.file().as_raw_fd())?;
     let rootfs_fd = owned(rootfs_fd);
@@ -401,11 +396,6 @@ impl Control {
             let _ = (&self.file).write_all(line.as_bytes());
         }
     }
-}
-
-/// Sends a request to hyperinit on the guest's COM2 (directly; see [`Control`]).
-pub fn send_control(p: &Prepared, line: &str) {
-    let _ = (&p.control).write_all(line.as_bytes());
 }
 
 /// Tells the stream threads to finish: a flag, and a pipe whose readability

@@ -81,3 +81,17 @@ impl TarLayer {
         self.0.into_inner().unwrap()
     }
 }
+
+/// Fails the test unless `tool` runs (`--version` or `-V`): it is an oracle.
+pub fn need(tool: &str, package: &str) {
+    let runs = |flag: &str| {
+        std::process::Command::new(tool)
+            .arg(flag)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        runs("--version") || runs("-V"),
+        "{tool} is missing: apt-get install {package} (it is this test's oracle)"
+    );
+}
