@@ -174,6 +174,8 @@ pub struct BuildOptions {
     pub init: PathBuf,
     pub pull: crate::registry::PullOptions,
     pub cache_dir: PathBuf,
+    /// How the rootfs stores file contents.
+    pub compression: crate::spool::Compression,
 }
 
 /// What a build produced.
@@ -242,7 +244,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let kernel_version = elf::kernel_version(&kernel).unwrap_or_else(|| "unknown".into());
 
     let mut tree = Tree::new();
-    let mut spool = Spool::new()?;
+    let mut spool = Spool::with_compression(opts.compression)?;
     for (i, ops) in read_layers(&reference, &layout, &image.layers, &mut spool)?
         .into_iter()
         .enumerate()

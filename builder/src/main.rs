@@ -65,6 +65,10 @@ struct BuildArgs {
     /// Read the registry password from stdin
     #[arg(long, requires = "username")]
     password_stdin: bool,
+    /// How the rootfs stores file contents: lz4hc (smallest), lz4 (fastest
+    /// compressed build) or none; the guest kernel decompresses on read
+    #[arg(long, default_value = "lz4")]
+    compress: hyperbuild::spool::Compression,
 }
 
 #[derive(Subcommand, Debug)]
@@ -296,6 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         output: build::Output::parse(&output, b.replace),
         pull,
         cache_dir: hyperbuild::cache::Cache::default_root(),
+        compression: b.compress,
         kernel: b
             .kernel
             .unwrap_or_else(|| installed("HYPER_KERNEL", "vmlinux")),

@@ -127,8 +127,38 @@ fn snapshot(root: &Path) -> BTreeMap<String, Item> {
     out
 }
 
+/// Text-like bytes, compressible but not trivially.
+fn text(len: usize) -> Vec<u8> {
+    let words = [
+        "layer ",
+        "image ",
+        "artifact ",
+        "kernel ",
+        "erofs\n",
+        "boot ",
+    ];
+    let mut out = Vec::with_capacity(len);
+    let mut i = 7usize;
+    while out.len() < len {
+        i = i.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        out.extend_from_slice(words[(i >> 16) % words.len()].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 #[test]
 fn our_tree_equals_umocis() {
+    equals_umocis(hyperbuild::spool::Compression::None);
+}
+
+/// The same with compressed contents (hyperbuild's default).
+#[test]
+fn our_compressed_tree_equals_umocis() {
+    equals_umocis(hyperbuild::spool::Compression::Lz4);
+}
+
+fn equals_umocis(compression: hyperbuild::spool::Compression) {
     need("umoci", "umoci");
     need("fsck.erofs", "erofs-utils");
     let long = format!("dir/{}", "long-name-".repeat(20));
@@ -151,6 +181,8 @@ fn our_tree_equals_umocis() {
             .file("replace-me-file/inner", 0o644, b"x")
             .file("gone", 0o644, b"bye")
             .file("shared", 0o644, b"shared content across layers")
+            .file("big/text", 0o644, &text(300_000))
+            .file("big/edge", 0o755, &text(128 << 10))
             .link(EntryType::Symlink, "abs-link", "/etc/passwd")
             .link(EntryType::Symlink, "rel-link", "bin/tool")
             .link(EntryType::Symlink, "dangling", "/does/not/exist")
@@ -164,6 +196,7 @@ fn our_tree_equals_umocis() {
             .file("replace-me-dir/child", 0o644, b"now a dir")
             .file("replace-me-file", 0o600, b"now a file")
             .link(EntryType::Link, "hardlink-to-lower", "shared")
+            .link(EntryType::Link, "big/text-link", "big/text")
             .file("bin/tool", 0o4755, b"tool v2")
             .xattr_file("with-xattr", "user.comment", b"hello", b"x")
             .bytes(),
@@ -195,7 +228,7 @@ fn our_tree_equals_umocis() {
 
     // Ours: the flattening and the EROFS writer, read back by fsck.erofs.
     let mut tree = hyperbuild::tree::Tree::new();
-    let mut spool = hyperbuild::spool::Spool::new().unwrap();
+    let mut spool = hyperbuild::spool::Spool::with_compression(compression).unwrap();
     for (i, l) in layers.iter().enumerate() {
         hyperbuild::layer::apply(&mut tree, &mut spool, i, l.as_slice()).unwrap();
     }

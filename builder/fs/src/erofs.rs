@@ -1,5 +1,5 @@
-//! An in-process writer of uncompressed EROFS images (the format the Linux
-//! kernel mounts read-only; `fs/erofs/erofs_fs.h` is the on-disk reference).
+//! An in-process writer of EROFS images (the format the Linux kernel mounts
+//! read-only; `fs/erofs/erofs_fs.h` is the on-disk reference).
 //!
 //! Layout: block 0 holds the superblock at byte 1024 and the metadata area
 //! starts right after it (`meta_blkaddr` = 0): every inode is an extended
@@ -7,6 +7,15 @@
 //! block, the tail of its data (`FLAT_INLINE`). Whole data blocks follow the
 //! metadata area, in inode order. Inodes are numbered breadth-first from the
 //! root in name order, so the output depends only on the tree.
+//!
+//! Files the spool compressed (see [`crate::spool::Compression`]) are
+//! `COMPRESSED_FULL` inodes: after the inode and its xattrs come a map header
+//! and one 8-byte index per 4 KiB of file. Each 128 KiB chunk is one LZ4
+//! extent: a `HEAD1` index with its first block, then `NONHEAD` indexes, the
+//! first carrying the extent's block count (big pclusters); its LZ4 bytes end
+//! its last block, zero-padded in front. A chunk that did not compress is
+//! one `PLAIN` extent per block. The superblock then records LZ4 in its
+//! compression configuration, with zero padding and big pclusters on.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -23,6 +32,20 @@ const DIRENT_LEN: usize = 12;
 const LAYOUT_FLAT_PLAIN: u16 = 0;
 const LAYOUT_FLAT_INLINE: u16 = 2;
 const XATTR_HEADER_LEN: usize = 12;
+const LAYOUT_COMPRESSED_FULL: u16 = 1;
+const FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x1;
+const FEATURE_INCOMPAT_COMPR_CFGS: u32 = 0x2; // also BIG_PCLUSTER
+const ADVISE_BIG_PCLUSTER_1: u16 = 0x2;
+const LCLUSTER_PLAIN: u16 = 0;
+const LCLUSTER_HEAD1: u16 = 1;
+const LCLUSTER_NONHEAD: u16 = 2;
+const D0_CBLKCNT: u16 = 1 << 11;
+/// The LZ4 configuration record after the superblock: its length, then
+/// `max_distance` and `max_pclusterblks` (one chunk at most).
+const LZ4_CFGS: [u8; 16] = {
+    let blocks = (crate::spool::CHUNK / BLOCK) as u8;
+    [14, 0, 0xff, 0xff, blocks, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+};
 
 /// Why an image could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +75,8 @@ struct Inode {
     inline: bool,
     /// A file stored chunk-based (4 KiB chunks, a block map) to keep its holes.
     chunked: bool,
+    /// A file stored as compressed extents (`COMPRESSED_FULL`).
+    packed: bool,
     nid: u64,
     blkaddr: u32,
     nblocks: u64,
@@ -99,7 +124,14 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
 
     // 2. Sizes and where each inode goes in the metadata area.
     let mut inodes = Vec::with_capacity(order.len());
+    let compressed = order.iter().any(|&n| match &tree.nodes[n].kind {
+        Kind::File(c) => c.packed != 0,
+        _ => false,
+    });
     let mut pos = (SB_OFFSET + SB_LEN) as u64;
+    if compressed {
+        pos = (pos + LZ4_CFGS.len() as u64).div_ceil(32) * 32;
+    }
     for (i, &node) in order.iter().enumerate() {
         let n = &tree.nodes[node];
         let xattrs = encode_xattrs(&n.meta.xattrs)?;
@@ -121,6 +153,28 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
             _ => (0, links[i]),
         };
         let ibody = (INODE_LEN + xattrs.len()) as u64;
+        if let Kind::File(c) = &n.kind {
+            if c.packed != 0 {
+                // Inode, xattrs, map header (8-aligned), 8 reserved bytes, indexes.
+                let nid = pos / 32;
+                let index_at = ibody.div_ceil(8) * 8 + 16;
+                pos = (pos + index_at + 8 * size.div_ceil(BLOCK)).div_ceil(32) * 32;
+                let nblocks = spool.chunks(c).iter().map(|k| u64::from(k.blocks)).sum();
+                inodes.push(Inode {
+                    node,
+                    nlink,
+                    xattrs,
+                    size,
+                    inline: false,
+                    chunked: false,
+                    packed: true,
+                    nid,
+                    blkaddr: 0,
+                    nblocks,
+                });
+                continue;
+            }
+        }
         let holes = match &n.kind {
             Kind::File(c) => spool.hole_count(c),
             _ => 0,
@@ -137,6 +191,7 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
                 size,
                 inline: false,
                 chunked: true,
+                packed: false,
                 nid,
                 blkaddr: 0,
                 nblocks,
@@ -163,6 +218,7 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
             size,
             inline,
             chunked: false,
+            packed: false,
             nid,
             blkaddr: 0,
             nblocks,
@@ -197,14 +253,24 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         inodes.len() as u64,
         total_blocks,
         chunked,
+        compressed,
     );
+    if compressed {
+        let at = SB_OFFSET + SB_LEN;
+        meta[at..at + LZ4_CFGS.len()].copy_from_slice(&LZ4_CFGS);
+    }
     for (i, ino) in inodes.iter().enumerate() {
         let off = (ino.nid * 32) as usize;
         let n = &tree.nodes[ino.node];
         let body = &mut meta[off..];
         write_inode(body, ino, n, i as u32 + 1);
         body[INODE_LEN..INODE_LEN + ino.xattrs.len()].copy_from_slice(&ino.xattrs);
-        if ino.chunked {
+        if ino.packed {
+            let Kind::File(c) = &n.kind else {
+                unreachable!("only files are compressed")
+            };
+            write_extent_map(body, ino, spool.chunks(c));
+        } else if ino.chunked {
             let Kind::File(c) = &n.kind else {
                 unreachable!("only files are chunked")
             };
@@ -234,6 +300,10 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
     for ino in inodes.iter().filter(|i| i.nblocks > 0) {
         let want = ino.nblocks * BLOCK;
         let data_len = ino.size.min(want);
+        if let (true, Kind::File(c)) = (ino.packed, &tree.nodes[ino.node].kind) {
+            spool.copy_packed_to(c, out)?;
+            continue;
+        }
         if let (true, Kind::File(c)) = (ino.chunked, &tree.nodes[ino.node].kind) {
             // The stored blocks, in order, each padded to a whole block.
             let mut buf = vec![0u8; BLOCK as usize];
@@ -430,15 +500,66 @@ impl<W: Write> Write for LimitedWriter<'_, W> {
     }
 }
 
-fn write_superblock(sb: &mut [u8], root_nid: u16, inos: u64, blocks: u32, chunked: bool) {
+/// A compressed file's map header and lcluster indexes, after its inode and
+/// xattrs in `body`.
+fn write_extent_map(body: &mut [u8], ino: &Inode, chunks: &[crate::spool::Chunk]) {
+    let header_at = (INODE_LEN + ino.xattrs.len()).div_ceil(8) * 8;
+    body[header_at + 4..header_at + 6].copy_from_slice(&ADVISE_BIG_PCLUSTER_1.to_le_bytes());
+    // h_algorithmtype 0 (LZ4 for both heads), h_clusterbits 0 (4 KiB lclusters).
+    let mut at = header_at + 16;
+    let mut put = |advise: u16, u: [u8; 4]| {
+        body[at..at + 2].copy_from_slice(&advise.to_le_bytes());
+        // di_clusterofs stays 0: every extent starts on an lcluster.
+        body[at + 4..at + 8].copy_from_slice(&u);
+        at += 8;
+    };
+    let per_chunk = crate::spool::CHUNK / BLOCK;
+    let mut blkaddr = ino.blkaddr;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let lclusters = (ino.size - i as u64 * crate::spool::CHUNK)
+            .div_ceil(BLOCK)
+            .min(per_chunk) as u16;
+        if chunk.lz4_len == 0 {
+            for j in 0..u32::from(lclusters) {
+                put(LCLUSTER_PLAIN, (blkaddr + j).to_le_bytes());
+            }
+        } else {
+            put(LCLUSTER_HEAD1, blkaddr.to_le_bytes());
+            for j in 1..lclusters {
+                let d0 = if j == 1 { D0_CBLKCNT | chunk.blocks } else { j };
+                let d1 = lclusters - j;
+                let mut u = [0u8; 4];
+                u[..2].copy_from_slice(&d0.to_le_bytes());
+                u[2..].copy_from_slice(&d1.to_le_bytes());
+                put(LCLUSTER_NONHEAD, u);
+            }
+        }
+        blkaddr += u32::from(chunk.blocks);
+    }
+}
+
+fn write_superblock(
+    sb: &mut [u8],
+    root_nid: u16,
+    inos: u64,
+    blocks: u32,
+    chunked: bool,
+    compressed: bool,
+) {
     sb[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     sb[12] = 12; // blkszbits: 4096-byte blocks
     sb[14..16].copy_from_slice(&root_nid.to_le_bytes());
     sb[16..24].copy_from_slice(&inos.to_le_bytes());
     sb[36..40].copy_from_slice(&blocks.to_le_bytes());
+    let mut incompat = 0;
     if chunked {
-        sb[80..84].copy_from_slice(&FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
+        incompat |= FEATURE_INCOMPAT_CHUNKED_FILE;
     }
+    if compressed {
+        incompat |= FEATURE_INCOMPAT_ZERO_PADDING | FEATURE_INCOMPAT_COMPR_CFGS;
+        sb[84..86].copy_from_slice(&1u16.to_le_bytes()); // available_compr_algs: LZ4
+    }
+    sb[80..84].copy_from_slice(&incompat.to_le_bytes());
     // meta_blkaddr, xattr_blkaddr, uuid: zero.
 }
 
@@ -451,7 +572,9 @@ fn write_inode(b: &mut [u8], ino: &Inode, n: &crate::tree::Node, ino_no: u32) {
         Kind::BlockDev { major, minor } => (0o060000, encode_dev(*major, *minor)),
         Kind::Fifo => (0o010000, 0),
     };
-    let layout = if ino.chunked {
+    let layout = if ino.packed {
+        LAYOUT_COMPRESSED_FULL
+    } else if ino.chunked {
         LAYOUT_CHUNK_BASED
     } else if ino.inline {
         LAYOUT_FLAT_INLINE
@@ -464,8 +587,11 @@ fn write_inode(b: &mut [u8], ino: &Inode, n: &crate::tree::Node, ino_no: u32) {
     } else {
         (1 + (ino.xattrs.len() - XATTR_HEADER_LEN) / 4) as u16
     };
-    // Chunk-based: i_u holds the chunk format (0: 4 KiB chunks, 4-byte block map).
-    let i_u = if ino.chunked {
+    // Chunk-based: i_u holds the chunk format (0: 4 KiB chunks, 4-byte block
+    // map); compressed: the blocks its extents take.
+    let i_u = if ino.packed {
+        ino.nblocks as u32
+    } else if ino.chunked {
         0
     } else if matches!(n.kind, Kind::CharDev { .. } | Kind::BlockDev { .. }) {
         rdev

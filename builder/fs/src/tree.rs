@@ -44,6 +44,8 @@ pub struct Content {
     pub len: u64,
     /// 1-based index of its hole map in the spool; 0 when it has no holes.
     pub holes: u32,
+    /// 1-based index of its compressed chunk table in the spool; 0 when plain.
+    pub packed: u32,
 }
 
 /// A directory entry: the node it names and the layer that wrote it.
