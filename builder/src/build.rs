@@ -9,6 +9,7 @@ use hvm::{ArtifactWriter, SectionKind, FLAG_REQUIRED};
 use sha2::{Digest, Sha256};
 
 use crate::oci::{self, Compression};
+use crate::layer_cache::LayerCache;
 use crate::spool::Spool;
 use crate::tree::Tree;
 use crate::{elf, erofs, layer};
@@ -176,6 +177,8 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     /// How the rootfs stores file contents.
     pub compression: crate::spool::Compression,
+    /// Load layers read by earlier builds from the cache, and keep the ones read.
+    pub reuse_layers: bool,
 }
 
 /// What a build produced.
@@ -190,6 +193,9 @@ pub struct BuildReport {
     pub outcome: Option<hyper_remote::publish::Outcome>,
     pub image_digest: String,
     pub rootfs_size: u64,
+    /// Layers loaded from the layer cache instead of read again.
+    pub layers_reused: usize,
+    pub layers: usize,
 }
 
 /// Builds the artifact. On any error nothing is left at `opts.output`.
@@ -245,10 +251,14 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
 
     let mut tree = Tree::new();
     let mut spool = Spool::with_compression(opts.compression)?;
-    for (i, ops) in read_layers(&reference, &layout, &image.layers, &mut spool)?
-        .into_iter()
-        .enumerate()
-    {
+    let cache = if opts.reuse_layers {
+        LayerCache::open(&opts.cache_dir, opts.compression)
+    } else {
+        None
+    };
+    let read = read_layers(&reference, &layout, &image.layers, &mut spool, cache.as_ref())?;
+    let (layers_reused, check) = (read.reused, read.check);
+    for (i, ops) in read.ops.into_iter().enumerate() {
         let digest = image.layers[i].digest.clone();
         layer::apply_ops(&mut tree, i, ops).map_err(|source| InputError::Layer {
             reference: reference.clone(),
@@ -266,6 +276,15 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         )
         .to_canonical_json()
     };
+    let mut check = Some(check);
+    let gate = move || -> anyhow::Result<()> {
+        check
+            .take()
+            .expect("checked once")
+            .join()
+            .map_err(|_| anyhow::anyhow!("the layer check panicked"))??;
+        Ok(())
+    };
     let parts = Parts {
         kernel: &kernel,
         initrd: &initrd(&init),
@@ -276,11 +295,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let (digest, size, rootfs_size, outcome) = match (&opts.output, target) {
         (Output::Url { replace, .. }, Some(target)) => {
             let sink = hyper_remote::publish::PublishSink::create(target, *replace)?;
-            let (d, s, r, o) = write_artifact(ArtifactWriter::with_sink(sink), parts, manifest)?;
+            let (d, s, r, o) =
+                write_artifact(ArtifactWriter::with_sink(sink), parts, manifest, gate)?;
             (d, s, r, Some(o))
         }
         (Output::Path(p), _) => {
-            let (d, s, r, _) = write_artifact(ArtifactWriter::create(p)?, parts, manifest)?;
+            let (d, s, r, _) = write_artifact(ArtifactWriter::create(p)?, parts, manifest, gate)?;
             (d, s, r, None)
         }
         (Output::Url { .. }, None) => unreachable!("URL targets are opened above"),
@@ -292,6 +312,8 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         outcome,
         image_digest: image.manifest_digest,
         rootfs_size,
+        layers_reused,
+        layers: image.layers.len(),
     })
 }
 
@@ -311,6 +333,7 @@ fn write_artifact<S: hvm::Sink>(
     mut w: ArtifactWriter<S>,
     p: Parts<'_>,
     manifest: impl FnOnce(u64) -> Vec<u8>,
+    gate: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<([u8; 32], u64, u64, S::Done)> {
     w.section_bytes(SectionKind::Kernel, FLAG_REQUIRED, p.kernel)?;
     w.section_bytes(SectionKind::Initrd, FLAG_REQUIRED, p.initrd)?;
@@ -324,6 +347,7 @@ fn write_artifact<S: hvm::Sink>(
         source,
     })?;
     w.section_bytes(SectionKind::Manifest, FLAG_REQUIRED, &manifest(rootfs_size))?;
+    gate()?;
     let size = w.file_len();
     let (digest, done) = w.finish_sink()?;
     Ok((digest, size, rootfs_size, done))
@@ -341,59 +365,111 @@ fn read_checked(
 }
 
 /// Reads every layer (verify, decompress, parse, spool contents) on as many
-/// threads as there are CPUs; returns each layer's ops in layer order. The
-/// first failing layer, in layer order, is the error reported.
+/// threads as there are CPUs; returns each layer's ops in layer order. Layers
+/// found in `cache` are loaded from it instead, and layers read are kept
+/// there. The first failing layer, in layer order, is the error reported.
 fn read_layers(
     reference: &str,
     layout: &Path,
     layers: &[oci::Layer],
     spool: &mut Spool,
-) -> anyhow::Result<Vec<Vec<layer::OpAt>>> {
+    cache: Option<&LayerCache>,
+) -> anyhow::Result<Layers> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    let writers: Vec<Mutex<Option<crate::spool::SpoolWriter>>> = layers
+    type Job = (crate::spool::SpoolWriter, Option<crate::layer_cache::Pending>);
+    let mut cached: Vec<Option<Vec<layer::OpAt>>> = layers
         .iter()
-        .map(|_| spool.writer().map(|w| Mutex::new(Some(w))))
-        .collect::<Result<_, _>>()?;
+        .map(|l| cache.and_then(|c| c.load(l, spool)))
+        .collect();
+    let mut jobs: Vec<Mutex<Option<Job>>> = Vec::with_capacity(layers.len());
+    for hit in &cached {
+        if hit.is_some() {
+            jobs.push(Mutex::new(None));
+            continue;
+        }
+        let job = match cache.and_then(LayerCache::begin) {
+            Some((pending, file)) => (spool.writer_on(file)?, Some(pending)),
+            None => (spool.writer()?, None),
+        };
+        jobs.push(Mutex::new(Some(job)));
+    }
     type Slot = Mutex<Option<Result<Vec<layer::OpAt>, InputError>>>;
     let results: Vec<Slot> = layers.iter().map(|_| Mutex::new(None)).collect();
+    let todo: Vec<usize> = (0..layers.len()).filter(|&i| cached[i].is_none()).collect();
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(layers.len())
+        .min(todo.len())
         .max(1);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= layers.len() {
+                let Some(&i) = todo.get(next.fetch_add(1, Ordering::SeqCst)) else {
                     break;
-                }
-                let mut w = writers[i]
+                };
+                let (mut w, pending) = jobs[i]
                     .lock()
                     .expect("not poisoned")
                     .take()
                     .expect("one reader per layer");
                 let r = read_layer(reference, layout, &layers[i], &mut w);
-                *writers[i].lock().expect("not poisoned") = Some(w);
+                if let (Ok(ops), Some(c), Some(p)) = (&r, cache, pending) {
+                    c.keep(p, &layers[i], &w, ops);
+                }
+                *jobs[i].lock().expect("not poisoned") = Some((w, None));
                 *results[i].lock().expect("not poisoned") = Some(r);
             });
         }
     });
-    for w in writers {
-        if let Some(w) = w.into_inner().expect("not poisoned") {
+    for job in jobs {
+        if let Some((w, _)) = job.into_inner().expect("not poisoned") {
             spool.adopt(w);
         }
     }
-    let ops = results
-        .into_iter()
-        .map(|r| {
-            r.into_inner()
-                .expect("not poisoned")
-                .expect("every layer read")
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(ops)
+    let reused = cached.iter().filter(|c| c.is_some()).count();
+    // Cached layers whose blob in a local layout was not checked yet: bad input
+    // is refused whether or not it was seen before. Checked while the image is
+    // written; the artifact is sealed only if they hold.
+    let unchecked: Vec<oci::Layer> = (0..layers.len())
+        .filter(|&i| cached[i].is_some() && !layers[i].verified)
+        .map(|i| layers[i].clone())
+        .collect();
+    let (reference_owned, layout_owned) = (reference.to_string(), layout.to_owned());
+    let check = std::thread::spawn(move || {
+        for l in unchecked {
+            oci::verify_blob(&layout_owned, &l.path, &l.digest).map_err(|source| {
+                InputError::Image {
+                    reference: reference_owned.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    });
+    let mut out = Vec::with_capacity(layers.len());
+    for (i, r) in results.into_iter().enumerate() {
+        let read = r.into_inner().expect("not poisoned");
+        match (cached[i].take(), read) {
+            (_, Some(Err(e))) => return Err(e.into()),
+            (Some(ops), _) => out.push(ops),
+            (None, Some(Ok(ops))) => out.push(ops),
+            (None, None) => unreachable!("every layer not cached is read"),
+        }
+    }
+    Ok(Layers {
+        ops: out,
+        reused,
+        check,
+    })
+}
+
+/// What [`read_layers`] gives: each layer's ops, how many came from the
+/// cache, and the check of cached layers' blobs still running.
+struct Layers {
+    ops: Vec<Vec<layer::OpAt>>,
+    reused: usize,
+    check: std::thread::JoinHandle<Result<(), InputError>>,
 }
 
 fn read_layer(

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod docker_archive;
 pub mod elf;
 pub mod inspect;
+pub mod layer_cache;
 pub mod oci;
 pub mod registry;
 pub use hyperfs::{erofs, layer, spool, tree};

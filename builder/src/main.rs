@@ -69,6 +69,10 @@ struct BuildArgs {
     /// compressed build) or none; the guest kernel decompresses on read
     #[arg(long, default_value = "lz4")]
     compress: hyperbuild::spool::Compression,
+    /// Read every layer afresh, and keep none for later builds (by default a
+    /// layer read once is reused, so a rebuild reads only changed layers)
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,7 +107,7 @@ enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove blobs no cached reference needs (--all: everything)
+    /// Remove blobs and read layers no cached reference needs (--all: everything)
     Prune {
         #[arg(long)]
         all: bool,
@@ -227,7 +231,8 @@ fn cache_command(cmd: CacheCommand) -> anyhow::Result<()> {
                 }
             }
             let (n, bytes) = cache.prune(&keep)?;
-            eprintln!("removed {n} blobs, {bytes} bytes");
+            let (ln, lbytes) = hyperbuild::layer_cache::LayerCache::prune(cache.root(), &keep);
+            eprintln!("removed {n} blobs, {bytes} bytes; {ln} read layers, {lbytes} bytes");
         }
     }
     Ok(())
@@ -301,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         pull,
         cache_dir: hyperbuild::cache::Cache::default_root(),
         compression: b.compress,
+        reuse_layers: !b.no_cache,
         kernel: b
             .kernel
             .unwrap_or_else(|| installed("HYPER_KERNEL", "vmlinux")),
@@ -332,8 +338,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 eprintln!(
-                    "hyperbuild: wrote {} ({} bytes, rootfs {} bytes)",
-                    report.output, report.size, report.rootfs_size
+                    "hyperbuild: wrote {} ({} bytes, rootfs {} bytes; {} of {} layers reused)",
+                    report.output,
+                    report.size,
+                    report.rootfs_size,
+                    report.layers_reused,
+                    report.layers
                 );
             }
         }

@@ -135,11 +135,12 @@ pub struct ArtifactWriter<S: Sink = FileSink> {
     sections: Vec<Section>,
 }
 
-/// A section being written: counts and hashes what goes through it.
+/// A section being written: counts what goes through it, and hashes it on
+/// a second thread, so hashing overlaps with producing and writing the bytes.
 #[derive(Debug)]
 pub struct SectionWriter<'a, W: Write> {
     out: &'a mut W,
-    hasher: Sha256,
+    hasher: PipelinedHasher,
     length: u64,
 }
 
@@ -153,6 +154,74 @@ impl<W: Write> Write for SectionWriter<'_, W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// SHA-256 on a helper thread: bytes are gathered into 1 MiB buffers that
+/// go to the thread and come back to be reused.
+#[derive(Debug)]
+struct PipelinedHasher {
+    cur: Vec<u8>,
+    to: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    back: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<[u8; 32]>>,
+}
+
+impl PipelinedHasher {
+    const BUF: usize = 1 << 20;
+
+    fn new() -> Self {
+        let (to, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (back_tx, back) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut h = Sha256::new();
+            for buf in rx {
+                h.update(&buf);
+                let _ = back_tx.send(buf);
+            }
+            h.finalize().into()
+        });
+        Self {
+            cur: Vec::with_capacity(Self::BUF),
+            to: Some(to),
+            back,
+            thread: Some(thread),
+        }
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = (Self::BUF - self.cur.len()).min(data.len());
+            self.cur.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.cur.len() == Self::BUF {
+                self.send();
+            }
+        }
+    }
+
+    fn send(&mut self) {
+        let mut next = self
+            .back
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(Self::BUF));
+        next.clear();
+        let full = std::mem::replace(&mut self.cur, next);
+        if let Some(to) = &self.to {
+            to.send(full).expect("the hashing thread runs until its channel closes");
+        }
+    }
+
+    fn finalize(mut self) -> [u8; 32] {
+        if !self.cur.is_empty() {
+            self.send();
+        }
+        self.to = None;
+        self.thread
+            .take()
+            .expect("finalized once")
+            .join()
+            .expect("the hashing thread does not panic")
     }
 }
 
@@ -197,7 +266,7 @@ impl<S: Sink> ArtifactWriter<S> {
         self.pad_to(offset)?;
         let mut w = SectionWriter {
             out: &mut self.sink,
-            hasher: Sha256::new(),
+            hasher: PipelinedHasher::new(),
             length: 0,
         };
         if let Err(e) = fill(&mut w) {

@@ -7,5 +7,6 @@
 
 pub mod erofs;
 pub mod layer;
+pub mod record;
 pub mod spool;
 pub mod tree;

@@ -102,6 +102,31 @@ fn is_hole(map: &[u64], block: u64) -> bool {
 }
 
 impl SpoolWriter {
+    /// The spool file number its contents name.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its hole maps, as contents index them.
+    pub fn holes(&self) -> &[Vec<u64>] {
+        &self.holes
+    }
+
+    /// Its compressed chunk tables, as contents index them.
+    pub fn packs(&self) -> &[Vec<Chunk>] {
+        &self.packs
+    }
+
     /// Copies all of `r` to the end of this spool file: compressed when the
     /// spool compresses, else leaving out whole blocks of zeros.
     pub fn append(&mut self, r: &mut impl Read) -> io::Result<Content> {
@@ -354,7 +379,12 @@ impl Spool {
 
     /// A new spool file for one more writer; give it back with [`adopt`](Self::adopt).
     pub fn writer(&mut self) -> io::Result<SpoolWriter> {
-        let file = tempfile::tempfile()?;
+        self.writer_on(tempfile::tempfile()?)
+    }
+
+    /// A writer appending to `file` (empty, open for reading and writing),
+    /// for a spool file to be kept after the build.
+    pub fn writer_on(&mut self, file: File) -> io::Result<SpoolWriter> {
         self.files.push(file.try_clone()?);
         self.holes.push(Vec::new());
         self.packs.push(Vec::new());
@@ -372,6 +402,20 @@ impl Spool {
     pub fn adopt(&mut self, w: SpoolWriter) {
         self.holes[w.id as usize] = w.holes;
         self.packs[w.id as usize] = w.packs;
+    }
+
+    /// The number the next spool file added will have.
+    pub fn next_id(&self) -> u32 {
+        self.files.len() as u32
+    }
+
+    /// Adds a finished spool file kept from an earlier build, with its tables;
+    /// returns the number its contents must name.
+    pub fn add_stored(&mut self, file: File, holes: Vec<Vec<u64>>, packs: Vec<Vec<Chunk>>) -> u32 {
+        self.files.push(file);
+        self.holes.push(holes);
+        self.packs.push(packs);
+        (self.files.len() - 1) as u32
     }
 
     /// A compressed content's chunks, in file order; empty for plain content.
