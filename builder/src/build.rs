@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use hvm::{ArtifactWriter, SectionKind, FLAG_REQUIRED};
 use sha2::{Digest, Sha256};
 
-use crate::oci::{self, Compression};
 use crate::layer_cache::LayerCache;
+use crate::oci::{self, Compression};
 use crate::spool::Spool;
 use crate::tree::Tree;
 use crate::{elf, erofs, layer};
@@ -256,7 +256,13 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     } else {
         None
     };
-    let read = read_layers(&reference, &layout, &image.layers, &mut spool, cache.as_ref())?;
+    let read = read_layers(
+        &reference,
+        &layout,
+        &image.layers,
+        &mut spool,
+        cache.as_ref(),
+    )?;
     let (layers_reused, check) = (read.reused, read.check);
     for (i, ops) in read.ops.into_iter().enumerate() {
         let digest = image.layers[i].digest.clone();
@@ -377,7 +383,10 @@ fn read_layers(
 ) -> anyhow::Result<Layers> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    type Job = (crate::spool::SpoolWriter, Option<crate::layer_cache::Pending>);
+    type Job = (
+        crate::spool::SpoolWriter,
+        Option<crate::layer_cache::Pending>,
+    );
     let mut cached: Vec<Option<Vec<layer::OpAt>>> = layers
         .iter()
         .map(|l| cache.and_then(|c| c.load(l, spool)))

@@ -208,7 +208,8 @@ impl PipelinedHasher {
         next.clear();
         let full = std::mem::replace(&mut self.cur, next);
         if let Some(to) = &self.to {
-            to.send(full).expect("the hashing thread runs until its channel closes");
+            to.send(full)
+                .expect("the hashing thread runs until its channel closes");
         }
     }
 

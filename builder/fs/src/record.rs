@@ -169,7 +169,8 @@ pub fn decode(bytes: &[u8], file: u32, spool_len: u64) -> Result<Record, RecordE
                 lz4_len: r.u32()?,
             };
             let end = c.at.checked_add(u64::from(c.blocks) * BLOCK);
-            if end.is_none_or(|e| e > spool_len) || u64::from(c.lz4_len) > u64::from(c.blocks) * BLOCK
+            if end.is_none_or(|e| e > spool_len)
+                || u64::from(c.lz4_len) > u64::from(c.blocks) * BLOCK
             {
                 return Err(RecordError("a chunk lies outside its spool file"));
             }
@@ -249,7 +250,11 @@ fn put_kind(w: &mut Vec<u8>, k: &Kind) -> Result<(), RecordError> {
             put_bytes(w, t);
         }
         Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => {
-            w.push(if matches!(k, Kind::CharDev { .. }) { 2 } else { 3 });
+            w.push(if matches!(k, Kind::CharDev { .. }) {
+                2
+            } else {
+                3
+            });
             w.extend_from_slice(&major.to_le_bytes());
             w.extend_from_slice(&minor.to_le_bytes());
         }
@@ -276,13 +281,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, RecordError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, RecordError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, RecordError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     /// A count of items at least `min_len` bytes each, checked against what is left.
     fn count(&mut self, min_len: usize) -> Result<usize, RecordError> {
@@ -376,7 +387,10 @@ mod tests {
         let (holes, packs, len) = (w.holes().to_vec(), w.packs().to_vec(), w.len());
         let bytes = encode(&ops, &holes, &packs, len).unwrap();
         let back = decode(&bytes, 7, len).unwrap();
-        assert_eq!(format!("{:?}", back.ops).replace("file: 7", "file: 1"), format!("{ops:?}"));
+        assert_eq!(
+            format!("{:?}", back.ops).replace("file: 7", "file: 1"),
+            format!("{ops:?}")
+        );
         assert_eq!((back.holes, back.packs), (holes, packs));
         // Every truncation and a wrong spool length are refused, never a panic.
         for cut in 0..bytes.len() {

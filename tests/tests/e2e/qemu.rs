@@ -420,6 +420,96 @@ fn read_only_root_and_tmpfs_mounts() {
     assert!(r.stderr.contains("--tmpfs relative/path"), "{}", r.stderr);
 }
 
+/// A rebuild loads unchanged layers from the layer cache and gives the very
+/// artifact a build without the cache gives; a damaged cache entry is
+/// ignored and replaced; `cache prune --all` empties it.
+#[test]
+fn rebuilds_reuse_unchanged_layers_and_give_the_same_artifact() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = |layout: &std::path::Path, extra: &[&str]| -> serde_json::Value {
+        let o = hyperbuild()
+            .env("HYPER_BLOB_CACHE", cache.path())
+            .arg(format!("oci:{}", layout.display()))
+            .arg("-o")
+            .arg(scratch().join("reuse.hvm"))
+            .arg("--kernel")
+            .arg(kernel())
+            .arg("--init")
+            .arg(init())
+            .arg("--json")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let reused = |v: &serde_json::Value| (v["layers_reused"].as_u64(), v["layers"].as_u64());
+    let a = scratch().join("reuse-a");
+    make_image(&a, "latest", "");
+    let cold = run(&a, &[]);
+    assert_eq!(reused(&cold), (Some(0), Some(3)));
+    let warm = run(&a, &[]);
+    assert_eq!(reused(&warm), (Some(3), Some(3)));
+    assert_eq!(warm["digest"], cold["digest"]);
+    let fresh = run(&a, &["--no-cache"]);
+    assert_eq!(
+        (reused(&fresh), &fresh["digest"]),
+        ((Some(0), Some(3)), &cold["digest"])
+    );
+
+    // A new top layer: only it is read; the artifact equals an uncached build's.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    let data = b"version 2\n";
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "srv/VERSION", &data[..]).unwrap();
+    let top = layout_with_layer("reuse-b", &b.into_inner().unwrap());
+    let next = run(&top, &[]);
+    assert_eq!(reused(&next), (Some(3), Some(4)));
+    assert_eq!(next["digest"], run(&top, &["--no-cache"])["digest"]);
+    let r = boot(&scratch().join("reuse.hvm"), &["--", "cat", "/srv/VERSION"]);
+    assert_run(&r, 0, "version 2\n");
+
+    // Damage every cached record: ignored, read again, replaced.
+    let entries: Vec<_> = fs::read_dir(cache.path().join("layers/lz4"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 4, "{entries:?}");
+    for e in &entries {
+        let rec = fs::read(e.join("record")).unwrap();
+        fs::write(e.join("record"), &rec[..rec.len() / 2]).unwrap();
+    }
+    let damaged = run(&top, &[]);
+    assert_eq!(
+        (reused(&damaged), &damaged["digest"]),
+        ((Some(0), Some(4)), &next["digest"])
+    );
+    assert_eq!(reused(&run(&top, &[])), (Some(4), Some(4)));
+
+    let o = hyperbuild()
+        .env("HYPER_BLOB_CACHE", cache.path())
+        .args(["cache", "prune", "--all"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("4 read layers"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        fs::read_dir(cache.path().join("layers/lz4"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
 /// The busybox layout plus one more (uncompressed) layer.
 fn layout_with_layer(name: &str, layer: &[u8]) -> std::path::PathBuf {
     use sha2::{Digest, Sha256};
