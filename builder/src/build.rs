@@ -413,21 +413,20 @@ fn read_layers(
         .max(1);
     std::thread::scope(|s| {
         for _ in 0..threads {
-            s.spawn(|| loop {
-                let Some(&i) = todo.get(next.fetch_add(1, Ordering::SeqCst)) else {
-                    break;
-                };
-                let (mut w, pending) = jobs[i]
-                    .lock()
-                    .expect("not poisoned")
-                    .take()
-                    .expect("one reader per layer");
-                let r = read_layer(reference, layout, &layers[i], &mut w);
-                if let (Ok(ops), Some(c), Some(p)) = (&r, cache, pending) {
-                    c.keep(p, &layers[i], &w, ops);
+            s.spawn(|| {
+                while let Some(&i) = todo.get(next.fetch_add(1, Ordering::SeqCst)) {
+                    let (mut w, pending) = jobs[i]
+                        .lock()
+                        .expect("not poisoned")
+                        .take()
+                        .expect("one reader per layer");
+                    let r = read_layer(reference, layout, &layers[i], &mut w);
+                    if let (Ok(ops), Some(c), Some(p)) = (&r, cache, pending) {
+                        c.keep(p, &layers[i], &w, ops);
+                    }
+                    *jobs[i].lock().expect("not poisoned") = Some((w, None));
+                    *results[i].lock().expect("not poisoned") = Some(r);
                 }
-                *jobs[i].lock().expect("not poisoned") = Some((w, None));
-                *results[i].lock().expect("not poisoned") = Some(r);
             });
         }
     });

@@ -33,12 +33,7 @@ impl LayerCache {
     /// The cache for one compression under `root` (the blob cache's root), or
     /// `None` when it cannot be created.
     pub fn open(root: &Path, c: Compression) -> Option<Self> {
-        let name = match c {
-            Compression::None => "none",
-            Compression::Lz4 => "lz4",
-            Compression::Lz4hc => "lz4hc",
-        };
-        let dir = root.join("layers").join(name);
+        let dir = root.join("layers").join(c.name());
         fs::create_dir_all(&dir).ok()?;
         Some(Self { dir })
     }

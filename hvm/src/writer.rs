@@ -274,7 +274,7 @@ impl<S: Sink> ArtifactWriter<S> {
             return Ok(Err(e));
         }
         let length = w.length;
-        let sha256: [u8; 32] = w.hasher.finalize().into();
+        let sha256 = w.hasher.finalize();
         self.pos = offset + length;
         self.sections.push(Section {
             kind,

@@ -10,12 +10,13 @@
 //!
 //! Files the spool compressed (see [`crate::spool::Compression`]) are
 //! `COMPRESSED_FULL` inodes: after the inode and its xattrs come a map header
-//! and one 8-byte index per 4 KiB of file. Each 128 KiB chunk is one LZ4
-//! extent: a `HEAD1` index with its first block, then `NONHEAD` indexes, the
-//! first carrying the extent's block count (big pclusters); its LZ4 bytes end
-//! its last block, zero-padded in front. A chunk that did not compress is
-//! one `PLAIN` extent per block. The superblock then records LZ4 in its
-//! compression configuration, with zero padding and big pclusters on.
+//! and one 8-byte index per 4 KiB of file. Each 128 KiB chunk is one
+//! compressed extent (LZ4 or Zstandard): a `HEAD1` index with its first
+//! block, then `NONHEAD` indexes, the first carrying the extent's block count
+//! (big pclusters); its compressed bytes end its last block, zero-padded in
+//! front. A chunk that did not compress is one `PLAIN` extent per block. The
+//! superblock then records the algorithm in its compression configuration,
+//! with zero padding and big pclusters on.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -40,12 +41,23 @@ const LCLUSTER_PLAIN: u16 = 0;
 const LCLUSTER_HEAD1: u16 = 1;
 const LCLUSTER_NONHEAD: u16 = 2;
 const D0_CBLKCNT: u16 = 1 << 11;
-/// The LZ4 configuration record after the superblock: its length, then
-/// `max_distance` and `max_pclusterblks` (one chunk at most).
-const LZ4_CFGS: [u8; 16] = {
-    let blocks = (crate::spool::CHUNK / BLOCK) as u8;
-    [14, 0, 0xff, 0xff, blocks, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-};
+/// The compression configuration record after the superblock (its length,
+/// then the algorithm's settings), padded to a multiple of 4.
+fn compr_cfgs(algorithm: u8) -> Vec<u8> {
+    let chunk = crate::spool::CHUNK;
+    match algorithm {
+        // LZ4: max_distance, max_pclusterblks (one chunk at most), reserved.
+        0 => {
+            let blocks = (chunk / BLOCK) as u8;
+            vec![14, 0, 0xff, 0xff, blocks, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        }
+        // Zstandard: format 0, window log (less 10) covering one chunk, reserved.
+        _ => {
+            let window_log = (chunk.trailing_zeros() - 10) as u8;
+            vec![6, 0, 0, window_log, 0, 0, 0, 0]
+        }
+    }
+}
 
 /// Why an image could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -128,9 +140,11 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         Kind::File(c) => c.packed != 0,
         _ => false,
     });
+    let algorithm = spool.compression().erofs_algorithm().unwrap_or(0);
+    let cfgs = compr_cfgs(algorithm);
     let mut pos = (SB_OFFSET + SB_LEN) as u64;
     if compressed {
-        pos = (pos + LZ4_CFGS.len() as u64).div_ceil(32) * 32;
+        pos = (pos + cfgs.len() as u64).div_ceil(32) * 32;
     }
     for (i, &node) in order.iter().enumerate() {
         let n = &tree.nodes[node];
@@ -253,11 +267,11 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
         inodes.len() as u64,
         total_blocks,
         chunked,
-        compressed,
+        compressed.then_some(algorithm),
     );
     if compressed {
         let at = SB_OFFSET + SB_LEN;
-        meta[at..at + LZ4_CFGS.len()].copy_from_slice(&LZ4_CFGS);
+        meta[at..at + cfgs.len()].copy_from_slice(&cfgs);
     }
     for (i, ino) in inodes.iter().enumerate() {
         let off = (ino.nid * 32) as usize;
@@ -269,7 +283,7 @@ pub fn write(tree: &Tree, spool: &Spool, out: &mut impl Write) -> Result<u64, Er
             let Kind::File(c) = &n.kind else {
                 unreachable!("only files are compressed")
             };
-            write_extent_map(body, ino, spool.chunks(c));
+            write_extent_map(body, ino, spool.chunks(c), algorithm);
         } else if ino.chunked {
             let Kind::File(c) = &n.kind else {
                 unreachable!("only files are chunked")
@@ -502,10 +516,11 @@ impl<W: Write> Write for LimitedWriter<'_, W> {
 
 /// A compressed file's map header and lcluster indexes, after its inode and
 /// xattrs in `body`.
-fn write_extent_map(body: &mut [u8], ino: &Inode, chunks: &[crate::spool::Chunk]) {
+fn write_extent_map(body: &mut [u8], ino: &Inode, chunks: &[crate::spool::Chunk], algorithm: u8) {
     let header_at = (INODE_LEN + ino.xattrs.len()).div_ceil(8) * 8;
     body[header_at + 4..header_at + 6].copy_from_slice(&ADVISE_BIG_PCLUSTER_1.to_le_bytes());
-    // h_algorithmtype 0 (LZ4 for both heads), h_clusterbits 0 (4 KiB lclusters).
+    // h_algorithmtype: HEAD1's algorithm; h_clusterbits 0 (4 KiB lclusters).
+    body[header_at + 6] = algorithm;
     let mut at = header_at + 16;
     let mut put = |advise: u16, u: [u8; 4]| {
         body[at..at + 2].copy_from_slice(&advise.to_le_bytes());
@@ -519,7 +534,7 @@ fn write_extent_map(body: &mut [u8], ino: &Inode, chunks: &[crate::spool::Chunk]
         let lclusters = (ino.size - i as u64 * crate::spool::CHUNK)
             .div_ceil(BLOCK)
             .min(per_chunk) as u16;
-        if chunk.lz4_len == 0 {
+        if chunk.packed_len == 0 {
             for j in 0..u32::from(lclusters) {
                 put(LCLUSTER_PLAIN, (blkaddr + j).to_le_bytes());
             }
@@ -544,7 +559,7 @@ fn write_superblock(
     inos: u64,
     blocks: u32,
     chunked: bool,
-    compressed: bool,
+    algorithm: Option<u8>,
 ) {
     sb[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     sb[12] = 12; // blkszbits: 4096-byte blocks
@@ -555,9 +570,9 @@ fn write_superblock(
     if chunked {
         incompat |= FEATURE_INCOMPAT_CHUNKED_FILE;
     }
-    if compressed {
+    if let Some(a) = algorithm {
         incompat |= FEATURE_INCOMPAT_ZERO_PADDING | FEATURE_INCOMPAT_COMPR_CFGS;
-        sb[84..86].copy_from_slice(&1u16.to_le_bytes()); // available_compr_algs: LZ4
+        sb[84..86].copy_from_slice(&(1u16 << a).to_le_bytes()); // available_compr_algs
     }
     sb[80..84].copy_from_slice(&incompat.to_le_bytes());
     // meta_blkaddr, xattr_blkaddr, uuid: zero.

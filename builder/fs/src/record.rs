@@ -103,7 +103,7 @@ pub fn encode(
         for c in table {
             w.extend_from_slice(&c.at.to_le_bytes());
             w.extend_from_slice(&c.blocks.to_le_bytes());
-            w.extend_from_slice(&c.lz4_len.to_le_bytes());
+            w.extend_from_slice(&c.packed_len.to_le_bytes());
         }
     }
     Ok(w)
@@ -166,11 +166,11 @@ pub fn decode(bytes: &[u8], file: u32, spool_len: u64) -> Result<Record, RecordE
             let c = Chunk {
                 at: r.u64()?,
                 blocks: r.u16()?,
-                lz4_len: r.u32()?,
+                packed_len: r.u32()?,
             };
             let end = c.at.checked_add(u64::from(c.blocks) * BLOCK);
             if end.is_none_or(|e| e > spool_len)
-                || u64::from(c.lz4_len) > u64::from(c.blocks) * BLOCK
+                || u64::from(c.packed_len) > u64::from(c.blocks) * BLOCK
             {
                 return Err(RecordError("a chunk lies outside its spool file"));
             }

@@ -40,15 +40,65 @@ pub enum Compression {
     Lz4,
     /// LZ4 high compression (level 9): about 15% smaller, three times slower to build.
     Lz4hc,
+    /// Zstandard (level 3): smaller still; the kernel decompresses it more slowly.
+    Zstd,
 }
 
 impl Compression {
-    fn mode(self) -> Option<lz4::block::CompressionMode> {
+    /// Its name on the command line and in the layer cache.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Lz4hc => "lz4hc",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// The EROFS algorithm number (`Z_EROFS_COMPRESSION_*`).
+    pub fn erofs_algorithm(self) -> Option<u8> {
         match self {
             Compression::None => None,
-            Compression::Lz4 => Some(lz4::block::CompressionMode::DEFAULT),
-            Compression::Lz4hc => Some(lz4::block::CompressionMode::HIGHCOMPRESSION(9)),
+            Compression::Lz4 | Compression::Lz4hc => Some(0),
+            Compression::Zstd => Some(3),
         }
+    }
+
+    /// Room for compressing one chunk.
+    fn bound(self) -> usize {
+        let n = CHUNK as usize;
+        match self {
+            Compression::Zstd => zstd::zstd_safe::compress_bound(n),
+            _ => n + n / 255 + 16,
+        }
+    }
+
+    /// Compresses `src` into `out`; returns the compressed length.
+    fn compress(self, src: &[u8], out: &mut [u8]) -> io::Result<usize> {
+        use lz4::block::{compress_to_buffer, CompressionMode};
+        match self {
+            Compression::None => Err(io::Error::other("no compression")),
+            Compression::Lz4 => compress_to_buffer(src, Some(CompressionMode::DEFAULT), false, out),
+            Compression::Lz4hc => {
+                compress_to_buffer(src, Some(CompressionMode::HIGHCOMPRESSION(9)), false, out)
+            }
+            Compression::Zstd => zstd::bulk::compress_to_buffer(src, out, 3),
+        }
+    }
+
+    /// Decompresses `src` into exactly `out`.
+    fn decompress(self, src: &[u8], out: &mut [u8]) -> io::Result<()> {
+        let n = match self {
+            Compression::None => return Err(io::Error::other("no compression")),
+            Compression::Lz4 | Compression::Lz4hc => {
+                lz4::block::decompress_to_buffer(src, Some(out.len() as i32), out)?
+            }
+            Compression::Zstd => zstd::bulk::decompress_to_buffer(src, out)?,
+        };
+        if n != out.len() {
+            return Err(io::Error::other("a spooled chunk did not decompress"));
+        }
+        Ok(())
     }
 }
 
@@ -59,7 +109,10 @@ impl std::str::FromStr for Compression {
             "none" => Ok(Compression::None),
             "lz4" => Ok(Compression::Lz4),
             "lz4hc" => Ok(Compression::Lz4hc),
-            _ => Err(format!("unknown compression {s:?} (none, lz4 or lz4hc)")),
+            "zstd" => Ok(Compression::Zstd),
+            _ => Err(format!(
+                "unknown compression {s:?} (none, lz4, lz4hc or zstd)"
+            )),
         }
     }
 }
@@ -71,8 +124,8 @@ pub struct Chunk {
     pub at: u64,
     /// Whole blocks stored.
     pub blocks: u16,
-    /// LZ4 bytes at the end of those blocks; 0 when the chunk is stored plain.
-    pub lz4_len: u32,
+    /// Compressed bytes at the end of those blocks; 0 when the chunk is stored plain.
+    pub packed_len: u32,
 }
 
 /// Every spool file, for reading contents back.
@@ -183,9 +236,9 @@ impl SpoolWriter {
     /// kept plain (its chunks are contiguous, so it reads as plain data), and
     /// a sparse one is expanded back to plain data with holes.
     fn append_packed(&mut self, r: &mut impl Read) -> io::Result<Content> {
-        let mode = self.compression.mode();
+        let algo = self.compression;
         let mut buf = vec![0u8; CHUNK as usize];
-        let mut out = vec![0u8; lz4::block::compress_bound(CHUNK as usize)?];
+        let mut out = vec![0u8; algo.bound()];
         let zeros = [0u8; BLOCK as usize];
         let start = self.len;
         // `None` marks a whole chunk of zeros, not stored (yet).
@@ -205,7 +258,7 @@ impl SpoolWriter {
                 continue;
             }
             let packed = if blocks >= 2 {
-                lz4::block::compress_to_buffer(data, mode, false, &mut out)?
+                algo.compress(data, &mut out)?
             } else {
                 usize::MAX
             };
@@ -219,7 +272,7 @@ impl SpoolWriter {
                 Chunk {
                     at,
                     blocks: stored as u16,
-                    lz4_len: packed as u32,
+                    packed_len: packed as u32,
                 }
             } else {
                 w.write_all(data)?;
@@ -228,7 +281,7 @@ impl SpoolWriter {
                 Chunk {
                     at,
                     blocks: blocks as u16,
-                    lz4_len: 0,
+                    packed_len: 0,
                 }
             };
             chunks.push(Some(chunk));
@@ -237,7 +290,7 @@ impl SpoolWriter {
             }
         }
         let zero_chunks = chunks.iter().filter(|c| c.is_none()).count();
-        let compressed = chunks.iter().flatten().any(|c| c.lz4_len > 0);
+        let compressed = chunks.iter().flatten().any(|c| c.packed_len > 0);
         let sparse = zero_chunks > MAX_ZERO_CHUNKS && zero_chunks * 2 > chunks.len();
         if !compressed || sparse {
             w.flush()?;
@@ -251,7 +304,7 @@ impl SpoolWriter {
         // A few chunks of zeros: compressed like any data (one block each).
         if zero_chunks > 0 {
             buf.fill(0);
-            let packed = lz4::block::compress_to_buffer(&buf, mode, false, &mut out)?;
+            let packed = algo.compress(&buf, &mut out)?;
             let stored = (packed as u64).div_ceil(BLOCK);
             for slot in chunks.iter_mut().filter(|c| c.is_none()) {
                 let pad = (stored * BLOCK) as usize - packed;
@@ -260,7 +313,7 @@ impl SpoolWriter {
                 *slot = Some(Chunk {
                     at: self.len,
                     blocks: stored as u16,
-                    lz4_len: packed as u32,
+                    packed_len: packed as u32,
                 });
                 self.len += stored * BLOCK;
             }
@@ -312,14 +365,11 @@ impl SpoolWriter {
             let n = (len - i as u64 * CHUNK).min(CHUNK) as usize;
             stored.resize(c.blocks as usize * BLOCK as usize, 0);
             self.file.read_exact_at(&mut stored, c.at)?;
-            if c.lz4_len == 0 {
+            if c.packed_len == 0 {
                 data[..n].copy_from_slice(&stored[..n]);
             } else {
-                let src = &stored[stored.len() - c.lz4_len as usize..];
-                let got = lz4::block::decompress_to_buffer(src, Some(n as i32), &mut data)?;
-                if got != n {
-                    return Err(io::Error::other("a spooled chunk did not decompress"));
-                }
+                let src = &stored[stored.len() - c.packed_len as usize..];
+                self.compression.decompress(src, &mut data[..n])?;
             }
             self.file.write_all(&data[..n])?;
             self.len += n as u64;
@@ -396,6 +446,11 @@ impl Spool {
             packs: Vec::new(),
             compression: self.compression,
         })
+    }
+
+    /// How it stores contents.
+    pub fn compression(&self) -> Compression {
+        self.compression
     }
 
     /// Takes back a writer's hole maps once it is done.
@@ -526,14 +581,12 @@ impl Spool {
             let n = c.len.saturating_sub(i as u64 * CHUNK).min(CHUNK) as usize;
             stored.resize(usize::from(chunk.blocks) * BLOCK as usize, 0);
             self.read_raw_at(c, &mut stored, chunk.at)?;
-            if chunk.lz4_len == 0 {
+            if chunk.packed_len == 0 {
                 out.write_all(&stored[..n])?;
                 continue;
             }
-            let src = &stored[stored.len() - chunk.lz4_len as usize..];
-            if lz4::block::decompress_to_buffer(src, Some(n as i32), &mut data)? != n {
-                return Err(io::Error::other("a spooled chunk did not decompress"));
-            }
+            let src = &stored[stored.len() - chunk.packed_len as usize..];
+            self.compression.decompress(src, &mut data[..n])?;
             out.write_all(&data[..n])?;
         }
         Ok(())
@@ -592,7 +645,13 @@ mod tests {
 
     #[test]
     fn compressed_contents_read_back_and_keep_their_chunk_table() {
-        let mut s = Spool::with_compression(Compression::Lz4).unwrap();
+        for c in [Compression::Lz4, Compression::Lz4hc, Compression::Zstd] {
+            packs_and_reads_back(c);
+        }
+    }
+
+    fn packs_and_reads_back(compression: Compression) {
+        let mut s = Spool::with_compression(compression).unwrap();
         // Chunk 0 compresses, chunk 1 does not, chunk 2 is zeros, then a tail.
         let mut data: Vec<u8> = (0..CHUNK).map(|i| (i % 7) as u8).collect();
         let mut x = 1u32;
@@ -606,10 +665,10 @@ mod tests {
         assert_ne!(c.packed, 0);
         let chunks = s.chunks(&c).to_vec();
         assert_eq!(chunks.len(), 4);
-        assert!(chunks[0].lz4_len > 0 && chunks[0].blocks < 32);
-        assert_eq!((chunks[1].lz4_len, chunks[1].blocks), (0, 32));
-        assert!(chunks[2].lz4_len > 0 && chunks[2].blocks == 1);
-        assert_eq!((chunks[3].lz4_len, chunks[3].blocks), (0, 1));
+        assert!(chunks[0].packed_len > 0 && chunks[0].blocks < 32);
+        assert_eq!((chunks[1].packed_len, chunks[1].blocks), (0, 32));
+        assert!(chunks[2].packed_len > 0 && chunks[2].blocks == 1);
+        assert_eq!((chunks[3].packed_len, chunks[3].blocks), (0, 1));
         assert_eq!(s.read(c).unwrap(), data);
         // Nothing compressible: stored plain, as an uncompressed spool would.
         let noise = data[CHUNK as usize..2 * CHUNK as usize].to_vec();
