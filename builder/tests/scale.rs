@@ -120,6 +120,8 @@ fn many_entries_build_in_bounded_memory() {
             .arg(&kernel)
             .arg("--init")
             .arg(&init)
+            // The streaming path, not layers a run before left in the cache.
+            .arg("--no-cache")
             .arg("--quiet"),
     );
     assert!(ok, "hyperbuild failed: {stderr}");
