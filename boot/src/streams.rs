@@ -1,6 +1,6 @@
 //! The app's stdout and stderr as separate streams to the host: two virtio
-//! console ports named `hyper.stdout` and `hyper.stderr` (QEMU backend; the
-//! KVM VMM has none yet, and then both streams share the serial console).
+//! console ports named `hyper.stdout` and `hyper.stderr` (both backends; when
+//! they are missing, both streams share the serial console).
 //!
 //! The app writes into pipes, as under `docker run` without `-t`; hyperinit
 //! copies them to the ports (`/dev/vport*`, plain virtio serial ports, which

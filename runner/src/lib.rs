@@ -298,6 +298,10 @@ fn boot_kvm(
         memory_mib: opts.memory_mib,
         timeout: opts.timeout,
         console: Box::new(std::io::LineWriter::new(std::io::stdout())),
+        streams: vec![
+            ("hyper.stdout", Box::new(std::io::stdout())),
+            ("hyper.stderr", Box::new(std::io::stderr())),
+        ],
         seccomp: true,
         stop_signal: spec::signal_number(&artifact.manifest().config.stop_signal)
             .map_err(BootError::Backend)?,

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use devices::pio::{PioBus, StopRequest};
 use devices::virtio_blk::Block;
+use devices::virtio_console::Console;
 use devices::virtio_mmio::MmioTransport;
 use loader::SectionReader;
 
@@ -39,6 +40,9 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub timeout: Option<Duration>,
     pub console: Box<dyn Write + Send>,
+    /// Named virtio-console output ports (`hyper.stdout`, `hyper.stderr`)
+    /// and where their bytes go; none: no console device.
+    pub streams: Vec<(&'static str, Box<dyn Write + Send>)>,
     pub seccomp: bool,
     /// Delivered to the app (through hyperinit) when hyperboot is asked to stop.
     pub stop_signal: i32,
@@ -168,6 +172,13 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             layout::VIRTIO_IRQ_BASE
         ));
     }
+    let console_base = layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_SIZE;
+    if !cfg.streams.is_empty() {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{console_base:#x}:{}",
+            layout::VIRTIO_IRQ_BASE + 1
+        ));
+    }
     let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
     layout::write_mptable(&mem, 1)?;
 
@@ -188,6 +199,18 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
+    let mut streams = if cfg.streams.is_empty() {
+        None
+    } else {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + 1)
+            .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+        Some(MmioTransport::new(
+            Console::new(std::mem::take(&mut cfg.streams)),
+            irq,
+        ))
+    };
+    let console_range = console_base..console_base + layout::VIRTIO_MMIO_SIZE;
 
     let mut vcpu = vm
         .create_vcpu(0)
@@ -246,15 +269,18 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
                 None => {}
             },
             VcpuExit::IoIn(port, data) => pio.read(port, data),
-            VcpuExit::MmioRead(addr, data) => match blk.as_mut() {
-                Some(b) if blk_range.contains(&addr) => {
+            VcpuExit::MmioRead(addr, data) => match (blk.as_mut(), streams.as_mut()) {
+                (Some(b), _) if blk_range.contains(&addr) => {
                     b.read(addr - layout::VIRTIO_MMIO_BASE, data)
                 }
+                (_, Some(c)) if console_range.contains(&addr) => c.read(addr - console_base, data),
                 _ => data.fill(0),
             },
             VcpuExit::MmioWrite(addr, data) => {
                 if let Some(b) = blk.as_mut().filter(|_| blk_range.contains(&addr)) {
                     b.write(addr - layout::VIRTIO_MMIO_BASE, data, &mem);
+                } else if let Some(c) = streams.as_mut().filter(|_| console_range.contains(&addr)) {
+                    c.write(addr - console_base, data, &mem);
                 }
             }
             VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => break Stop::Reset,

@@ -86,6 +86,38 @@ fn hostile_virtio_guests_fail_their_requests_not_the_vmm() {
     }
 }
 
+/// The app's output path on the KVM VMM: a virtio-console whose ports are
+/// named as hyperinit expects; each port's bytes reach hyperboot's stdout or
+/// stderr, apart, after the control handshake a Linux guest does.
+#[test]
+fn virtio_console_ports_reach_stdout_and_stderr_apart() {
+    if !kvm_or_skip("vmm::virtio_console_ports_reach_stdout_and_stderr_apart") {
+        return;
+    }
+    let r = boot_kvm(&guest("console", &["MODE=0"]), &["--timeout", "20"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout, "to stdout over virtio\nconsole: both ports written\n",
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("to stderr over virtio\n"), "{r:?}");
+    assert!(!r.stdout.contains("stderr over"), "{r:?}");
+}
+
+/// Control messages for ports that do not exist, unknown events, short
+/// messages, and transmit buffers the device may not read are refused; the
+/// handshake and the honest writes after them still work.
+#[test]
+fn a_hostile_console_driver_fails_its_requests_not_the_vmm() {
+    if !kvm_or_skip("vmm::a_hostile_console_driver_fails_its_requests_not_the_vmm") {
+        return;
+    }
+    let r = boot_kvm(&guest("console", &["MODE=1"]), &["--timeout", "20"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.starts_with("to stdout over virtio\n"), "{r:?}");
+    assert!(r.stderr.contains("to stderr over virtio\n"), "{r:?}");
+}
+
 #[test]
 fn the_vmm_runs_under_seccomp() {
     if !kvm_or_skip("vmm::the_vmm_runs_under_seccomp") {

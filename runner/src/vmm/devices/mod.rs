@@ -2,4 +2,5 @@
 
 pub mod pio;
 pub mod virtio_blk;
+pub mod virtio_console;
 pub mod virtio_mmio;

@@ -63,6 +63,8 @@ pub struct PioBus {
     /// it listens would be echoed or lost).
     held: Vec<Vec<u8>>,
     ready: bool,
+    /// `drain` requests answered so far.
+    drains: usize,
 }
 
 impl std::fmt::Debug for PioBus {
@@ -86,6 +88,7 @@ impl PioBus {
             status,
             held: Vec::new(),
             ready: false,
+            drains: 0,
         }
     }
 
@@ -119,6 +122,12 @@ impl PioBus {
                         self.send_control(&line);
                     }
                 }
+                // `drain OUT ERR`: the stream ports are served as the guest
+                // notifies them, so their bytes are already out; say so.
+                if p == COM2 && value == b'\n' && self.drain_requests() > self.drains {
+                    self.drains += 1;
+                    self.send_control(b"drained\n");
+                }
             }
             EXIT_PORT => return Some(StopRequest::ExitPort(value)),
             I8042_COMMAND if value == I8042_RESET => return Some(StopRequest::Reset),
@@ -138,6 +147,13 @@ impl PioBus {
         if let Some(first) = data.first_mut() {
             *first = value;
         }
+    }
+
+    fn drain_requests(&self) -> usize {
+        self.status()
+            .split(|b| *b == b'\n')
+            .filter(|l| l.starts_with(b"drain "))
+            .count()
     }
 
     fn says_ready(&self) -> bool {

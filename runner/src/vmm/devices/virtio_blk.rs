@@ -165,10 +165,11 @@ impl VirtioDevice for Block {
 
     fn process(
         &mut self,
-        _index: usize,
-        queue: &mut Queue,
+        index: usize,
+        queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<bool, String> {
+        let queue = &mut queues[index];
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();

@@ -26,12 +26,14 @@ pub trait VirtioDevice {
     /// Bytes of the device configuration space.
     fn config(&self) -> &[u8];
     fn queue_max_sizes(&self) -> &[u16];
-    /// Handles a notification on queue `index`; returns whether the guest
-    /// should be interrupted. Errors end the device until it is reset.
+    /// Handles a notification on queue `index` (checked ready and valid;
+    /// any other queue a device touches it must check itself); returns
+    /// whether the guest should be interrupted. Errors end the device until
+    /// it is reset.
     fn process(
         &mut self,
         index: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<bool, String>;
 }
@@ -213,7 +215,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.fail(format!("queue {index} notified but not validly configured"));
             return;
         }
-        match self.device.process(index, queue, mem) {
+        match self.device.process(index, &mut self.queues, mem) {
             Ok(true) => {
                 self.interrupt_status |= INT_USED_RING;
                 let _ = self.irq.write(1);

@@ -1,0 +1,331 @@
+//! virtio-console with named ports (`VIRTIO_CONSOLE_F_MULTIPORT`, virtio 1.2
+//! section 5.3): the app's stdout and stderr leave the guest in whole
+//! buffers, one exit per buffer instead of one per byte on the UART.
+//!
+//! Ports 1.. carry the names hyperinit looks for (`hyper.stdout`,
+//! `hyper.stderr`); port 0 is never added. The control handshake: the guest
+//! says DEVICE_READY, the device adds each port, the guest says PORT_READY
+//! for it, the device gives its name and opens it. What the guest sends on a
+//! port's transmit queue goes to that port's sink, in order, before the
+//! buffer is returned (so nothing is lost at exit), and is counted.
+//!
+//! The guest is hostile: control messages are taken only from readable
+//! descriptors of exactly their size or more, ports it names must exist,
+//! transmit data only from readable descriptors and at most 1 MiB per chain;
+//! anything else is refused (counted) without stopping the device. Messages
+//! for the guest wait until it posts writable buffers big enough for them.
+
+use std::collections::VecDeque;
+use std::io::Write;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::virtio_mmio::VirtioDevice;
+
+const TYPE_CONSOLE: u32 = 3;
+const F_MULTIPORT: u64 = 1 << 1;
+const QUEUE_SIZE: u16 = 64;
+const CONTROL_RX: usize = 2;
+const CONTROL_TX: usize = 3;
+const DEVICE_READY: u16 = 0;
+const DEVICE_ADD: u16 = 1;
+const PORT_READY: u16 = 3;
+const PORT_OPEN: u16 = 6;
+const PORT_NAME: u16 = 7;
+/// Most bytes taken from one transmit chain.
+const CHAIN_MAX: u64 = 1 << 20;
+
+/// A console device whose ports 1..=N are named outputs.
+pub struct Console {
+    config: Vec<u8>,
+    queue_sizes: Vec<u16>,
+    ports: Vec<Port>,
+    /// Control messages waiting for a guest buffer.
+    to_guest: VecDeque<Vec<u8>>,
+    /// Requests refused as malformed (for `--verbose` and tests).
+    pub refused: u64,
+}
+
+struct Port {
+    name: &'static str,
+    sink: Box<dyn Write + Send>,
+    sent: u64,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field(
+                "ports",
+                &self.ports.iter().map(|p| p.name).collect::<Vec<_>>(),
+            )
+            .field("refused", &self.refused)
+            .finish()
+    }
+}
+
+impl Console {
+    /// Ports 1, 2, … named and written as given.
+    pub fn new(ports: Vec<(&'static str, Box<dyn Write + Send>)>) -> Self {
+        let max_ports = ports.len() as u32 + 1;
+        let mut config = vec![0u8; 12];
+        config[4..8].copy_from_slice(&max_ports.to_le_bytes());
+        Self {
+            config,
+            queue_sizes: vec![QUEUE_SIZE; 2 * (ports.len() + 1) + 2],
+            ports: ports
+                .into_iter()
+                .map(|(name, sink)| Port {
+                    name,
+                    sink,
+                    sent: 0,
+                })
+                .collect(),
+            to_guest: VecDeque::new(),
+            refused: 0,
+        }
+    }
+
+    /// Bytes delivered so far on each port, in port order.
+    pub fn sent(&self) -> Vec<u64> {
+        self.ports.iter().map(|p| p.sent).collect()
+    }
+
+    /// The queue index a port transmits on (port 0: 1; port p ≥ 1: 2p + 3).
+    fn port_of_tx_queue(&self, index: usize) -> Option<usize> {
+        if index >= 5 && index % 2 == 1 {
+            let port = (index - 3) / 2;
+            (port >= 1 && port <= self.ports.len()).then_some(port)
+        } else {
+            None
+        }
+    }
+
+    fn message(id: u32, event: u16, value: u16, extra: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(8 + extra.len());
+        m.extend_from_slice(&id.to_le_bytes());
+        m.extend_from_slice(&event.to_le_bytes());
+        m.extend_from_slice(&value.to_le_bytes());
+        m.extend_from_slice(extra);
+        m
+    }
+
+    /// Handles one control message from the guest.
+    fn control(&mut self, msg: [u8; 8]) {
+        let id = u32::from_le_bytes(msg[0..4].try_into().expect("4 bytes"));
+        let event = u16::from_le_bytes([msg[4], msg[5]]);
+        let value = u16::from_le_bytes([msg[6], msg[7]]);
+        match event {
+            DEVICE_READY if value == 1 => {
+                for port in 1..=self.ports.len() as u32 {
+                    self.to_guest
+                        .push_back(Self::message(port, DEVICE_ADD, 0, &[]));
+                }
+            }
+            PORT_READY if value == 1 => {
+                let Some(port) = (id as usize).checked_sub(1).and_then(|i| self.ports.get(i))
+                else {
+                    self.refused += 1;
+                    return;
+                };
+                let name = port.name.as_bytes().to_vec();
+                self.to_guest
+                    .push_back(Self::message(id, PORT_NAME, 1, &name));
+                self.to_guest
+                    .push_back(Self::message(id, PORT_OPEN, 1, &[]));
+            }
+            // The guest opening or closing a port, or failing to add one:
+            // nothing to do for an output.
+            DEVICE_READY | PORT_READY | PORT_OPEN => {}
+            _ => self.refused += 1,
+        }
+    }
+
+    /// Moves waiting control messages into the guest's control receive
+    /// buffers; returns whether any went.
+    fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, String> {
+        let q = &mut queues[CONTROL_RX];
+        if self.to_guest.is_empty() || !q.ready() || !q.is_valid(mem) {
+            return Ok(false);
+        }
+        let mut used = false;
+        while let Some(msg) = self.to_guest.front().cloned() {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            let written = match descs.first() {
+                Some(d)
+                    if descs.len() == 1
+                        && d.is_write_only()
+                        && d.len() as usize >= msg.len()
+                        && mem.write_slice(&msg, d.addr()).is_ok() =>
+                {
+                    self.to_guest.pop_front();
+                    msg.len() as u32
+                }
+                _ => {
+                    self.refused += 1;
+                    0
+                }
+            };
+            q.add_used(mem, head, written)
+                .map_err(|e| format!("cannot update the used ring: {e}"))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Writes one transmit chain to `port`'s sink; returns bytes taken.
+    fn transmit(&mut self, port: usize, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u64 {
+        if descs.iter().any(|d| d.is_write_only())
+            || descs.iter().map(|d| u64::from(d.len())).sum::<u64>() > CHAIN_MAX
+        {
+            self.refused += 1;
+            return 0;
+        }
+        let p = &mut self.ports[port - 1];
+        let mut buf = Vec::new();
+        let mut taken = 0;
+        for d in descs {
+            buf.resize(d.len() as usize, 0);
+            if mem.read_slice(&mut buf, d.addr()).is_err() {
+                self.refused += 1;
+                break;
+            }
+            // A sink that fails (a closed pipe) drops the bytes, as a
+            // console does; the guest is never stalled by it.
+            let _ = p.sink.write_all(&buf).and_then(|()| p.sink.flush());
+            p.sent += buf.len() as u64;
+            taken += buf.len() as u64;
+        }
+        taken
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        TYPE_CONSOLE
+    }
+
+    fn features(&self) -> u64 {
+        F_MULTIPORT
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn process(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String> {
+        let mut used = false;
+        if index == CONTROL_TX {
+            let q = &mut queues[CONTROL_TX];
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let descs: Vec<Descriptor> = chain.collect();
+                let mut msg = [0u8; 8];
+                match descs.first() {
+                    Some(d)
+                        if !d.is_write_only()
+                            && d.len() >= 8
+                            && mem.read_slice(&mut msg, d.addr()).is_ok() =>
+                    {
+                        self.control(msg)
+                    }
+                    _ => self.refused += 1,
+                }
+                q.add_used(mem, head, 0)
+                    .map_err(|e| format!("cannot update the used ring: {e}"))?;
+                used = true;
+            }
+        } else if let Some(port) = self.port_of_tx_queue(index) {
+            let q = &mut queues[index];
+            let mut chains = Vec::new();
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                chains.push((chain.head_index(), chain.collect::<Vec<Descriptor>>()));
+            }
+            for (head, descs) in chains {
+                self.transmit(port, &descs, mem);
+                queues[index]
+                    .add_used(mem, head, 0)
+                    .map_err(|e| format!("cannot update the used ring: {e}"))?;
+                used = true;
+            }
+        }
+        // Receive queues (the control one included) only post buffers: a
+        // notification on them is a chance to deliver what waits.
+        let delivered = self.deliver(queues, mem)?;
+        Ok(used || delivered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_map_to_their_transmit_queues() {
+        let c = Console::new(vec![
+            ("hyper.stdout", Box::new(std::io::sink())),
+            ("hyper.stderr", Box::new(std::io::sink())),
+        ]);
+        assert_eq!(c.queue_max_sizes().len(), 8);
+        assert_eq!(u32::from_le_bytes(c.config()[4..8].try_into().unwrap()), 3);
+        let map: Vec<Option<usize>> = (0..10).map(|i| c.port_of_tx_queue(i)).collect();
+        assert_eq!(
+            map,
+            [
+                None,
+                None,
+                None,
+                None,
+                None,
+                Some(1),
+                None,
+                Some(2),
+                None,
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn the_handshake_names_each_port_and_refuses_unknown_ones() {
+        let mut c = Console::new(vec![("hyper.stdout", Box::new(std::io::sink()))]);
+        let msg = |id: u32, event: u16, value: u16| {
+            let m = Console::message(id, event, value, &[]);
+            <[u8; 8]>::try_from(m.as_slice()).unwrap()
+        };
+        c.control(msg(0, DEVICE_READY, 1));
+        assert_eq!(
+            c.to_guest.pop_front().unwrap(),
+            Console::message(1, DEVICE_ADD, 0, &[])
+        );
+        c.control(msg(1, PORT_READY, 1));
+        assert_eq!(
+            c.to_guest.pop_front().unwrap(),
+            Console::message(1, PORT_NAME, 1, b"hyper.stdout")
+        );
+        assert_eq!(
+            c.to_guest.pop_front().unwrap(),
+            Console::message(1, PORT_OPEN, 1, &[])
+        );
+        for bad in [msg(9, PORT_READY, 1), msg(0, PORT_READY, 1), msg(1, 42, 0)] {
+            c.control(bad);
+        }
+        assert!(c.to_guest.is_empty());
+        assert_eq!(c.refused, 3);
+    }
+}

@@ -1,0 +1,132 @@
+/* A virtio-console (multiport) driver for the test guests: the control
+ * handshake hyperinit's kernel does, then text on the two named ports, which
+ * hyperboot must put on its stdout and stderr. MODE 1 adds hostile control
+ * messages and transmit buffers first; the honest writes must still arrive.
+ * Polls the used rings (no interrupts). */
+#include "guest.h"
+
+#define BASE 0xd0001000u
+#define QSZ 8
+#define F_NEXT 1
+#define F_WRITE 2
+#define S_ACK 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define NQ 8
+/* Per queue: descriptors, available ring, used ring, 4 KiB each; buffers after. */
+#define QMEM(q) (0x300000u + (q) * 0x3000u)
+#define BUF(q, i) (0x340000u + (q) * 0x1000u + (i) * 0x200u)
+
+struct desc { u32 addr_lo, addr_hi, len; u16 flags, next; };
+#define D(q) ((volatile struct desc *)QMEM(q))
+#define AVAIL_IDX(q) (*(volatile u16 *)(QMEM(q) + 0x1000 + 2))
+#define AVAIL_RING(q, i) (*(volatile u16 *)(QMEM(q) + 0x1000 + 4 + 2 * (i)))
+#define USED_IDX(q) (*(volatile u16 *)(QMEM(q) + 0x2000 + 2))
+#define USED_ID(q, i) (*(volatile u32 *)(QMEM(q) + 0x2000 + 4 + 8 * (i)))
+
+static u16 avail[NQ], seen[NQ];
+
+static void zero(u32 addr, u32 len) { for (u32 i = 0; i < len; i += 4) mmio_w32(addr + i, 0); }
+
+static int dev_init(void) {
+  CHECK(1, mmio_r32(BASE) == 0x74726976);
+  CHECK(2, mmio_r32(BASE + 8) == 3);               /* console */
+  mmio_w32(BASE + 0x70, 0);
+  mmio_w32(BASE + 0x70, S_ACK | S_DRIVER);
+  mmio_w32(BASE + 0x14, 0);
+  CHECK(3, mmio_r32(BASE + 0x10) & 2);             /* MULTIPORT */
+  CHECK(4, mmio_r32(BASE + 0x104) == 3);           /* max_nr_ports: 0, stdout, stderr */
+  mmio_w32(BASE + 0x24, 0); mmio_w32(BASE + 0x20, 2);
+  mmio_w32(BASE + 0x24, 1); mmio_w32(BASE + 0x20, 1);
+  mmio_w32(BASE + 0x70, S_ACK | S_DRIVER | S_FEATURES_OK);
+  CHECK(5, mmio_r32(BASE + 0x70) & S_FEATURES_OK);
+  for (u32 q = 0; q < NQ; q++) {
+    zero(QMEM(q), 0x3000);
+    avail[q] = seen[q] = 0;
+    mmio_w32(BASE + 0x30, q);
+    CHECK(6, mmio_r32(BASE + 0x34) >= QSZ);
+    mmio_w32(BASE + 0x38, QSZ);
+    mmio_w32(BASE + 0x80, QMEM(q)); mmio_w32(BASE + 0x84, 0);
+    mmio_w32(BASE + 0x90, QMEM(q) + 0x1000); mmio_w32(BASE + 0x94, 0);
+    mmio_w32(BASE + 0xa0, QMEM(q) + 0x2000); mmio_w32(BASE + 0xa4, 0);
+    mmio_w32(BASE + 0x44, 1);
+  }
+  mmio_w32(BASE + 0x70, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+  return 0;
+}
+
+/* Offers descriptor `i` of queue q (one buffer) and notifies. */
+static void offer(u32 q, int i, u32 addr, u32 len, u16 flags) {
+  D(q)[i].addr_lo = addr; D(q)[i].addr_hi = 0; D(q)[i].len = len; D(q)[i].flags = flags; D(q)[i].next = 0;
+  AVAIL_RING(q, avail[q] % QSZ) = (u16)i;
+  barrier();
+  avail[q]++;
+  AVAIL_IDX(q) = avail[q];
+  barrier();
+  mmio_w32(BASE + 0x50, q);
+  mmio_w32(BASE + 0x64, mmio_r32(BASE + 0x60));
+}
+
+/* Sends one control message (id, event, value) on the control transmit queue. */
+static void control(u32 id, u16 event, u16 value) {
+  u32 b = BUF(3, avail[3] % QSZ);
+  mmio_w32(b, id);
+  mmio_w32(b + 4, (u32)event | ((u32)value << 16));
+  offer(3, avail[3] % QSZ, b, 8, 0);
+}
+
+/* Posts the control receive buffers. */
+static void post_rx(void) {
+  for (int i = 0; i < QSZ; i++) { zero(BUF(2, i), 0x200); offer(2, i, BUF(2, i), 0x200, F_WRITE); }
+}
+
+/* The next control message from the device, or 0 when none came. */
+static u32 next_msg(void) {
+  if (USED_IDX(2) == seen[2]) return 0;
+  u32 i = USED_ID(2, seen[2] % QSZ);
+  seen[2]++;
+  return BUF(2, i);
+}
+
+static void text(u32 port, const char *s) {
+  u32 q = 2 * port + 3, b = BUF(q, 0), n = 0;
+  while (s[n]) { mmio_w8(b + n, (u8)s[n]); n++; }
+  offer(q, avail[q] % QSZ, b, n, 0);
+}
+
+int main(void) {
+  int r;
+  if ((r = dev_init())) return r;
+  post_rx();
+#if MODE == 1 /* hostile: unknown events and ports, a short message, a writable tx buffer */
+  control(7, 3, 1);                    /* PORT_READY for a port that does not exist */
+  control(1, 99, 0);                   /* unknown event */
+  offer(3, 5, BUF(3, 5), 4, 0);        /* a control message of 4 bytes */
+  offer(5, 1, BUF(5, 1), 16, F_WRITE); /* stdout: a buffer the device may only write */
+  offer(5, 2, 0x7ffff000u, 64, 0);     /* stdout: a buffer outside guest memory */
+  CHECK(20, mmio_r32(BASE + 0x70) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK));
+  CHECK(21, next_msg() == 0);          /* no answer to any of it */
+#endif
+  control(0, 0, 1);                    /* DEVICE_READY */
+  u32 added = 0, named = 0, opened = 0;
+  for (int guard = 0; guard < 64 && opened < 2; guard++) {
+    u32 m = next_msg();
+    if (!m) break;
+    u32 id = mmio_r32(m);
+    u32 ev = mmio_r32(m + 4) & 0xffff;
+    if (ev == 1) { added++; control(id, 3, 1); }            /* DEVICE_ADD -> PORT_READY */
+    else if (ev == 7) {                                      /* PORT_NAME */
+      const char *want = id == 1 ? "hyper.stdout" : "hyper.stderr";
+      for (u32 k = 0; want[k]; k++) CHECK(10, *(volatile u8 *)(m + 8 + k) == (u8)want[k]);
+      named++;
+    } else if (ev == 6) opened++;                           /* PORT_OPEN */
+  }
+  CHECK(11, added == 2 && named == 2 && opened == 2);
+  text(1, "to stdout over virtio\n");
+  CHECK(12, USED_IDX(5) == avail[5]);
+  text(2, "to stderr over virtio\n");
+  CHECK(13, USED_IDX(7) == avail[7]);
+  say("console: both ports written\n");
+  return report(0);
+}
