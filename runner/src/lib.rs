@@ -220,8 +220,6 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
         Some("more than one vCPU")
     } else if !opts.binds.is_empty() {
         Some("-v (host directories)")
-    } else if opts.interactive || opts.tty {
-        Some("-i/-t")
     } else {
         None
     };
@@ -302,12 +300,18 @@ fn boot_kvm(
             ("hyper.stdout", Box::new(std::io::stdout())),
             ("hyper.stderr", Box::new(std::io::stderr())),
         ],
+        stdin: run.stdin,
+        winsize: run.tty.then_some(terminal_size as fn() -> Option<[u16; 2]>),
         seccomp: true,
         stop_signal: spec::signal_number(&artifact.manifest().config.stop_signal)
             .map_err(BootError::Backend)?,
         stop_timeout: opts.stop_timeout,
     };
-    let outcome = vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)))?;
+    // `-t`: keys go to the app's terminal raw (Ctrl-C included), as with QEMU.
+    let raw = RawTerminal::new(opts.tty);
+    let outcome = vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)));
+    drop(raw);
+    let outcome = outcome?;
     if let Some(spawn) = std::env::var("HYPER_SPAWN_NS")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())

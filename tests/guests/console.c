@@ -2,6 +2,8 @@
  * handshake hyperinit's kernel does, then text on the two named ports, which
  * hyperboot must put on its stdout and stderr. MODE 1 adds hostile control
  * messages and transmit buffers first; the honest writes must still arrive.
+ * MODE 2 (hyperboot -i) also opens the stdin port and echoes everything that
+ * arrives on it to stdout until COM2 says `stdin-eof N` and N bytes came.
  * Polls the used rings (no interrupts). */
 #include "guest.h"
 
@@ -13,7 +15,15 @@
 #define S_DRIVER 2
 #define S_DRIVER_OK 4
 #define S_FEATURES_OK 8
+#if MODE == 2
+#define NQ 10
+#define PORTS 3
+#else
 #define NQ 8
+#define PORTS 2
+#endif
+#define RXQ 8
+#define RXBUF(i) (0x380000u + (i) * 0x1000u)
 /* Per queue: descriptors, available ring, used ring, 4 KiB each; buffers after. */
 #define QMEM(q) (0x300000u + (q) * 0x3000u)
 #define BUF(q, i) (0x340000u + (q) * 0x1000u + (i) * 0x200u)
@@ -24,6 +34,7 @@ struct desc { u32 addr_lo, addr_hi, len; u16 flags, next; };
 #define AVAIL_RING(q, i) (*(volatile u16 *)(QMEM(q) + 0x1000 + 4 + 2 * (i)))
 #define USED_IDX(q) (*(volatile u16 *)(QMEM(q) + 0x2000 + 2))
 #define USED_ID(q, i) (*(volatile u32 *)(QMEM(q) + 0x2000 + 4 + 8 * (i)))
+#define USED_LEN(q, i) (*(volatile u32 *)(QMEM(q) + 0x2000 + 8 + 8 * (i)))
 
 static u16 avail[NQ], seen[NQ];
 
@@ -36,7 +47,7 @@ static int dev_init(void) {
   mmio_w32(BASE + 0x70, S_ACK | S_DRIVER);
   mmio_w32(BASE + 0x14, 0);
   CHECK(3, mmio_r32(BASE + 0x10) & 2);             /* MULTIPORT */
-  CHECK(4, mmio_r32(BASE + 0x104) == 3);           /* max_nr_ports: 0, stdout, stderr */
+  CHECK(4, mmio_r32(BASE + 0x104) == PORTS + 1);   /* port 0, stdout, stderr (, stdin) */
   mmio_w32(BASE + 0x24, 0); mmio_w32(BASE + 0x20, 2);
   mmio_w32(BASE + 0x24, 1); mmio_w32(BASE + 0x20, 1);
   mmio_w32(BASE + 0x70, S_ACK | S_DRIVER | S_FEATURES_OK);
@@ -110,23 +121,66 @@ int main(void) {
 #endif
   control(0, 0, 1);                    /* DEVICE_READY */
   u32 added = 0, named = 0, opened = 0;
-  for (int guard = 0; guard < 64 && opened < 2; guard++) {
+  for (int guard = 0; guard < 64 && opened < PORTS; guard++) {
     u32 m = next_msg();
     if (!m) break;
     u32 id = mmio_r32(m);
     u32 ev = mmio_r32(m + 4) & 0xffff;
+#ifdef DEBUG
+    say("msg "); put_num(0x3f8, id); say(" "); put_num(0x3f8, ev); say("\n");
+#endif
     if (ev == 1) { added++; control(id, 3, 1); }            /* DEVICE_ADD -> PORT_READY */
     else if (ev == 7) {                                      /* PORT_NAME */
-      const char *want = id == 1 ? "hyper.stdout" : "hyper.stderr";
+      const char *want = id == 1 ? "hyper.stdout" : id == 2 ? "hyper.stderr" : "hyper.stdin";
       for (u32 k = 0; want[k]; k++) CHECK(10, *(volatile u8 *)(m + 8 + k) == (u8)want[k]);
       named++;
     } else if (ev == 6) opened++;                           /* PORT_OPEN */
+    zero(m, 0x200);                                          /* give the buffer back */
+    offer(2, (int)((m - BUF(2, 0)) / 0x200), m, 0x200, F_WRITE);
   }
-  CHECK(11, added == 2 && named == 2 && opened == 2);
+  if (!(added == PORTS && named == PORTS && opened == PORTS)) {
+    say("handshake: added "); put_num(0x3f8, added); say(" named "); put_num(0x3f8, named);
+    say(" opened "); put_num(0x3f8, opened); say("\n");
+  }
+  CHECK(11, added == PORTS && named == PORTS && opened == PORTS);
   text(1, "to stdout over virtio\n");
   CHECK(12, USED_IDX(5) == avail[5]);
   text(2, "to stderr over virtio\n");
   CHECK(13, USED_IDX(7) == avail[7]);
+#if MODE == 2
+  /* Open the stdin port, post its receive buffers, say ready on COM2 (the
+   * host holds its requests until then), then echo. */
+  control(3, 6, 1);
+  for (int i = 0; i < QSZ; i++) offer(RXQ, i, RXBUF(i), 0x1000, F_WRITE);
+  put(0x2f8, "ready\n");
+  u32 got = 0, eof = 0xffffffffu, num = 0;
+  char line[32]; u32 ll = 0;
+  for (u32 spins = 0; spins < 400000000u && got < eof; spins++) {
+    while (inb(0x2f8 + 5) & 1) {                   /* a byte on COM2 */
+      char ch = (char)inb(0x2f8);
+      if (ch != '\n') { if (ll < sizeof line - 1) line[ll++] = ch; continue; }
+      line[ll] = 0;
+      const char *k = "stdin-eof ";
+      u32 j = 0;
+      while (k[j] && line[j] == k[j]) j++;
+      if (!k[j]) { num = 0; for (; line[j] >= '0' && line[j] <= '9'; j++) num = num * 10 + (u32)(line[j] - '0'); eof = num; }
+      ll = 0;
+    }
+    while (USED_IDX(RXQ) != seen[RXQ]) {
+      u32 i = USED_ID(RXQ, seen[RXQ] % QSZ), n = USED_LEN(RXQ, seen[RXQ] % QSZ);
+      seen[RXQ]++;
+      CHECK(30, i < QSZ && n <= 0x1000);
+      if (n) { offer(5, avail[5] % QSZ, RXBUF(i), n, 0); CHECK(31, USED_IDX(5) == avail[5]); }
+      got += n;
+      offer(RXQ, (int)i, RXBUF(i), 0x1000, F_WRITE);
+    }
+  }
+  CHECK(32, got == eof);
+  say("console: echoed ");
+  put_num(0x3f8, got);
+  say(" bytes\n");
+#else
   say("console: both ports written\n");
+#endif
   return report(0);
 }

@@ -16,6 +16,7 @@ pub mod vcpu;
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -43,6 +44,11 @@ pub struct VmConfig {
     /// Named virtio-console output ports (`hyper.stdout`, `hyper.stderr`)
     /// and where their bytes go; none: no console device.
     pub streams: Vec<(&'static str, Box<dyn Write + Send>)>,
+    /// `-i`: hyperboot's stdin goes to the guest on a `hyper.stdin` port
+    /// (needs `streams`), and its end is announced as `stdin-eof N`.
+    pub stdin: bool,
+    /// `-t`: the host terminal's size, sent as `winsize R C` on SIGWINCH.
+    pub winsize: Option<fn() -> Option<[u16; 2]>>,
     pub seccomp: bool,
     /// Delivered to the app (through hyperinit) when hyperboot is asked to stop.
     pub stop_signal: i32,
@@ -189,7 +195,11 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     let control_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&control_irq, layout::CONTROL_IRQ)
         .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-    let mut pio = PioBus::new(console_irq, control_irq, cfg.console);
+    let pio = Arc::new(Mutex::new(PioBus::new(
+        console_irq,
+        control_irq,
+        cfg.console,
+    )));
     let mut blk = match cfg.rootfs.take() {
         Some((file, offset, len)) => {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
@@ -199,17 +209,19 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
-    let mut streams = if cfg.streams.is_empty() {
+    let streams = if cfg.streams.is_empty() {
         None
     } else {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + 1)
             .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-        Some(MmioTransport::new(
-            Console::new(std::mem::take(&mut cfg.streams)),
+        let input = cfg.stdin.then_some("hyper.stdin");
+        Some(Arc::new(Mutex::new(MmioTransport::new(
+            Console::new(std::mem::take(&mut cfg.streams), input),
             irq,
-        ))
+        ))))
     };
+
     let console_range = console_base..console_base + layout::VIRTIO_MMIO_SIZE;
 
     let mut vcpu = vm
@@ -222,6 +234,14 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
 
     phase("vcpu ready");
     sys::install_handlers(cfg.timeout);
+    // Helper threads start after the handlers (a seccomp violation in them is
+    // reported, not a silent kill) and install the same filter themselves.
+    if let (true, Some(console)) = (cfg.stdin, &streams) {
+        feed_stdin(console.clone(), pio.clone(), mem.clone(), cfg.seccomp);
+    }
+    if let Some(size) = cfg.winsize {
+        forward_winsize(pio.clone(), size);
+    }
     if cfg.seccomp {
         seccomp::install()?;
     }
@@ -239,11 +259,11 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
                 _ if sig == libc::SIGALRM => break Stop::Timeout,
                 _ if cfg.stop_timeout.is_zero() => break Stop::Signal(sig),
                 None => {
-                    pio.send_control(format!("signal {}\n", cfg.stop_signal).as_bytes());
+                    lock(&pio).send_control(format!("signal {}\n", cfg.stop_signal).as_bytes());
                     stopping = Some((now + cfg.stop_timeout, false));
                 }
                 Some((deadline, false)) if now >= deadline => {
-                    pio.send_control(b"signal 9\n");
+                    lock(&pio).send_control(b"signal 9\n");
                     stopping = Some((now + Duration::from_secs(2), true));
                 }
                 Some((deadline, true)) if now >= deadline => break Stop::Signal(sig),
@@ -263,24 +283,26 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             eprintln!("hyperboot: exit {exits}: {exit:?}");
         }
         match exit {
-            VcpuExit::IoOut(port, data) => match pio.write(port, data) {
+            VcpuExit::IoOut(port, data) => match lock(&pio).write(port, data) {
                 Some(StopRequest::ExitPort(v)) => break Stop::ExitPort(v),
                 Some(StopRequest::Reset) => break Stop::Reset,
                 None => {}
             },
-            VcpuExit::IoIn(port, data) => pio.read(port, data),
-            VcpuExit::MmioRead(addr, data) => match (blk.as_mut(), streams.as_mut()) {
+            VcpuExit::IoIn(port, data) => lock(&pio).read(port, data),
+            VcpuExit::MmioRead(addr, data) => match (blk.as_mut(), &streams) {
                 (Some(b), _) if blk_range.contains(&addr) => {
                     b.read(addr - layout::VIRTIO_MMIO_BASE, data)
                 }
-                (_, Some(c)) if console_range.contains(&addr) => c.read(addr - console_base, data),
+                (_, Some(c)) if console_range.contains(&addr) => {
+                    lock(c).read(addr - console_base, data)
+                }
                 _ => data.fill(0),
             },
             VcpuExit::MmioWrite(addr, data) => {
                 if let Some(b) = blk.as_mut().filter(|_| blk_range.contains(&addr)) {
                     b.write(addr - layout::VIRTIO_MMIO_BASE, data, &mem);
-                } else if let Some(c) = streams.as_mut().filter(|_| console_range.contains(&addr)) {
-                    c.write(addr - console_base, data, &mem);
+                } else if let Some(c) = streams.as_ref().filter(|_| console_range.contains(&addr)) {
+                    lock(c).write(addr - console_base, data, &mem);
                 }
             }
             VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => break Stop::Reset,
@@ -302,6 +324,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         }
     };
     sys::disarm();
+    let mut pio = lock(&pio);
     pio.flush();
     Ok(Outcome {
         stop,
@@ -309,4 +332,64 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         exits,
         first_run_ns,
     })
+}
+
+/// Locks a device shared with a helper thread (a panicked holder leaves it usable).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `-i`: a thread copies hyperboot's stdin into the console's input port
+/// (waiting while the guest has not taken a mebibyte already), then tells
+/// hyperinit where it ended. It runs under the same seccomp filter.
+fn feed_stdin(
+    console: Arc<Mutex<MmioTransport<Console>>>,
+    pio: Arc<Mutex<PioBus>>,
+    mem: GuestMemoryMmap,
+    filtered: bool,
+) {
+    std::thread::spawn(move || {
+        if filtered && seccomp::install().is_err() {
+            return;
+        }
+        use std::io::Read;
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut sent = 0u64;
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let mut c = lock(&console);
+                let took = c.device.push_input(rest);
+                c.poke(&mem, |d, q, m| d.deliver_input(q, m));
+                drop(c);
+                rest = &rest[took..];
+                if !rest.is_empty() {
+                    // The guest has not taken the last mebibyte yet (a futex
+                    // wait: sleeping system calls are not in the filter).
+                    std::thread::park_timeout(Duration::from_millis(1));
+                }
+            }
+            sent += n as u64;
+        }
+        lock(&pio).send_control(format!("stdin-eof {sent}\n").as_bytes());
+    });
+}
+
+/// `-t`: the host terminal's new size goes to hyperinit on every SIGWINCH.
+fn forward_winsize(pio: Arc<Mutex<PioBus>>, size: fn() -> Option<[u16; 2]>) {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([libc::SIGWINCH]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            if let Some([r, c]) = size() {
+                lock(&pio).send_control(format!("winsize {r} {c}\n").as_bytes());
+            }
+        }
+    });
 }

@@ -1,6 +1,8 @@
 //! The seccomp filter installed on the VMM thread right before the first
-//! guest instruction: only the system calls the run loop makes are allowed;
-//! anything else raises SIGSYS, which reports the call and exits 125.
+//! guest instruction, and by its helper threads (`-i`) when they start: only
+//! the system calls the run loop makes are allowed (mprotect only without
+//! PROT_EXEC); anything else raises SIGSYS, which reports the call and exits
+//! 125.
 
 use std::collections::BTreeMap;
 
@@ -49,8 +51,22 @@ const ALLOWED: &[i64] = &[
 
 /// Installs the filter on the calling thread.
 pub fn install() -> Result<(), SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
+    // The allocator of a helper thread grows its arena with mprotect; never
+    // to make memory executable.
+    let no_exec = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )
+    .map_err(SeccompError::Build)?;
+    rules.insert(
+        libc::SYS_mprotect,
+        vec![SeccompRule::new(vec![no_exec]).map_err(SeccompError::Build)?],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,

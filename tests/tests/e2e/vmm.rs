@@ -104,6 +104,45 @@ fn virtio_console_ports_reach_stdout_and_stderr_apart() {
     assert!(!r.stdout.contains("stderr over"), "{r:?}");
 }
 
+/// `-i` on the KVM VMM: hyperboot's stdin reaches the guest on the
+/// `hyper.stdin` port (more than the device buffers at once, so the reader
+/// waits for the guest), and `stdin-eof N` on COM2 says where it ended; the
+/// guest echoes it all back on its stdout port.
+#[test]
+fn stdin_reaches_the_guest_on_its_port_and_its_end_is_announced() {
+    if !kvm_or_skip("vmm::stdin_reaches_the_guest_on_its_port_and_its_end_is_announced") {
+        return;
+    }
+    use std::io::Write;
+    let input: Vec<u8> = (0..3_000_000u32)
+        .map(|i| b"abcdefghijklmnopqrstuvwxyz\n"[(i % 27) as usize])
+        .collect();
+    let mut child = std::process::Command::new(bin_path("hyperboot"))
+        .args(["--backend", "kvm", "-i", "--timeout", "60"])
+        .arg(guest("console", &["MODE=2"]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feed = input.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(&feed));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let mut want = b"to stdout over virtio\n".to_vec();
+    want.extend_from_slice(&input);
+    want.extend_from_slice(format!("console: echoed {} bytes\n", input.len()).as_bytes());
+    assert!(
+        out.stdout == want,
+        "stdout differs ({} bytes, want {}); stderr: {stderr}",
+        out.stdout.len(),
+        want.len()
+    );
+}
+
 /// Control messages for ports that do not exist, unknown events, short
 /// messages, and transmit buffers the device may not read are refused; the
 /// handshake and the honest writes after them still work.

@@ -3,11 +3,14 @@
 //! buffers, one exit per buffer instead of one per byte on the UART.
 //!
 //! Ports 1.. carry the names hyperinit looks for (`hyper.stdout`,
-//! `hyper.stderr`); port 0 is never added. The control handshake: the guest
-//! says DEVICE_READY, the device adds each port, the guest says PORT_READY
-//! for it, the device gives its name and opens it. What the guest sends on a
-//! port's transmit queue goes to that port's sink, in order, before the
-//! buffer is returned (so nothing is lost at exit), and is counted.
+//! `hyper.stderr`, and `hyper.stdin` with `-i`); port 0 is never added. The
+//! control handshake: the guest says DEVICE_READY, the device adds each port,
+//! the guest says PORT_READY for it, the device gives its name and opens it.
+//! What the guest sends on a port's transmit queue goes to that port's sink,
+//! in order, before the buffer is returned (so nothing is lost at exit), and
+//! is counted. Input waits in a bounded buffer until the guest has opened the
+//! input port and posted receive buffers; another thread may add to it (see
+//! [`Console::push_input`]).
 //!
 //! The guest is hostile: control messages are taken only from readable
 //! descriptors of exactly their size or more, ports it names must exist,
@@ -29,6 +32,8 @@ const F_MULTIPORT: u64 = 1 << 1;
 const QUEUE_SIZE: u16 = 64;
 const CONTROL_RX: usize = 2;
 const CONTROL_TX: usize = 3;
+/// Input held for the guest at most; the host's reader waits beyond it.
+pub const INPUT_MAX: usize = 1 << 20;
 const DEVICE_READY: u16 = 0;
 const DEVICE_ADD: u16 = 1;
 const PORT_READY: u16 = 3;
@@ -44,6 +49,11 @@ pub struct Console {
     ports: Vec<Port>,
     /// Control messages waiting for a guest buffer.
     to_guest: VecDeque<Vec<u8>>,
+    /// The input port's name, if it has one (numbered after the outputs).
+    input: Option<&'static str>,
+    /// Whether the guest opened the input port.
+    input_open: bool,
+    pending_in: VecDeque<u8>,
     /// Requests refused as malformed (for `--verbose` and tests).
     pub refused: u64,
 }
@@ -67,14 +77,20 @@ impl std::fmt::Debug for Console {
 }
 
 impl Console {
-    /// Ports 1, 2, … named and written as given.
-    pub fn new(ports: Vec<(&'static str, Box<dyn Write + Send>)>) -> Self {
-        let max_ports = ports.len() as u32 + 1;
+    /// Ports 1, 2, … named and written as given, then the input port if named.
+    pub fn new(
+        ports: Vec<(&'static str, Box<dyn Write + Send>)>,
+        input: Option<&'static str>,
+    ) -> Self {
+        let named = ports.len() + usize::from(input.is_some());
         let mut config = vec![0u8; 12];
-        config[4..8].copy_from_slice(&max_ports.to_le_bytes());
+        config[4..8].copy_from_slice(&(named as u32 + 1).to_le_bytes());
         Self {
             config,
-            queue_sizes: vec![QUEUE_SIZE; 2 * (ports.len() + 1) + 2],
+            queue_sizes: vec![QUEUE_SIZE; 2 * (named + 1) + 2],
+            input,
+            input_open: false,
+            pending_in: VecDeque::new(),
             ports: ports
                 .into_iter()
                 .map(|(name, sink)| Port {
@@ -91,6 +107,70 @@ impl Console {
     /// Bytes delivered so far on each port, in port order.
     pub fn sent(&self) -> Vec<u64> {
         self.ports.iter().map(|p| p.sent).collect()
+    }
+
+    /// The input port's number.
+    fn input_port(&self) -> Option<usize> {
+        self.input.map(|_| self.ports.len() + 1)
+    }
+
+    /// Takes as much of `data` as fits under [`INPUT_MAX`]; returns how much.
+    pub fn push_input(&mut self, data: &[u8]) -> usize {
+        let n = data
+            .len()
+            .min(INPUT_MAX.saturating_sub(self.pending_in.len()));
+        self.pending_in.extend(&data[..n]);
+        n
+    }
+
+    /// Input not yet in the guest.
+    pub fn input_waiting(&self) -> usize {
+        self.pending_in.len()
+    }
+
+    /// Moves waiting input into the input port's receive buffers, once the
+    /// guest opened it; returns whether any buffer was used.
+    pub fn deliver_input(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String> {
+        let Some(port) = self.input_port() else {
+            return Ok(false);
+        };
+        let q = &mut queues[2 * port + 2];
+        if !self.input_open || self.pending_in.is_empty() || !q.ready() || !q.is_valid(mem) {
+            return Ok(false);
+        }
+        let mut used = false;
+        while !self.pending_in.is_empty() {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut written = 0u32;
+            for d in chain {
+                if !d.is_write_only() {
+                    self.refused += 1;
+                    break;
+                }
+                let n = (d.len() as usize).min(self.pending_in.len());
+                let bytes: Vec<u8> = self.pending_in.range(..n).copied().collect();
+                if mem.write_slice(&bytes, d.addr()).is_err() {
+                    self.refused += 1;
+                    break;
+                }
+                self.pending_in.drain(..n);
+                written += n as u32;
+                if self.pending_in.is_empty() {
+                    break;
+                }
+            }
+            q.add_used(mem, head, written)
+                .map_err(|e| format!("cannot update the used ring: {e}"))?;
+            used = true;
+        }
+        Ok(used)
     }
 
     /// The queue index a port transmits on (port 0: 1; port p ≥ 1: 2p + 3).
@@ -119,25 +199,32 @@ impl Console {
         let value = u16::from_le_bytes([msg[6], msg[7]]);
         match event {
             DEVICE_READY if value == 1 => {
-                for port in 1..=self.ports.len() as u32 {
+                let named = self.ports.len() + usize::from(self.input.is_some());
+                for port in 1..=named as u32 {
                     self.to_guest
                         .push_back(Self::message(port, DEVICE_ADD, 0, &[]));
                 }
             }
             PORT_READY if value == 1 => {
-                let Some(port) = (id as usize).checked_sub(1).and_then(|i| self.ports.get(i))
-                else {
-                    self.refused += 1;
-                    return;
+                let name = match (id as usize).checked_sub(1) {
+                    Some(i) if i < self.ports.len() => self.ports[i].name,
+                    Some(i) if i == self.ports.len() && self.input.is_some() => {
+                        self.input.unwrap_or_default()
+                    }
+                    _ => {
+                        self.refused += 1;
+                        return;
+                    }
                 };
-                let name = port.name.as_bytes().to_vec();
+                let name = name.as_bytes().to_vec();
                 self.to_guest
                     .push_back(Self::message(id, PORT_NAME, 1, &name));
                 self.to_guest
                     .push_back(Self::message(id, PORT_OPEN, 1, &[]));
             }
-            // The guest opening or closing a port, or failing to add one:
-            // nothing to do for an output.
+            PORT_OPEN if Some(id as usize) == self.input_port() => self.input_open = value == 1,
+            // The guest opening or closing an output, or failing to add a
+            // port: nothing to do.
             DEVICE_READY | PORT_READY | PORT_OPEN => {}
             _ => self.refused += 1,
         }
@@ -267,7 +354,8 @@ impl VirtioDevice for Console {
         // Receive queues (the control one included) only post buffers: a
         // notification on them is a chance to deliver what waits.
         let delivered = self.deliver(queues, mem)?;
-        Ok(used || delivered)
+        let input = self.deliver_input(queues, mem)?;
+        Ok(used || delivered || input)
     }
 }
 
@@ -277,10 +365,13 @@ mod tests {
 
     #[test]
     fn ports_map_to_their_transmit_queues() {
-        let c = Console::new(vec![
-            ("hyper.stdout", Box::new(std::io::sink())),
-            ("hyper.stderr", Box::new(std::io::sink())),
-        ]);
+        let c = Console::new(
+            vec![
+                ("hyper.stdout", Box::new(std::io::sink())),
+                ("hyper.stderr", Box::new(std::io::sink())),
+            ],
+            None,
+        );
         assert_eq!(c.queue_max_sizes().len(), 8);
         assert_eq!(u32::from_le_bytes(c.config()[4..8].try_into().unwrap()), 3);
         let map: Vec<Option<usize>> = (0..10).map(|i| c.port_of_tx_queue(i)).collect();
@@ -303,7 +394,10 @@ mod tests {
 
     #[test]
     fn the_handshake_names_each_port_and_refuses_unknown_ones() {
-        let mut c = Console::new(vec![("hyper.stdout", Box::new(std::io::sink()))]);
+        let mut c = Console::new(
+            vec![("hyper.stdout", Box::new(std::io::sink()))],
+            Some("hyper.stdin"),
+        );
         let msg = |id: u32, event: u16, value: u16| {
             let m = Console::message(id, event, value, &[]);
             <[u8; 8]>::try_from(m.as_slice()).unwrap()

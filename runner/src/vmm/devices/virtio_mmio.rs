@@ -225,6 +225,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// Runs device work that did not come from a guest notification (input
+    /// from another thread), interrupting the guest if it used buffers.
+    pub fn poke(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        work: impl FnOnce(&mut D, &mut [Queue], &GuestMemoryMmap) -> Result<bool, String>,
+    ) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.broken.is_some() {
+            return;
+        }
+        match work(&mut self.device, &mut self.queues, mem) {
+            Ok(true) => {
+                self.interrupt_status |= INT_USED_RING;
+                let _ = self.irq.write(1);
+            }
+            Ok(false) => {}
+            Err(e) => self.fail(e),
+        }
+    }
+
     fn fail(&mut self, why: String) {
         self.status |= STATUS_NEEDS_RESET;
         self.broken = Some(why);
