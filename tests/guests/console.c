@@ -4,6 +4,8 @@
  * messages and transmit buffers first; the honest writes must still arrive.
  * MODE 2 (hyperboot -i) also opens the stdin port and echoes everything that
  * arrives on it to stdout until COM2 says `stdin-eof N` and N bytes came.
+ * MODEs 3 and 4 write BULK_KB KiB on the stdout port or the serial console
+ * (scripts/bench-boot's throughput figures).
  * Polls the used rings (no interrupts). */
 #include "guest.h"
 
@@ -179,6 +181,14 @@ int main(void) {
   say("console: echoed ");
   put_num(0x3f8, got);
   say(" bytes\n");
+#elif MODE == 3 /* throughput: BULK_KB KiB on the stdout port in 64 KiB buffers */
+  for (u32 i = 0; i < 65536; i += 4) mmio_w32(0x400000u + i, 0x41414141u);
+  for (u32 kb = 0; kb < BULK_KB; kb += 64) {
+    offer(5, avail[5] % QSZ, 0x400000u, 65536, 0);
+    CHECK(40, USED_IDX(5) == avail[5]);
+  }
+#elif MODE == 4 /* throughput: BULK_KB KiB on the serial console, a byte per exit */
+  for (u32 n = 0; n < BULK_KB * 1024u; n++) outb(0x3f8, 'A');
 #else
   say("console: both ports written\n");
 #endif

@@ -77,12 +77,13 @@ fn main() {
             PathBuf::from(args.get(2).expect("usage: bench-boot app ARTIFACT [RUNS]")),
             args.get(3).map(|s| s.parse().expect("RUNS")).unwrap_or(5),
         ),
+        Some("streams") => streams(args.get(2).map(|s| s.parse().expect("RUNS")).unwrap_or(5)),
         Some("peer-files") => peer_files(
             PathBuf::from(args.get(2).expect("usage: bench-boot peer-files ARTIFACT DIR RUN_JSON")),
             PathBuf::from(args.get(3).expect("DIR")),
             args.get(4).expect("RUN_JSON"),
         ),
-        _ => panic!("usage: bench-boot null [RUNS] | bench-boot app ARTIFACT [RUNS] | bench-boot peer-files ARTIFACT DIR RUN_JSON"),
+        _ => panic!("usage: bench-boot null [RUNS] | bench-boot streams [RUNS] | bench-boot app ARTIFACT [RUNS] | bench-boot peer-files ARTIFACT DIR RUN_JSON"),
     }
 }
 
@@ -192,6 +193,83 @@ fn null(runs: usize) {
     println!(
         "firecracker: not measured (no release can be fetched from this machine's registries)"
     );
+}
+
+/// Output throughput on the KVM VMM: a test guest writes on the stdout
+/// port of the virtio-console (64 KiB buffers) or on the serial console (a VM
+/// exit per byte); the same guest writing nothing gives the fixed cost,
+/// subtracted.
+fn streams(runs: usize) {
+    let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
+    const PORT_KB: u32 = 256 * 1024;
+    const SERIAL_KB: u32 = 512;
+    let guest = |mode: u32, kb: u32| {
+        let elf = hyper_tests::build_guest(
+            "console",
+            &[&format!("MODE={mode}"), &format!("BULK_KB={kb}")],
+        );
+        hyper_tests::guest_artifact(&elf, &[0u8; 4096])
+    };
+    let (port, port0, serial, serial0) = (
+        guest(3, PORT_KB),
+        guest(3, 0),
+        guest(4, SERIAL_KB),
+        guest(4, 0),
+    );
+    let run = |art: &Path| -> (Duration, u64) {
+        let start = Instant::now();
+        let mut child = Command::new(&hyperboot)
+            .args(["--backend", "kvm", "--memory", "64M"])
+            .arg(art)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k as u64,
+            }
+        }
+        assert!(child.wait().expect("wait").success(), "{art:?} failed");
+        (start.elapsed(), n)
+    };
+    let (mut p, mut p0, mut s, mut s0) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let (t, n) = run(&port);
+        assert!(
+            n >= u64::from(PORT_KB) * 1024,
+            "the port delivered {n} bytes"
+        );
+        p.push(t);
+        p0.push(run(&port0).0);
+        let (t, n) = run(&serial);
+        assert!(
+            n >= u64::from(SERIAL_KB) * 1024,
+            "the serial console delivered {n} bytes"
+        );
+        s.push(t);
+        s0.push(run(&serial0).0);
+    }
+    println!("bench-boot streams: {runs} runs each, test guests on the KVM VMM");
+    let med = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64()
+    };
+    let port_mbs = f64::from(PORT_KB) / 1024.0 / (med(&mut p) - med(&mut p0)).max(1e-6);
+    let serial_mbs = f64::from(SERIAL_KB) / 1024.0 / (med(&mut s) - med(&mut s0)).max(1e-6);
+    println!(
+        "virtio-console stdout port  {port_mbs:10.1} MiB/s   ({} MiB)",
+        PORT_KB / 1024
+    );
+    println!(
+        "serial console (COM1)       {serial_mbs:10.2} MiB/s   ({} KiB)",
+        SERIAL_KB
+    );
+    println!("ratio port/serial: {:.0}", port_mbs / serial_mbs);
 }
 
 /// Time from SIGTERM to hyperboot's exit for an app that exits promptly on
