@@ -216,8 +216,6 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
     }
     let kvm_lacks = if opts.net.requested() {
         Some("networking")
-    } else if opts.cpus > 1 {
-        Some("more than one vCPU")
     } else if !opts.binds.is_empty() {
         Some("-v (host directories)")
     } else {
@@ -294,6 +292,7 @@ fn boot_kvm(
         rootfs: Some((artifact.file().try_clone()?, r.offset, r.length)),
         cmdline,
         memory_mib: opts.memory_mib,
+        cpus: opts.cpus,
         timeout: opts.timeout,
         console: Box::new(std::io::LineWriter::new(std::io::stdout())),
         streams: vec![

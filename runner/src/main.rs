@@ -62,7 +62,7 @@ struct Cli {
     /// Give the app a pseudo-terminal (as docker run -t; stderr joins stdout)
     #[arg(short = 't', long)]
     tty: bool,
-    /// vCPUs for the guest (QEMU backend; the KVM VMM runs one for now)
+    /// vCPUs for the guest (at most the host's CPUs)
     #[arg(long, default_value = "1", value_parser = clap::value_parser!(u8).range(1..=64))]
     cpus: u8,
     /// Stop the VM after this many seconds (exit code 124)

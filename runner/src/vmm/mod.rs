@@ -1,10 +1,11 @@
 //! hyperboot's own virtual machine monitor, on the rust-vmm crates.
 //!
-//! [`run`] turns a validated [`VmConfig`] into a running VM and drives its one
-//! vCPU on the calling thread until the guest stops: exits are handled inline
-//! (port I/O for the console, status and exit ports; MMIO for virtio-blk), a
-//! seccomp filter is in place before the first guest instruction, and signals
-//! or `--timeout` interrupt `KVM_RUN`.
+//! [`run`] turns a validated [`VmConfig`] into a running VM and drives its
+//! boot vCPU on the calling thread (the others on a thread each) until the
+//! guest stops: exits are handled inline on the vCPU's thread (port I/O for
+//! the console, status and exit ports; MMIO for virtio-blk and the
+//! virtio-console), a seccomp filter is in place on every thread before its
+//! first guest instruction, and signals or `--timeout` interrupt `KVM_RUN`.
 
 pub mod devices;
 pub mod kvm;
@@ -16,6 +17,7 @@ pub mod vcpu;
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +41,9 @@ pub struct VmConfig {
     /// The command line before the runner's device announcements.
     pub cmdline: String,
     pub memory_mib: u64,
+    /// vCPUs (1 to 64); the first boots, the others wait for the guest's
+    /// INIT/SIPI and run on their own threads.
+    pub cpus: u8,
     pub timeout: Option<Duration>,
     pub console: Box<dyn Write + Send>,
     /// Named virtio-console output ports (`hyper.stdout`, `hyper.stderr`)
@@ -186,7 +191,8 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         ));
     }
     let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
-    layout::write_mptable(&mem, 1)?;
+    let cpus = cfg.cpus.clamp(1, 64);
+    layout::write_mptable(&mem, cpus)?;
 
     phase("guest loaded");
     let console_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
@@ -200,12 +206,15 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         control_irq,
         cfg.console,
     )));
-    let mut blk = match cfg.rootfs.take() {
+    let blk = match cfg.rootfs.take() {
         Some((file, offset, len)) => {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
             vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE)
                 .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-            Some(MmioTransport::new(Block::new(file, offset, len), irq))
+            Some(Mutex::new(MmioTransport::new(
+                Block::new(file, offset, len),
+                irq,
+            )))
         }
         None => None,
     };
@@ -222,15 +231,28 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         ))))
     };
 
-    let console_range = console_base..console_base + layout::VIRTIO_MMIO_SIZE;
+    let bus = Arc::new(Bus {
+        pio: pio.clone(),
+        blk,
+        console: streams.clone(),
+        console_base,
+        mem: mem.clone(),
+    });
 
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| VmmError::Create("KVM_CREATE_VCPU", e))?;
-    vcpu::setup_cpuid(&kvm, &vcpu, 0, 1)?;
-    vcpu::setup_msrs(&vcpu)?;
-    vcpu::setup_pvh_regs(&vcpu, &mem, loaded.entry)?;
-    vcpu::setup_lapic(&vcpu)?;
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    for id in 0..cpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmmError::Create("KVM_CREATE_VCPU", e))?;
+        vcpu::setup_cpuid(&kvm, &vcpu, id, cpus)?;
+        vcpu::setup_msrs(&vcpu)?;
+        if id == 0 {
+            vcpu::setup_pvh_regs(&vcpu, &mem, loaded.entry)?;
+        }
+        vcpu::setup_lapic(&vcpu)?;
+        vcpus.push(vcpu);
+    }
+    let mut vcpu = vcpus.remove(0);
 
     phase("vcpu ready");
     sys::install_handlers(cfg.timeout);
@@ -242,10 +264,21 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     if let Some(size) = cfg.winsize {
         forward_winsize(pio.clone(), size);
     }
+    // The other vCPUs: a thread each, under the same filter, stopping the
+    // VM through `shared` when their guest code asks to.
+    let shared = Arc::new(Shared::new());
+    let aps: Vec<_> = vcpus
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (bus, shared) = (bus.clone(), shared.clone());
+            let filtered = cfg.seccomp;
+            std::thread::spawn(move || run_ap(v, i + 1, &bus, &shared, filtered))
+        })
+        .collect();
     if cfg.seccomp {
         seccomp::install()?;
     }
-    let blk_range = layout::VIRTIO_MMIO_BASE..layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_SIZE;
     let mut exits = 0u64;
     let trace = std::env::var_os("HYPER_VMM_TRACE").is_some();
     let first_run_ns = monotonic_ns();
@@ -253,6 +286,9 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     // stop timeout, and the VM is ended 2 s after that if it still runs.
     let mut stopping: Option<(std::time::Instant, bool)> = None;
     let stop = loop {
+        if let Some(stop) = shared.take_stop() {
+            break stop;
+        }
         if let Some(sig) = sys::stop_signal() {
             let now = std::time::Instant::now();
             match stopping {
@@ -282,56 +318,176 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         if trace {
             eprintln!("hyperboot: exit {exits}: {exit:?}");
         }
-        match exit {
-            VcpuExit::IoOut(port, data) => match lock(&pio).write(port, data) {
-                Some(StopRequest::ExitPort(v)) => break Stop::ExitPort(v),
-                Some(StopRequest::Reset) => break Stop::Reset,
-                None => {}
-            },
-            VcpuExit::IoIn(port, data) => lock(&pio).read(port, data),
-            VcpuExit::MmioRead(addr, data) => match (blk.as_mut(), &streams) {
-                (Some(b), _) if blk_range.contains(&addr) => {
-                    b.read(addr - layout::VIRTIO_MMIO_BASE, data)
-                }
-                (_, Some(c)) if console_range.contains(&addr) => {
-                    lock(c).read(addr - console_base, data)
-                }
-                _ => data.fill(0),
-            },
-            VcpuExit::MmioWrite(addr, data) => {
-                if let Some(b) = blk.as_mut().filter(|_| blk_range.contains(&addr)) {
-                    b.write(addr - layout::VIRTIO_MMIO_BASE, data, &mem);
-                } else if let Some(c) = streams.as_ref().filter(|_| console_range.contains(&addr)) {
-                    lock(c).write(addr - console_base, data, &mem);
-                }
-            }
-            VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => break Stop::Reset,
-            VcpuExit::Hlt => break Stop::GuestError("the guest halted with interrupts off".into()),
-            VcpuExit::FailEntry(reason, _) => {
-                break Stop::GuestError(format!(
-                    "KVM could not enter the guest (hardware reason {reason:#x})"
-                ))
-            }
-            VcpuExit::InternalError => {
-                break Stop::GuestError(
-                    "KVM internal error: the guest ran something KVM cannot emulate".into(),
-                )
-            }
-            VcpuExit::Exception => {
-                break Stop::GuestError("the guest raised an unhandled exception".into())
-            }
-            other => break Stop::GuestError(format!("unexpected VM exit {other:?}")),
+        if let Some(stop) = bus.handle(exit) {
+            break stop;
         }
     };
     sys::disarm();
+    shared.end(&aps);
     let mut pio = lock(&pio);
     pio.flush();
     Ok(Outcome {
         stop,
         status: pio.status(),
-        exits,
+        exits: exits + shared.exits.load(Ordering::SeqCst),
         first_run_ns,
     })
+}
+
+/// The devices every vCPU reaches: port I/O and the virtio-mmio slots.
+struct Bus {
+    pio: Arc<Mutex<PioBus>>,
+    blk: Option<Mutex<MmioTransport<Block>>>,
+    console: Option<Arc<Mutex<MmioTransport<Console>>>>,
+    console_base: u64,
+    mem: GuestMemoryMmap,
+}
+
+impl Bus {
+    /// Serves one exit; returns why the VM must stop, if it must.
+    fn handle(&self, exit: VcpuExit) -> Option<Stop> {
+        let blk_range =
+            layout::VIRTIO_MMIO_BASE..layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_SIZE;
+        let console_range = self.console_base..self.console_base + layout::VIRTIO_MMIO_SIZE;
+        match exit {
+            VcpuExit::IoOut(port, data) => match lock(&self.pio).write(port, data) {
+                Some(StopRequest::ExitPort(v)) => return Some(Stop::ExitPort(v)),
+                Some(StopRequest::Reset) => return Some(Stop::Reset),
+                None => {}
+            },
+            VcpuExit::IoIn(port, data) => lock(&self.pio).read(port, data),
+            VcpuExit::MmioRead(addr, data) => match (&self.blk, &self.console) {
+                (Some(b), _) if blk_range.contains(&addr) => {
+                    lock(b).read(addr - layout::VIRTIO_MMIO_BASE, data)
+                }
+                (_, Some(c)) if console_range.contains(&addr) => {
+                    lock(c).read(addr - self.console_base, data)
+                }
+                _ => data.fill(0),
+            },
+            VcpuExit::MmioWrite(addr, data) => {
+                if let Some(b) = self.blk.as_ref().filter(|_| blk_range.contains(&addr)) {
+                    lock(b).write(addr - layout::VIRTIO_MMIO_BASE, data, &self.mem);
+                } else if let Some(c) = self
+                    .console
+                    .as_ref()
+                    .filter(|_| console_range.contains(&addr))
+                {
+                    lock(c).write(addr - self.console_base, data, &self.mem);
+                }
+            }
+            VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => return Some(Stop::Reset),
+            VcpuExit::Hlt => {
+                return Some(Stop::GuestError(
+                    "the guest halted with interrupts off".into(),
+                ))
+            }
+            VcpuExit::FailEntry(reason, _) => {
+                return Some(Stop::GuestError(format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x})"
+                )))
+            }
+            VcpuExit::InternalError => {
+                return Some(Stop::GuestError(
+                    "KVM internal error: the guest ran something KVM cannot emulate".into(),
+                ))
+            }
+            VcpuExit::Exception => {
+                return Some(Stop::GuestError(
+                    "the guest raised an unhandled exception".into(),
+                ))
+            }
+            other => return Some(Stop::GuestError(format!("unexpected VM exit {other:?}"))),
+        }
+        None
+    }
+}
+
+/// What the vCPU threads share with the boot vCPU's loop.
+struct Shared {
+    /// A stop an AP's guest code asked for, for the boot vCPU's loop.
+    stop: Mutex<Option<Stop>>,
+    /// Set when the VM is over: the AP threads leave.
+    done: AtomicBool,
+    /// AP threads that have left.
+    left: AtomicUsize,
+    exits: AtomicU64,
+    main: libc::pthread_t,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            stop: Mutex::new(None),
+            done: AtomicBool::new(false),
+            left: AtomicUsize::new(0),
+            exits: AtomicU64::new(0),
+            main: sys::this_thread(),
+        }
+    }
+
+    fn take_stop(&self) -> Option<Stop> {
+        lock(&self.stop).take()
+    }
+
+    /// An AP asks the VM to stop: the boot vCPU is kicked out of KVM_RUN
+    /// until its loop has taken the request (a kick can land just before it
+    /// enters the guest).
+    fn request_stop(&self, stop: Stop) {
+        lock(&self.stop).get_or_insert(stop);
+        while !self.done.load(Ordering::SeqCst) && lock(&self.stop).is_some() {
+            sys::kick(self.main);
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+
+    /// The VM is over: every AP thread is kicked until it has left its loop
+    /// (bounded: a thread that does not leave is ended with the process).
+    fn end(&self, aps: &[std::thread::JoinHandle<()>]) {
+        use std::os::unix::thread::JoinHandleExt;
+        self.done.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while self.left.load(Ordering::SeqCst) < aps.len() && std::time::Instant::now() < deadline {
+            for h in aps {
+                // Not joined yet, so the handle still names the thread.
+                sys::kick(h.as_pthread_t());
+            }
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+}
+
+/// An application processor's loop: it waits in KVM for the guest's
+/// INIT/SIPI, then runs; exits are served on the shared bus.
+fn run_ap(mut vcpu: kvm_ioctls::VcpuFd, id: usize, bus: &Bus, shared: &Shared, filtered: bool) {
+    // Process signals (stop, timeout) go to the boot vCPU's thread.
+    sys::block_stop_signals();
+    if filtered && seccomp::install().is_err() {
+        shared.request_stop(Stop::GuestError(format!(
+            "vCPU {id}: cannot install the seccomp filter"
+        )));
+        shared.left.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    while !shared.done.load(Ordering::SeqCst) {
+        match vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                shared.request_stop(Stop::GuestError(format!(
+                    "KVM_RUN failed on vCPU {id}: {e}"
+                )));
+                break;
+            }
+            Ok(exit) => {
+                shared.exits.fetch_add(1, Ordering::Relaxed);
+                if let Some(stop) = bus.handle(exit) {
+                    shared.request_stop(stop);
+                    break;
+                }
+            }
+        }
+    }
+    shared.left.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Locks a device shared with a helper thread (a panicked holder leaves it usable).

@@ -58,15 +58,51 @@ fn install(sig: libc::c_int, handler: usize, siginfo: bool) {
     }
 }
 
+extern "C" fn on_kick(_sig: libc::c_int) {}
+
+/// The signals that stop the VM (and the timeout's).
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGALRM];
+
+/// The signal one vCPU thread sends another to interrupt its `KVM_RUN`.
+const KICK: libc::c_int = libc::SIGUSR1;
+
 /// Installs the handlers; arms the timeout when one is given.
 pub fn install_handlers(timeout: Option<Duration>) {
     STOP_SIGNAL.store(0, Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGALRM] {
+    for sig in STOP_SIGNALS {
         install(sig, on_stop_signal as *const () as usize, false);
     }
+    install(KICK, on_kick as *const () as usize, false);
     install(libc::SIGSYS, on_sigsys as *const () as usize, true);
     if let Some(t) = timeout {
         arm_timer(t.max(Duration::from_micros(1)), Duration::ZERO);
+    }
+}
+
+/// The calling thread, to be kicked later.
+pub fn this_thread() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() }
+}
+
+/// Interrupts `thread`'s `KVM_RUN` (EINTR); a thread not in it just runs the
+/// empty handler.
+pub fn kick(thread: libc::pthread_t) {
+    // SAFETY: callers pass threads that have not been joined or detached.
+    unsafe { libc::pthread_kill(thread, KICK) };
+}
+
+/// Blocks the stop signals in the calling thread, so they reach the boot
+/// vCPU's thread, whose loop acts on them.
+pub fn block_stop_signals() {
+    // SAFETY: a sigset built with the libc calls, for this thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

@@ -57,6 +57,8 @@ pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8) -> Result<(), Vc
                 }
             }
             0xb | 0x1f => e.edx = u32::from(id), // x2APIC id
+            // AMD's extended APIC id, which Linux checks against the APIC's.
+            0x8000_001e => e.eax = u32::from(id),
             _ => {}
         }
     }

@@ -62,6 +62,57 @@ fn the_kernel_boots_on_our_vmm_to_init() {
     }
 }
 
+/// `--cpus 2` on the KVM VMM: the MP table and CPUID describe two
+/// processors, the kernel wakes the second with INIT/SIPI on its own thread,
+/// and the boot goes on to init as with one.
+#[test]
+fn the_kernel_brings_up_a_second_vcpu_on_our_vmm() {
+    if !kvm_usable() {
+        skip(
+            "slow::the_kernel_brings_up_a_second_vcpu_on_our_vmm",
+            "no usable /dev/kvm on this host",
+        );
+        return;
+    }
+    let r = boot_on(
+        "kvm",
+        busybox_artifact(),
+        &[
+            "--cpus",
+            "2",
+            "--console",
+            "--timeout",
+            "400",
+            "--",
+            "sh",
+            "-c",
+            "grep -c ^processor /proc/cpuinfo",
+        ],
+    );
+    let console = &r.stdout;
+    assert!(
+        console.contains("smp: Brought up 1 node, 2 CPUs"),
+        "the second vCPU did not come up: {}",
+        tail(console)
+    );
+    assert!(
+        !console.contains("APIC ID mismatch"),
+        "CPUID and the APIC disagree: {}",
+        tail(console)
+    );
+    assert!(
+        console.contains("Run /init as init process"),
+        "init was not started: {}",
+        tail(console)
+    );
+    if hardware_kvm() {
+        assert_eq!(r.code, Some(0), "{}", tail(console));
+        assert!(console.contains("\n2\n"), "{}", tail(console));
+    } else {
+        assert_eq!(r.code, Some(122), "{r:?}");
+    }
+}
+
 fn tail(s: &str) -> &str {
     &s[s.len().saturating_sub(3000)..]
 }
