@@ -324,8 +324,8 @@ fn boot_kvm(
     note(
         opts.verbose,
         &format!(
-            "the VM stopped ({:?}) after {} exits",
-            outcome.stop, outcome.exits
+            "the VM stopped ({:?}) after {} exits; the guest readied {} console ports",
+            outcome.stop, outcome.exits, outcome.console_ports
         ),
     );
     Ok(exit_code(&outcome.status, &outcome.stop, opts))

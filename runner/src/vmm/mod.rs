@@ -94,6 +94,8 @@ pub struct Outcome {
     pub exits: u64,
     /// Monotonic nanoseconds when the first KVM_RUN was entered.
     pub first_run_ns: u64,
+    /// Console ports the guest's driver made ready.
+    pub console_ports: u32,
 }
 
 /// Why the VM could not be created.
@@ -331,6 +333,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         status: pio.status(),
         exits: exits + shared.exits.load(Ordering::SeqCst),
         first_run_ns,
+        console_ports: streams.as_ref().map_or(0, |c| lock(c).device.ready_ports),
     })
 }
 

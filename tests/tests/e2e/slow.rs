@@ -20,12 +20,20 @@ fn the_kernel_boots_on_our_vmm_to_init() {
         busybox_artifact(),
         &[
             "--console",
+            "--verbose",
             "--timeout",
             "400",
             "--",
             "echo",
             "slow-tier-ok",
         ],
+    );
+    // The kernel's virtio-console driver did the multiport handshake with
+    // the VMM's device: both output ports are ready before init runs.
+    assert!(
+        r.stderr.contains("the guest readied 2 console ports"),
+        "{}",
+        r.stderr
     );
     let console = &r.stdout;
     assert!(

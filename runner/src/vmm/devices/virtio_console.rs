@@ -56,6 +56,8 @@ pub struct Console {
     pending_in: VecDeque<u8>,
     /// Requests refused as malformed (for `--verbose` and tests).
     pub refused: u64,
+    /// Ports the guest's driver said it made ready (for `--verbose` and tests).
+    pub ready_ports: u32,
 }
 
 struct Port {
@@ -101,6 +103,7 @@ impl Console {
                 .collect(),
             to_guest: VecDeque::new(),
             refused: 0,
+            ready_ports: 0,
         }
     }
 
@@ -217,6 +220,7 @@ impl Console {
                     }
                 };
                 let name = name.as_bytes().to_vec();
+                self.ready_ports += 1;
                 self.to_guest
                     .push_back(Self::message(id, PORT_NAME, 1, &name));
                 self.to_guest
