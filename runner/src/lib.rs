@@ -214,8 +214,11 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
             )));
         }
     }
-    let kvm_lacks = if opts.net.requested() {
-        Some("networking")
+    // User-mode networking on the KVM backend is passt's.
+    let user_net =
+        opts.net.requested() && matches!(opts.net.mode, net::NetMode::Auto | net::NetMode::User);
+    let kvm_lacks = if user_net && !net::passt_available() {
+        Some("user-mode networking without passt (apt-get install passt)")
     } else if !opts.binds.is_empty() {
         Some("-v (host directories)")
     } else {
@@ -227,7 +230,7 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
                 "hyperboot: {what} is not available on the KVM backend yet: using the QEMU backend"
             );
             backend = Backend::Qemu;
-        } else if !opts.net.requested() {
+        } else {
             return Err(BootError::Backend(format!(
                 "{what} is not available on the KVM backend yet; use --backend qemu"
             )));
@@ -252,7 +255,7 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
         })?;
     }
     match backend {
-        Backend::Kvm => boot_kvm(&artifact, &run, kvm == host::Kvm::Pvm, opts),
+        Backend::Kvm => boot_kvm(&artifact, &run, kvm == host::Kvm::Pvm, opts, net),
         _ => boot_qemu(&artifact, &run, &kvm, opts, net.as_ref()),
     }
 }
@@ -262,8 +265,28 @@ fn boot_kvm(
     run: &spec::RunConfig,
     pvm: bool,
     opts: &BootOptions,
+    net: Option<net::Plan>,
 ) -> Result<u8, BootError> {
     use hvm::SectionKind;
+    // The network: passt (user mode) or the tap, and hyperboot's relays for -p.
+    let mut passt = None;
+    let net_backend = match net {
+        Some(p) => {
+            net::forward_tcp(&p.ports, |m| p.upstream(m)).map_err(BootError::Backend)?;
+            Some(match p.link {
+                net::Link::User => {
+                    let (child, sock) =
+                        net::start_passt(&p, opts.verbose).map_err(BootError::Backend)?;
+                    passt = Some(child);
+                    vmm::devices::virtio_net::Backend::Passt(sock)
+                }
+                net::Link::Tap { fd, .. } => {
+                    vmm::devices::virtio_net::Backend::Tap(std::fs::File::from(fd))
+                }
+            })
+        }
+        None => None,
+    };
     if pvm {
         note(
             opts.verbose,
@@ -300,6 +323,7 @@ fn boot_kvm(
             ("hyper.stderr", Box::new(std::io::stderr())),
         ],
         stdin: run.stdin,
+        net: net_backend.map(|b| (net::GUEST_MAC, b)),
         winsize: run.tty.then_some(terminal_size as fn() -> Option<[u16; 2]>),
         seccomp: true,
         stop_signal: spec::signal_number(&artifact.manifest().config.stop_signal)
@@ -310,6 +334,9 @@ fn boot_kvm(
     let raw = RawTerminal::new(opts.tty);
     let outcome = vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)));
     drop(raw);
+    // passt (--one-off) leaves by itself when hyperboot's end of its socket
+    // closes, at exit; the filter in place here would not allow a kill.
+    drop(passt);
     let outcome = outcome?;
     if let Some(spawn) = std::env::var("HYPER_SPAWN_NS")
         .ok()

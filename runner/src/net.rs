@@ -1,10 +1,12 @@
 //! Guest networking and published ports.
 //!
 //! * `user` (the default on the QEMU backend): QEMU's user-mode network stack
-//!   (libslirp). No root, no tap: the guest is 10.0.2.15/24 behind a NAT with
-//!   gateway 10.0.2.2 (which is also the host's loopback, reachable as
-//!   `host.hyper.internal`) and DNS at 10.0.2.3; `-p` becomes a host
-//!   forwarding rule, so published ports close when the VM ends.
+//!   (libslirp), or on the KVM backend passt (Debian's `passt`) connected to
+//!   the VMM's virtio-net by a socket pair. No root, no tap: the guest is
+//!   10.0.2.15/24 behind a NAT with gateway 10.0.2.2 (which is also the host's
+//!   loopback, reachable as `host.hyper.internal`) and DNS at 10.0.2.3; `-p`
+//!   becomes a forwarding rule of the user-mode stack on a loopback port that
+//!   hyperboot's relay serves, so published ports close when the VM ends.
 //! * `tap[:NAME]` (needs CAP_NET_ADMIN): a tap device hyperboot creates and
 //!   addresses (a /30 per VM: host .1, guest .2), virtio-net on it, `-p`
 //!   served by a TCP forwarder in hyperboot. Outbound traffic beyond the host
@@ -206,9 +208,6 @@ pub fn plan(
         NetMode::Auto if ports.is_empty() => NetMode::None,
         m => m.clone(),
     };
-    if !qemu_backend && mode != NetMode::None {
-        return Err("networking (-p, -P, --net) is not available on the KVM backend yet: use --backend qemu".into());
-    }
     if mode == NetMode::None {
         if !ports.is_empty() {
             return Err("-p/-P need a network: drop --net none".into());
@@ -302,6 +301,73 @@ fn reserve(p: &mut PortMap) -> Result<(), String> {
             p.proto.name()
         )),
     }
+}
+
+/// The guest's MAC address (QEMU's default one, as on the QEMU backend).
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// Whether Debian's `passt` can be run (user-mode networking on the KVM backend).
+pub fn passt_available() -> bool {
+    std::process::Command::new("passt")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Starts passt for a user-mode plan on the KVM backend: the guest's end of
+/// a socket pair is handed to it (`--fd`), so no socket file is involved;
+/// passt forwards each published TCP port's internal loopback port and each
+/// UDP port, answers DNS at 10.0.2.3 and quits when hyperboot closes its end.
+pub fn start_passt(
+    p: &Plan,
+    verbose: bool,
+) -> Result<(std::process::Child, std::os::unix::net::UnixStream), String> {
+    use std::os::fd::AsFd;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| format!("cannot make passt's socket pair: {e}"))?;
+    // passt inherits its end (and only that one is marked to be kept).
+    nix::fcntl::fcntl(
+        theirs.as_fd().as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .map_err(|e| format!("cannot hand passt its socket: {e}"))?;
+    let mut c = std::process::Command::new("passt");
+    c.args(["--foreground", "--quiet", "--one-off", "--ipv4-only"])
+        .args(["--fd", &theirs.as_raw_fd().to_string()])
+        .args([
+            "--address",
+            &p.guest.address,
+            "--netmask",
+            &p.guest.prefix.to_string(),
+        ])
+        .args(["--gateway", &p.guest.gateway, "--dns-forward", "10.0.2.3"]);
+    let mut tcp = p.internal.iter();
+    for port in &p.ports {
+        match port.proto {
+            Proto::Tcp => {
+                let internal = tcp.next().expect("an internal port per TCP port");
+                c.args(["-t", &format!("127.0.0.1/{internal}:{}", port.guest_port)]);
+            }
+            Proto::Udp => {
+                c.args([
+                    "-u",
+                    &format!("{}/{}:{}", port.host_ip, port.host_port, port.guest_port),
+                ]);
+            }
+        }
+    }
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    if !verbose {
+        c.stderr(std::process::Stdio::null());
+    }
+    let child = c
+        .spawn()
+        .map_err(|e| format!("cannot start passt (apt-get install passt): {e}"))?;
+    drop(theirs);
+    Ok((child, ours))
 }
 
 /// QEMU's `-netdev`/`-device` arguments for a plan.

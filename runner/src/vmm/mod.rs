@@ -52,6 +52,8 @@ pub struct VmConfig {
     /// `-i`: hyperboot's stdin goes to the guest on a `hyper.stdin` port
     /// (needs `streams`), and its end is announced as `stdin-eof N`.
     pub stdin: bool,
+    /// A virtio-net device (the guest's MAC) on a tap or passt backend.
+    pub net: Option<([u8; 6], devices::virtio_net::Backend)>,
     /// `-t`: the host terminal's size, sent as `winsize R C` on SIGWINCH.
     pub winsize: Option<fn() -> Option<[u16; 2]>>,
     pub seccomp: bool,
@@ -192,6 +194,13 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             layout::VIRTIO_IRQ_BASE + 1
         ));
     }
+    let net_base = layout::VIRTIO_MMIO_BASE + 2 * layout::VIRTIO_MMIO_SIZE;
+    if cfg.net.is_some() {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{net_base:#x}:{}",
+            layout::VIRTIO_IRQ_BASE + 2
+        ));
+    }
     let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
     let cpus = cfg.cpus.clamp(1, 64);
     layout::write_mptable(&mem, cpus)?;
@@ -233,11 +242,27 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         ))))
     };
 
+    let mut net_rx = None;
+    let net = match cfg.net.take() {
+        Some((mac, backend)) => {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + 2)
+                .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+            net_rx = Some(backend.try_clone().map_err(VmmError::EventFd)?);
+            Some(Arc::new(Mutex::new(MmioTransport::new(
+                devices::virtio_net::Net::new(mac, backend),
+                irq,
+            ))))
+        }
+        None => None,
+    };
     let bus = Arc::new(Bus {
         pio: pio.clone(),
         blk,
         console: streams.clone(),
         console_base,
+        net: net.clone(),
+        net_base,
         mem: mem.clone(),
     });
 
@@ -265,6 +290,9 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     }
     if let Some(size) = cfg.winsize {
         forward_winsize(pio.clone(), size);
+    }
+    if let (Some(backend), Some(net)) = (net_rx, &net) {
+        devices::virtio_net::rx_thread(backend, net.clone(), mem.clone(), cfg.seccomp);
     }
     // The other vCPUs: a thread each, under the same filter, stopping the
     // VM through `shared` when their guest code asks to.
@@ -343,6 +371,8 @@ struct Bus {
     blk: Option<Mutex<MmioTransport<Block>>>,
     console: Option<Arc<Mutex<MmioTransport<Console>>>>,
     console_base: u64,
+    net: Option<Arc<Mutex<MmioTransport<devices::virtio_net::Net>>>>,
+    net_base: u64,
     mem: GuestMemoryMmap,
 }
 
@@ -352,6 +382,7 @@ impl Bus {
         let blk_range =
             layout::VIRTIO_MMIO_BASE..layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_SIZE;
         let console_range = self.console_base..self.console_base + layout::VIRTIO_MMIO_SIZE;
+        let net_range = self.net_base..self.net_base + layout::VIRTIO_MMIO_SIZE;
         match exit {
             VcpuExit::IoOut(port, data) => match lock(&self.pio).write(port, data) {
                 Some(StopRequest::ExitPort(v)) => return Some(Stop::ExitPort(v)),
@@ -366,7 +397,12 @@ impl Bus {
                 (_, Some(c)) if console_range.contains(&addr) => {
                     lock(c).read(addr - self.console_base, data)
                 }
-                _ => data.fill(0),
+                _ => match &self.net {
+                    Some(n) if net_range.contains(&addr) => {
+                        lock(n).read(addr - self.net_base, data)
+                    }
+                    _ => data.fill(0),
+                },
             },
             VcpuExit::MmioWrite(addr, data) => {
                 if let Some(b) = self.blk.as_ref().filter(|_| blk_range.contains(&addr)) {
@@ -377,6 +413,8 @@ impl Bus {
                     .filter(|_| console_range.contains(&addr))
                 {
                     lock(c).write(addr - self.console_base, data, &self.mem);
+                } else if let Some(n) = self.net.as_ref().filter(|_| net_range.contains(&addr)) {
+                    lock(n).write(addr - self.net_base, data, &self.mem);
                 }
             }
             VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => return Some(Stop::Reset),

@@ -26,6 +26,10 @@ const ALLOWED: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_write,
     libc::SYS_writev,
+    // Frames to and from passt on the socket pair it was given (no socket
+    // can be created or connected under the filter).
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
     libc::SYS_lseek,
     libc::SYS_fcntl,
     libc::SYS_close,

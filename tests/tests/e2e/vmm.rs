@@ -143,6 +143,28 @@ fn stdin_reaches_the_guest_on_its_port_and_its_end_is_announced() {
     );
 }
 
+/// User-mode networking on the KVM VMM: virtio-net frames go to passt over
+/// a socket pair and back; the guest's ARP request for the gateway is
+/// answered. MODE 1 first sends frames the device must refuse and posts a
+/// receive buffer too small for any frame.
+#[test]
+fn virtio_net_reaches_passt_and_back() {
+    if !kvm_or_skip("vmm::virtio_net_reaches_passt_and_back") {
+        return;
+    }
+    for mode in [0, 1] {
+        let r = boot_kvm(
+            &guest("net", &[&format!("MODE={mode}")]),
+            &["--net", "user", "--timeout", "30"],
+        );
+        assert_eq!(r.code, Some(0), "mode {mode}: {r:?}");
+        assert!(
+            r.stdout.contains("net: 10.0.2.2 is-at "),
+            "mode {mode}: {r:?}"
+        );
+    }
+}
+
 /// Control messages for ports that do not exist, unknown events, short
 /// messages, and transmit buffers the device may not read are refused; the
 /// handshake and the honest writes after them still work.

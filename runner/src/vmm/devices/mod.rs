@@ -4,3 +4,4 @@ pub mod pio;
 pub mod virtio_blk;
 pub mod virtio_console;
 pub mod virtio_mmio;
+pub mod virtio_net;

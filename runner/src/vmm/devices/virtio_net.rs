@@ -1,0 +1,283 @@
+//! virtio-net (virtio 1.2 section 5.1) over a frame backend: a tap device
+//! (`--net tap`) or passt's UNIX socket (user-mode networking, `-p` without
+//! root). No offloads: every frame is a plain Ethernet frame behind a zeroed
+//! 12-byte header.
+//!
+//! Transmit runs on the vCPU's thread when the guest notifies; receive frames
+//! come from a reader thread ([`rx_thread`]), wait in a bounded queue and go
+//! into the guest's receive buffers as it posts them. The guest is hostile:
+//! a transmit chain must be readable, hold the header and at most 64 KiB of
+//! frame; a receive chain must be writable and big enough for the header and
+//! the frame (else the frame is dropped, as a NIC drops it); nothing the
+//! guest does stops the device or the VMM.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::virtio_mmio::{MmioTransport, VirtioDevice};
+
+const TYPE_NET: u32 = 1;
+const F_MAC: u64 = 1 << 5;
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const HDR: usize = 12;
+/// The largest frame taken from the guest or a backend.
+pub const FRAME_MAX: usize = 65_536;
+/// Received frames held while the guest posts no buffers; more are dropped.
+const RX_BACKLOG: usize = 256;
+
+/// Where frames go and come from.
+#[derive(Debug)]
+pub enum Backend {
+    /// A tap device's descriptor (IFF_TAP | IFF_NO_PI): one frame per read or write.
+    Tap(std::fs::File),
+    /// passt's socket: each frame after its length, 4 bytes big-endian (QEMU's
+    /// stream netdev protocol).
+    Passt(UnixStream),
+}
+
+impl Backend {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            Backend::Tap(f) => f.write_all(frame),
+            Backend::Passt(s) => {
+                let len = (frame.len() as u32).to_be_bytes();
+                s.write_all(&len)?;
+                s.write_all(frame)
+            }
+        }
+    }
+
+    /// A second handle for the reader thread.
+    pub fn try_clone(&self) -> std::io::Result<Backend> {
+        Ok(match self {
+            Backend::Tap(f) => Backend::Tap(f.try_clone()?),
+            Backend::Passt(s) => Backend::Passt(s.try_clone()?),
+        })
+    }
+
+    /// Reads the next frame; `None` when the backend is gone.
+    fn recv(&mut self, buf: &mut Vec<u8>) -> Option<()> {
+        match self {
+            Backend::Tap(f) => {
+                buf.resize(FRAME_MAX, 0);
+                loop {
+                    match f.read(buf) {
+                        Ok(0) => return None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            return Some(());
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return None,
+                    }
+                }
+            }
+            Backend::Passt(s) => {
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).ok()?;
+                let len = u32::from_be_bytes(len) as usize;
+                if len > FRAME_MAX {
+                    return None;
+                }
+                buf.resize(len, 0);
+                s.read_exact(buf).ok()
+            }
+        }
+    }
+}
+
+/// The network device.
+pub struct Net {
+    config: Vec<u8>,
+    backend: Backend,
+    rx: VecDeque<Vec<u8>>,
+    frame: Vec<u8>,
+    /// Frames refused or dropped (for `--verbose` and tests).
+    pub dropped: u64,
+    /// Frames the guest sent and received.
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("sent", &self.sent)
+            .field("received", &self.received)
+            .field("dropped", &self.dropped)
+            .finish()
+    }
+}
+
+impl Net {
+    pub fn new(mac: [u8; 6], backend: Backend) -> Self {
+        Self {
+            config: mac.to_vec(),
+            backend,
+            rx: VecDeque::new(),
+            frame: Vec::with_capacity(FRAME_MAX),
+            dropped: 0,
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    /// Queues a frame from the backend for the guest (dropped past the backlog).
+    pub fn push_rx(&mut self, frame: Vec<u8>) {
+        if self.rx.len() >= RX_BACKLOG {
+            self.dropped += 1;
+        } else {
+            self.rx.push_back(frame);
+        }
+    }
+
+    /// Moves queued frames into the guest's receive buffers.
+    pub fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, String> {
+        let q = &mut queues[RX];
+        if self.rx.is_empty() || !q.ready() || !q.is_valid(mem) {
+            return Ok(false);
+        }
+        let mut used = false;
+        while let Some(frame) = self.rx.pop_front() {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                self.rx.push_front(frame);
+                break;
+            };
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            let written = match write_chain(&descs, &frame, mem) {
+                Some(n) => {
+                    self.received += 1;
+                    n
+                }
+                None => {
+                    self.dropped += 1;
+                    0
+                }
+            };
+            q.add_used(mem, head, written)
+                .map_err(|e| format!("cannot update the used ring: {e}"))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    fn transmit(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) {
+        let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+        if descs.iter().any(|d| d.is_write_only())
+            || total < HDR as u64
+            || total > (HDR + FRAME_MAX) as u64
+        {
+            self.dropped += 1;
+            return;
+        }
+        self.frame.clear();
+        for d in descs {
+            let start = self.frame.len();
+            self.frame.resize(start + d.len() as usize, 0);
+            if mem.read_slice(&mut self.frame[start..], d.addr()).is_err() {
+                self.dropped += 1;
+                return;
+            }
+        }
+        // A backend that is gone or full loses the frame, as a cable would.
+        match self.backend.send(&self.frame[HDR..]) {
+            Ok(()) => self.sent += 1,
+            Err(_) => self.dropped += 1,
+        }
+    }
+}
+
+/// Writes the header (num_buffers 1) and `frame` into a writable chain;
+/// returns the bytes written, or `None` when the chain cannot hold them.
+fn write_chain(descs: &[Descriptor], frame: &[u8], mem: &GuestMemoryMmap) -> Option<u32> {
+    let room: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+    if descs.iter().any(|d| !d.is_write_only()) || room < (HDR + frame.len()) as u64 {
+        return None;
+    }
+    let mut hdr = [0u8; HDR];
+    hdr[10] = 1; // num_buffers
+    let mut data = hdr.iter().chain(frame.iter()).copied();
+    let mut left = HDR + frame.len();
+    for d in descs {
+        if left == 0 {
+            break;
+        }
+        let n = (d.len() as usize).min(left);
+        let part: Vec<u8> = data.by_ref().take(n).collect();
+        mem.write_slice(&part, GuestAddress(d.addr().0)).ok()?;
+        left -= n;
+    }
+    Some((HDR + frame.len()) as u32)
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn features(&self) -> u64 {
+        F_MAC
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn process(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String> {
+        let mut used = false;
+        if index == TX {
+            let mut chains = Vec::new();
+            while let Some(chain) = queues[TX].pop_descriptor_chain(mem) {
+                chains.push((chain.head_index(), chain.collect::<Vec<Descriptor>>()));
+            }
+            for (head, descs) in chains {
+                self.transmit(&descs, mem);
+                queues[TX]
+                    .add_used(mem, head, 0)
+                    .map_err(|e| format!("cannot update the used ring: {e}"))?;
+                used = true;
+            }
+        }
+        let delivered = self.deliver(queues, mem)?;
+        Ok(used || delivered)
+    }
+}
+
+/// Reads frames from `backend` and hands them to the device until the
+/// backend is gone; runs under the seccomp filter when `filtered`.
+pub fn rx_thread(
+    mut backend: Backend,
+    net: Arc<Mutex<MmioTransport<Net>>>,
+    mem: GuestMemoryMmap,
+    filtered: bool,
+) {
+    std::thread::spawn(move || {
+        if filtered && crate::vmm::seccomp::install().is_err() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(FRAME_MAX);
+        while backend.recv(&mut buf).is_some() {
+            let mut n = net.lock().unwrap_or_else(|e| e.into_inner());
+            n.device.push_rx(buf.clone());
+            n.poke(&mem, |d, q, m| d.deliver(q, m));
+        }
+    });
+}
