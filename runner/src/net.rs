@@ -204,8 +204,8 @@ pub fn plan(
         }
     }
     let mode = match &o.mode {
-        NetMode::Auto if qemu_backend => NetMode::User,
-        NetMode::Auto if ports.is_empty() => NetMode::None,
+        NetMode::Auto if qemu_backend || !ports.is_empty() => NetMode::User,
+        NetMode::Auto => NetMode::None,
         m => m.clone(),
     };
     if mode == NetMode::None {
@@ -758,9 +758,13 @@ mod tests {
             .unwrap();
         assert_eq!(p.ports.len(), 2);
         assert_eq!(p.ports[1].proto, Proto::Udp);
-        // KVM backend: no network by default, a clear error when asked.
+        // KVM backend: no network by default; user mode (passt) once a port
+        // is published, with the same guest addresses.
         assert!(plan(&NetOptions::default(), &[], false).unwrap().is_none());
-        assert!(plan(&o, &[], false).unwrap_err().contains("KVM backend"));
+        let k = plan(&o, &[], false).unwrap().unwrap();
+        assert!(matches!(k.link, Link::User));
+        assert_eq!(k.guest.address, "10.0.2.15");
+        assert_eq!(k.upstream(&k.ports[0]).port(), k.internal[0]);
         let none = NetOptions {
             mode: NetMode::None,
             ..o

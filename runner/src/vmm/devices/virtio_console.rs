@@ -406,20 +406,28 @@ mod tests {
             let m = Console::message(id, event, value, &[]);
             <[u8; 8]>::try_from(m.as_slice()).unwrap()
         };
+        let next = |c: &mut Console| c.to_guest.pop_front().unwrap();
         c.control(msg(0, DEVICE_READY, 1));
-        assert_eq!(
-            c.to_guest.pop_front().unwrap(),
-            Console::message(1, DEVICE_ADD, 0, &[])
-        );
+        assert_eq!(next(&mut c), Console::message(1, DEVICE_ADD, 0, &[]));
+        assert_eq!(next(&mut c), Console::message(2, DEVICE_ADD, 0, &[]));
         c.control(msg(1, PORT_READY, 1));
         assert_eq!(
-            c.to_guest.pop_front().unwrap(),
+            next(&mut c),
             Console::message(1, PORT_NAME, 1, b"hyper.stdout")
         );
+        assert_eq!(next(&mut c), Console::message(1, PORT_OPEN, 1, &[]));
+        c.control(msg(2, PORT_READY, 1));
         assert_eq!(
-            c.to_guest.pop_front().unwrap(),
-            Console::message(1, PORT_OPEN, 1, &[])
+            next(&mut c),
+            Console::message(2, PORT_NAME, 1, b"hyper.stdin")
         );
+        assert_eq!(next(&mut c), Console::message(2, PORT_OPEN, 1, &[]));
+        assert_eq!(c.ready_ports, 2);
+        // Input waits for the guest to open the input port.
+        assert!(!c.input_open);
+        c.control(msg(2, PORT_OPEN, 1));
+        assert!(c.input_open);
+        assert_eq!(c.push_input(&vec![7u8; INPUT_MAX + 10]), INPUT_MAX);
         for bad in [msg(9, PORT_READY, 1), msg(0, PORT_READY, 1), msg(1, 42, 0)] {
             c.control(bad);
         }
