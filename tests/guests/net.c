@@ -4,7 +4,9 @@
  * MODE 1 first sends frames the device must refuse (too short, a buffer it
  * may only write, one outside guest memory) and posts a receive buffer too
  * small for any frame; the honest exchange must still work. Polls the used
- * rings (no interrupts). */
+ * rings (no interrupts). MODE 2 then waits for a TCP SYN to port 80: a
+ * connection to a port published with -p, through hyperboot's relay and
+ * passt. */
 #include "guest.h"
 
 #define BASE 0xd0002000u
@@ -94,6 +96,9 @@ int main(void) {
   /* Ask, and ask again now and then, as a network stack does (a reply that
    * met the too-small buffer of MODE 1 was dropped). */
   for (u32 spins = 0; spins < 200000000u; spins++) {
+    /* Leave the guest now and then: on a nested host a vCPU that never exits
+     * can keep passt and hyperboot's receive thread off the CPU. */
+    if (spins % 1024 == 0) (void)inb(0x80);
     if (spins % 200000u == 0) {
       offer(1, 0, TXBUF, arp_request(), 0);
       CHECK(10, USED_IDX(1) == avail[1]);
@@ -114,10 +119,42 @@ int main(void) {
           if (k < 5) say(":");
         }
         say("\n");
+#if MODE == 2
+        goto syn;
+#else
         return report(0);
+#endif
       }
+      offer(0, (int)i, RXBUF(i), 0x1000, F_WRITE);   /* not it: the buffer goes back */
     }
   }
   say("net: no ARP reply\n");
   return report(11);
+#if MODE == 2
+  /* A connection to a published port: hyperboot's relay -> passt -> a TCP
+   * SYN for 10.0.2.15:80 in a received frame. */
+syn:
+  for (u32 spins = 0; spins < 2000000000u; spins++) {
+    /* Leave the guest now and then: on a nested host a vCPU that never exits
+     * can keep passt and hyperboot's receive thread off the CPU. */
+    if (spins % 1024 == 0) (void)inb(0x80);
+    while (USED_IDX(0) != seen[0]) {
+      u32 i = USED_ID(0, seen[0] % QSZ), n = USED_LEN(0, seen[0] % QSZ);
+      seen[0]++;
+      if (i >= QSZ) continue;
+      u32 f = RXBUF(i) + 12, ip = f + 14;
+      if (n >= 12 + 14 + 20 + 20 && rd8(f + 12) == 0x08 && rd8(f + 13) == 0x00 && rd8(ip + 9) == 6) {
+        u32 tcp = ip + (rd8(ip) & 15) * 4;
+        u32 dport = ((u32)rd8(tcp + 2) << 8) | rd8(tcp + 3);
+        if (dport == 80 && (rd8(tcp + 13) & 0x02)) {
+          say("net: SYN for 10.0.2.15:80\n");
+          return report(0);
+        }
+      }
+      offer(0, (int)i, RXBUF(i), 0x1000, F_WRITE);
+    }
+  }
+  say("net: no SYN\n");
+  return report(12);
+#endif
 }
