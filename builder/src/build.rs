@@ -423,6 +423,9 @@ fn read_layers(
                     let r = read_layer(reference, layout, &layers[i], &mut w);
                     if let (Ok(ops), Some(c), Some(p)) = (&r, cache, pending) {
                         c.keep(p, &layers[i], &w, ops);
+                        if !layers[i].verified {
+                            c.remember_blob(&layers[i]);
+                        }
                     }
                     *jobs[i].lock().expect("not poisoned") = Some((w, None));
                     *results[i].lock().expect("not poisoned") = Some(r);
@@ -439,11 +442,15 @@ fn read_layers(
     // Cached layers whose blob in a local layout was not checked yet: bad input
     // is refused whether or not it was seen before. Checked while the image is
     // written; the artifact is sealed only if they hold.
+    // A blob file verified before and unchanged since (same inode, size and
+    // change time) is not hashed again.
     let unchecked: Vec<oci::Layer> = (0..layers.len())
         .filter(|&i| cached[i].is_some() && !layers[i].verified)
+        .filter(|&i| !cache.is_some_and(|c| c.blob_unchanged(&layers[i])))
         .map(|i| layers[i].clone())
         .collect();
     let (reference_owned, layout_owned) = (reference.to_string(), layout.to_owned());
+    let stamps = cache.cloned();
     let check = std::thread::spawn(move || {
         for l in unchecked {
             oci::verify_blob(&layout_owned, &l.path, &l.digest).map_err(|source| {
@@ -452,6 +459,9 @@ fn read_layers(
                     source,
                 }
             })?;
+            if let Some(c) = &stamps {
+                c.remember_blob(&l);
+            }
         }
         Ok(())
     });

@@ -96,6 +96,49 @@ impl LayerCache {
         }
     }
 
+    fn stamp_path(&self, l: &Layer) -> Option<PathBuf> {
+        let hex = crate::cache::digest_hex(&l.digest).ok()?;
+        Some(self.dir.join(".verified").join(hex))
+    }
+
+    /// What identifies a layout's blob file as unchanged: the file, its size
+    /// and its change time (which no one can set back by hand).
+    fn stamp(l: &Layer) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(&l.path).ok()?;
+        Some(format!(
+            "{} {} {} {}.{} {}.{} {}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            l.path.display()
+        ))
+    }
+
+    /// Whether `l`'s blob file in a local layout is the very file verified
+    /// against its digest before (same inode, size and change time).
+    pub fn blob_unchanged(&self, l: &Layer) -> bool {
+        match (self.stamp_path(l), Self::stamp(l)) {
+            (Some(p), Some(now)) => fs::read_to_string(p).is_ok_and(|was| was == now),
+            _ => false,
+        }
+    }
+
+    /// Records that `l`'s blob file was just verified.
+    pub fn remember_blob(&self, l: &Layer) {
+        if let (Some(p), Some(now)) = (self.stamp_path(l), Self::stamp(l)) {
+            let _ = fs::create_dir_all(self.dir.join(".verified"));
+            let tmp = p.with_extension("tmp");
+            if fs::write(&tmp, now).is_ok() {
+                let _ = fs::rename(&tmp, &p);
+            }
+        }
+    }
+
     /// Removes every entry whose layer digest is not in `keep`; returns how
     /// many entries and bytes went.
     pub fn prune(root: &Path, keep: &std::collections::BTreeSet<String>) -> (u64, u64) {
@@ -106,6 +149,10 @@ impl LayerCache {
         for kind in kinds.flatten() {
             for e in fs::read_dir(kind.path()).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
+                if name == ".verified" {
+                    let _ = fs::remove_dir_all(e.path());
+                    continue;
+                }
                 let digest = format!("sha256:{}", name.split('-').next().unwrap_or(""));
                 if keep.contains(&digest) && !name.starts_with(".tmp-") {
                     continue;

@@ -478,6 +478,7 @@ fn rebuilds_reuse_unchanged_layers_and_give_the_same_artifact() {
     let entries: Vec<_> = fs::read_dir(cache.path().join("layers/lz4"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .collect();
     assert_eq!(entries.len(), 4, "{entries:?}");
     for e in &entries {
@@ -508,6 +509,40 @@ fn rebuilds_reuse_unchanged_layers_and_give_the_same_artifact() {
             .count(),
         0
     );
+    // A cached layer whose blob in the layout changed is refused all the same
+    // (its change time gives it away, even with its old mtime put back).
+    run(&a, &[]);
+    assert_eq!(reused(&run(&a, &[])), (Some(3), Some(3)));
+    let blob = fs::read_dir(a.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mtime = fs::metadata(&blob).unwrap().modified().unwrap();
+    let mut bytes = fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    fs::write(&blob, &bytes).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&blob)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let o = hyperbuild()
+        .env("HYPER_BLOB_CACHE", cache.path())
+        .arg(format!("oci:{}", a.display()))
+        .arg("-o")
+        .arg(scratch().join("reuse-bad.hvm"))
+        .arg("--kernel")
+        .arg(kernel())
+        .arg("--init")
+        .arg(init())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not match its digest"));
+    assert!(!scratch().join("reuse-bad.hvm").exists());
 }
 
 /// The busybox layout plus one more (uncompressed) layer.
