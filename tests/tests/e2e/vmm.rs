@@ -211,6 +211,67 @@ fn a_published_port_reaches_the_guest_through_passt() {
     drop(client);
 }
 
+/// `--net tap` on the KVM VMM: a datagram the host sends to the tap's
+/// broadcast address reaches the guest, which then asks for the host by ARP
+/// and gets the host kernel's answer. Needs CAP_NET_ADMIN.
+#[test]
+fn virtio_net_on_a_tap_talks_to_the_host() {
+    let _turn = spinning();
+    if !kvm_or_skip("vmm::virtio_net_on_a_tap_talks_to_the_host") {
+        return;
+    }
+    if !unsafe_is_root() {
+        skip(
+            "vmm::virtio_net_on_a_tap_talks_to_the_host",
+            "--net tap needs CAP_NET_ADMIN (run as root)",
+        );
+        return;
+    }
+    use std::io::BufRead;
+    let tap = "hytapvmm0";
+    let mut child = std::process::Command::new(bin_path("hyperboot"))
+        .args(["--backend", "kvm", "--timeout", "60", "--net"])
+        .arg(format!("tap:{tap}"))
+        .arg(guest("net", &["MODE=3"]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "net: listening\n");
+    let ip = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", tap])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ip.stdout).into_owned();
+    let host: std::net::Ipv4Addr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address on {tap}: {text}"));
+    let broadcast = std::net::Ipv4Addr::from(u32::from(host) | 3);
+    let sock = std::net::UdpSocket::bind((host, 0)).unwrap();
+    sock.set_broadcast(true).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let sender = std::thread::spawn(move || {
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = sock.send_to(b"hello guest", (broadcast, 9));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sender.join().unwrap();
+    assert_eq!(line, format!("net: tap host {host} answered\n"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 /// Control messages for ports that do not exist, unknown events, short
 /// messages, and transmit buffers the device may not read are refused; the
 /// handshake and the honest writes after them still work.

@@ -28,6 +28,8 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const HDR: usize = 12;
+/// The virtio-net header a tap with IFF_VNET_HDR puts before each frame.
+const TAP_HDR: usize = 10;
 /// The largest frame taken from the guest or a backend.
 pub const FRAME_MAX: usize = 65_536;
 /// Received frames held while the guest posts no buffers; more are dropped.
@@ -36,7 +38,9 @@ const RX_BACKLOG: usize = 256;
 /// Where frames go and come from.
 #[derive(Debug)]
 pub enum Backend {
-    /// A tap device's descriptor (IFF_TAP | IFF_NO_PI): one frame per read or write.
+    /// A tap device's descriptor (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, as
+    /// hyperboot creates it for both backends): one frame per read or write,
+    /// behind the tap's 10-byte virtio-net header (zero: no offloads).
     Tap(std::fs::File),
     /// passt's socket: each frame after its length, 4 bytes big-endian (QEMU's
     /// stream netdev protocol).
@@ -46,7 +50,12 @@ pub enum Backend {
 impl Backend {
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         match self {
-            Backend::Tap(f) => f.write_all(frame),
+            Backend::Tap(f) => {
+                let mut out = Vec::with_capacity(TAP_HDR + frame.len());
+                out.extend_from_slice(&[0u8; TAP_HDR]);
+                out.extend_from_slice(frame);
+                f.write_all(&out)
+            }
             Backend::Passt(s) => {
                 let len = (frame.len() as u32).to_be_bytes();
                 s.write_all(&len)?;
@@ -67,12 +76,14 @@ impl Backend {
     fn recv(&mut self, buf: &mut Vec<u8>) -> Option<()> {
         match self {
             Backend::Tap(f) => {
-                buf.resize(FRAME_MAX, 0);
+                buf.resize(TAP_HDR + FRAME_MAX, 0);
                 loop {
                     match f.read(buf) {
                         Ok(0) => return None,
+                        Ok(n) if n <= TAP_HDR => {} // no frame behind the header
                         Ok(n) => {
                             buf.truncate(n);
+                            buf.drain(..TAP_HDR);
                             return Some(());
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
