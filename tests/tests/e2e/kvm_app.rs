@@ -115,3 +115,111 @@ fn writes_vanish_when_the_vm_ends() {
         "absent\n",
     );
 }
+
+/// The app's streams on the KVM VMM's virtio-console ports: stdout and
+/// stderr apart, stdin with `-i`, and a second vCPU the app can see.
+#[test]
+fn streams_stdin_and_cpus() {
+    if !hardware_or_skip("kvm_app::streams_stdin_and_cpus") {
+        return;
+    }
+    let r = boot_on(
+        "kvm",
+        busybox_artifact(),
+        &["--", "sh", "-c", "echo to-out; echo to-err >&2"],
+    );
+    assert_run(&r, 0, "to-out\n");
+    assert!(r.stderr.contains("to-err\n"), "{r:?}");
+    use std::io::Write;
+    let mut child = hyperboot()
+        .args(["--backend", "kvm", "--timeout", "120", "-i"])
+        .arg(busybox_artifact())
+        .args(["--", "sh", "-c", "wc -c; cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&vec![b'x'; 100_000])
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+    let r = boot_on(
+        "kvm",
+        busybox_artifact(),
+        &[
+            "--cpus",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "grep -c ^processor /proc/cpuinfo",
+        ],
+    );
+    assert_run(&r, 0, "2\n");
+}
+
+/// Networking on the KVM VMM in user mode (passt): the guest reaches a host
+/// loopback service by name, and a port published with `-p` serves a client.
+#[test]
+fn user_mode_network_both_ways() {
+    if !hardware_or_skip("kvm_app::user_mode_network_both_ways") {
+        return;
+    }
+    // A host loopback service the guest fetches from.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut c in l.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\nfrom-host");
+        }
+    });
+    let r = boot_on(
+        "kvm",
+        busybox_artifact(),
+        &[
+            "--net",
+            "user",
+            "--",
+            "wget",
+            "-qO-",
+            &format!("http://host.hyper.internal:{port}/"),
+        ],
+    );
+    assert_run(&r, 0, "from-host");
+    // A published port: busybox httpd serving /etc, fetched through -p.
+    let published = free_port();
+    let mut vm = hyperboot()
+        .args(["--backend", "kvm", "--timeout", "120", "-p"])
+        .arg(format!("127.0.0.1:{published}:8080"))
+        .arg(busybox_artifact())
+        .args(["--", "httpd", "-f", "-p", "8080", "-h", "/etc"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut body = String::new();
+    for _ in 0..100 {
+        use std::io::{Read, Write};
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", published)) {
+            let _ = c.write_all(b"GET /motd HTTP/1.0\r\n\r\n");
+            let mut s = String::new();
+            let _ = c.read_to_string(&mut s);
+            if s.contains("layer two") {
+                body = s;
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = vm.kill();
+    let _ = vm.wait();
+    assert!(body.contains("layer two"), "no answer through -p: {body:?}");
+}
