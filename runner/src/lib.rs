@@ -351,8 +351,15 @@ fn boot_kvm(
     note(
         opts.verbose,
         &format!(
-            "the VM stopped ({:?}) after {} exits; the guest readied {} console ports",
-            outcome.stop, outcome.exits, outcome.console_ports
+            "the VM stopped ({:?}) after {} exits; the guest readied {} console ports{}",
+            outcome.stop,
+            outcome.exits,
+            outcome.console_ports,
+            match outcome.net_ready {
+                Some(true) => "; its driver set the network card up",
+                Some(false) => "; its driver did not set the network card up",
+                None => "",
+            }
         ),
     );
     Ok(exit_code(&outcome.status, &outcome.stop, opts))

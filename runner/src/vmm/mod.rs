@@ -98,6 +98,8 @@ pub struct Outcome {
     pub first_run_ns: u64,
     /// Console ports the guest's driver made ready.
     pub console_ports: u32,
+    /// Whether the guest's driver set the network card up (when there is one).
+    pub net_ready: Option<bool>,
 }
 
 /// Why the VM could not be created.
@@ -362,6 +364,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         exits: exits + shared.exits.load(Ordering::SeqCst),
         first_run_ns,
         console_ports: streams.as_ref().map_or(0, |c| lock(c).device.ready_ports),
+        net_ready: net.as_ref().map(|n| lock(n).driver_ok()),
     })
 }
 

@@ -70,9 +70,10 @@ fn the_kernel_boots_on_our_vmm_to_init() {
     }
 }
 
-/// `--cpus 2` on the KVM VMM: the MP table and CPUID describe two
-/// processors, the kernel wakes the second with INIT/SIPI on its own thread,
-/// and the boot goes on to init as with one.
+/// `--cpus 2` and `--net user` on the KVM VMM: the MP table and CPUID
+/// describe two processors, the kernel wakes the second with INIT/SIPI on its
+/// own thread, its virtio-net driver sets the card up, and the boot goes on
+/// to init as with one.
 #[test]
 fn the_kernel_brings_up_a_second_vcpu_on_our_vmm() {
     if !kvm_usable() {
@@ -88,6 +89,9 @@ fn the_kernel_brings_up_a_second_vcpu_on_our_vmm() {
         &[
             "--cpus",
             "2",
+            "--net",
+            "user",
+            "--verbose",
             "--console",
             "--timeout",
             "400",
@@ -102,6 +106,12 @@ fn the_kernel_brings_up_a_second_vcpu_on_our_vmm() {
         console.contains("smp: Brought up 1 node, 2 CPUs"),
         "the second vCPU did not come up: {}",
         tail(console)
+    );
+    // The kernel's virtio-net driver accepted the VMM's card (on passt).
+    assert!(
+        r.stderr.contains("its driver set the network card up"),
+        "{}",
+        r.stderr
     );
     assert!(
         !console.contains("APIC ID mismatch"),

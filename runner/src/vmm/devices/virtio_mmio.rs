@@ -83,6 +83,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// Whether the guest's driver finished setting the device up (DRIVER_OK).
+    pub fn driver_ok(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.broken.is_none()
+    }
+
     fn offered(&self) -> u64 {
         self.device.features() | VIRTIO_F_VERSION_1
     }
