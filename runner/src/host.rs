@@ -43,6 +43,15 @@ pub fn classify(pvm_module: bool, cpuinfo: &str) -> Kvm {
     }
 }
 
+/// Whether `name` (a path, or a program looked up on `$PATH`) is a file.
+pub fn on_path(name: &str) -> bool {
+    if name.contains('/') {
+        return std::path::Path::new(name).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -113,14 +113,7 @@ pub fn pick_accel(
 
 fn find_qemu() -> Result<String, BootError> {
     let name = std::env::var("HYPER_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
-    let found = if name.contains('/') {
-        std::path::Path::new(&name).is_file()
-    } else {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(&name).is_file()))
-            .unwrap_or(false)
-    };
-    if found {
+    if host::on_path(&name) {
         Ok(name)
     } else {
         Err(BootError::Backend(format!(

@@ -306,14 +306,9 @@ fn reserve(p: &mut PortMap) -> Result<(), String> {
 /// The guest's MAC address (QEMU's default one, as on the QEMU backend).
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
-/// Whether Debian's `passt` can be run (user-mode networking on the KVM backend).
+/// Whether Debian's `passt` is installed (user-mode networking on the KVM backend).
 pub fn passt_available() -> bool {
-    std::process::Command::new("passt")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    crate::host::on_path("passt")
 }
 
 /// Starts passt for a user-mode plan on the KVM backend: the guest's end of

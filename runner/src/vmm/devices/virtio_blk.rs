@@ -14,7 +14,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::virtio_mmio::VirtioDevice;
+use super::virtio_mmio::{serve_chains, VirtioDevice};
 
 const TYPE_BLOCK: u32 = 2;
 const F_SEG_MAX: u64 = 1 << 2;
@@ -170,16 +170,7 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, String> {
         let queue = &mut queues[index];
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
-            let len = self.handle(&descs, mem);
-            queue
-                .add_used(mem, head, len)
-                .map_err(|e| format!("cannot update the used ring: {e}"))?;
-            used = true;
-        }
+        let used = serve_chains(queue, mem, |descs| self.handle(descs, mem))?;
         Ok(used && queue.needs_notification(mem).unwrap_or(true))
     }
 }

@@ -25,7 +25,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::virtio_mmio::VirtioDevice;
+use super::virtio_mmio::{add_used, serve_chains, VirtioDevice};
 
 const TYPE_CONSOLE: u32 = 3;
 const F_MULTIPORT: u64 = 1 << 1;
@@ -169,8 +169,7 @@ impl Console {
                     break;
                 }
             }
-            q.add_used(mem, head, written)
-                .map_err(|e| format!("cannot update the used ring: {e}"))?;
+            add_used(q, mem, head, written)?;
             used = true;
         }
         Ok(used)
@@ -263,8 +262,7 @@ impl Console {
                     0
                 }
             };
-            q.add_used(mem, head, written)
-                .map_err(|e| format!("cannot update the used ring: {e}"))?;
+            add_used(q, mem, head, written)?;
             used = true;
         }
         Ok(used)
@@ -322,10 +320,7 @@ impl VirtioDevice for Console {
     ) -> Result<bool, String> {
         let mut used = false;
         if index == CONTROL_TX {
-            let q = &mut queues[CONTROL_TX];
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let descs: Vec<Descriptor> = chain.collect();
+            used = serve_chains(&mut queues[CONTROL_TX], mem, |descs| {
                 let mut msg = [0u8; 8];
                 match descs.first() {
                     Some(d)
@@ -337,23 +332,13 @@ impl VirtioDevice for Console {
                     }
                     _ => self.refused += 1,
                 }
-                q.add_used(mem, head, 0)
-                    .map_err(|e| format!("cannot update the used ring: {e}"))?;
-                used = true;
-            }
+                0
+            })?;
         } else if let Some(port) = self.port_of_tx_queue(index) {
-            let q = &mut queues[index];
-            let mut chains = Vec::new();
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
-                chains.push((chain.head_index(), chain.collect::<Vec<Descriptor>>()));
-            }
-            for (head, descs) in chains {
-                self.transmit(port, &descs, mem);
-                queues[index]
-                    .add_used(mem, head, 0)
-                    .map_err(|e| format!("cannot update the used ring: {e}"))?;
-                used = true;
-            }
+            used = serve_chains(&mut queues[index], mem, |descs| {
+                self.transmit(port, descs, mem);
+                0
+            })?;
         }
         // Receive queues (the control one included) only post buffers: a
         // notification on them is a chance to deliver what waits.

@@ -5,6 +5,7 @@
 //! ignored (reads return 0), and a queue configured outside guest memory is
 //! never used — the device sets DEVICE_NEEDS_RESET instead.
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -17,6 +18,37 @@ const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
 const INT_USED_RING: u32 = 1;
+
+/// Puts a chain on the used ring; the error names what failed.
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), String> {
+    queue
+        .add_used(mem, head, len)
+        .map_err(|e| format!("cannot update the used ring: {e}"))
+}
+
+/// Serves every chain the guest made available on `queue`, in order: `serve`
+/// gets its descriptors and returns the bytes it wrote into them, then the
+/// chain goes on the used ring. Returns whether any chain was served.
+pub fn serve_chains(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut serve: impl FnMut(&[Descriptor]) -> u32,
+) -> Result<bool, String> {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let descs: Vec<Descriptor> = chain.collect();
+        let len = serve(&descs);
+        add_used(queue, mem, head, len)?;
+        used = true;
+    }
+    Ok(used)
+}
 
 /// A device behind the transport.
 pub trait VirtioDevice {

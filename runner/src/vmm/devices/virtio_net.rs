@@ -20,7 +20,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::virtio_mmio::{MmioTransport, VirtioDevice};
+use super::virtio_mmio::{add_used, serve_chains, MmioTransport, VirtioDevice};
 
 const TYPE_NET: u32 = 1;
 const F_MAC: u64 = 1 << 5;
@@ -174,8 +174,7 @@ impl Net {
                     0
                 }
             };
-            q.add_used(mem, head, written)
-                .map_err(|e| format!("cannot update the used ring: {e}"))?;
+            add_used(q, mem, head, written)?;
             used = true;
         }
         Ok(used)
@@ -253,20 +252,11 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<bool, String> {
-        let mut used = false;
-        if index == TX {
-            let mut chains = Vec::new();
-            while let Some(chain) = queues[TX].pop_descriptor_chain(mem) {
-                chains.push((chain.head_index(), chain.collect::<Vec<Descriptor>>()));
-            }
-            for (head, descs) in chains {
-                self.transmit(&descs, mem);
-                queues[TX]
-                    .add_used(mem, head, 0)
-                    .map_err(|e| format!("cannot update the used ring: {e}"))?;
-                used = true;
-            }
-        }
+        let used = index == TX
+            && serve_chains(&mut queues[TX], mem, |descs| {
+                self.transmit(descs, mem);
+                0
+            })?;
         let delivered = self.deliver(queues, mem)?;
         Ok(used || delivered)
     }
