@@ -11,6 +11,7 @@ pub mod devices;
 pub mod kvm;
 pub mod layout;
 pub mod loader;
+pub mod p9;
 pub mod seccomp;
 pub mod sys;
 pub mod vcpu;
