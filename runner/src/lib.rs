@@ -148,7 +148,7 @@ fn choose_backend(choice: Backend, kvm: &host::Kvm) -> Result<Backend, BootError
 }
 
 /// The kernel command line: the artifact's, then the log level and debug
-/// switches, then the PVM workarounds where needed.
+/// switches, then the PVM workarounds where needed, then `HYPER_KERNEL_ARGS`.
 fn kernel_cmdline(base: &str, opts: &BootOptions, pvm: bool, extra: &str) -> String {
     let mut c = base.to_string();
     c.push_str(if opts.verbose || opts.console {
@@ -166,6 +166,13 @@ fn kernel_cmdline(base: &str, opts: &BootOptions, pvm: bool, extra: &str) -> Str
     if pvm {
         c.push(' ');
         c.push_str(PVM_WORKAROUNDS);
+    }
+    // A debugging aid (as QEMU's -append): words added last, so they win.
+    if let Ok(more) = std::env::var("HYPER_KERNEL_ARGS") {
+        if !more.trim().is_empty() {
+            c.push(' ');
+            c.push_str(more.trim());
+        }
     }
     c
 }
@@ -212,8 +219,8 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
         opts.net.requested() && matches!(opts.net.mode, net::NetMode::Auto | net::NetMode::User);
     let kvm_lacks = if user_net && !net::passt_available() {
         Some("user-mode networking without passt (apt-get install passt)")
-    } else if !opts.binds.is_empty() {
-        Some("-v (host directories)")
+    } else if opts.binds.len() > vmm::MAX_SHARES {
+        Some("more than 8 -v host directories")
     } else {
         None
     };
@@ -292,6 +299,7 @@ fn boot_kvm(
     initrd.resize(initrd.len().div_ceil(4) * 4, 0);
     initrd.extend_from_slice(&spec::run_archive(run));
     let r = artifact.section(SectionKind::Rootfs);
+    let shares = share_servers(&opts.binds)?;
     let cmdline = kernel_cmdline(
         &artifact.manifest().kernel.cmdline,
         opts,
@@ -317,6 +325,7 @@ fn boot_kvm(
         ],
         stdin: run.stdin,
         net: net_backend.map(|b| (net::GUEST_MAC, b)),
+        shares,
         winsize: run.tty.then_some(terminal_size as fn() -> Option<[u16; 2]>),
         seccomp: true,
         stop_signal: spec::signal_number(&artifact.manifest().config.stop_signal)
@@ -356,6 +365,33 @@ fn boot_kvm(
         ),
     );
     Ok(exit_code(&outcome.status, &outcome.stop, opts))
+}
+
+/// `-v` on the KVM backend: a 9p server per host directory, tagged `volN`
+/// as hyperinit expects. Every fid a guest holds is a host descriptor, so
+/// the open-file limit is raised to its hard limit and split between them.
+fn share_servers(binds: &[spec::Bind]) -> Result<Vec<(String, vmm::p9::Server)>, BootError> {
+    if binds.is_empty() {
+        return Ok(Vec::new());
+    }
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    let open_files = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
+    let per_share = (open_files.saturating_sub(256) as usize / binds.len()).min(65_536);
+    binds
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let server = vmm::p9::Server::new(&b.host, b.read_only, per_share).map_err(|e| {
+                BootError::Backend(format!("-v {}: cannot share it: {e}", b.host.display()))
+            })?;
+            Ok((format!("vol{i}"), server))
+        })
+        .collect()
 }
 
 /// The whole error chain on one line.

@@ -55,6 +55,9 @@ pub struct VmConfig {
     pub stdin: bool,
     /// A virtio-net device (the guest's MAC) on a tap or passt backend.
     pub net: Option<([u8; 6], devices::virtio_net::Backend)>,
+    /// `-v`: host directories as virtio-9p devices, by mount tag (at most
+    /// [`MAX_SHARES`]).
+    pub shares: Vec<(String, p9::Server)>,
     /// `-t`: the host terminal's size, sent as `winsize R C` on SIGWINCH.
     pub winsize: Option<fn() -> Option<[u16; 2]>>,
     pub seccomp: bool,
@@ -72,6 +75,9 @@ impl std::fmt::Debug for VmConfig {
             .finish()
     }
 }
+
+/// Host directories one VM can share (each takes an interrupt line).
+pub const MAX_SHARES: usize = 8;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +128,8 @@ pub enum VmmError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("more than {MAX_SHARES} shared directories")]
+    TooManyShares,
     #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
 }
@@ -204,6 +212,17 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             layout::VIRTIO_IRQ_BASE + 2
         ));
     }
+    if cfg.shares.len() > MAX_SHARES {
+        return Err(VmmError::TooManyShares);
+    }
+    for i in 0..cfg.shares.len() {
+        let slot = SHARE_SLOT + i as u64;
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            layout::VIRTIO_MMIO_BASE + slot * layout::VIRTIO_MMIO_SIZE,
+            layout::VIRTIO_IRQ_BASE + slot as u32
+        ));
+    }
     let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
     let cpus = cfg.cpus.clamp(1, 64);
     layout::write_mptable(&mem, cpus)?;
@@ -225,10 +244,10 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
             vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE)
                 .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-            Some(Mutex::new(MmioTransport::new(
+            Some(Arc::new(Mutex::new(MmioTransport::new(
                 Block::new(file, offset, len),
                 irq,
-            )))
+            ))))
         }
         None => None,
     };
@@ -259,13 +278,33 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
+    let mut shares = Vec::with_capacity(cfg.shares.len());
+    for (i, (tag, server)) in std::mem::take(&mut cfg.shares).into_iter().enumerate() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(
+            &irq,
+            layout::VIRTIO_IRQ_BASE + (SHARE_SLOT as usize + i) as u32,
+        )
+        .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+        shares.push(Arc::new(Mutex::new(MmioTransport::new(
+            devices::virtio_9p::Share::new(&tag, server),
+            irq,
+        ))));
+    }
+    // The virtio-mmio slots, in address order from VIRTIO_MMIO_BASE.
+    let mut slots: Vec<Option<Arc<Mutex<dyn MmioSlot>>>> = vec![
+        blk.map(|b| b as Arc<Mutex<dyn MmioSlot>>),
+        streams.clone().map(|c| c as Arc<Mutex<dyn MmioSlot>>),
+        net.clone().map(|n| n as Arc<Mutex<dyn MmioSlot>>),
+    ];
+    slots.extend(
+        shares
+            .iter()
+            .map(|s| Some(s.clone() as Arc<Mutex<dyn MmioSlot>>)),
+    );
     let bus = Arc::new(Bus {
         pio: pio.clone(),
-        blk,
-        console: streams.clone(),
-        console_base,
-        net: net.clone(),
-        net_base,
+        slots,
         mem: mem.clone(),
     });
 
@@ -296,6 +335,9 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     }
     if let (Some(backend), Some(net)) = (net_rx, &net) {
         devices::virtio_net::rx_thread(backend, net.clone(), mem.clone(), cfg.seccomp);
+    }
+    for share in &shares {
+        devices::virtio_9p::serve_thread(share.clone(), mem.clone(), cfg.seccomp)?;
     }
     // The other vCPUs: a thread each, under the same filter, stopping the
     // VM through `shared` when their guest code asks to.
@@ -369,24 +411,45 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     })
 }
 
+/// The first virtio-mmio slot of the `-v` shares (after the disk, the
+/// console and the network card).
+const SHARE_SLOT: u64 = 3;
+
+/// A virtio-mmio device as the bus sees it: register reads and writes.
+trait MmioSlot: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap);
+}
+
+impl<D: devices::virtio_mmio::VirtioDevice + Send> MmioSlot for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
+        MmioTransport::write(self, offset, data, mem)
+    }
+}
+
 /// The devices every vCPU reaches: port I/O and the virtio-mmio slots.
 struct Bus {
     pio: Arc<Mutex<PioBus>>,
-    blk: Option<Mutex<MmioTransport<Block>>>,
-    console: Option<Arc<Mutex<MmioTransport<Console>>>>,
-    console_base: u64,
-    net: Option<Arc<Mutex<MmioTransport<devices::virtio_net::Net>>>>,
-    net_base: u64,
+    /// One 4 KiB window each from VIRTIO_MMIO_BASE; None: nothing there.
+    slots: Vec<Option<Arc<Mutex<dyn MmioSlot>>>>,
     mem: GuestMemoryMmap,
 }
 
 impl Bus {
     /// Serves one exit; returns why the VM must stop, if it must.
+    /// The device whose window holds `addr`, and the offset in it.
+    fn slot(&self, addr: u64) -> Option<(&Mutex<dyn MmioSlot>, u64)> {
+        let rel = addr.checked_sub(layout::VIRTIO_MMIO_BASE)?;
+        let index = usize::try_from(rel / layout::VIRTIO_MMIO_SIZE).ok()?;
+        let dev = self.slots.get(index)?.as_ref()?;
+        Some((dev, rel % layout::VIRTIO_MMIO_SIZE))
+    }
+
     fn handle(&self, exit: VcpuExit) -> Option<Stop> {
-        let blk_range =
-            layout::VIRTIO_MMIO_BASE..layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_SIZE;
-        let console_range = self.console_base..self.console_base + layout::VIRTIO_MMIO_SIZE;
-        let net_range = self.net_base..self.net_base + layout::VIRTIO_MMIO_SIZE;
         match exit {
             VcpuExit::IoOut(port, data) => match lock(&self.pio).write(port, data) {
                 Some(StopRequest::ExitPort(v)) => return Some(Stop::ExitPort(v)),
@@ -394,31 +457,13 @@ impl Bus {
                 None => {}
             },
             VcpuExit::IoIn(port, data) => lock(&self.pio).read(port, data),
-            VcpuExit::MmioRead(addr, data) => match (&self.blk, &self.console) {
-                (Some(b), _) if blk_range.contains(&addr) => {
-                    lock(b).read(addr - layout::VIRTIO_MMIO_BASE, data)
-                }
-                (_, Some(c)) if console_range.contains(&addr) => {
-                    lock(c).read(addr - self.console_base, data)
-                }
-                _ => match &self.net {
-                    Some(n) if net_range.contains(&addr) => {
-                        lock(n).read(addr - self.net_base, data)
-                    }
-                    _ => data.fill(0),
-                },
+            VcpuExit::MmioRead(addr, data) => match self.slot(addr) {
+                Some((dev, offset)) => lock(dev).read(offset, data),
+                None => data.fill(0),
             },
             VcpuExit::MmioWrite(addr, data) => {
-                if let Some(b) = self.blk.as_ref().filter(|_| blk_range.contains(&addr)) {
-                    lock(b).write(addr - layout::VIRTIO_MMIO_BASE, data, &self.mem);
-                } else if let Some(c) = self
-                    .console
-                    .as_ref()
-                    .filter(|_| console_range.contains(&addr))
-                {
-                    lock(c).write(addr - self.console_base, data, &self.mem);
-                } else if let Some(n) = self.net.as_ref().filter(|_| net_range.contains(&addr)) {
-                    lock(n).write(addr - self.net_base, data, &self.mem);
+                if let Some((dev, offset)) = self.slot(addr) {
+                    lock(dev).write(offset, data, &self.mem);
                 }
             }
             VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => return Some(Stop::Reset),
@@ -536,7 +581,7 @@ fn run_ap(mut vcpu: kvm_ioctls::VcpuFd, id: usize, bus: &Bus, shared: &Shared, f
 }
 
 /// Locks a device shared with a helper thread (a panicked holder leaves it usable).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -53,11 +53,51 @@ const ALLOWED: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// What a `-v` share's thread adds: file system calls on descriptors it
+/// holds (`*at` calls, metadata, directory listing, writes, syncs). Still no
+/// process, socket or exec call.
+const FILE_SERVER: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_readlinkat,
+    libc::SYS_linkat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_ftruncate,
+    libc::SYS_getdents64,
+    libc::SYS_pwrite64,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+];
+
 /// Installs the filter on the calling thread.
 pub fn install() -> Result<(), SeccompError> {
+    install_allowing(&[])
+}
+
+/// Installs the filter of a `-v` share's thread on the calling thread.
+pub fn install_file_server() -> Result<(), SeccompError> {
+    install_allowing(FILE_SERVER)
+}
+
+fn install_allowing(extra: &[i64]) -> Result<(), SeccompError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+        .iter()
+        .chain(extra)
+        .map(|&nr| (nr, vec![]))
+        .collect();
     // The allocator of a helper thread grows its arena with mprotect; never
     // to make memory executable.
     let no_exec = SeccompCondition::new(

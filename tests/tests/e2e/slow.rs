@@ -131,6 +131,65 @@ fn the_kernel_brings_up_a_second_vcpu_on_our_vmm() {
     }
 }
 
+/// `-v` on the KVM VMM, read by the real kernel's 9p client: the kernel
+/// mounts the share itself as its root (`root=vol0 rootfstype=9p`, the
+/// initramfs passed over with `rdinit=`) and execs `/probe` from it. That
+/// file is no program, so the kernel refuses it with ENOEXEC (-8), which it
+/// can only know after reading its first bytes through the VMM's virtio-9p
+/// device and 9p server. Needs no guest user space, so it runs under PVM.
+#[test]
+fn the_kernel_mounts_a_shared_directory_and_reads_from_it() {
+    if !kvm_usable() {
+        skip(
+            "slow::the_kernel_mounts_a_shared_directory_and_reads_from_it",
+            "no usable /dev/kvm on this host",
+        );
+        return;
+    }
+    let share = tempfile::tempdir_in(scratch()).unwrap();
+    std::fs::write(share.path().join("probe"), b"this is not a program\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(share.path().join("probe"), mode).unwrap();
+    let out = hyperboot()
+        .env(
+            "HYPER_KERNEL_ARGS",
+            "rdinit=/no-such-init root=vol0 rootfstype=9p \
+             rootflags=trans=virtio,version=9p2000.L,msize=262144 init=/probe",
+        )
+        .args([
+            "--backend",
+            "kvm",
+            "--console",
+            "--verbose",
+            "--timeout",
+            "400",
+        ])
+        .arg("-v")
+        .arg(format!("{}:/data", share.path().display()))
+        .arg(busybox_artifact())
+        .args(["--", "true"])
+        .output()
+        .expect("run hyperboot");
+    let r = Run::from(out);
+    let console = &r.stdout;
+    assert!(
+        console.contains("VFS: Mounted root (9p filesystem)"),
+        "the kernel did not mount the share: {}",
+        tail(console)
+    );
+    assert!(
+        console.contains("Requested init /probe failed (error -8)"),
+        "the kernel did not read /probe through the share: {}",
+        tail(console)
+    );
+    // The host's file is as it was (the kernel mounts its root read-only).
+    assert_eq!(
+        std::fs::read(share.path().join("probe")).unwrap(),
+        b"this is not a program\n"
+    );
+}
+
 fn tail(s: &str) -> &str {
     &s[s.len().saturating_sub(3000)..]
 }

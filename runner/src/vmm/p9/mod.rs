@@ -601,8 +601,7 @@ impl Server {
             return Err(libc::EPERM);
         }
         let dir = &self.fid(dir)?.fd;
-        rustix::fs::linkat(CWD, proc_path(&fid.fd), dir, name, AtFlags::SYMLINK_FOLLOW)
-            .map_err(os)
+        rustix::fs::linkat(CWD, proc_path(&fid.fd), dir, name, AtFlags::SYMLINK_FOLLOW).map_err(os)
     }
 
     fn rename(&mut self, r: &mut Reader) -> Result<()> {

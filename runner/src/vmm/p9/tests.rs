@@ -46,7 +46,12 @@ impl Client {
 
     fn ok(&mut self, kind: u8, body: impl FnOnce(&mut Writer)) -> Vec<u8> {
         let (t, b) = self.call(kind, body);
-        assert_eq!(t, kind + 1, "request {kind} failed: errno {:?}", errno(t, &b));
+        assert_eq!(
+            t,
+            kind + 1,
+            "request {kind} failed: errno {:?}",
+            errno(t, &b)
+        );
         b
     }
 
@@ -292,7 +297,10 @@ fn symlinks_are_the_guests_to_follow_never_the_hosts() {
         "truncating through a symlink"
     );
     // Creating over a symlink does not follow it either.
-    assert_eq!(c.create(ROOT, b"pw", libc::O_WRONLY as u32), Err(libc::ELOOP));
+    assert_eq!(
+        c.create(ROOT, b"pw", libc::O_WRONLY as u32),
+        Err(libc::ELOOP)
+    );
     assert!(std::fs::symlink_metadata(c.host("pw"))
         .unwrap()
         .file_type()
@@ -303,7 +311,11 @@ fn symlinks_are_the_guests_to_follow_never_the_hosts() {
 fn dot_dot_stays_inside_the_share() {
     let mut c = client(false);
     let (_, root) = c.walk(ROOT, 9, &[b"."]);
-    assert_eq!(errno(op::RLERROR, &root), Some(libc::EINVAL), "`.` is no name");
+    assert_eq!(
+        errno(op::RLERROR, &root),
+        Some(libc::EINVAL),
+        "`.` is no name"
+    );
     std::fs::create_dir(c.host("d")).unwrap();
     let (t, b) = c.walk(ROOT, 1, &[b"..", b"..", b"d", b"..", b"d"]);
     assert_eq!(t, op::TWALK + 1);
@@ -371,7 +383,12 @@ fn hostile_requests_get_errors_not_crashes() {
     );
     assert_eq!(
         c.err(op::TMKNOD, |w| {
-            w.u32(ROOT).str(b"sda").u32(libc::S_IFBLK | 0o600).u32(8).u32(0).u32(0);
+            w.u32(ROOT)
+                .str(b"sda")
+                .u32(libc::S_IFBLK | 0o600)
+                .u32(8)
+                .u32(0)
+                .u32(0);
         }),
         libc::EPERM,
         "no device nodes on the host"

@@ -209,6 +209,9 @@ mod tests {
         assert_eq!(&m[..4], &(m.len() as u32).to_le_bytes());
         assert_eq!(&m[4..7], &[101, 0xff, 0xff]);
         assert_eq!(&m[11..13], &8u16.to_le_bytes());
-        assert_eq!(error(3, libc::ENOENT), vec![11, 0, 0, 0, 7, 3, 0, 2, 0, 0, 0]);
+        assert_eq!(
+            error(3, libc::ENOENT),
+            vec![11, 0, 0, 0, 7, 3, 0, 2, 0, 0, 0]
+        );
     }
 }
