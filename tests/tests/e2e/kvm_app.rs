@@ -223,3 +223,64 @@ fn user_mode_network_both_ways() {
     let _ = vm.wait();
     assert!(body.contains("layer two"), "no answer through -p: {body:?}");
 }
+
+/// `-v` on the KVM VMM's own 9p server: what the app sees and does in a
+/// read-write and a read-only share lands in (or stays out of) the host
+/// directories, and outlives the VM.
+#[test]
+fn volumes_on_the_kvm_backend() {
+    if !hardware_or_skip("kvm_app::volumes_on_the_kvm_backend") {
+        return;
+    }
+    let rw = tempfile::tempdir().unwrap();
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(rw.path().join("in"), "from the host\n").unwrap();
+    std::fs::write(ro.path().join("f"), "read me\n").unwrap();
+    let rw_flag = format!("{}:/data", rw.path().display());
+    let ro_flag = format!("{}:/config:ro", ro.path().display());
+    let script = "cat /data/in /config/f; echo written > /data/out; \
+        echo x > /config/g 2>/dev/null || echo ro-refused; \
+        mkdir -p /data/d/e && echo deep > /data/d/e/f && mv /data/d /data/moved && ls /data/moved/e; \
+        ln -s moved/e/f /data/link && cat /data/link; \
+        dd if=/dev/urandom of=/data/big bs=64k count=64 2>/dev/null; \
+        sha256sum /data/big | cut -c1-64 > /data/big.sum; rm /data/in; ls /data";
+    let r = boot_on(
+        "kvm",
+        busybox_artifact(),
+        &["-v", &rw_flag, "-v", &ro_flag, "--", "sh", "-c", script],
+    );
+    assert_run(
+        &r,
+        0,
+        "from the host\nread me\nro-refused\nf\ndeep\nbig\nbig.sum\nlink\nmoved\nout\n",
+    );
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("moved/e/f")).unwrap(),
+        "deep\n"
+    );
+    assert_eq!(
+        std::fs::read_link(rw.path().join("link")).unwrap(),
+        std::path::Path::new("moved/e/f")
+    );
+    assert!(!ro.path().join("g").exists() && !rw.path().join("in").exists());
+    let host_sum = std::process::Command::new("sha256sum")
+        .arg(rw.path().join("big"))
+        .output()
+        .unwrap();
+    let guest_sum = std::fs::read_to_string(rw.path().join("big.sum")).unwrap();
+    assert_eq!(
+        &String::from_utf8_lossy(&host_sum.stdout)[..64],
+        guest_sum.trim(),
+        "4 MiB written by the guest arrive intact"
+    );
+    assert_eq!(
+        std::fs::metadata(rw.path().join("big")).unwrap().len(),
+        4 << 20
+    );
+    let r = boot_on(
+        "kvm",
+        busybox_artifact(),
+        &["-v", &rw_flag, "--", "cat", "/data/out"],
+    );
+    assert_run(&r, 0, "written\n");
+}
