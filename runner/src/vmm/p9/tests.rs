@@ -465,3 +465,78 @@ fn fids_are_bounded() {
     });
     assert_eq!(c.open(100, 0), Err(libc::EBADF));
 }
+
+#[test]
+fn every_operation_runs_under_the_share_threads_seccomp_filter() {
+    // A system call missing from the filter raises SIGSYS, which ends the
+    // whole test process: this test cannot pass by accident.
+    let c = client(false);
+    let c = std::thread::spawn(move || {
+        let mut c = c;
+        crate::vmm::seccomp::install_file_server().unwrap();
+        c.walk_ok(ROOT, 1, &[]);
+        c.create(1, b"f", libc::O_RDWR as u32).unwrap();
+        c.write(1, 0, b"some bytes");
+        assert_eq!(c.read(1, 5, 100), b"bytes");
+        c.ok(op::TFSYNC, |w| {
+            w.u32(1).u32(0);
+        });
+        c.ok(op::TFSYNC, |w| {
+            w.u32(1).u32(1);
+        });
+        c.ok(op::TSETATTR, |w| {
+            let valid = SET_MODE | SET_UID | SET_GID | SET_SIZE | SET_ATIME | SET_MTIME;
+            w.u32(1).u32(valid).u32(0o600).u32(0).u32(0).u64(4);
+            w.u64(0).u64(0).u64(0).u64(0);
+        });
+        c.ok(op::TGETATTR, |w| {
+            w.u32(1).u64(GETATTR_BASIC);
+        });
+        c.ok(op::TSTATFS, |w| {
+            w.u32(1);
+        });
+        c.ok(op::TMKDIR, |w| {
+            w.u32(ROOT).str(b"d").u32(0o755).u32(0);
+        });
+        c.ok(op::TSYMLINK, |w| {
+            w.u32(ROOT).str(b"s").str(b"f").u32(0);
+        });
+        c.ok(op::TMKNOD, |w| {
+            w.u32(ROOT)
+                .str(b"p")
+                .u32(libc::S_IFIFO | 0o600)
+                .u32(0)
+                .u32(0)
+                .u32(0);
+        });
+        c.walk_ok(ROOT, 2, &[b"s"]);
+        c.ok(op::TREADLINK, |w| {
+            w.u32(2);
+        });
+        c.ok(op::TLINK, |w| {
+            w.u32(ROOT).u32(1).str(b"h");
+        });
+        c.ok(op::TRENAMEAT, |w| {
+            w.u32(ROOT).str(b"h").u32(ROOT).str(b"h2");
+        });
+        c.ok(op::TRENAME, |w| {
+            w.u32(1).u32(ROOT).str(b"g");
+        });
+        c.walk_ok(ROOT, 3, &[b"d"]);
+        c.open(3, 0).unwrap();
+        assert!(c.list(3, 8192).contains(&".".to_string()));
+        c.ok(op::TXATTRWALK, |w| {
+            w.u32(ROOT).u32(4).str(b"");
+        });
+        c.ok(op::TREMOVE, |w| {
+            w.u32(1);
+        });
+        c.ok(op::TUNLINKAT, |w| {
+            w.u32(ROOT).str(b"d").u32(AT_REMOVEDIR);
+        });
+        c
+    })
+    .join()
+    .unwrap();
+    assert!(!c.host("g").exists() && c.host("h2").exists());
+}
