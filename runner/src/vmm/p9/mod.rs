@@ -94,6 +94,9 @@ struct Fid {
     writable: bool,
     /// A (always empty) list of extended attributes, from Txattrwalk "".
     xattr: bool,
+    /// The guest user the fid was attached for (n_uname): what it creates
+    /// is given to that user, when the host allows.
+    uid: u32,
 }
 
 /// The server for one shared directory.
@@ -234,14 +237,17 @@ impl Server {
 
     fn attach(&mut self, r: &mut Reader, w: &mut Writer) -> Result<()> {
         let fid = r.u32()?;
-        let (_afid, _uname, _aname, _uid) = (r.u32()?, r.str()?, r.str()?, r.u32()?);
+        let (_afid, _uname, _aname, uid) = (r.u32()?, r.str()?, r.str()?, r.u32()?);
         if self.fids.contains_key(&fid) {
             return Err(libc::EBADF);
         }
         let fd = rustix::io::fcntl_dupfd_cloexec(&self.root, 0).map_err(os)?;
         let st = stat(&fd)?;
         w.qid(qid(&st));
-        self.insert(fid, new_fid(fd, PathBuf::new(), &st))
+        let mut root = new_fid(fd, PathBuf::new(), &st);
+        // No numeric user (NONUNAME): root, as QEMU takes it.
+        root.uid = if uid == u32::MAX { 0 } else { uid };
+        self.insert(fid, root)
     }
 
     fn walk(&mut self, r: &mut Reader, w: &mut Writer) -> Result<()> {
@@ -255,6 +261,7 @@ impl Server {
             return Err(libc::EBADF);
         }
         let from = self.fid(id)?;
+        let uid = from.uid;
         let mut fd = rustix::io::fcntl_dupfd_cloexec(&from.fd, 0).map_err(os)?;
         let mut path = from.path.clone();
         let mut st = stat(&fd)?;
@@ -282,7 +289,9 @@ impl Server {
             }
         }
         if qids.len() == n {
-            self.insert(newid, new_fid(fd, path, &st))?;
+            let mut fid = new_fid(fd, path, &st);
+            fid.uid = uid;
+            self.insert(newid, fid)?;
         }
         w.u16(qids.len() as u16);
         for q in qids {
@@ -334,7 +343,7 @@ impl Server {
             | OFlags::NOCTTY
             | OFlags::CLOEXEC;
         let file = rustix::fs::openat(&fid.fd, name, oflags, perm(mode)).map_err(os)?;
-        let _ = rustix::fs::fchown(&file, None, Some(gid_of(gid)));
+        let _ = rustix::fs::fchown(&file, Some(uid_of(fid.uid)), Some(gid_of(gid)));
         let st = rustix::fs::fstat(&file).map_err(os)?;
         if Kind::of(&st) != Kind::File {
             return Err(libc::EEXIST);
@@ -535,8 +544,8 @@ impl Server {
         let name = check_name(r.str()?)?;
         let (mode, gid) = (r.u32()?, r.u32()?);
         self.modifiable()?;
-        let dir = &self.fid(id)?.fd;
-        rustix::fs::mkdirat(dir, name, perm(mode)).map_err(os)?;
+        let dir = self.fid(id)?;
+        rustix::fs::mkdirat(&dir.fd, name, perm(mode)).map_err(os)?;
         w.qid(self.created(dir, name, gid)?);
         Ok(())
     }
@@ -549,8 +558,8 @@ impl Server {
             return Err(libc::EINVAL);
         }
         self.modifiable()?;
-        let dir = &self.fid(id)?.fd;
-        rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name).map_err(os)?;
+        let dir = self.fid(id)?;
+        rustix::fs::symlinkat(OsStr::from_bytes(target), &dir.fd, name).map_err(os)?;
         w.qid(self.created(dir, name, gid)?);
         Ok(())
     }
@@ -568,17 +577,20 @@ impl Server {
         ) {
             return Err(libc::EPERM);
         }
-        let dir = &self.fid(id)?.fd;
-        rustix::fs::mknodat(dir, name, kind, perm(mode), 0).map_err(os)?;
+        let dir = self.fid(id)?;
+        rustix::fs::mknodat(&dir.fd, name, kind, perm(mode), 0).map_err(os)?;
         w.qid(self.created(dir, name, gid)?);
         Ok(())
     }
 
-    /// The qid of a name just created in `dir`, given the guest's group.
-    fn created(&self, dir: &OwnedFd, name: &OsStr, gid: u32) -> Result<Qid> {
+    /// The qid of a name just created in `dir` by the fid's user, given to
+    /// that user and the guest's group (security_model=none: when the host
+    /// refuses, hyperboot's user keeps it).
+    fn created(&self, dir: &Fid, name: &OsStr, gid: u32) -> Result<Qid> {
         let flags = AtFlags::SYMLINK_NOFOLLOW;
-        let _ = rustix::fs::chownat(dir, name, None, Some(gid_of(gid)), flags);
-        Ok(qid(&rustix::fs::statat(dir, name, flags).map_err(os)?))
+        let owner = Some(uid_of(dir.uid));
+        let _ = rustix::fs::chownat(&dir.fd, name, owner, Some(gid_of(gid)), flags);
+        Ok(qid(&rustix::fs::statat(&dir.fd, name, flags).map_err(os)?))
     }
 
     fn readlink(&mut self, r: &mut Reader, w: &mut Writer) -> Result<()> {
@@ -694,6 +706,7 @@ impl Server {
         let fd = rustix::io::fcntl_dupfd_cloexec(&from.fd, 0).map_err(os)?;
         let mut fid = new_fid(fd, from.path.clone(), &stat(&from.fd)?);
         fid.xattr = true;
+        fid.uid = from.uid;
         self.insert(newid, fid)?;
         w.u64(0);
         Ok(())
@@ -708,6 +721,7 @@ fn new_fid(fd: OwnedFd, path: PathBuf, st: &Stat) -> Fid {
         open: None,
         writable: false,
         xattr: false,
+        uid: 0,
     }
 }
 

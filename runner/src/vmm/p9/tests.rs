@@ -540,3 +540,26 @@ fn every_operation_runs_under_the_share_threads_seccomp_filter() {
     .unwrap();
     assert!(!c.host("g").exists() && c.host("h2").exists());
 }
+
+#[test]
+fn files_belong_to_the_guest_user_when_the_host_allows() {
+    use std::os::unix::fs::MetadataExt;
+    let mut c = client(false);
+    // The kernel attaches once per guest user (access=user), n_uname 1000.
+    c.ok(op::TATTACH, |w| {
+        w.u32(50).u32(!0).str(b"").str(b"").u32(1000);
+    });
+    c.walk_ok(50, 51, &[]);
+    c.create(51, b"mine", libc::O_WRONLY as u32).unwrap();
+    c.ok(op::TMKDIR, |w| {
+        w.u32(50).str(b"dir").u32(0o755).u32(1000);
+    });
+    let want = if rustix::process::geteuid().is_root() {
+        1000
+    } else {
+        rustix::process::geteuid().as_raw() // security_model=none: the host said no
+    };
+    for p in ["mine", "dir"] {
+        assert_eq!(std::fs::metadata(c.host(p)).unwrap().uid(), want, "{p}");
+    }
+}
