@@ -42,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
     }
     for (m, room) in messages.iter().zip(rooms) {
         let reply = server.handle(m, room);
-        assert!(reply.len() >= 7 && reply.len() <= room.max(11), "reply of {}", reply.len());
+        assert!(
+            reply.len() >= 7 && reply.len() <= room.max(11),
+            "reply of {}",
+            reply.len()
+        );
         assert_eq!(&reply[..4], &(reply.len() as u32).to_le_bytes());
         assert_eq!(&reply[5..7], &m[5..7], "the tag comes back");
         assert!(reply[4] == m[4].wrapping_add(1) || reply[4] == 7);
