@@ -353,7 +353,7 @@ fn boot_kvm(
     note(
         opts.verbose,
         &format!(
-            "the VM stopped ({:?}) after {} exits; the guest readied {} console ports{}",
+            "the VM stopped ({:?}) after {} exits; the guest readied {} console ports{}{}",
             outcome.stop,
             outcome.exits,
             outcome.console_ports,
@@ -361,7 +361,15 @@ fn boot_kvm(
                 Some(true) => "; its driver set the network card up",
                 Some(false) => "; its driver did not set the network card up",
                 None => "",
-            }
+            },
+            outcome
+                .shares
+                .iter()
+                .enumerate()
+                .map(|(i, (served, refused))| format!(
+                    "; vol{i}: {served} 9p requests answered, {refused} malformed refused"
+                ))
+                .collect::<String>()
         ),
     );
     Ok(exit_code(&outcome.status, &outcome.stop, opts))

@@ -107,6 +107,8 @@ pub struct Outcome {
     pub console_ports: u32,
     /// Whether the guest's driver set the network card up (when there is one).
     pub net_ready: Option<bool>,
+    /// Per `-v` share: requests answered, malformed chains refused.
+    pub shares: Vec<(u64, u64)>,
 }
 
 /// Why the VM could not be created.
@@ -408,6 +410,13 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         first_run_ns,
         console_ports: streams.as_ref().map_or(0, |c| lock(c).device.ready_ports),
         net_ready: net.as_ref().map(|n| lock(n).driver_ok()),
+        shares: shares
+            .iter()
+            .map(|s| {
+                let s = lock(s);
+                (s.device.served, s.device.refused)
+            })
+            .collect(),
     })
 }
 

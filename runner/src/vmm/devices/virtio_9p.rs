@@ -55,6 +55,8 @@ pub struct Share {
     server: Server,
     wake: Arc<Wake>,
     request: Vec<u8>,
+    /// Requests answered (errors included).
+    pub served: u64,
     /// Chains returned unanswered because they were malformed.
     pub refused: u64,
 }
@@ -70,6 +72,7 @@ impl Share {
             server,
             wake: Arc::new(Wake::default()),
             request: Vec::new(),
+            served: 0,
             refused: 0,
         }
     }
@@ -86,7 +89,10 @@ impl Share {
             return Ok(false);
         }
         let used = serve_chains(queue, mem, |descs| match self.handle(descs, mem) {
-            Some(n) => n,
+            Some(n) => {
+                self.served += 1;
+                n
+            }
             None => {
                 self.refused += 1;
                 0
