@@ -384,3 +384,36 @@ pub fn boot_kvm(artifact: &Path, flags: &[&str]) -> Run {
         .expect("run hyperboot");
     Run::from(out)
 }
+
+/// Serves `dir` with the KVM VMM's 9p server over TCP on the host's loopback
+/// (a connection, a session), as a QEMU guest's kernel can mount it with
+/// `trans=tcp`; returns the port.
+pub fn serve_9p_over_tcp(dir: &Path, read_only: bool) -> u16 {
+    use hyperboot::vmm::p9::Server;
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut server = Server::new(&dir, read_only, 4096).unwrap();
+            std::thread::spawn(move || loop {
+                let mut size = [0u8; 4];
+                if c.read_exact(&mut size).is_err() {
+                    return;
+                }
+                let n = u32::from_le_bytes(size) as usize;
+                assert!((7..=1 << 20).contains(&n), "a 9p message of {n} bytes");
+                let mut m = vec![0u8; n];
+                m[..4].copy_from_slice(&size);
+                c.read_exact(&mut m[4..]).unwrap();
+                let room = server.msize() as usize;
+                if c.write_all(&server.handle(&m, room)).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    port
+}
