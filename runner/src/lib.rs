@@ -376,7 +376,7 @@ fn boot_kvm(
 }
 
 /// `-v` on the KVM backend: a 9p server per host directory, tagged `volN`
-/// as hyperinit expects. Every fid a guest holds is a host descriptor, so
+/// as hyperinit expects. Every fid a guest holds costs host descriptors, so
 /// the open-file limit is raised to its hard limit and split between them.
 fn share_servers(binds: &[spec::Bind]) -> Result<Vec<(String, vmm::p9::Server)>, BootError> {
     if binds.is_empty() {
@@ -389,7 +389,8 @@ fn share_servers(binds: &[spec::Bind]) -> Result<Vec<(String, vmm::p9::Server)>,
         let _ = setrlimit(Resource::Nofile, limit);
     }
     let open_files = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
-    let per_share = (open_files.saturating_sub(256) as usize / binds.len()).min(65_536);
+    // A fid holds up to two descriptors (its O_PATH one and an open file).
+    let per_share = (open_files.saturating_sub(256) as usize / (2 * binds.len())).min(65_536);
     binds
         .iter()
         .enumerate()
