@@ -19,7 +19,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::virtio_mmio::{serve_chains, MmioTransport, VirtioDevice};
+use super::virtio_mmio::{add_used, MmioTransport, VirtioDevice};
 use crate::vmm::p9::Server;
 
 const TYPE_9P: u32 = 9;
@@ -82,13 +82,24 @@ impl Share {
         self.wake.clone()
     }
 
-    /// Serves every request on the queue (on the share's thread).
-    pub fn serve(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, String> {
+    /// Serves the next request on the queue, if any (on the share's thread,
+    /// which takes the device's lock per request, so a vCPU touching the
+    /// device waits for one request at most).
+    pub fn serve_one(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String> {
         let queue = &mut queues[0];
         if !queue.ready() || !queue.is_valid(mem) {
             return Ok(false);
         }
-        let used = serve_chains(queue, mem, |descs| match self.handle(descs, mem) {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let descs: Vec<Descriptor> = chain.collect();
+        let len = match self.handle(&descs, mem) {
             Some(n) => {
                 self.served += 1;
                 n
@@ -97,8 +108,9 @@ impl Share {
                 self.refused += 1;
                 0
             }
-        })?;
-        Ok(used && queue.needs_notification(mem).unwrap_or(true))
+        };
+        add_used(queue, mem, head, len)?;
+        Ok(queue.needs_notification(mem).unwrap_or(true))
     }
 
     /// One request; the reply's length, or None for a malformed chain.
@@ -191,7 +203,15 @@ pub fn serve_thread(
         }
         loop {
             wake.wait();
-            crate::vmm::lock(&share).poke(&mem, |d, q, m| d.serve(q, m));
+            // One request per turn of the lock, until the queue is empty.
+            loop {
+                let mut t = crate::vmm::lock(&share);
+                let before = t.device.served + t.device.refused;
+                t.poke(&mem, |d, q, m| d.serve_one(q, m));
+                if t.device.served + t.device.refused == before {
+                    break;
+                }
+            }
         }
     });
     ready_rx.recv().unwrap_or(Ok(()))
@@ -275,7 +295,7 @@ mod tests {
                 .unwrap();
             reg(&mut self.dev, &self.mem, 0x50, 0);
             // What the share's thread does when woken.
-            self.dev.poke(&self.mem, |d, q, m| d.serve(q, m));
+            self.dev.poke(&self.mem, |d, q, m| d.serve_one(q, m));
             let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
             assert_eq!(used, self.next, "every chain comes back");
             let at = USED + 4 + 8 * u64::from((self.next - 1) % 8) + 4;
