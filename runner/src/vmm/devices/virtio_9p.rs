@@ -420,7 +420,7 @@ mod tests {
         assert_eq!(g.get(0x20000 + 7, 4), 5u32.to_le_bytes());
         assert_eq!(
             std::fs::read(g.dir.path().join("f")).unwrap(),
-            b"GUEST bytes"
+            b"GUESTbytes"
         );
     }
 
