@@ -53,7 +53,7 @@ struct Cli {
     /// Guest memory (e.g. 128M, 1G; a plain number is MiB)
     #[arg(short = 'm', long, default_value = "128M", value_parser = parse_memory)]
     memory: u64,
-    /// Share a host directory: /HOSTDIR:/GUESTDIR[:ro|rw] (QEMU backend, virtio-9p)
+    /// Share a host directory: /HOSTDIR:/GUESTDIR[:ro|rw] (virtio-9p; up to 8 on the KVM backend)
     #[arg(short = 'v', long = "volume")]
     volume: Vec<String>,
     /// Keep stdin open: the app reads hyperboot's stdin (as docker run -i)
