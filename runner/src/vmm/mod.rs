@@ -192,36 +192,67 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
     }
 
     phase("memory mapped");
-    let mut cmdline = cfg.cmdline.clone();
-    if cfg.rootfs.is_some() {
-        cmdline.push_str(&format!(
-            " virtio_mmio.device=4K@{:#x}:{}",
-            layout::VIRTIO_MMIO_BASE,
-            layout::VIRTIO_IRQ_BASE
-        ));
-    }
-    let console_base = layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_SIZE;
-    if !cfg.streams.is_empty() {
-        cmdline.push_str(&format!(
-            " virtio_mmio.device=4K@{console_base:#x}:{}",
-            layout::VIRTIO_IRQ_BASE + 1
-        ));
-    }
-    let net_base = layout::VIRTIO_MMIO_BASE + 2 * layout::VIRTIO_MMIO_SIZE;
-    if cfg.net.is_some() {
-        cmdline.push_str(&format!(
-            " virtio_mmio.device=4K@{net_base:#x}:{}",
-            layout::VIRTIO_IRQ_BASE + 2
-        ));
-    }
     if cfg.shares.len() > MAX_SHARES {
         return Err(VmmError::TooManyShares);
     }
-    for i in 0..cfg.shares.len() {
-        let slot = SHARE_SLOT + i as u64;
+    // The virtio-mmio devices, each in a fixed slot: a 4 KiB window from
+    // VIRTIO_MMIO_BASE and the interrupt line VIRTIO_IRQ_BASE + slot.
+    let slot_irq = |slot: usize| -> Result<EventFd, VmmError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + slot as u32)
+            .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+        Ok(irq)
+    };
+    let blk = match cfg.rootfs.take() {
+        Some((file, offset, len)) => Some(Arc::new(Mutex::new(MmioTransport::new(
+            Block::new(file, offset, len),
+            slot_irq(0)?,
+        )))),
+        None => None,
+    };
+    let streams = if cfg.streams.is_empty() {
+        None
+    } else {
+        let input = cfg.stdin.then_some("hyper.stdin");
+        Some(Arc::new(Mutex::new(MmioTransport::new(
+            Console::new(std::mem::take(&mut cfg.streams), input),
+            slot_irq(1)?,
+        ))))
+    };
+    let mut net_rx = None;
+    let net = match cfg.net.take() {
+        Some((mac, backend)) => {
+            net_rx = Some(backend.try_clone().map_err(VmmError::EventFd)?);
+            Some(Arc::new(Mutex::new(MmioTransport::new(
+                devices::virtio_net::Net::new(mac, backend),
+                slot_irq(2)?,
+            ))))
+        }
+        None => None,
+    };
+    let mut shares = Vec::with_capacity(cfg.shares.len());
+    for (i, (tag, server)) in std::mem::take(&mut cfg.shares).into_iter().enumerate() {
+        shares.push(Arc::new(Mutex::new(MmioTransport::new(
+            devices::virtio_9p::Share::new(&tag, server),
+            slot_irq(SHARE_SLOT + i)?,
+        ))));
+    }
+    let mut slots: Vec<Option<Arc<Mutex<dyn MmioSlot>>>> = vec![
+        blk.map(|b| b as Arc<Mutex<dyn MmioSlot>>),
+        streams.clone().map(|c| c as Arc<Mutex<dyn MmioSlot>>),
+        net.clone().map(|n| n as Arc<Mutex<dyn MmioSlot>>),
+    ];
+    slots.extend(
+        shares
+            .iter()
+            .map(|s| Some(s.clone() as Arc<Mutex<dyn MmioSlot>>)),
+    );
+    // The kernel learns of each from the command line.
+    let mut cmdline = cfg.cmdline.clone();
+    for (slot, _) in slots.iter().enumerate().filter(|(_, d)| d.is_some()) {
         cmdline.push_str(&format!(
             " virtio_mmio.device=4K@{:#x}:{}",
-            layout::VIRTIO_MMIO_BASE + slot * layout::VIRTIO_MMIO_SIZE,
+            layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE,
             layout::VIRTIO_IRQ_BASE + slot as u32
         ));
     }
@@ -241,69 +272,6 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
         control_irq,
         cfg.console,
     )));
-    let blk = match cfg.rootfs.take() {
-        Some((file, offset, len)) => {
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE)
-                .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-            Some(Arc::new(Mutex::new(MmioTransport::new(
-                Block::new(file, offset, len),
-                irq,
-            ))))
-        }
-        None => None,
-    };
-    let streams = if cfg.streams.is_empty() {
-        None
-    } else {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + 1)
-            .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-        let input = cfg.stdin.then_some("hyper.stdin");
-        Some(Arc::new(Mutex::new(MmioTransport::new(
-            Console::new(std::mem::take(&mut cfg.streams), input),
-            irq,
-        ))))
-    };
-
-    let mut net_rx = None;
-    let net = match cfg.net.take() {
-        Some((mac, backend)) => {
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + 2)
-                .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-            net_rx = Some(backend.try_clone().map_err(VmmError::EventFd)?);
-            Some(Arc::new(Mutex::new(MmioTransport::new(
-                devices::virtio_net::Net::new(mac, backend),
-                irq,
-            ))))
-        }
-        None => None,
-    };
-    let mut shares = Vec::with_capacity(cfg.shares.len());
-    for (i, (tag, server)) in std::mem::take(&mut cfg.shares).into_iter().enumerate() {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(
-            &irq,
-            layout::VIRTIO_IRQ_BASE + (SHARE_SLOT as usize + i) as u32,
-        )
-        .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
-        shares.push(Arc::new(Mutex::new(MmioTransport::new(
-            devices::virtio_9p::Share::new(&tag, server),
-            irq,
-        ))));
-    }
-    // The virtio-mmio slots, in address order from VIRTIO_MMIO_BASE.
-    let mut slots: Vec<Option<Arc<Mutex<dyn MmioSlot>>>> = vec![
-        blk.map(|b| b as Arc<Mutex<dyn MmioSlot>>),
-        streams.clone().map(|c| c as Arc<Mutex<dyn MmioSlot>>),
-        net.clone().map(|n| n as Arc<Mutex<dyn MmioSlot>>),
-    ];
-    slots.extend(
-        shares
-            .iter()
-            .map(|s| Some(s.clone() as Arc<Mutex<dyn MmioSlot>>)),
-    );
     let bus = Arc::new(Bus {
         pio: pio.clone(),
         slots,
@@ -422,7 +390,7 @@ pub fn run(mut cfg: VmConfig) -> Result<Outcome, VmmError> {
 
 /// The first virtio-mmio slot of the `-v` shares (after the disk, the
 /// console and the network card).
-const SHARE_SLOT: u64 = 3;
+const SHARE_SLOT: usize = 3;
 
 /// A virtio-mmio device as the bus sees it: register reads and writes.
 trait MmioSlot: Send {

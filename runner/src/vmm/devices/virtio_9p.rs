@@ -313,6 +313,28 @@ mod tests {
         }
     }
 
+    fn version() -> Vec<u8> {
+        msg(100, b"\0\x20\0\0\x08\x009P2000.L") // msize 8192
+    }
+
+    impl Guest {
+        /// Tversion, Tattach fid 0, Twalk to `f` as fid 1, Tlopen with
+        /// `flags`: each answered with its R message.
+        fn open_f(&mut self, flags: u8) {
+            let setup = [
+                version(),
+                msg(104, b"\0\0\0\0\xff\xff\xff\xff\0\0\0\0\0\0\0\0"),
+                msg(110, b"\0\0\0\0\x01\0\0\0\x01\0\x01\0f"),
+                msg(12, &[1, 0, 0, 0, flags, 0, 0, 0]),
+            ];
+            for m in &setup {
+                self.put(0x10000, m);
+                self.submit(&[(0x10000, m.len() as u32, false), (0x20000, 64, true)]);
+                assert_eq!(self.get(0x20000 + 4, 1), [m[4] + 1]);
+            }
+        }
+    }
+
     fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
         let mut m = ((7 + body.len()) as u32).to_le_bytes().to_vec();
         m.push(kind);
@@ -335,31 +357,9 @@ mod tests {
     #[test]
     fn a_read_is_scattered_over_the_writable_descriptors() {
         let mut g = guest();
-        let v = msg(
-            100,
-            &[&8192u32.to_le_bytes()[..], b"\x08\x009P2000.L"].concat(),
-        );
-        g.put(0x10000, &v);
-        assert_eq!(
-            g.submit(&[(0x10000, v.len() as u32, false), (0x20000, 64, true)]),
-            21
-        );
-        // attach fid 0, walk to f as fid 1, open.
-        let attach = msg(104, b"\0\0\0\0\xff\xff\xff\xff\0\0\0\0\0\0\0\0");
-        g.put(0x10000, &attach);
-        assert_eq!(g.get(0x20000 + 4, 1), [101]);
-        g.submit(&[(0x10000, attach.len() as u32, false), (0x20000, 64, true)]);
-        assert_eq!(g.get(0x20000 + 4, 1), [105]);
-        let walk = msg(110, b"\0\0\0\0\x01\0\0\0\x01\0\x01\0f");
-        g.put(0x10000, &walk);
-        g.submit(&[(0x10000, walk.len() as u32, false), (0x20000, 64, true)]);
-        assert_eq!(g.get(0x20000 + 4, 1), [111]);
-        let open = msg(12, b"\x01\0\0\0\0\0\0\0");
-        g.put(0x10000, &open);
-        g.submit(&[(0x10000, open.len() as u32, false), (0x20000, 64, true)]);
-        assert_eq!(g.get(0x20000 + 4, 1), [13]);
-        // Tread as the kernel's zero-copy path sends it: an 11-byte header
-        // buffer, then data pages.
+        g.open_f(0); // O_RDONLY
+                     // Tread as the kernel's zero-copy path sends it: an 11-byte header
+                     // buffer, then data pages.
         let read = msg(116, b"\x01\0\0\0\0\0\0\0\0\0\0\0\x00\x10\0\0");
         g.put(0x10000, &read);
         let n = g.submit(&[
@@ -378,22 +378,9 @@ mod tests {
     #[test]
     fn a_write_is_gathered_from_the_readable_descriptors() {
         let mut g = guest();
-        let setup = [
-            msg(
-                100,
-                &[&8192u32.to_le_bytes()[..], b"\x08\x009P2000.L"].concat(),
-            ),
-            msg(104, b"\0\0\0\0\xff\xff\xff\xff\0\0\0\0\0\0\0\0"),
-            msg(110, b"\0\0\0\0\x01\0\0\0\x01\0\x01\0f"),
-            msg(12, b"\x01\0\0\0\x02\0\0\0"), // O_RDWR
-        ];
-        for m in &setup {
-            g.put(0x10000, m);
-            g.submit(&[(0x10000, m.len() as u32, false), (0x20000, 64, true)]);
-            assert_eq!(g.get(0x20000 + 4, 1), [m[4] + 1]);
-        }
-        // Twrite as the kernel's zero-copy path sends it: the 23-byte header
-        // (its size counting the data too), then the data pages.
+        g.open_f(2); // O_RDWR
+                     // Twrite as the kernel's zero-copy path sends it: the 23-byte header
+                     // (its size counting the data too), then the data pages.
         let data = b"GUEST";
         let mut head = msg(
             118,
@@ -427,10 +414,7 @@ mod tests {
     #[test]
     fn malformed_chains_come_back_unanswered() {
         let mut g = guest();
-        let v = msg(
-            100,
-            &[&8192u32.to_le_bytes()[..], b"\x08\x009P2000.L"].concat(),
-        );
+        let v = version();
         g.put(0x10000, &v);
         let len = v.len() as u32;
         // No reply buffer; the reply buffer first; a size beyond the data;

@@ -14,7 +14,7 @@
 //! `/proc/self/fd/N` of a descriptor the server holds, so it reaches that
 //! same inode, never a path. Only regular files and directories are opened.
 
-pub mod wire;
+pub(crate) mod wire;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -193,8 +193,9 @@ impl Server {
                     .u32(proc_id)
                     .str(client);
             }
-            // Tauth (no authentication), Txattrcreate, and the legacy 9P2000
-            // and 9P2000.u messages.
+            // No authentication; extended attributes are not set.
+            op::TAUTH | op::TXATTRCREATE => return Err(libc::EOPNOTSUPP),
+            // The legacy 9P2000 and 9P2000.u messages.
             _ => return Err(libc::EOPNOTSUPP),
         }
         Ok(w)
@@ -343,7 +344,11 @@ impl Server {
             | OFlags::NOCTTY
             | OFlags::CLOEXEC;
         let file = rustix::fs::openat(&fid.fd, name, oflags, perm(mode)).map_err(os)?;
-        let _ = rustix::fs::fchown(&file, Some(uid_of(fid.uid)), Some(gid_of(gid)));
+        let _ = rustix::fs::fchown(
+            &file,
+            Some(Uid::from_raw(fid.uid)),
+            Some(Gid::from_raw(gid)),
+        );
         let st = rustix::fs::fstat(&file).map_err(os)?;
         if Kind::of(&st) != Kind::File {
             return Err(libc::EEXIST);
@@ -406,11 +411,14 @@ impl Server {
         rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(offset)).map_err(os)?;
         let mut raw = vec![MaybeUninit::<u8>::uninit(); 16 * 1024];
         let mut entries = rustix::fs::RawDir::new(dir, &mut raw);
-        let mut out = Vec::with_capacity(max.min(64 * 1024));
+        // The byte count goes in front of the entries once they are written.
+        w.u32(0);
+        let start = w.len();
         while let Some(e) = entries.next() {
             let e = e.map_err(os)?;
             let name = e.file_name().to_bytes();
-            if out.len() + 24 + name.len() > max {
+            // qid 13, offset 8, type 1, name 2 + its bytes.
+            if w.len() - start + 24 + name.len() > max {
                 break;
             }
             let kind = match e.file_type() {
@@ -418,8 +426,7 @@ impl Server {
                 FileType::Symlink => wire::QID_SYMLINK,
                 _ => wire::QID_FILE,
             };
-            let mut ent = Writer::new(0, 0);
-            ent.qid(Qid {
+            w.qid(Qid {
                 kind,
                 version: 0,
                 path: e.ino(),
@@ -427,9 +434,9 @@ impl Server {
             .u64(e.next_entry_cookie())
             .u8((e.file_type().as_raw_mode() >> 12) as u8)
             .str(name);
-            out.extend_from_slice(&ent.finish()[HEADER..]);
         }
-        w.u32(out.len() as u32).raw(&out);
+        let n = (w.len() - start) as u32;
+        w.buf_mut()[start - 4..start].copy_from_slice(&n.to_le_bytes());
         Ok(())
     }
 
@@ -475,8 +482,8 @@ impl Server {
                 .map_err(os)?;
         }
         if valid & (SET_UID | SET_GID) != 0 {
-            let owner = (valid & SET_UID != 0).then(|| uid_of(uid));
-            let group = (valid & SET_GID != 0).then(|| gid_of(gid));
+            let owner = (valid & SET_UID != 0).then(|| Uid::from_raw(uid));
+            let group = (valid & SET_GID != 0).then(|| Gid::from_raw(gid));
             match rustix::fs::chownat(&fid.fd, "", owner, group, empty_path()) {
                 // security_model=none: ownership the host refuses is ignored.
                 Ok(()) | Err(Errno::PERM) => {}
@@ -588,8 +595,8 @@ impl Server {
     /// refuses, hyperboot's user keeps it).
     fn created(&self, dir: &Fid, name: &OsStr, gid: u32) -> Result<Qid> {
         let flags = AtFlags::SYMLINK_NOFOLLOW;
-        let owner = Some(uid_of(dir.uid));
-        let _ = rustix::fs::chownat(&dir.fd, name, owner, Some(gid_of(gid)), flags);
+        let (owner, group) = (Uid::from_raw(dir.uid), Gid::from_raw(gid));
+        let _ = rustix::fs::chownat(&dir.fd, name, Some(owner), Some(group), flags);
         Ok(qid(&rustix::fs::statat(&dir.fd, name, flags).map_err(os)?))
     }
 
@@ -763,14 +770,6 @@ fn qid(st: &Stat) -> Qid {
 
 fn perm(mode: u32) -> Mode {
     Mode::from_raw_mode(mode & 0o7777)
-}
-
-fn uid_of(uid: u32) -> Uid {
-    Uid::from_raw(uid)
-}
-
-fn gid_of(gid: u32) -> Gid {
-    Gid::from_raw(gid)
 }
 
 /// The magic link to a descriptor the server holds: opening it reaches that

@@ -105,6 +105,15 @@ impl Client {
         errno(t, &b).map_or(Ok(()), Err)
     }
 
+    /// Tsetattr with uid and gid 0 and atime 0; mtime is `mtime` s + 5 ns.
+    fn setattr(&mut self, fid: u32, valid: u32, mode: u32, size: u64, mtime: u64) -> Result<()> {
+        let (t, b) = self.call(op::TSETATTR, |w| {
+            w.u32(fid).u32(valid).u32(mode).u32(0).u32(0).u64(size);
+            w.u64(0).u64(0).u64(mtime).u64(5);
+        });
+        errno(t, &b).map_or(Ok(()), Err)
+    }
+
     fn clunk(&mut self, fid: u32) {
         self.ok(op::TCLUNK, |w| {
             w.u32(fid);
@@ -192,14 +201,9 @@ fn directories_list_and_attributes_change() {
     assert_eq!(c.open(1, libc::O_WRONLY as u32), Err(libc::EISDIR));
 
     c.walk_ok(1, 2, &[b"file-with-a-longish-name-007"]);
-    let set = |c: &mut Client, valid: u32, mode: u32, size: u64, mtime: u64| {
-        c.ok(op::TSETATTR, |w| {
-            w.u32(2).u32(valid).u32(mode).u32(0).u32(0).u64(size);
-            w.u64(0).u64(0).u64(mtime).u64(5);
-        });
-    };
-    set(&mut c, SET_MODE | SET_SIZE, 0o600, 12345, 0);
-    set(&mut c, SET_MTIME | SET_MTIME_SET, 0, 0, 1_000_000_000);
+    c.setattr(2, SET_MODE | SET_SIZE, 0o600, 12345, 0).unwrap();
+    c.setattr(2, SET_MTIME | SET_MTIME_SET, 0, 0, 1_000_000_000)
+        .unwrap();
     let b = c.ok(op::TGETATTR, |w| {
         w.u32(2).u64(GETATTR_BASIC);
     });
@@ -289,11 +293,8 @@ fn symlinks_are_the_guests_to_follow_never_the_hosts() {
         "a hard link through a symlink"
     );
     assert_eq!(
-        c.err(op::TSETATTR, |w| {
-            w.u32(2).u32(SET_SIZE).u32(0).u32(0).u32(0).u64(0);
-            w.u64(0).u64(0).u64(0).u64(0);
-        }),
-        libc::EINVAL,
+        c.setattr(2, SET_SIZE, 0, 0, 0),
+        Err(libc::EINVAL),
         "truncating through a symlink"
     );
     // Creating over a symlink does not follow it either.
@@ -435,11 +436,7 @@ fn a_read_only_share_refuses_every_change() {
         w.u32(ROOT).str(b"d").u32(0o755).u32(0);
     });
     assert_eq!(e, libc::EROFS);
-    let e = c.err(op::TSETATTR, |w| {
-        w.u32(1).u32(SET_MODE).u32(0o777).u32(0).u32(0).u64(0);
-        w.u64(0).u64(0).u64(0).u64(0);
-    });
-    assert_eq!(e, libc::EROFS);
+    assert_eq!(c.setattr(1, SET_MODE, 0o777, 0, 0), Err(libc::EROFS));
     let e = c.err(op::TUNLINKAT, |w| {
         w.u32(ROOT).str(b"keep").u32(0);
     });
@@ -484,11 +481,8 @@ fn every_operation_runs_under_the_share_threads_seccomp_filter() {
         c.ok(op::TFSYNC, |w| {
             w.u32(1).u32(1);
         });
-        c.ok(op::TSETATTR, |w| {
-            let valid = SET_MODE | SET_UID | SET_GID | SET_SIZE | SET_ATIME | SET_MTIME;
-            w.u32(1).u32(valid).u32(0o600).u32(0).u32(0).u64(4);
-            w.u64(0).u64(0).u64(0).u64(0);
-        });
+        let valid = SET_MODE | SET_UID | SET_GID | SET_SIZE | SET_ATIME | SET_MTIME;
+        c.setattr(1, valid, 0o600, 4, 0).unwrap();
         c.ok(op::TGETATTR, |w| {
             w.u32(1).u64(GETATTR_BASIC);
         });

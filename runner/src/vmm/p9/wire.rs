@@ -96,13 +96,6 @@ impl<'a> Reader<'a> {
         let n = self.u16()?;
         self.bytes(usize::from(n))
     }
-
-    /// Everything not read yet.
-    pub fn rest(&mut self) -> &'a [u8] {
-        let r = &self.buf[self.at..];
-        self.at = self.buf.len();
-        r
-    }
 }
 
 /// Builds one reply.
@@ -154,6 +147,8 @@ impl Writer {
         self.u8(q.kind).u32(q.version).u64(q.path)
     }
 
+    /// Bytes as they are (tests build requests with it).
+    #[cfg(test)]
     pub fn raw(&mut self, b: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(b);
         self
@@ -166,10 +161,6 @@ impl Writer {
 
     pub fn len(&self) -> usize {
         self.buf.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// The finished message, its size filled in.
