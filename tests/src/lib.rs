@@ -53,10 +53,15 @@ pub fn init() -> &'static Path {
     })
 }
 
-/// The path of a workspace binary (built on first use).
+/// The path of a workspace binary (built on first use, unless
+/// `HYPER_TEST_PREBUILT` says the caller built them: the nested tier runs
+/// the test binary where cargo is not at hand).
 pub fn bin_path(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        if std::env::var_os("HYPER_TEST_PREBUILT").is_some() {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .args(["build", "--quiet", "-p", "hyperbuild", "-p", "hyperboot"])
@@ -188,6 +193,57 @@ pub fn boot_on(backend: &str, artifact: &Path, args: &[&str]) -> Run {
         .output()
         .expect("run hyperboot");
     Run::from(out)
+}
+
+/// The VMM a scenario runs on. Every app-level scenario is written once,
+/// as a function of the backend, and run as a test on each
+/// (`tests/tests/e2e/scenarios/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU `microvm` (TCG where KVM is not hardware): runs anywhere.
+    Qemu,
+    /// hyperboot's own VMM: full guests need KVM with real semantics
+    /// (hardware, or the nested host of the `nested` tier).
+    Kvm,
+}
+
+impl Backend {
+    /// The `--backend` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Kvm => "kvm",
+        }
+    }
+
+    /// Whether this host runs the backend's full guests; when not, the test
+    /// `test` is recorded as skipped, loudly.
+    pub fn available(self, test: &str) -> bool {
+        match self {
+            Backend::Qemu => true,
+            Backend::Kvm if hardware_kvm() => true,
+            Backend::Kvm => {
+                skip(
+                    test,
+                    "needs KVM with real semantics (hardware, or the nested host: scripts/test nested)",
+                );
+                false
+            }
+        }
+    }
+
+    /// `hyperboot --backend NAME`, for scenarios that drive the process
+    /// themselves (they add `--timeout`, flags, the artifact and `-- CMD`).
+    pub fn hyperboot(self) -> Command {
+        let mut c = hyperboot();
+        c.args(["--backend", self.name()]);
+        c
+    }
+
+    /// Boots `artifact` with `args` (flags, then `--` and the command).
+    pub fn boot(self, artifact: &Path, args: &[&str]) -> Run {
+        boot_on(self.name(), artifact, args)
+    }
 }
 
 /// Records a skipped test loudly: on stderr and in `$HYPER_TEST_SKIP_LOG`,

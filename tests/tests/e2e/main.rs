@@ -5,8 +5,15 @@
 //! - `net`: nginx and redis from Debian packages reached through `-p`/`-P`, outbound, tap;
 //! - `objstore`: artifacts published to and booted from object storage (moto on loopback);
 //! - `vmm`: tiny purpose-built guests on hyperboot's own KVM VMM (any KVM);
-//! - `slow`: the project's kernel booted by the KVM VMM up to init;
-//! - `kvm_app`: the app-level checks on the KVM backend (hardware KVM only).
+//! - `slow`: the project's kernel booted by the KVM VMM (up to init under
+//!   nested PVM KVM, to the app where KVM has real semantics);
+//! - `kvm_app`: the app-level scenarios on the KVM backend (the nested tier).
+//!
+//! App-level scenarios are written once (`scenarios/`) and instantiated per
+//! backend.
+
+#[macro_use]
+mod scenarios;
 
 mod kvm_app;
 mod net;

@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 use hyper_tests::objstore::{CutProxy, Direction, S3Server};
 use hyper_tests::*;
 
+objstore_scenarios!(hyper_tests::Backend::Qemu);
+
 const AWS_VARS: &[&str] = &[
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -24,7 +26,7 @@ const AWS_VARS: &[&str] = &[
 ];
 
 /// A command that sees only the object-store settings it is given.
-fn with_env(mut c: Command, env: &[(&str, String)]) -> Command {
+pub(crate) fn with_env(mut c: Command, env: &[(&str, String)]) -> Command {
     for v in AWS_VARS {
         c.env_remove(v);
     }
@@ -38,7 +40,7 @@ fn with_env(mut c: Command, env: &[(&str, String)]) -> Command {
 }
 
 /// The busybox layout behind `busybox_artifact()`.
-fn layout() -> PathBuf {
+pub(crate) fn layout() -> PathBuf {
     busybox_artifact();
     scratch().join("busybox-layout")
 }
@@ -56,7 +58,7 @@ fn other_artifact() -> &'static Path {
     })
 }
 
-fn build_to(layout: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
+pub(crate) fn build_to(layout: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
     with_env(hyperbuild(), env)
         .arg(format!("oci:{}", layout.display()))
         .arg("-o")
@@ -71,7 +73,7 @@ fn build_to(layout: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) ->
         .expect("run hyperbuild")
 }
 
-fn push(file: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
+pub(crate) fn push(file: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
     with_env(hyperbuild(), env)
         .arg("push")
         .arg(file)
@@ -82,7 +84,7 @@ fn push(file: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Outpu
         .expect("run hyperbuild push")
 }
 
-fn pull(cache: &Path, url: &str, env: &[(&str, String)]) -> Output {
+pub(crate) fn pull(cache: &Path, url: &str, env: &[(&str, String)]) -> Output {
     with_env(hyperboot(), env)
         .env("XDG_CACHE_HOME", cache)
         .args(["pull", "--json", url])
@@ -90,7 +92,7 @@ fn pull(cache: &Path, url: &str, env: &[(&str, String)]) -> Output {
         .expect("run hyperboot pull")
 }
 
-fn ok_json(o: &Output) -> serde_json::Value {
+pub(crate) fn ok_json(o: &Output) -> serde_json::Value {
     assert!(
         o.status.success(),
         "exit {:?}: {}",
@@ -100,73 +102,12 @@ fn ok_json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("JSON on stdout")
 }
 
-fn digest_of(file: &Path) -> String {
+pub(crate) fn digest_of(file: &Path) -> String {
     hvm::digest_string(&hvm::Artifact::open(file).expect("artifact").digest())
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[test]
-fn published_artifact_boots_from_the_bucket_and_is_cached() {
-    let s3 = S3Server::start();
-    s3.bucket("artifacts");
-    let url = "s3://artifacts/app/v1.hvm";
-    let j = ok_json(&build_to(&layout(), url, &s3.env(), &[]));
-    let local = std::fs::read(busybox_artifact()).unwrap();
-    assert_eq!(j["digest"], digest_of(busybox_artifact()));
-    assert_eq!(j["outcome"], "written");
-    assert_eq!(j["output"], url);
-    assert_eq!(j["size"], local.len() as u64);
-    // Streamed in parts out of order, yet byte-identical to a local build.
-    assert!(s3.get("artifacts", "app/v1.hvm").unwrap() == local);
-    assert_eq!(s3.pending_uploads("artifacts"), 0);
-
-    let cache = tempfile::tempdir().unwrap();
-    let p = ok_json(&pull(cache.path(), url, &s3.env()));
-    assert_eq!(p["digest"], j["digest"]);
-    assert_eq!(p["transferred"], local.len() as u64);
-    let path = PathBuf::from(p["path"].as_str().unwrap());
-    assert!(path.starts_with(cache.path()), "{path:?}");
-    assert!(std::fs::read(&path).unwrap() == local);
-
-    // Booting by URL: served from the cache, nothing transferred again.
-    let o = with_env(hyperboot(), &s3.env())
-        .env("XDG_CACHE_HOME", cache.path())
-        .args([
-            "--backend",
-            "qemu",
-            "--timeout",
-            "120",
-            url,
-            "--",
-            "echo",
-            "booted from s3",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "booted from s3\n");
-    assert!(!stderr(&o).contains("fetching"), "{}", stderr(&o));
-    let again = ok_json(&pull(cache.path(), url, &s3.env()));
-    assert_eq!(again["transferred"], 0);
-    assert_eq!(again["path"], p["path"]);
-
-    // A second URL naming the same artifact reuses the cached file too.
-    ok_json(&push(
-        busybox_artifact(),
-        "s3://artifacts/app/current.hvm",
-        &s3.env(),
-        &[],
-    ));
-    let other = ok_json(&pull(
-        cache.path(),
-        "s3://artifacts/app/current.hvm",
-        &s3.env(),
-    ));
-    assert_eq!(other["transferred"], 0);
-    assert_eq!(other["path"], p["path"]);
 }
 
 #[test]
