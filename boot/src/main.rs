@@ -27,6 +27,12 @@ use config::RunConfig;
 use report::Outcome;
 use sys::process;
 
+/// The host-guest contract version this hyperinit speaks, where hyperbuild
+/// reads it into the artifact's manifest (see the contract crate).
+#[used]
+#[link_section = ".hyper_contract"]
+static CONTRACT_VERSION: [u8; 4] = hyper_contract::VERSION.to_le_bytes();
+
 static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
@@ -68,13 +74,19 @@ fn boot() -> Result<Outcome, String> {
             config::PATH
         )
     })?;
-    let cfg = RunConfig::parse(&bytes)?;
+    let cfg = RunConfig::parse(&bytes).map_err(|e| {
+        let mut msg = e.to_string();
+        if let Some(src) = std::error::Error::source(&e) {
+            msg.push_str(&format!(": {src}"));
+        }
+        msg
+    })?;
     if cfg.debug {
         DEBUG.store(true, Ordering::Relaxed);
     }
     debug!("run config: {cfg:?}");
-    wait_for(&cfg.root_device)?;
-    plan::root(&mut linux, &cfg.root_device, &cfg.tmpfs, &cfg.volumes)
+    wait_for(cfg.root_device())?;
+    plan::root(&mut linux, cfg.root_device(), &cfg.tmpfs, &cfg.volumes)
         .map_err(|e| e.to_string())?;
     debug!("root mounted");
     if let Err(e) = net::loopback() {
@@ -294,45 +306,22 @@ fn listen_for_requests() {
     // met a closed (or echoing) port.
     report::announce_ready();
     std::thread::spawn(move || {
+        use hyper_contract::{HostMessage, LineBuffer};
         use std::io::Read;
-        let mut line = Vec::new();
+        let mut lines = LineBuffer::default();
         let mut byte = [0u8; 1];
         while let Ok(1) = tty.read(&mut byte) {
-            if byte[0] != b'\n' {
-                if line.len() < 64 {
-                    line.push(byte[0]);
-                }
+            let Some(line) = lines.push(byte[0]) else {
                 continue;
-            }
-            let text = String::from_utf8_lossy(&line).into_owned();
-            line.clear();
-            let words: Vec<&str> = text.split_whitespace().collect();
-            match words.as_slice() {
-                ["stdin-eof", n] => {
-                    if let Ok(n) = n.parse() {
-                        streams::STDIN_EOF_AT.store(n, Ordering::SeqCst);
-                    }
-                    continue;
+            };
+            match HostMessage::decode(&line) {
+                Ok(HostMessage::StdinEof(n)) => streams::STDIN_EOF_AT.store(n, Ordering::SeqCst),
+                Ok(HostMessage::Winsize { rows, cols }) => streams::set_winsize(rows, cols),
+                Ok(HostMessage::Drained) => {
+                    debug!("the host has all the output");
+                    DRAINED.store(true, Ordering::SeqCst);
                 }
-                ["winsize", r, c] => {
-                    if let (Ok(r), Ok(c)) = (r.parse(), c.parse()) {
-                        streams::set_winsize(r, c);
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            if text.trim() == "drained" {
-                debug!("the host has all the output");
-                DRAINED.store(true, Ordering::SeqCst);
-                continue;
-            }
-            if let Some(sig) = text
-                .trim()
-                .strip_prefix("signal ")
-                .and_then(|n| n.parse::<i32>().ok())
-            {
-                if (1..=64).contains(&sig) {
+                Ok(HostMessage::Signal(sig)) => {
                     debug!("host asks for signal {sig}");
                     match APP_PID.load(Ordering::SeqCst) {
                         // Not started yet: supervise() delivers it first thing.
@@ -340,6 +329,7 @@ fn listen_for_requests() {
                         app => process::kill(app, sig),
                     }
                 }
+                Err(e) => debug!("ignored from the host: {e}"),
             }
         }
     });

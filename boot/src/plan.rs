@@ -1,6 +1,7 @@
 //! The boot plan: from the initramfs to the app's root. Runs against [`Sys`],
 //! so tests can check every step without root.
 
+use crate::config::VolumeKind;
 use crate::sys::{Sys, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT};
 
 pub const LOWER: &str = "/mnt/lower";
@@ -162,8 +163,8 @@ pub fn root(
         }
         step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o755))?;
         let ro = if v.read_only { MS_RDONLY } else { 0 };
-        match v.kind.as_str() {
-            "9p" => step(
+        match v.kind {
+            VolumeKind::Share => step(
                 || format!("mount the host directory {} on {at}", v.tag),
                 sys.mount(
                     &v.tag,
@@ -173,7 +174,7 @@ pub fn root(
                     "trans=virtio,version=9p2000.L,msize=262144",
                 ),
             )?,
-            "tmpfs" => {
+            VolumeKind::Tmpfs => {
                 step(
                     || format!("mount a fresh volume on {at}"),
                     sys.mount("tmpfs", &r(at), "tmpfs", MS_NODEV, "mode=0755"),
@@ -192,12 +193,6 @@ pub fn root(
                         sys.mount("", &r(at), "", MS_REMOUNT | MS_RDONLY, ""),
                     )?;
                 }
-            }
-            other => {
-                return Err(StepError {
-                    step: format!("volume {at}"),
-                    source: std::io::Error::other(format!("unknown kind {other:?}")),
-                })
             }
         }
     }
@@ -390,20 +385,20 @@ mod tests {
 
     #[test]
     fn volumes_are_host_shares_or_fresh_copies_of_the_image() {
-        use crate::config::Volume;
+        use crate::config::{Volume, VolumeKind};
         let mut r = Recorder {
             populated: vec!["/var/lib/db"],
             ..Default::default()
         };
         let vols = [
             Volume {
-                kind: "9p".into(),
+                kind: VolumeKind::Share,
                 tag: "vol0".into(),
                 target: "/data".into(),
                 read_only: true,
             },
             Volume {
-                kind: "tmpfs".into(),
+                kind: VolumeKind::Tmpfs,
                 tag: String::new(),
                 target: "/var/lib/db".into(),
                 read_only: false,
@@ -420,7 +415,7 @@ mod tests {
         assert!(fresh < copy && copy < index_of(c, "mount . / "));
         for bad in ["relative", "/", "/a/../b"] {
             let v = Volume {
-                kind: "9p".into(),
+                kind: VolumeKind::Share,
                 tag: "vol0".into(),
                 target: bad.into(),
                 read_only: false,

@@ -1,10 +1,13 @@
 //! Telling the host how the app ended, then stopping the VM.
 //!
-//! The protocol (shared by both backends): one ASCII line on the second UART
-//! (COM2, I/O port 0x2f8) — `exit=N`, `signal=N` or `error=MESSAGE` — then a
-//! byte to the exit port 0x501 (0 after a report, 1 after an init error),
+//! The protocol (shared by both backends, written in the contract crate):
+//! one report line on the second UART (COM2, I/O port 0x2f8) — `exit=N`,
+//! `signal=N` or `error=MESSAGE` — then a byte to the exit port 0x501 (0
+//! after a report, 1 after an init error),
 //! which the VMM (or QEMU's `isa-debug-exit`) turns into the end of the VM.
 //! Should the exit port not stop the machine, a reset does (`reboot=t`).
+
+use hyper_contract::GuestMessage;
 
 use crate::sys::process;
 
@@ -21,25 +24,18 @@ pub enum Outcome {
     InitError(String),
 }
 
-/// The status line for an outcome; messages are kept to one printable line.
-pub fn status_line(o: &Outcome) -> String {
+/// The report for an outcome.
+pub fn report(o: &Outcome) -> GuestMessage {
     match o {
-        Outcome::Exited(c) => format!("exit={c}\n"),
-        Outcome::Signaled(s) => format!("signal={s}\n"),
-        Outcome::InitError(m) => {
-            let clean: String = m
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .take(400)
-                .collect();
-            format!("error={clean}\n")
-        }
+        Outcome::Exited(c) => GuestMessage::Exit(*c),
+        Outcome::Signaled(s) => GuestMessage::Signal(*s),
+        Outcome::InitError(m) => GuestMessage::Error(m.clone()),
     }
 }
 
-/// Writes one line on COM2 (bounded wait per byte).
-fn send_line(line: &str) {
-    for b in line.bytes() {
+/// Writes one message on COM2 (bounded wait per byte).
+fn send(m: &GuestMessage) {
+    for b in m.encode() {
         // Bounded wait for the transmitter; emulated UARTs are always ready.
         for _ in 0..100_000 {
             if process::inb(STATUS_PORT + LSR) & LSR_THRE != 0 {
@@ -53,7 +49,7 @@ fn send_line(line: &str) {
 /// Tells the host that hyperinit listens on COM2 now.
 pub fn announce_ready() {
     if process::ioperm(STATUS_PORT, 8).is_ok() {
-        send_line("ready\n");
+        send(&GuestMessage::Ready);
     }
 }
 
@@ -63,7 +59,10 @@ pub fn announce_drain(sent: [u64; 2]) -> bool {
     if process::ioperm(STATUS_PORT, 8).is_err() {
         return false;
     }
-    send_line(&format!("drain {} {}\n", sent[0], sent[1]));
+    send(&GuestMessage::Drain {
+        stdout: sent[0],
+        stderr: sent[1],
+    });
     true
 }
 
@@ -71,7 +70,7 @@ pub fn announce_drain(sent: [u64; 2]) -> bool {
 pub fn report_and_stop(o: &Outcome) -> ! {
     process::sync();
     if process::ioperm(STATUS_PORT, 8).is_ok() && process::ioperm(EXIT_PORT, 1).is_ok() {
-        send_line(&status_line(o));
+        send(&report(o));
         process::outb(EXIT_PORT, u8::from(matches!(o, Outcome::InitError(_))));
     }
     process::reboot()
@@ -82,12 +81,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lines() {
-        assert_eq!(status_line(&Outcome::Exited(7)), "exit=7\n");
-        assert_eq!(status_line(&Outcome::Signaled(9)), "signal=9\n");
+    fn outcomes_become_reports() {
+        assert_eq!(report(&Outcome::Exited(7)).encode(), b"exit=7\n");
+        assert_eq!(report(&Outcome::Signaled(9)).encode(), b"signal=9\n");
         assert_eq!(
-            status_line(&Outcome::InitError("bad\nthing".into())),
-            "error=bad thing\n"
+            report(&Outcome::InitError("bad\nthing".into())).encode(),
+            b"error=bad thing\n"
         );
     }
 }

@@ -215,6 +215,10 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let init = read_checked(&opts.init, elf::check_static, |path, reason| {
         InputError::Init { path, reason }
     })?;
+    let contract = elf::init_contract(&init).map_err(|reason| InputError::Init {
+        path: opts.init.clone(),
+        reason,
+    })?;
     let (image, layout) = match &source {
         Source::OciLayout { path, tag } => {
             let image = oci::open(path, tag.as_deref(), &opts.pull.platform).map_err(|source| {
@@ -278,6 +282,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
             &source.recorded(),
             &image,
             kernel_version.clone(),
+            contract,
             rootfs_size,
         )
         .to_canonical_json()
@@ -613,6 +618,7 @@ fn manifest(
     reference: &str,
     image: &oci::Image,
     kernel_version: String,
+    contract: Option<u32>,
     rootfs_size: u64,
 ) -> hvm::Manifest {
     let rc = image.config.config.clone().unwrap_or_default();
@@ -650,6 +656,7 @@ fn manifest(
             name: "hyperbuild".into(),
             version: env!("CARGO_PKG_VERSION").into(),
         },
+        init: contract.map(|contract| hvm::InitInfo { contract }),
     }
 }
 

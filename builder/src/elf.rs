@@ -75,6 +75,65 @@ pub fn check_static(b: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// The contents of the section named `name`, if the file has one.
+pub fn section<'a>(b: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, String> {
+    phdrs(b)?;
+    let short = || "truncated ELF section headers".to_string();
+    let shoff = u64_at(b, 0x28).ok_or_else(short)? as usize;
+    let shentsize = u16_at(b, 0x3a).ok_or_else(short)? as usize;
+    let shnum = u16_at(b, 0x3c).ok_or_else(short)? as usize;
+    let shstrndx = u16_at(b, 0x3e).ok_or_else(short)? as usize;
+    let header = |i: usize| -> Result<(u32, usize, usize), String> {
+        let o = i
+            .checked_mul(shentsize)
+            .and_then(|x| x.checked_add(shoff))
+            .ok_or_else(short)?;
+        Ok((
+            u32_at(b, o).ok_or_else(short)?,
+            u64_at(b, o + 0x18).ok_or_else(short)? as usize,
+            u64_at(b, o + 0x20).ok_or_else(short)? as usize,
+        ))
+    };
+    let bytes = |offset: usize, size: usize| {
+        offset
+            .checked_add(size)
+            .and_then(|end| b.get(offset..end))
+            .ok_or_else(|| "an ELF section lies outside the file".to_string())
+    };
+    if shnum == 0 || shstrndx >= shnum {
+        return Ok(None);
+    }
+    let (_, str_off, str_size) = header(shstrndx)?;
+    let names = bytes(str_off, str_size)?;
+    for i in 0..shnum {
+        let (name_at, offset, size) = header(i)?;
+        let Some(rest) = names.get(name_at as usize..) else {
+            continue;
+        };
+        let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+        if &rest[..end] == name.as_bytes() {
+            return bytes(offset, size).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// The host-guest contract version an init speaks (its
+/// `hyper_contract::ELF_SECTION`); None for an init that does not say.
+pub fn init_contract(b: &[u8]) -> Result<Option<u32>, String> {
+    match section(b, hyper_contract::ELF_SECTION)? {
+        None => Ok(None),
+        Some(s) => match <[u8; 4]>::try_from(s) {
+            Ok(v) => Ok(Some(u32::from_le_bytes(v))),
+            Err(_) => Err(format!(
+                "its {} section is {} bytes, not 4",
+                hyper_contract::ELF_SECTION,
+                s.len()
+            )),
+        },
+    }
+}
+
 /// The release string from the kernel's `Linux version …` banner.
 pub fn kernel_version(b: &[u8]) -> Option<String> {
     const BANNER: &[u8] = b"Linux version ";
@@ -96,6 +155,17 @@ mod tests {
             kernel_version(b"xx Linux version 6.12.1-hyper (root@x) #1").as_deref(),
             Some("6.12.1-hyper")
         );
+    }
+
+    #[test]
+    fn sections_by_name() {
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(section(&me, ".text")
+            .unwrap()
+            .is_some_and(|t| !t.is_empty()));
+        assert_eq!(section(&me, ".no-such-section").unwrap(), None);
+        assert_eq!(init_contract(&me).unwrap(), None);
+        assert!(section(b"MZ", ".text").is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! directory (the share sits inside a directory that must end as it began).
 #![no_main]
 
-use hyperboot::vmm::p9::Server;
+use hyper_vmm::p9::Server;
 use libfuzzer_sys::fuzz_target;
 
 /// Tversion, then Tattach of fid 0: the session every guest starts with.

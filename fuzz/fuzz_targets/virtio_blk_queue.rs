@@ -5,8 +5,8 @@
 //! never panic, never touch memory outside the guest's, and stay usable.
 #![no_main]
 
-use hyperboot::vmm::devices::virtio_blk::Block;
-use hyperboot::vmm::devices::virtio_mmio::MmioTransport;
+use hyper_vmm::devices::virtio_blk::Block;
+use hyper_vmm::devices::virtio_mmio::MmioTransport;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;

@@ -37,7 +37,8 @@
 //!
 //! * **Sections**: `manifest` (canonical JSON, [`Manifest`]), `kernel` (an
 //!   uncompressed x86-64 `vmlinux` ELF with a PVH entry note), `initrd` (a newc
-//!   cpio holding `/init`, the guest init), `rootfs` (a read-only EROFS image,
+//!   cpio holding `/init`, the guest init, whose host-guest contract version
+//!   the manifest records in `init.contract`), `rootfs` (a read-only EROFS image,
 //!   served to the guest as a block device straight from the file, which is why
 //!   every section is block aligned).
 //!
@@ -66,7 +67,7 @@ pub use header::{
     MAX_SECTIONS, VERSION,
 };
 pub use manifest::{
-    BuilderInfo, ImageConfig, ImageInfo, KernelInfo, Manifest, Platform, RootfsInfo,
+    BuilderInfo, ImageConfig, ImageInfo, InitInfo, KernelInfo, Manifest, Platform, RootfsInfo,
 };
 pub use reader::{Artifact, ReadError};
 pub use writer::{ArtifactWriter, FileSink, SectionWriter, Sink, WriteError};

@@ -15,6 +15,18 @@ pub struct Manifest {
     pub kernel: KernelInfo,
     pub rootfs: RootfsInfo,
     pub builder: BuilderInfo,
+    /// The initrd's init; absent in artifacts built before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitInfo>,
+}
+
+/// What the initrd's init (hyperinit) speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitInfo {
+    /// The host-guest contract version (`hyper-contract`): the runner MUST
+    /// refuse an artifact whose init speaks a version newer than its own.
+    /// Absent (no `init` record): version 1.
+    pub contract: u32,
 }
 
 /// Where the image came from.
@@ -136,6 +148,7 @@ mod tests {
                 name: "hyperbuild".into(),
                 version: "0.1.0".into(),
             },
+            init: None,
         };
         let json = String::from_utf8(m.to_canonical_json()).unwrap();
         assert_eq!(

@@ -31,6 +31,7 @@ fn manifest() -> Manifest {
             name: "test".into(),
             version: "0".into(),
         },
+        init: None,
     }
 }
 

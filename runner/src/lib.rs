@@ -11,7 +11,6 @@ pub mod qemu;
 pub mod spec;
 pub mod status;
 pub mod verified;
-pub mod vmm;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -189,7 +188,7 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
             verified::record(&artifact.digest(), &m);
         }
     }
-    vmm::phase("artifact verified");
+    hyper_vmm::phase("artifact verified");
     let m = artifact.manifest();
     if m.image.platform.architecture != "amd64" {
         return Err(BootError::Backend(format!(
@@ -206,7 +205,7 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
             opts.cpus
         )));
     }
-    if let Some(host) = vmm::kvm::host_memory_mib() {
+    if let Some(host) = hyper_vmm::kvm::host_memory_mib() {
         if opts.memory_mib > host {
             return Err(BootError::Backend(format!(
                 "--memory {} MiB is more than this host has ({host} MiB): lower --memory",
@@ -219,7 +218,7 @@ pub fn boot(opts: &BootOptions) -> Result<u8, BootError> {
         opts.net.requested() && matches!(opts.net.mode, net::NetMode::Auto | net::NetMode::User);
     let kvm_lacks = if user_net && !net::passt_available() {
         Some("user-mode networking without passt (apt-get install passt)")
-    } else if opts.binds.len() > vmm::MAX_SHARES {
+    } else if opts.binds.len() > hyper_vmm::MAX_SHARES {
         Some("more than 8 -v host directories")
     } else {
         None
@@ -278,10 +277,10 @@ fn boot_kvm(
                     let (child, sock) =
                         net::start_passt(&p, opts.verbose).map_err(BootError::Backend)?;
                     passt = Some(child);
-                    vmm::devices::virtio_net::Backend::Passt(sock)
+                    hyper_vmm::devices::virtio_net::Backend::Passt(sock)
                 }
                 net::Link::Tap { fd, .. } => {
-                    vmm::devices::virtio_net::Backend::Tap(std::fs::File::from(fd))
+                    hyper_vmm::devices::virtio_net::Backend::Tap(std::fs::File::from(fd))
                 }
             })
         }
@@ -294,7 +293,8 @@ fn boot_kvm(
         );
     }
     let k = artifact.section(SectionKind::Kernel);
-    let kernel = vmm::loader::SectionReader::new(artifact.file().try_clone()?, k.offset, k.length);
+    let kernel =
+        hyper_vmm::loader::SectionReader::new(artifact.file().try_clone()?, k.offset, k.length);
     let mut initrd = artifact.read_section(SectionKind::Initrd)?;
     initrd.resize(initrd.len().div_ceil(4) * 4, 0);
     initrd.extend_from_slice(&spec::run_archive(run));
@@ -310,7 +310,7 @@ fn boot_kvm(
         opts.verbose,
         &format!("KVM backend, kernel command line: {cmdline}"),
     );
-    let cfg = vmm::VmConfig {
+    let cfg = hyper_vmm::VmConfig {
         kernel,
         initrd,
         rootfs: Some((artifact.file().try_clone()?, r.offset, r.length)),
@@ -334,7 +334,7 @@ fn boot_kvm(
     };
     // `-t`: keys go to the app's terminal raw (Ctrl-C included), as with QEMU.
     let raw = RawTerminal::new(opts.tty);
-    let outcome = vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)));
+    let outcome = hyper_vmm::run(cfg).map_err(|e| BootError::Backend(error_chain(&e)));
     drop(raw);
     // passt (--one-off) leaves by itself when hyperboot's end of its socket
     // closes, at exit; the filter in place here would not allow a kill.
@@ -378,7 +378,7 @@ fn boot_kvm(
 /// `-v` on the KVM backend: a 9p server per host directory, tagged `volN`
 /// as hyperinit expects. Every fid a guest holds costs host descriptors, so
 /// the open-file limit is raised to its hard limit and split between them.
-fn share_servers(binds: &[spec::Bind]) -> Result<Vec<(String, vmm::p9::Server)>, BootError> {
+fn share_servers(binds: &[spec::Bind]) -> Result<Vec<(String, hyper_vmm::p9::Server)>, BootError> {
     if binds.is_empty() {
         return Ok(Vec::new());
     }
@@ -395,9 +395,10 @@ fn share_servers(binds: &[spec::Bind]) -> Result<Vec<(String, vmm::p9::Server)>,
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let server = vmm::p9::Server::new(&b.host, b.read_only, per_share).map_err(|e| {
-                BootError::Backend(format!("-v {}: cannot share it: {e}", b.host.display()))
-            })?;
+            let server =
+                hyper_vmm::p9::Server::new(&b.host, b.read_only, per_share).map_err(|e| {
+                    BootError::Backend(format!("-v {}: cannot share it: {e}", b.host.display()))
+                })?;
             Ok((format!("vol{i}"), server))
         })
         .collect()
@@ -416,8 +417,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Maps how the KVM backend's VM ended to hyperboot's exit code.
-fn exit_code(status: &[u8], stop: &vmm::Stop, opts: &BootOptions) -> u8 {
-    use vmm::Stop;
+fn exit_code(status: &[u8], stop: &hyper_vmm::Stop, opts: &BootOptions) -> u8 {
+    use hyper_vmm::Stop;
     match stop {
         Stop::Timeout => {
             eprintln!(

@@ -199,7 +199,7 @@ fn parse_seconds_or_zero(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    hyperboot::vmm::phase("main");
+    hyper_vmm::phase("main");
     if std::env::args_os().nth(1).is_some_and(|a| a == "pull") {
         return pull_main();
     }

@@ -401,6 +401,7 @@ pub fn guest_artifact(elf: &Path, rootfs: &[u8]) -> PathBuf {
             name: "hyper-tests".into(),
             version: "0".into(),
         },
+        init: None,
     };
     let mut w = hvm::ArtifactWriter::create(&out).expect("create artifact");
     w.section_bytes(
@@ -445,7 +446,7 @@ pub fn boot_kvm(artifact: &Path, flags: &[&str]) -> Run {
 /// (a connection, a session), as a QEMU guest's kernel can mount it with
 /// `trans=tcp`; returns the port.
 pub fn serve_9p_over_tcp(dir: &Path, read_only: bool) -> u16 {
-    use hyperboot::vmm::p9::Server;
+    use hyper_vmm::p9::Server;
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use hyperboot::vmm::p9::Server;
+use hyper_vmm::p9::Server;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -1,4 +1,4 @@
-//! virtio-9p: one `-v` host directory, served by [`crate::vmm::p9`] under a
+//! virtio-9p: one `-v` host directory, served by [`crate::p9`] under a
 //! mount tag (`vol0`, `vol1`, …) as QEMU's `virtio-9p-device` is.
 //!
 //! A guest notification only wakes the share's own thread, which does the
@@ -20,7 +20,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::virtio_mmio::{add_used, MmioTransport, VirtioDevice};
-use crate::vmm::p9::Server;
+use crate::p9::Server;
 
 const TYPE_9P: u32 = 9;
 const F_MOUNT_TAG: u64 = 1;
@@ -132,7 +132,7 @@ impl Share {
             }
         }
         let size = u32::from_le_bytes(self.request.get(..4)?.try_into().ok()?) as usize;
-        if size < crate::vmm::p9::wire::HEADER || size > self.request.len() {
+        if size < crate::p9::wire::HEADER || size > self.request.len() {
             return None;
         }
         let room: u64 = replies.iter().map(|d| u64::from(d.len())).sum();
@@ -186,13 +186,13 @@ pub fn serve_thread(
     share: Arc<Mutex<MmioTransport<Share>>>,
     mem: GuestMemoryMmap,
     filtered: bool,
-) -> Result<(), crate::vmm::seccomp::SeccompError> {
-    let wake = crate::vmm::lock(&share).device.wake();
+) -> Result<(), crate::seccomp::SeccompError> {
+    let wake = crate::lock(&share).device.wake();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        crate::vmm::sys::block_stop_signals();
+        crate::sys::block_stop_signals();
         let filter = if filtered {
-            crate::vmm::seccomp::install_file_server()
+            crate::seccomp::install_file_server()
         } else {
             Ok(())
         };
@@ -205,7 +205,7 @@ pub fn serve_thread(
             wake.wait();
             // One request per turn of the lock, until the queue is empty.
             loop {
-                let mut t = crate::vmm::lock(&share);
+                let mut t = crate::lock(&share);
                 let before = t.device.served + t.device.refused;
                 t.poke(&mem, |d, q, m| d.serve_one(q, m));
                 if t.device.served + t.device.refused == before {

@@ -271,7 +271,7 @@ pub fn rx_thread(
     filtered: bool,
 ) {
     std::thread::spawn(move || {
-        if filtered && crate::vmm::seccomp::install().is_err() {
+        if filtered && crate::seccomp::install().is_err() {
             return;
         }
         let mut buf = Vec::with_capacity(FRAME_MAX);

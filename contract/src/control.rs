@@ -1,0 +1,308 @@
+//! The control channel: one ASCII line per message on the second UART (COM2,
+//! I/O port 0x2f8), both ways.
+//!
+//! The guest says (in this order over a run):
+//! - `ready` — hyperinit listens now; the host MUST hold its requests until
+//!   then (bytes that reach the UART before it is opened are echoed or lost);
+//! - `drain OUT ERR` — the byte counts it sent on the stdout and stderr
+//!   ports; the host answers `drained` once it has them all;
+//! - the report: `exit=N`, `signal=N` (the app died of signal N) or
+//!   `error=MESSAGE` (hyperinit failed; one printable line of at most 400
+//!   characters), then it ends the VM.
+//!
+//! The host says `signal N` (deliver N to the app), `stdin-eof N` (the
+//! app's stdin ends after N bytes), `winsize R C` (the terminal's new size)
+//! and `drained`.
+//!
+//! Lines end with `\n`; a line longer than [`MAX_LINE`] is a misbehaving
+//! peer and is cut ([`LineBuffer`]).
+
+/// The longest line either side sends (an `error=` report is the longest).
+pub const MAX_LINE: usize = 512;
+
+/// What hyperinit tells the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMessage {
+    Ready,
+    Drain {
+        stdout: u64,
+        stderr: u64,
+    },
+    /// The app exited with this code.
+    Exit(i32),
+    /// The app was killed by this signal.
+    Signal(i32),
+    /// hyperinit itself failed.
+    Error(String),
+}
+
+/// What the host asks of hyperinit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostMessage {
+    Signal(i32),
+    StdinEof(u64),
+    Winsize { rows: u16, cols: u16 },
+    Drained,
+}
+
+/// A line that is no message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("not a control message: {0:?}")]
+    Unknown(String),
+    #[error("malformed {0} message: {1:?}")]
+    Malformed(&'static str, String),
+}
+
+fn text(line: &[u8]) -> String {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    String::from_utf8_lossy(line).into_owned()
+}
+
+fn number<T: std::str::FromStr>(
+    what: &'static str,
+    s: &str,
+    line: &str,
+) -> Result<T, ControlError> {
+    s.parse()
+        .map_err(|_| ControlError::Malformed(what, line.to_string()))
+}
+
+/// A signal number a message may carry.
+fn signal(what: &'static str, s: &str, line: &str) -> Result<i32, ControlError> {
+    let n: i32 = number(what, s, line)?;
+    if (1..=64).contains(&n) {
+        Ok(n)
+    } else {
+        Err(ControlError::Malformed(what, line.to_string()))
+    }
+}
+
+impl GuestMessage {
+    /// The line, `\n` included; an error message is cut to one printable
+    /// line of at most 400 characters.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            GuestMessage::Ready => "ready\n".to_string(),
+            GuestMessage::Drain { stdout, stderr } => format!("drain {stdout} {stderr}\n"),
+            GuestMessage::Exit(c) => format!("exit={c}\n"),
+            GuestMessage::Signal(s) => format!("signal={s}\n"),
+            GuestMessage::Error(m) => {
+                let clean: String = m
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .take(400)
+                    .collect();
+                format!("error={clean}\n")
+            }
+        }
+        .into_bytes()
+    }
+
+    /// Decodes one line (with or without its `\n`).
+    pub fn decode(line: &[u8]) -> Result<Self, ControlError> {
+        let t = text(line);
+        if t == "ready" {
+            return Ok(GuestMessage::Ready);
+        }
+        if let Some(rest) = t.strip_prefix("drain ") {
+            let mut it = rest.split(' ');
+            let (Some(o), Some(e), None) = (it.next(), it.next(), it.next()) else {
+                return Err(ControlError::Malformed("drain", t));
+            };
+            return Ok(GuestMessage::Drain {
+                stdout: number("drain", o, &t)?,
+                stderr: number("drain", e, &t)?,
+            });
+        }
+        match t.split_once('=') {
+            Some(("exit", v)) => Ok(GuestMessage::Exit(number("exit", v, &t)?)),
+            Some(("signal", v)) => Ok(GuestMessage::Signal(signal("signal", v, &t)?)),
+            Some(("error", v)) => Ok(GuestMessage::Error(v.to_string())),
+            _ => Err(ControlError::Unknown(t)),
+        }
+    }
+
+    /// Whether this is the final report of a run.
+    pub fn is_report(&self) -> bool {
+        matches!(
+            self,
+            GuestMessage::Exit(_) | GuestMessage::Signal(_) | GuestMessage::Error(_)
+        )
+    }
+
+    /// The first complete line of `bytes` that is a report.
+    pub fn find_report(bytes: &[u8]) -> Option<Self> {
+        let complete = &bytes[..bytes.iter().rposition(|b| *b == b'\n')? + 1];
+        complete
+            .split_inclusive(|b| *b == b'\n')
+            .filter_map(|l| Self::decode(l).ok())
+            .find(Self::is_report)
+    }
+}
+
+impl HostMessage {
+    /// The line, `\n` included.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            HostMessage::Signal(s) => format!("signal {s}\n"),
+            HostMessage::StdinEof(n) => format!("stdin-eof {n}\n"),
+            HostMessage::Winsize { rows, cols } => format!("winsize {rows} {cols}\n"),
+            HostMessage::Drained => "drained\n".to_string(),
+        }
+        .into_bytes()
+    }
+
+    /// Decodes one line (with or without its `\n`).
+    pub fn decode(line: &[u8]) -> Result<Self, ControlError> {
+        let t = text(line);
+        let words: Vec<&str> = t.split(' ').collect();
+        match words.as_slice() {
+            ["drained"] => Ok(HostMessage::Drained),
+            ["signal", n] => Ok(HostMessage::Signal(signal("signal", n, &t)?)),
+            ["stdin-eof", n] => Ok(HostMessage::StdinEof(number("stdin-eof", n, &t)?)),
+            ["winsize", r, c] => Ok(HostMessage::Winsize {
+                rows: number("winsize", r, &t)?,
+                cols: number("winsize", c, &t)?,
+            }),
+            ["drained" | "signal" | "stdin-eof" | "winsize", ..] => {
+                Err(ControlError::Malformed("host", t))
+            }
+            _ => Err(ControlError::Unknown(t)),
+        }
+    }
+}
+
+/// Gathers bytes into lines, bounded: a line longer than [`MAX_LINE`] keeps
+/// its first bytes only.
+#[derive(Debug, Default, Clone)]
+pub struct LineBuffer {
+    line: Vec<u8>,
+}
+
+impl LineBuffer {
+    /// Takes one byte; returns the line (with its `\n`) when it completes one.
+    pub fn push(&mut self, b: u8) -> Option<Vec<u8>> {
+        if self.line.len() < MAX_LINE {
+            self.line.push(b);
+        }
+        if b == b'\n' {
+            if self.line.last() != Some(&b'\n') {
+                self.line.push(b'\n');
+            }
+            return Some(std::mem::take(&mut self.line));
+        }
+        None
+    }
+
+    /// What came after the last complete line.
+    pub fn partial(&self) -> &[u8] {
+        &self.line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_messages_round_trip() {
+        for m in [
+            GuestMessage::Ready,
+            GuestMessage::Drain {
+                stdout: 8 << 20,
+                stderr: 0,
+            },
+            GuestMessage::Exit(7),
+            GuestMessage::Exit(-1),
+            GuestMessage::Signal(9),
+            GuestMessage::Error("no root".into()),
+        ] {
+            assert_eq!(GuestMessage::decode(&m.encode()), Ok(m.clone()), "{m:?}");
+        }
+        assert_eq!(
+            GuestMessage::Error("bad\nthing".into()).encode(),
+            b"error=bad thing\n"
+        );
+        assert_eq!(
+            GuestMessage::Error("x".repeat(1000)).encode().len(),
+            "error=".len() + 400 + 1
+        );
+    }
+
+    #[test]
+    fn host_messages_round_trip() {
+        for m in [
+            HostMessage::Signal(15),
+            HostMessage::StdinEof(123_456),
+            HostMessage::Winsize {
+                rows: 33,
+                cols: 101,
+            },
+            HostMessage::Drained,
+        ] {
+            assert_eq!(HostMessage::decode(&m.encode()), Ok(m), "{m:?}");
+        }
+        assert_eq!(HostMessage::Signal(15).encode(), b"signal 15\n");
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for bad in [
+            &b""[..],
+            b"exit=",
+            b"exit=x",
+            b"signal=0",
+            b"signal=200",
+            b"drain 1",
+            b"drain 1 2 3",
+            b"drain a b",
+            b"hello",
+            b"\xff",
+        ] {
+            assert!(GuestMessage::decode(bad).is_err(), "{bad:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"signal",
+            b"signal 0",
+            b"signal 65",
+            b"signal 9 9",
+            b"winsize 1",
+            b"winsize 70000 1",
+            b"stdin-eof -1",
+            b"drained now",
+        ] {
+            assert!(HostMessage::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reports_are_found_among_other_lines() {
+        assert_eq!(
+            GuestMessage::find_report(b"ready\ndrain 1 2\nnoise\r\nexit=3\n"),
+            Some(GuestMessage::Exit(3))
+        );
+        assert_eq!(GuestMessage::find_report(b"exit=3"), None, "incomplete");
+        assert_eq!(GuestMessage::find_report(b"ready\n"), None);
+        assert_eq!(
+            GuestMessage::find_report(b"error=no root\n"),
+            Some(GuestMessage::Error("no root".into()))
+        );
+    }
+
+    #[test]
+    fn lines_are_bounded() {
+        let mut b = LineBuffer::default();
+        for _ in 0..10_000 {
+            assert_eq!(b.push(b'x'), None);
+        }
+        let line = b.push(b'\n').unwrap();
+        assert_eq!(line.len(), MAX_LINE + 1);
+        assert!(line.ends_with(b"\n"));
+        assert_eq!(b.push(b'a'), None);
+        assert_eq!(b.partial(), b"a");
+        assert_eq!(b.push(b'\n').unwrap(), b"a\n");
+    }
+}
