@@ -53,8 +53,9 @@ struct BuildArgs {
     /// Platform to pick from a multi-platform image (os/arch[/variant])
     #[arg(long, default_value = "linux/amd64")]
     platform: String,
-    /// When to ask the registry: always, missing (not cached), never
-    #[arg(long, value_enum, default_value = "missing")]
+    /// When to ask the registry what a tag points to: always (every build;
+    /// cached blobs are reused), missing (only when not cached), never
+    #[arg(long, value_enum, default_value = "always")]
     pull: hyperbuild::registry::PullPolicy,
     /// A registry (host[:port]) reached over plain HTTP (loopback ones always are)
     #[arg(long = "insecure-registry")]
@@ -115,7 +116,15 @@ enum CacheCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error is bad input (exit 1, as documented; clap's own is 2,
+    // which hyperbuild keeps for internal failures); help and version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

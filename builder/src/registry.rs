@@ -32,9 +32,11 @@ const ATTEMPTS: u32 = 4;
 /// `--pull`, as in docker and podman.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PullPolicy {
-    /// Always ask the registry what the reference points to (blobs already cached are reused).
+    /// Ask the registry what a tag points to on every build (one manifest
+    /// request; blobs and digest references already cached are reused), as
+    /// build tools resolve tags: the default.
     Always,
-    /// Use the cached resolution of the reference when there is one.
+    /// Use the cached resolution of a tag when there is one (offline builds).
     Missing,
     /// Never contact a registry: everything must be cached.
     Never,
@@ -313,8 +315,18 @@ impl Puller<'_> {
             digest: digest.clone(),
             source,
         };
+        let previous = self.cache.get_ref(&key);
         self.cache.put_bytes(&digest, &bytes).map_err(blob_err)?;
         self.cache.set_ref(&key, &digest).map_err(blob_err)?;
+        if !self.opts.quiet {
+            match previous {
+                Some(old) if old != digest => eprintln!(
+                    "hyperbuild: {} moved since it was last resolved here: {old} -> {digest}",
+                    self.typed
+                ),
+                _ => eprintln!("hyperbuild: {} is {digest}", self.typed),
+            }
+        }
         Ok(digest)
     }
 

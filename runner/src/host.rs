@@ -1,5 +1,6 @@
 //! What the host offers: KVM, and whether it is the nested PVM kind on which
-//! stock guest kernels crawl (see DESIGN.md, "Testing on the project's machines").
+//! stock guest kernels crawl (the README, "Testing without hardware
+//! virtualization").
 
 use std::path::Path;
 
@@ -11,19 +12,34 @@ pub enum Kvm {
     /// /dev/kvm is provided by kvm_pvm: usable, but stock guests run emulated.
     Pvm,
     /// No usable /dev/kvm; the reason says what to do.
-    Unavailable(String),
+    Unavailable(Unavailable),
+}
+
+/// Why /dev/kvm cannot be used, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no /dev/kvm: this host has no KVM (load kvm_intel or kvm_amd, enable virtualization in the firmware, or use --backend qemu)")]
+    Missing,
+    #[error("cannot open /dev/kvm: permission denied (add your user to the kvm group: sudo usermod -aG kvm $USER, then log in again)")]
+    Permission,
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(String),
 }
 
 /// Probes /dev/kvm, the loaded modules and the CPU flags.
 pub fn probe() -> Kvm {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Kvm::Unavailable("no /dev/kvm: this host has no KVM (load kvm_intel or kvm_amd, enable virtualization in the firmware, or use --backend qemu)".into())
+            return Kvm::Unavailable(Unavailable::Missing)
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Kvm::Unavailable("cannot open /dev/kvm: permission denied (add your user to the kvm group: sudo usermod -aG kvm $USER, then log in again)".into())
+            return Kvm::Unavailable(Unavailable::Permission)
         }
-        Err(e) => return Kvm::Unavailable(format!("cannot open /dev/kvm: {e}")),
+        Err(e) => return Kvm::Unavailable(Unavailable::Open(e.to_string())),
         Ok(_) => {}
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

@@ -1,12 +1,12 @@
 //! What to run: the image config from the manifest combined with the command
-//! line exactly as `docker run` combines them, rendered as the run
+//! line exactly as `docker run` combines them, as the contract's run
 //! configuration hyperinit reads (`/hyper/run.json`).
 
-use serde::Serialize;
+pub use hyper_contract::{Network, RunConfig, Volume, VolumeKind};
 
 /// The number of a signal named as in an image's StopSignal (`SIGTERM`,
 /// `TERM`, `15`); SIGTERM when empty.
-pub fn signal_number(name: &str) -> Result<i32, String> {
+pub fn signal_number(name: &str) -> Result<i32, SpecError> {
     const NAMES: [(&str, i32); 14] = [
         ("HUP", 1),
         ("INT", 2),
@@ -25,13 +25,14 @@ pub fn signal_number(name: &str) -> Result<i32, String> {
     ];
     let n = name.trim();
     if n.is_empty() {
-        return Ok(libc::SIGTERM);
+        return Ok(15);
     }
+    let bad = || SpecError::StopSignal(n.to_string());
     if let Ok(v) = n.parse::<i32>() {
         return if (1..=64).contains(&v) {
             Ok(v)
         } else {
-            Err(format!("signal {v} is out of range"))
+            Err(bad())
         };
     }
     let bare = n.strip_prefix("SIG").unwrap_or(n);
@@ -39,12 +40,20 @@ pub fn signal_number(name: &str) -> Result<i32, String> {
         .iter()
         .find(|(k, _)| *k == bare)
         .map(|(_, v)| *v)
-        .ok_or_else(|| format!("unknown signal {n:?}"))
+        .ok_or_else(bad)
+}
+
+/// A `--env-file` line that is not `KEY=VALUE` or `KEY`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {text:?} is not KEY=VALUE")]
+pub struct EnvFileError {
+    line: usize,
+    text: String,
 }
 
 /// Parses a `--env-file` as Docker does: `KEY=VALUE` or `KEY` (taken from the
 /// host) per line; blank lines and lines starting with `#` are skipped.
-pub fn parse_env_file(text: &str) -> Result<Vec<String>, String> {
+pub fn parse_env_file(text: &str) -> Result<Vec<String>, EnvFileError> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim_start();
@@ -53,7 +62,10 @@ pub fn parse_env_file(text: &str) -> Result<Vec<String>, String> {
         }
         let key = line.split('=').next().unwrap_or("");
         if key.is_empty() || key.contains(char::is_whitespace) {
-            return Err(format!("line {}: {line:?} is not KEY=VALUE", n + 1));
+            return Err(EnvFileError {
+                line: n + 1,
+                text: line.to_string(),
+            });
         }
         out.push(line.to_string());
     }
@@ -78,47 +90,6 @@ pub struct Overrides {
     pub tmpfs: Vec<String>,
 }
 
-/// The run configuration; field names are hyperinit's `RunConfig`.
-///
-/// hyperinit refuses fields it does not know, so a feature newer than the
-/// artifact's init fails loudly instead of being ignored; fields added after
-/// the first release are left out while unused, so older artifacts keep booting.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RunConfig {
-    pub argv: Vec<String>,
-    pub env: Vec<String>,
-    pub workdir: String,
-    pub user: String,
-    pub hostname: String,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub read_only: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tmpfs: Vec<String>,
-    pub debug: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub network: Option<Network>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub volumes: Vec<Volume>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub stdin: bool,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub tty: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tty_size: Option<[u16; 2]>,
-}
-
-/// A volume as hyperinit mounts it (`9p`: a host directory the VMM shares
-/// under `tag`; `tmpfs`: a fresh volume filled from the image).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Volume {
-    pub kind: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub tag: String,
-    pub target: String,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub read_only: bool,
-}
-
 /// `-v HOSTDIR:GUESTDIR[:ro|rw]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
@@ -127,9 +98,20 @@ pub struct Bind {
     pub read_only: bool,
 }
 
+/// A `-v` value that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("-v {spec:?}: {why} (expected /HOSTDIR:/GUESTDIR[:ro|rw])")]
+pub struct BindError {
+    spec: String,
+    why: &'static str,
+}
+
 /// Parses a `-v` value as Docker does for bind mounts.
-pub fn parse_bind(s: &str) -> Result<Bind, String> {
-    let err = |why: &str| format!("-v {s:?}: {why} (expected /HOSTDIR:/GUESTDIR[:ro|rw])");
+pub fn parse_bind(s: &str) -> Result<Bind, BindError> {
+    let err = |why: &'static str| BindError {
+        spec: s.to_string(),
+        why,
+    };
     let parts: Vec<&str> = s.split(':').collect();
     let (host, guest, mode) = match parts.as_slice() {
         [h, g] => (*h, *g, "rw"),
@@ -163,7 +145,7 @@ pub fn volumes(binds: &[Bind], image_volumes: &[String]) -> Vec<Volume> {
         .iter()
         .enumerate()
         .map(|(i, b)| Volume {
-            kind: "9p".into(),
+            kind: VolumeKind::Share,
             tag: format!("vol{i}"),
             target: b.guest.clone(),
             read_only: b.read_only,
@@ -173,7 +155,7 @@ pub fn volumes(binds: &[Bind], image_volumes: &[String]) -> Vec<Volume> {
         let v = v.trim_end_matches('/');
         if v.starts_with('/') && !binds.iter().any(|b| b.guest == v) {
             out.push(Volume {
-                kind: "tmpfs".into(),
+                kind: VolumeKind::Tmpfs,
                 tag: String::new(),
                 target: v.to_string(),
                 read_only: false,
@@ -183,21 +165,12 @@ pub fn volumes(binds: &[Bind], image_volumes: &[String]) -> Vec<Volume> {
     out
 }
 
-/// The guest's interface configuration (hyperinit's `Network`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Network {
-    pub interface: String,
-    pub address: String,
-    pub prefix: u8,
-    pub gateway: String,
-    pub dns: Vec<String>,
-    pub hosts: Vec<String>,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     #[error("no command specified: the image has no Entrypoint or Cmd; give one after the artifact (hyperboot app.hvm -- CMD)")]
     NoCommand,
+    #[error("the image's StopSignal {0:?} is not a signal")]
+    StopSignal(String),
 }
 
 /// Combines image config and overrides. `host_env` resolves `-e KEY`.
@@ -249,12 +222,7 @@ pub fn combine(
             .unwrap_or_else(|| default_hostname.to_string()),
         read_only: o.read_only,
         tmpfs: o.tmpfs.clone(),
-        debug: false,
-        network: None,
-        volumes: Vec::new(),
-        stdin: false,
-        tty: false,
-        tty_size: None,
+        ..Default::default()
     })
 }
 
@@ -262,11 +230,7 @@ pub fn combine(
 pub fn run_archive(cfg: &RunConfig) -> Vec<u8> {
     let mut c = hvm::cpio::Cpio::new();
     c.dir("hyper", 0o755);
-    c.file(
-        "hyper/run.json",
-        0o644,
-        &serde_json::to_vec(cfg).expect("serializes"),
-    );
+    c.file("hyper/run.json", 0o644, &cfg.to_json());
     c.finish()
 }
 
@@ -294,10 +258,10 @@ mod tests {
             &["/data".into(), "/var/lib/db/".into()],
         );
         assert_eq!(v.len(), 2);
-        assert_eq!((v[0].kind.as_str(), v[0].tag.as_str()), ("9p", "vol0"));
+        assert_eq!((v[0].kind, v[0].tag.as_str()), (VolumeKind::Share, "vol0"));
         assert_eq!(
-            (v[1].kind.as_str(), v[1].target.as_str()),
-            ("tmpfs", "/var/lib/db")
+            (v[1].kind, v[1].target.as_str()),
+            (VolumeKind::Tmpfs, "/var/lib/db")
         );
     }
 
@@ -427,7 +391,10 @@ mod tests {
             parse_env_file(text).unwrap(),
             ["A=1", "B=two words", "FROM_HOST", "C="]
         );
-        assert!(parse_env_file("=nokey\n").unwrap_err().contains("line 1"));
+        assert!(parse_env_file("=nokey\n")
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
         assert!(parse_env_file("BAD KEY=1\n").is_err());
     }
 

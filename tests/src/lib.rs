@@ -53,15 +53,15 @@ pub fn init() -> &'static Path {
     })
 }
 
-/// The path of a workspace binary (built on first use, unless
-/// `HYPER_TEST_PREBUILT` says the caller built them: the nested tier runs
-/// the test binary where cargo is not at hand).
+/// The path of a workspace binary: in `$HYPER_TEST_BIN_DIR` when set (the
+/// nested tier runs copies, so a build on the host cannot swap them under a
+/// running test), else next to this test binary, built on first use.
 pub fn bin_path(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("HYPER_TEST_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        if std::env::var_os("HYPER_TEST_PREBUILT").is_some() {
-            return;
-        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .args(["build", "--quiet", "-p", "hyperbuild", "-p", "hyperboot"])

@@ -1,14 +1,18 @@
-//! The seccomp filter installed on the VMM thread right before the first
-//! guest instruction, and by its helper threads (`-i`) when they start: only
-//! the system calls the run loop makes are allowed (mprotect only without
-//! PROT_EXEC); anything else raises SIGSYS, which reports the call and exits
-//! 125.
+//! Per-thread seccomp filters. Every thread of a running VM installs the
+//! filter of its [`Profile`] itself, before it touches anything the guest
+//! controls: only the system calls that thread makes are allowed, `ioctl`
+//! only with the request numbers that thread uses, `mprotect` never with
+//! `PROT_EXEC`. Anything else raises SIGSYS, which the VMM reports (naming
+//! the call) before exiting 125; a thread without that handler dies of it.
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
-/// Why the filter could not be installed.
+/// Why a filter could not be installed.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     #[error("cannot build the seccomp filter")]
@@ -17,21 +21,31 @@ pub enum SeccompError {
     Install(#[source] seccompiler::Error),
 }
 
-/// System calls of the run loop: KVM_RUN and device work (ioctl, pread, write
-/// to stdout and eventfds), memory management by the allocator, signals and
-/// timers, and exiting.
-const ALLOWED: &[i64] = &[
-    libc::SYS_ioctl,
+/// What a thread does, hence what it may ask of the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// A vCPU: `KVM_RUN` is its one ioctl; device work on its exits (reads of
+    /// the rootfs, writes to stdout, eventfds and passt's socket).
+    Vcpu,
+    /// A device helper (stdin feeder, network receiver): no ioctl at all.
+    Helper,
+    /// A `-v` share's 9p server: the helper's calls plus file calls on
+    /// descriptors it holds (`*at` calls, metadata, listing, writes, syncs);
+    /// still no ioctl, process, socket or exec call.
+    FileServer,
+    /// The thread that owns a running VM (hyperboot's main thread): waits
+    /// for signals and the end, sends control messages, restores the
+    /// terminal: the terminal ioctls `TCGETS*`, `TCSETS*` and `TIOCGWINSZ`
+    /// only, and `wait4` for its children.
+    Supervisor,
+}
+
+/// Every thread: memory management by the allocator, futexes, signals,
+/// time, its own exit.
+const BASE: &[i64] = &[
     libc::SYS_read,
-    libc::SYS_pread64,
     libc::SYS_write,
     libc::SYS_writev,
-    // Frames to and from passt on the socket pair it was given (no socket
-    // can be created or connected under the filter).
-    libc::SYS_sendto,
-    libc::SYS_recvfrom,
-    libc::SYS_lseek,
-    libc::SYS_fcntl,
     libc::SYS_close,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -41,10 +55,9 @@ const ALLOWED: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
-    libc::SYS_setitimer,
     libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
     libc::SYS_sched_yield,
     libc::SYS_getpid,
     libc::SYS_gettid,
@@ -53,9 +66,18 @@ const ALLOWED: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// What a `-v` share's thread adds: file system calls on descriptors it
-/// holds (`*at` calls, metadata, directory listing, writes, syncs). Still no
-/// process, socket or exec call.
+/// Device work: the rootfs, frames to and from passt on the socket pair it
+/// was given (no socket can be created or connected), polling.
+const DEVICES: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_lseek,
+    libc::SYS_fcntl,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
 const FILE_SERVER: &[i64] = &[
     libc::SYS_openat,
     libc::SYS_newfstatat,
@@ -81,43 +103,202 @@ const FILE_SERVER: &[i64] = &[
     libc::SYS_fdatasync,
 ];
 
-/// Installs the filter on the calling thread.
-pub fn install() -> Result<(), SeccompError> {
-    install_allowing(&[])
+const SUPERVISOR: &[i64] = &[
+    libc::SYS_rt_sigaction,
+    libc::SYS_wait4,
+    libc::SYS_kill,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_fcntl,
+    libc::SYS_getrandom,
+    libc::SYS_sched_getaffinity,
+];
+
+/// The `KVM_RUN` request number (`_IO(KVMIO, 0x80)`).
+pub const KVM_RUN: u64 = 0xae80;
+
+/// The terminal requests the supervisor makes (the `*2` forms are what
+/// rustix uses).
+const TERMINAL_IOCTLS: &[u64] = &[
+    libc::TCGETS,
+    libc::TCSETS,
+    libc::TCSETSW,
+    libc::TCSETSF,
+    libc::TCGETS2,
+    libc::TCSETS2,
+    libc::TCSETSW2,
+    libc::TCSETSF2,
+    libc::TIOCGWINSZ,
+];
+
+impl Profile {
+    fn calls(self) -> Vec<i64> {
+        let extra: &[&[i64]] = match self {
+            Profile::Vcpu | Profile::Helper => &[DEVICES],
+            Profile::FileServer => &[DEVICES, FILE_SERVER],
+            Profile::Supervisor => &[SUPERVISOR],
+        };
+        BASE.iter()
+            .chain(extra.iter().flat_map(|c| c.iter()))
+            .copied()
+            .collect()
+    }
+
+    fn ioctls(self) -> &'static [u64] {
+        match self {
+            Profile::Vcpu => &[KVM_RUN],
+            Profile::Helper | Profile::FileServer => &[],
+            Profile::Supervisor => TERMINAL_IOCTLS,
+        }
+    }
+
+    /// The filter as a BPF program (built before it is needed, so that
+    /// installing it allocates nothing).
+    pub fn program(self) -> Result<BpfProgram, SeccompError> {
+        let arg = |index, op, value| {
+            SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
+                .map_err(SeccompError::Build)
+        };
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+            self.calls().into_iter().map(|nr| (nr, vec![])).collect();
+        // The allocator of a helper thread grows its arena with mprotect;
+        // never to make memory executable.
+        let no_exec = arg(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?;
+        rules.insert(
+            libc::SYS_mprotect,
+            vec![SeccompRule::new(vec![no_exec]).map_err(SeccompError::Build)?],
+        );
+        let ioctls = self
+            .ioctls()
+            .iter()
+            .map(|&request| {
+                SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])
+                    .map_err(SeccompError::Build)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !ioctls.is_empty() {
+            rules.insert(libc::SYS_ioctl, ioctls);
+        }
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Trap,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .map_err(SeccompError::Build)?;
+        filter.try_into().map_err(SeccompError::Build)
+    }
+
+    /// Builds and installs the filter on the calling thread.
+    pub fn install(self) -> Result<(), SeccompError> {
+        install_program(&self.program()?)
+    }
 }
 
-/// Installs the filter of a `-v` share's thread on the calling thread.
-pub fn install_file_server() -> Result<(), SeccompError> {
-    install_allowing(FILE_SERVER)
+/// Installs a built filter on the calling thread.
+pub fn install_program(program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(program).map_err(SeccompError::Install)
 }
 
-fn install_allowing(extra: &[i64]) -> Result<(), SeccompError> {
-    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
-        .iter()
-        .chain(extra)
-        .map(|&nr| (nr, vec![]))
-        .collect();
-    // The allocator of a helper thread grows its arena with mprotect; never
-    // to make memory executable.
-    let no_exec = SeccompCondition::new(
-        2,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-        0,
-    )
-    .map_err(SeccompError::Build)?;
-    rules.insert(
-        libc::SYS_mprotect,
-        vec![SeccompRule::new(vec![no_exec]).map_err(SeccompError::Build)?],
-    );
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(SeccompError::Build)?;
-    let program: BpfProgram = filter.try_into().map_err(SeccompError::Build)?;
-    seccompiler::apply_filter(&program).map_err(SeccompError::Install)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `body` in a forked child after installing `profile`'s filter
+    /// (built in the parent: the child only applies it); returns how the
+    /// child ended (exit code, or the signal that killed it).
+    fn in_child(profile: Profile, body: fn()) -> Result<i32, i32> {
+        let program = profile.program().unwrap();
+        // SAFETY: the child only applies a prebuilt filter, makes raw system
+        // calls and _exits: no allocation, no lock another thread may hold.
+        match unsafe { libc::fork() } {
+            0 => {
+                if install_program(&program).is_err() {
+                    // SAFETY: _exit is async-signal-safe.
+                    unsafe { libc::_exit(100) };
+                }
+                body();
+                // SAFETY: as above.
+                unsafe { libc::_exit(0) }
+            }
+            pid => {
+                assert!(pid > 0, "fork failed");
+                let mut status = 0;
+                // SAFETY: waits for our own child; `status` is a live int.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                if libc::WIFEXITED(status) {
+                    Ok(libc::WEXITSTATUS(status))
+                } else {
+                    Err(libc::WTERMSIG(status))
+                }
+            }
+        }
+    }
+
+    fn kvm_create_vm() {
+        // SAFETY: raw system calls on a path literal and a descriptor.
+        unsafe {
+            let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            libc::ioctl(fd, 0xae01, 0); // KVM_CREATE_VM
+        }
+    }
+
+    fn kvm_run_request() {
+        // SAFETY: as above; /dev/null refuses the request (ENOTTY) but the
+        // filter lets it through.
+        unsafe {
+            libc::ioctl(0, KVM_RUN as _, 0);
+        }
+    }
+
+    fn terminal_size() {
+        let mut ws = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ fills a live winsize (or fails with ENOTTY).
+        unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
+    }
+
+    fn exec_shell() {
+        // SAFETY: execve of a literal path with empty argv and envp.
+        unsafe {
+            let argv = [std::ptr::null::<libc::c_char>()];
+            libc::execve(c"/bin/sh".as_ptr(), argv.as_ptr(), argv.as_ptr());
+        }
+    }
+
+    #[test]
+    fn a_vcpu_thread_may_run_kvm_run_and_nothing_else() {
+        assert_eq!(in_child(Profile::Vcpu, kvm_run_request), Ok(0));
+        assert_eq!(
+            in_child(Profile::Vcpu, kvm_create_vm),
+            Err(libc::SIGSYS),
+            "open (and KVM_CREATE_VM) must kill a vCPU thread"
+        );
+        assert_eq!(in_child(Profile::Vcpu, terminal_size), Err(libc::SIGSYS));
+        assert_eq!(in_child(Profile::Vcpu, exec_shell), Err(libc::SIGSYS));
+    }
+
+    #[test]
+    fn helpers_make_no_ioctl_and_the_supervisor_only_terminal_ones() {
+        assert_eq!(
+            in_child(Profile::Helper, kvm_run_request),
+            Err(libc::SIGSYS)
+        );
+        assert_eq!(
+            in_child(Profile::FileServer, terminal_size),
+            Err(libc::SIGSYS)
+        );
+        assert_eq!(in_child(Profile::Supervisor, terminal_size), Ok(0));
+        assert_eq!(
+            in_child(Profile::Supervisor, kvm_run_request),
+            Err(libc::SIGSYS)
+        );
+        assert_eq!(in_child(Profile::Supervisor, exec_shell), Err(libc::SIGSYS));
+    }
 }

@@ -1,40 +1,49 @@
-//! Process-level plumbing for the VMM thread, and the only `unsafe` of the VMM
-//! besides mapping guest memory into KVM: signal handlers that stop the vCPU,
-//! the `--timeout` timer, and the report of a seccomp violation.
+//! Thread and signal plumbing of the VMM, and the only `unsafe` of the VMM
+//! besides mapping guest memory into KVM and the vCPU's `kvm_run` page:
 //!
-//! A signal that should stop the VM sets a flag and arms a 20 ms repeating
-//! timer, so `KVM_RUN` keeps being interrupted (EINTR) until the run loop has
-//! seen the flag — even if the signal landed just before the vCPU entered the
-//! guest.
+//! - [`spawn`]: a named thread of a running VM, with the host's signals
+//!   blocked (they belong to hyperboot's supervisor) and its seccomp
+//!   [`Profile`] installed before it runs anything else;
+//! - the kick: one vCPU thread interrupts another's `KVM_RUN` with a
+//!   real-time signal whose handler sets the target's `immediate_exit`, so a
+//!   kick that lands just before the thread enters the guest is not lost;
+//! - the report of a seccomp violation (SIGSYS): the call's number on
+//!   stderr, then exit 125.
 
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::cell::Cell;
+use std::sync::Once;
 
-/// The signal that asked the VM to stop (0: none; SIGALRM: the timeout).
-static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+use kvm_bindings::kvm_run;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-fn arm_timer(first: Duration, interval: Duration) {
-    let tv = |d: Duration| libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
-    let t = libc::itimerval {
-        it_interval: tv(interval),
-        it_value: tv(first),
-    };
-    // SAFETY: setitimer reads a valid itimerval; it is async-signal-safe.
-    unsafe { libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut()) };
+use crate::seccomp::{Profile, SeccompError};
+
+thread_local! {
+    /// The `kvm_run` page of the vCPU this thread runs, for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-extern "C" fn on_stop_signal(sig: libc::c_int) {
-    // Keep the first reason (a timeout stays a timeout when SIGALRM repeats).
-    let _ = STOP_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
-    arm_timer(Duration::from_millis(20), Duration::from_millis(20));
+/// The real-time signal one thread sends a vCPU thread to interrupt `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's vCPU's kvm_run page, set by
+            // `enter_vcpu` and valid while the vCPU lives (the thread clears
+            // it before the vCPU is dropped). KVM reads immediate_exit when
+            // KVM_RUN starts; a volatile byte store is all a handler does.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
 }
 
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: for SIGSYS the kernel fills `_sigsys`; the syscall number is the
-    // int at offset 24 of siginfo_t on x86-64.
+    // SAFETY: for SIGSYS the kernel fills `_sigsys`; the system call number
+    // is the int at offset 24 of siginfo_t on x86-64.
     let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
     let mut msg = *b"hyperboot: seccomp blocked system call 000; this is a bug in hyperboot\n";
     let digits = [(nr / 100 % 10) as u8, (nr / 10 % 10) as u8, (nr % 10) as u8];
@@ -46,37 +55,107 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-fn install(sig: libc::c_int, handler: usize, siginfo: bool) {
-    // SAFETY: a zeroed sigaction is valid; handlers only touch atomics and
-    // async-signal-safe calls. No SA_RESTART: KVM_RUN must return EINTR.
+/// Installs the kick and SIGSYS handlers, once per process; and has rustix
+/// read the auxiliary vector (for the vDSO's clock) now, while a system call
+/// to do so is still allowed.
+pub fn install_handlers() -> std::io::Result<()> {
+    let _ = monotonic_ns();
+    let _ = rustix::param::page_size();
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .and_then(|()| register_signal_handler(libc::SIGSYS, on_sigsys))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Blocks every signal the host may send hyperboot (they are its
+/// supervisor's to take) in the calling thread; the kick, SIGSYS and the
+/// faults stay deliverable.
+fn block_host_signals() {
+    // SAFETY: a sigset built with the libc calls, for this thread only.
     unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler;
-        sa.sa_flags = if siginfo { libc::SA_SIGINFO } else { 0 };
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(sig, &sa, std::ptr::null_mut());
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for keep in [
+            kick_signal(),
+            libc::SIGSYS,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGABRT,
+        ] {
+            libc::sigdelset(&mut set, keep);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
-extern "C" fn on_kick(_sig: libc::c_int) {}
-
-/// The signals that stop the VM (and the timeout's).
-const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGALRM];
-
-/// The signal one vCPU thread sends another to interrupt its `KVM_RUN`.
-const KICK: libc::c_int = libc::SIGUSR1;
-
-/// Installs the handlers; arms the timeout when one is given.
-pub fn install_handlers(timeout: Option<Duration>) {
-    STOP_SIGNAL.store(0, Ordering::SeqCst);
-    for sig in STOP_SIGNALS {
-        install(sig, on_stop_signal as *const () as usize, false);
+/// Starts a named thread of the VM: host signals blocked, then the seccomp
+/// filter of `profile` (when `filtered`), then `body`. Returns once the
+/// filter is in place (or could not be), so a failure is the caller's error.
+pub fn spawn<T: Send + 'static>(
+    name: String,
+    profile: Profile,
+    filtered: bool,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, SpawnError> {
+    let program = if filtered {
+        Some(profile.program()?)
+    } else {
+        None
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            block_host_signals();
+            if let Some(p) = &program {
+                if let Err(e) = crate::seccomp::install_program(p) {
+                    let _ = ready_tx.send(Err(e));
+                    // The caller fails the VM; this thread never runs guest work.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+            }
+            let _ = ready_tx.send(Ok(()));
+            body()
+        })
+        .map_err(|e| SpawnError::Thread(name.clone(), e))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(SpawnError::Seccomp(name, e)),
+        Err(_) => Err(SpawnError::Died(name)),
     }
-    install(KICK, on_kick as *const () as usize, false);
-    install(libc::SIGSYS, on_sigsys as *const () as usize, true);
-    if let Some(t) = timeout {
-        arm_timer(t.max(Duration::from_micros(1)), Duration::ZERO);
-    }
+}
+
+/// A VM thread that could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot build a seccomp filter")]
+    Filter(#[from] SeccompError),
+    #[error("cannot start thread {0}")]
+    Thread(String, #[source] std::io::Error),
+    #[error("thread {0} cannot install its seccomp filter")]
+    Seccomp(String, #[source] SeccompError),
+    #[error("thread {0} ended before it started")]
+    Died(String),
+}
+
+/// Marks the calling thread as running `vcpu`, for the kick handler. The
+/// thread MUST call [`leave_vcpu`] before the vCPU is dropped.
+pub fn enter_vcpu(vcpu: &mut kvm_ioctls::VcpuFd) {
+    let run: *mut kvm_run = vcpu.get_kvm_run();
+    KVM_RUN.with(|p| p.set(run));
+}
+
+/// The calling thread no longer runs a vCPU.
+pub fn leave_vcpu() {
+    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
 }
 
 /// The calling thread, to be kicked later.
@@ -85,38 +164,15 @@ pub fn this_thread() -> libc::pthread_t {
     unsafe { libc::pthread_self() }
 }
 
-/// Interrupts `thread`'s `KVM_RUN` (EINTR); a thread not in it just runs the
-/// empty handler.
-pub fn kick(thread: libc::pthread_t) {
-    // SAFETY: callers pass threads that have not been joined or detached.
-    unsafe { libc::pthread_kill(thread, KICK) };
-}
-
-/// Blocks the stop signals in the calling thread, so they reach the boot
-/// vCPU's thread, whose loop acts on them.
-pub fn block_stop_signals() {
-    // SAFETY: a sigset built with the libc calls, for this thread only.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in STOP_SIGNALS {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-}
-
-/// The signal that asked the VM to stop, if any.
-pub fn stop_signal() -> Option<i32> {
-    match STOP_SIGNAL.load(Ordering::SeqCst) {
-        0 => None,
-        s => Some(s),
-    }
-}
-
-/// Disarms the timer (the VM has stopped).
-pub fn disarm() {
-    arm_timer(Duration::ZERO, Duration::ZERO);
+/// Interrupts the `KVM_RUN` of `thread` (or makes its next one return at
+/// once).
+///
+/// # Safety
+///
+/// `thread` MUST be a live thread: one that has not returned yet.
+pub unsafe fn kick_thread(thread: libc::pthread_t) {
+    // SAFETY: the caller guarantees the thread is alive.
+    unsafe { libc::pthread_kill(thread, kick_signal()) };
 }
 
 /// Maps guest memory region `slot` into the VM.
@@ -135,6 +191,13 @@ pub fn map_region(
         userspace_addr: host as u64,
     };
     // SAFETY: `host` is the start of a live mapping of `size` bytes owned by
-    // the guest memory object, which outlives the VM (both end with `run`).
+    // the guest memory object, which outlives the VM (both are dropped
+    // together, the VM first).
     unsafe { vm.set_user_memory_region(region) }
+}
+
+/// Monotonic nanoseconds (CLOCK_MONOTONIC), for timings.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }

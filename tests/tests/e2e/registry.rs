@@ -168,22 +168,39 @@ fn a_second_build_needs_no_registry_and_pull_policies_hold() {
     let d = tmp();
     let cache = d.path().join("cache");
     let r = format!("{}/test/cached:v1", reg.addr);
-    let first = ok(&hb(&cache, &r, &d.path().join("1.hvm"), &[]));
-    drop(reg); // the registry is gone
-    assert_eq!(ok(&hb(&cache, &r, &d.path().join("2.hvm"), &[])), first);
-    assert_eq!(
-        ok(&hb(
-            &cache,
-            &r,
-            &d.path().join("3.hvm"),
-            &["--pull", "never"]
-        )),
-        first
+    let first = ok(&hb(&cache, &r, &d.path().join("1.hvm"), &["--json"]));
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let by_digest = format!(
+        "{}/test/cached@{}",
+        reg.addr,
+        first["image_digest"].as_str().unwrap()
     );
+    ok(&hb(&cache, &by_digest, &d.path().join("0.hvm"), &[]));
+    drop(reg); // the registry is gone
+               // By default a tag is resolved on every build: without the registry it fails…
+    failed(&hb(&cache, &r, &d.path().join("4.hvm"), &[]), &r);
     failed(
         &hb(&cache, &r, &d.path().join("4.hvm"), &["--pull", "always"]),
         &r,
     );
+    // …while a cached digest reference needs no registry, and --pull missing
+    // or never build from the cached resolution, offline.
+    let digest = |o: &Output| ok(o);
+    assert_eq!(
+        digest(&hb(&cache, &by_digest, &d.path().join("d.hvm"), &[])),
+        first["digest"].as_str().unwrap()
+    );
+    for policy in ["missing", "never"] {
+        assert_eq!(
+            digest(&hb(
+                &cache,
+                &r,
+                &d.path().join(format!("{policy}.hvm")),
+                &["--pull", policy]
+            )),
+            first["digest"].as_str().unwrap()
+        );
+    }
     failed(
         &hb(
             &d.path().join("empty"),
@@ -335,6 +352,112 @@ fn an_index_resolves_to_the_asked_platform() {
         "{err}"
     );
     assert!(!d.path().join("x.hvm").exists());
+}
+
+/// A tag that moved in the registry between two builds gives the new image,
+/// and the build says so: rebuild-and-replace deploys what the tag names now.
+#[test]
+fn a_moved_tag_is_resolved_again_on_the_next_build() {
+    let reg = Registry::start(false);
+    let r = format!("{}/test/moving:latest", reg.addr);
+    reg.push(
+        &format!("oci:{}:latest", layout("plain", "").display()),
+        "test/moving:latest",
+        &[],
+    );
+    let d = tmp();
+    let cache = d.path().join("cache");
+    let json = |o: &Output| -> serde_json::Value { serde_json::from_str(&ok(o)).unwrap() };
+    let loud = |out: &str| {
+        let mut c = hyperbuild();
+        c.env("HYPER_BLOB_CACHE", &cache)
+            .arg(&r)
+            .arg("-o")
+            .arg(d.path().join(out))
+            .arg("--kernel")
+            .arg(kernel())
+            .arg("--init")
+            .arg(init())
+            .arg("--json");
+        c.output().unwrap()
+    };
+    let first = loud("1.hvm");
+    let one = json(&first);
+    assert!(
+        String::from_utf8_lossy(&first.stderr)
+            .contains(&format!("{r} is {}", one["image_digest"].as_str().unwrap())),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    // The tag moves to another image (user app).
+    reg.push(
+        &format!("oci:{}:latest", layout("app", "app").display()),
+        "test/moving:latest",
+        &[],
+    );
+    let second = loud("2.hvm");
+    let two = json(&second);
+    assert_ne!(two["image_digest"], one["image_digest"]);
+    assert_ne!(two["digest"], one["digest"]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&format!(
+            "{r} moved since it was last resolved here: {} -> {}",
+            one["image_digest"].as_str().unwrap(),
+            two["image_digest"].as_str().unwrap()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        inspect(&d.path().join("2.hvm"))["manifest"]["config"]["User"],
+        "app"
+    );
+    // --pull missing keeps building what the cache resolved last.
+    let third = json(&hb(
+        &cache,
+        &r,
+        &d.path().join("3.hvm"),
+        &["--pull", "missing", "--json"],
+    ));
+    assert_eq!(third["image_digest"], two["image_digest"]);
+}
+
+/// After a good pull, wrong credentials fail: the tag is asked for again.
+#[test]
+fn wrong_credentials_fail_after_a_good_pull() {
+    let reg = Registry::start(true);
+    reg.push(
+        &format!("oci:{}:latest", layout("plain", "").display()),
+        "test/private:v1",
+        &[],
+    );
+    let d = tmp();
+    let cache = d.path().join("cache");
+    let r = format!("{}/test/private:v1", reg.addr);
+    let home = d.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let no_creds = [("HOME", home.as_path())];
+    let login = ["--username", "tester", "--password-stdin"];
+    ok(&hb_stdin(
+        &cache,
+        &r,
+        &d.path().join("g.hvm"),
+        &login,
+        Some("s3cret\n"),
+        &no_creds,
+    ));
+    failed(
+        &hb_stdin(
+            &cache,
+            &r,
+            &d.path().join("w.hvm"),
+            &login,
+            Some("wrong\n"),
+            &no_creds,
+        ),
+        "401",
+    );
+    assert!(!d.path().join("w.hvm").exists());
 }
 
 #[test]

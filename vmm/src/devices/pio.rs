@@ -1,10 +1,13 @@
 //! The port-I/O devices: the COM1 console (a 16550 from vm-superio, its
-//! interrupt on an irqfd), the COM2 control channel (also a 16550: hyperinit
-//! reports the app's status through it, and the host sends it requests such
-//! as `signal 15`), the exit port, and the i8042 reset line. Everything else
-//! on the I/O bus reads as all-ones and ignores writes, like an empty ISA slot.
+//! interrupt on an irqfd), the COM2 control channel (also a 16550, carrying
+//! the contract's control messages: hyperinit's `ready`, `drain` and report,
+//! the host's requests), the exit port, and the i8042 reset line. Everything
+//! else on the I/O bus reads as all-ones and ignores writes, like an empty
+//! ISA slot.
 
 use std::io::Write;
+
+use hyper_contract::{GuestMessage, HostMessage, LineBuffer};
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -61,10 +64,10 @@ pub struct PioBus {
     status: StatusSink,
     /// Requests held until hyperinit says `ready` on COM2 (bytes sent before
     /// it listens would be echoed or lost).
-    held: Vec<Vec<u8>>,
+    held: Vec<HostMessage>,
     ready: bool,
-    /// `drain` requests answered so far.
-    drains: usize,
+    /// The line the guest is writing on COM2.
+    line: LineBuffer,
 }
 
 impl std::fmt::Debug for PioBus {
@@ -88,22 +91,41 @@ impl PioBus {
             status,
             held: Vec::new(),
             ready: false,
-            drains: 0,
+            line: LineBuffer::default(),
         }
     }
 
-    /// Queues a request for hyperinit on COM2 (`signal 15\n`), or holds it
-    /// until hyperinit is ready; false when the guest's receive FIFO is full.
-    pub fn send_control(&mut self, line: &[u8]) -> bool {
+    /// Queues a request for hyperinit on COM2, or holds it until hyperinit
+    /// is ready; false when the guest's receive FIFO is full.
+    pub fn send_control(&mut self, m: &HostMessage) -> bool {
         if !self.ready {
             if self.held.len() < 16 {
-                self.held.push(line.to_vec());
+                self.held.push(*m);
             }
             return true;
         }
+        let line = m.encode();
         self.control
-            .enqueue_raw_bytes(line)
+            .enqueue_raw_bytes(&line)
             .is_ok_and(|n| n == line.len())
+    }
+
+    /// A complete line the guest wrote on COM2.
+    fn control_line(&mut self, line: &[u8]) {
+        match GuestMessage::decode(line) {
+            Ok(GuestMessage::Ready) if !self.ready => {
+                self.ready = true;
+                for m in std::mem::take(&mut self.held) {
+                    self.send_control(&m);
+                }
+            }
+            // The stream ports are served as the guest notifies them, so
+            // their bytes are already out: say so.
+            Ok(GuestMessage::Drain { .. }) => {
+                self.send_control(&HostMessage::Drained);
+            }
+            _ => {}
+        }
     }
 
     /// A guest `out`: returns a stop request when the guest asked to stop.
@@ -116,17 +138,11 @@ impl PioBus {
             }
             p if (COM2..COM2 + 8).contains(&p) => {
                 let _ = self.control.write((p - COM2) as u8, value);
-                if !self.ready && p == COM2 && value == b'\n' && self.says_ready() {
-                    self.ready = true;
-                    for line in std::mem::take(&mut self.held) {
-                        self.send_control(&line);
+                // A byte to the transmit register (DLAB off) is the guest's.
+                if p == COM2 && !self.control_dlab() {
+                    if let Some(line) = self.line.push(value) {
+                        self.control_line(&line);
                     }
-                }
-                // `drain OUT ERR`: the stream ports are served as the guest
-                // notifies them, so their bytes are already out; say so.
-                if p == COM2 && value == b'\n' && self.drain_requests() > self.drains {
-                    self.drains += 1;
-                    self.send_control(b"drained\n");
                 }
             }
             EXIT_PORT => return Some(StopRequest::ExitPort(value)),
@@ -149,15 +165,10 @@ impl PioBus {
         }
     }
 
-    fn drain_requests(&self) -> usize {
-        self.status()
-            .split(|b| *b == b'\n')
-            .filter(|l| l.starts_with(b"drain "))
-            .count()
-    }
-
-    fn says_ready(&self) -> bool {
-        self.status().split(|b| *b == b'\n').any(|l| l == b"ready")
+    /// Whether COM2's divisor latch is open (a write to port 0 sets the baud
+    /// rate then, and is not data).
+    fn control_dlab(&mut self) -> bool {
+        self.control.read(3) & 0x80 != 0
     }
 
     /// What the guest wrote on the status channel (at most 512 bytes).
@@ -215,7 +226,7 @@ mod tests {
         assert_eq!(d, [0xff; 4]);
         b.read(COM2 + 5, &mut d[..1]);
         assert_eq!(d[0] & 0x60, 0x60, "COM2 transmitter idle");
-        assert!(b.send_control(b"signal 15\n"));
+        assert!(b.send_control(&HostMessage::Signal(15)));
         b.read(COM2 + 5, &mut d[..1]);
         assert_eq!(d[0] & 1, 0, "held until hyperinit is ready");
         for &c in b"ready\n" {

@@ -19,10 +19,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::virtio_mmio::{add_used, MmioTransport, VirtioDevice};
+use super::virtio_mmio::{add_used, DeviceError, MmioTransport, VirtioDevice};
 use crate::p9::Server;
 
-const TYPE_9P: u32 = 9;
+use virtio_bindings::virtio_ids::VIRTIO_ID_9P;
+
+/// VIRTIO_9P_MOUNT_TAG (virtio 1.2, 5.15.3; not in virtio-bindings).
 const F_MOUNT_TAG: u64 = 1;
 const QUEUE_SIZE: u16 = 128;
 
@@ -89,7 +91,7 @@ impl Share {
         &mut self,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DeviceError> {
         let queue = &mut queues[0];
         if !queue.ready() || !queue.is_valid(mem) {
             return Ok(false);
@@ -154,7 +156,7 @@ impl Share {
 
 impl VirtioDevice for Share {
     fn device_type(&self) -> u32 {
-        TYPE_9P
+        VIRTIO_ID_9P
     }
 
     fn features(&self) -> u64 {
@@ -174,47 +176,28 @@ impl VirtioDevice for Share {
         _index: usize,
         _queues: &mut [Queue],
         _mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DeviceError> {
         self.wake.ring();
         Ok(false)
     }
 }
 
-/// Starts the share's thread: it waits for the guest's notifications and
-/// serves the queue, under the file-serving seccomp filter when `filtered`.
-pub fn serve_thread(
-    share: Arc<Mutex<MmioTransport<Share>>>,
-    mem: GuestMemoryMmap,
-    filtered: bool,
-) -> Result<(), crate::seccomp::SeccompError> {
-    let wake = crate::lock(&share).device.wake();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        crate::sys::block_stop_signals();
-        let filter = if filtered {
-            crate::seccomp::install_file_server()
-        } else {
-            Ok(())
-        };
-        let failed = filter.is_err();
-        let _ = ready_tx.send(filter);
-        if failed {
-            return;
-        }
+/// A share's thread body: waits for the guest's notifications and answers
+/// its requests, one per turn of the device lock (so a vCPU reading the
+/// interrupt status waits for one request at most), until the queue is empty.
+pub fn serve(share: &Mutex<MmioTransport<Share>>, mem: &GuestMemoryMmap) {
+    let wake = crate::lock(share).device.wake();
+    loop {
+        wake.wait();
         loop {
-            wake.wait();
-            // One request per turn of the lock, until the queue is empty.
-            loop {
-                let mut t = crate::lock(&share);
-                let before = t.device.served + t.device.refused;
-                t.poke(&mem, |d, q, m| d.serve_one(q, m));
-                if t.device.served + t.device.refused == before {
-                    break;
-                }
+            let mut t = crate::lock(share);
+            let before = t.device.served + t.device.refused;
+            t.poke(mem, |d, q, m| d.serve_one(q, m));
+            if t.device.served + t.device.refused == before {
+                break;
             }
         }
-    });
-    ready_rx.recv().unwrap_or(Ok(()))
+    }
 }
 
 #[cfg(test)]
@@ -351,7 +334,7 @@ mod tests {
         assert_eq!(&b, b"\x04\x00vol0");
         let mut t = [0u8; 4];
         g.dev.read(8, &mut t);
-        assert_eq!(u32::from_le_bytes(t), TYPE_9P);
+        assert_eq!(u32::from_le_bytes(t), VIRTIO_ID_9P);
     }
 
     #[test]

@@ -14,18 +14,24 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::virtio_mmio::{serve_chains, VirtioDevice};
+use super::virtio_mmio::{serve_chains, DeviceError, VirtioDevice};
 
-const TYPE_BLOCK: u32 = 2;
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+
+const F_SEG_MAX: u64 = 1 << VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u64 = 1 << VIRTIO_BLK_F_RO;
+const T_IN: u32 = VIRTIO_BLK_T_IN;
+const T_OUT: u32 = VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = VIRTIO_BLK_T_GET_ID;
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
 const ID: &[u8] = b"hyper-rootfs";
@@ -148,7 +154,7 @@ impl Block {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+        VIRTIO_ID_BLOCK
     }
 
     fn features(&self) -> u64 {
@@ -168,7 +174,7 @@ impl VirtioDevice for Block {
         index: usize,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DeviceError> {
         let queue = &mut queues[index];
         let used = serve_chains(queue, mem, |descs| self.handle(descs, mem))?;
         Ok(used && queue.needs_notification(mem).unwrap_or(true))

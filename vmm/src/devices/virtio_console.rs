@@ -25,9 +25,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::virtio_mmio::{add_used, serve_chains, VirtioDevice};
+use super::virtio_mmio::{add_used, serve_chains, DeviceError, VirtioDevice};
 
-const TYPE_CONSOLE: u32 = 3;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+
+// virtio-bindings has no virtio_console module: these are the virtio 1.2
+// spec's (5.3.3, 5.3.6.2).
 const F_MULTIPORT: u64 = 1 << 1;
 const QUEUE_SIZE: u16 = 64;
 const CONTROL_RX: usize = 2;
@@ -137,7 +140,7 @@ impl Console {
         &mut self,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DeviceError> {
         let Some(port) = self.input_port() else {
             return Ok(false);
         };
@@ -235,7 +238,11 @@ impl Console {
 
     /// Moves waiting control messages into the guest's control receive
     /// buffers; returns whether any went.
-    fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, String> {
+    fn deliver(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
         let q = &mut queues[CONTROL_RX];
         if self.to_guest.is_empty() || !q.ready() || !q.is_valid(mem) {
             return Ok(false);
@@ -297,7 +304,7 @@ impl Console {
 
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
-        TYPE_CONSOLE
+        VIRTIO_ID_CONSOLE
     }
 
     fn features(&self) -> u64 {
@@ -317,7 +324,7 @@ impl VirtioDevice for Console {
         index: usize,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DeviceError> {
         let mut used = false;
         if index == CONTROL_TX {
             used = serve_chains(&mut queues[CONTROL_TX], mem, |descs| {

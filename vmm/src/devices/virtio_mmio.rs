@@ -10,25 +10,69 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
+
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x5250_5948; // "HYPR"
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 0x40;
-const INT_USED_RING: u32 = 1;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+const STATUS_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+const INT_USED_RING: u32 = VIRTIO_MMIO_INT_VRING;
 
-/// Puts a chain on the used ring; the error names what failed.
+/// A register's offset, as the match arms below take it.
+const fn reg(r: u32) -> u64 {
+    r as u64
+}
+const R_MAGIC: u64 = reg(VIRTIO_MMIO_MAGIC_VALUE);
+const R_VERSION: u64 = reg(VIRTIO_MMIO_VERSION);
+const R_DEVICE_ID: u64 = reg(VIRTIO_MMIO_DEVICE_ID);
+const R_VENDOR: u64 = reg(VIRTIO_MMIO_VENDOR_ID);
+const R_DEVICE_FEATURES: u64 = reg(VIRTIO_MMIO_DEVICE_FEATURES);
+const R_DEVICE_FEATURES_SEL: u64 = reg(VIRTIO_MMIO_DEVICE_FEATURES_SEL);
+const R_DRIVER_FEATURES: u64 = reg(VIRTIO_MMIO_DRIVER_FEATURES);
+const R_DRIVER_FEATURES_SEL: u64 = reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL);
+const R_QUEUE_SEL: u64 = reg(VIRTIO_MMIO_QUEUE_SEL);
+const R_QUEUE_NUM_MAX: u64 = reg(VIRTIO_MMIO_QUEUE_NUM_MAX);
+const R_QUEUE_NUM: u64 = reg(VIRTIO_MMIO_QUEUE_NUM);
+const R_QUEUE_READY: u64 = reg(VIRTIO_MMIO_QUEUE_READY);
+const R_QUEUE_NOTIFY: u64 = reg(VIRTIO_MMIO_QUEUE_NOTIFY);
+const R_INTERRUPT_STATUS: u64 = reg(VIRTIO_MMIO_INTERRUPT_STATUS);
+const R_INTERRUPT_ACK: u64 = reg(VIRTIO_MMIO_INTERRUPT_ACK);
+const R_STATUS: u64 = reg(VIRTIO_MMIO_STATUS);
+const R_QUEUE_DESC_LOW: u64 = reg(VIRTIO_MMIO_QUEUE_DESC_LOW);
+const R_QUEUE_DESC_HIGH: u64 = reg(VIRTIO_MMIO_QUEUE_DESC_HIGH);
+const R_QUEUE_AVAIL_LOW: u64 = reg(VIRTIO_MMIO_QUEUE_AVAIL_LOW);
+const R_QUEUE_AVAIL_HIGH: u64 = reg(VIRTIO_MMIO_QUEUE_AVAIL_HIGH);
+const R_QUEUE_USED_LOW: u64 = reg(VIRTIO_MMIO_QUEUE_USED_LOW);
+const R_QUEUE_USED_HIGH: u64 = reg(VIRTIO_MMIO_QUEUE_USED_HIGH);
+const R_CONFIG_GENERATION: u64 = reg(VIRTIO_MMIO_CONFIG_GENERATION);
+const R_CONFIG: u64 = reg(VIRTIO_MMIO_CONFIG);
+
+/// Why a device stopped serving its guest driver until the driver resets it
+/// (the transport sets DEVICE_NEEDS_RESET).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot update the used ring")]
+    UsedRing(#[source] virtio_queue::Error),
+    #[error("queue {0} notified but not validly configured")]
+    QueueInvalid(usize),
+}
+
+/// Puts a chain on the used ring.
 pub fn add_used(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     head: u16,
     len: u32,
-) -> Result<(), String> {
+) -> Result<(), DeviceError> {
     queue
         .add_used(mem, head, len)
-        .map_err(|e| format!("cannot update the used ring: {e}"))
+        .map_err(DeviceError::UsedRing)
 }
 
 /// Serves every chain the guest made available on `queue`, in order: `serve`
@@ -38,7 +82,7 @@ pub fn serve_chains(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     mut serve: impl FnMut(&[Descriptor]) -> u32,
-) -> Result<bool, String> {
+) -> Result<bool, DeviceError> {
     let mut used = false;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
@@ -67,7 +111,7 @@ pub trait VirtioDevice {
         index: usize,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String>;
+    ) -> Result<bool, DeviceError>;
 }
 
 /// One virtio-mmio device slot.
@@ -81,8 +125,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     interrupt_status: u32,
     irq: EventFd,
-    /// Set when the guest broke the protocol; says why (for `-v`).
-    pub broken: Option<String>,
+    /// Set when the guest broke the protocol; says why.
+    pub broken: Option<DeviceError>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
@@ -141,9 +185,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// A guest read at `offset` within the device's 4 KiB window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
+        if offset >= R_CONFIG {
             let cfg = self.device.config();
-            let start = (offset - 0x100) as usize;
+            let start = (offset - R_CONFIG) as usize;
             for (i, b) in data.iter_mut().enumerate() {
                 *b = start
                     .checked_add(i)
@@ -158,20 +202,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let v: u32 = match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => self.device.device_type(),
-            0x00c => VENDOR,
-            0x010 => match self.device_features_sel {
+            R_MAGIC => MAGIC,
+            R_VERSION => VERSION,
+            R_DEVICE_ID => self.device.device_type(),
+            R_VENDOR => VENDOR,
+            R_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.offered() as u32,
                 1 => (self.offered() >> 32) as u32,
                 _ => 0,
             },
-            0x034 => self.selected().map_or(0, |q| u32::from(q.max_size())),
-            0x044 => self.selected().map_or(0, |q| u32::from(q.ready())),
-            0x060 => self.interrupt_status,
-            0x070 => self.status,
-            0x0fc => 0, // config generation: the config never changes
+            R_QUEUE_NUM_MAX => self.selected().map_or(0, |q| u32::from(q.max_size())),
+            R_QUEUE_READY => self.selected().map_or(0, |q| u32::from(q.ready())),
+            R_INTERRUPT_STATUS => self.interrupt_status,
+            R_STATUS => self.status,
+            R_CONFIG_GENERATION => 0, // config generation: the config never changes
             _ => 0,
         };
         data.copy_from_slice(&v.to_le_bytes());
@@ -185,8 +229,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let v = u32::from_le_bytes(bytes);
         let configurable = self.status & STATUS_DRIVER_OK == 0;
         match offset {
-            0x014 => self.device_features_sel = v,
-            0x020 if configurable => match self.driver_features_sel {
+            R_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            R_DRIVER_FEATURES if configurable => match self.driver_features_sel {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
                 1 => {
                     self.driver_features =
@@ -194,9 +238,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
                 _ => {}
             },
-            0x024 => self.driver_features_sel = v,
-            0x030 => self.queue_sel = v,
-            0x038 if configurable => {
+            R_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            R_QUEUE_SEL => self.queue_sel = v,
+            R_QUEUE_NUM if configurable => {
                 if let Some(q) = self.selected() {
                     // Queue rejects sizes that are zero, too big or not a power of two.
                     if v <= u32::from(u16::MAX) {
@@ -204,14 +248,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     }
                 }
             }
-            0x044 if configurable => {
+            R_QUEUE_READY if configurable => {
                 if let Some(q) = self.selected() {
                     q.set_ready(v == 1);
                 }
             }
-            0x050 => self.notify(v, mem),
-            0x064 => self.interrupt_status &= !v,
-            0x070 => {
+            R_QUEUE_NOTIFY => self.notify(v, mem),
+            R_INTERRUPT_ACK => self.interrupt_status &= !v,
+            R_STATUS => {
                 if v == 0 {
                     self.reset();
                 } else if v & STATUS_FEATURES_OK != 0 && self.driver_features & !self.offered() != 0
@@ -222,7 +266,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     self.status = v;
                 }
             }
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if configurable => {
+            R_QUEUE_DESC_LOW | R_QUEUE_DESC_HIGH | R_QUEUE_AVAIL_LOW | R_QUEUE_AVAIL_HIGH
+            | R_QUEUE_USED_LOW | R_QUEUE_USED_HIGH
+                if configurable =>
+            {
                 if let Some(q) = self.selected() {
                     let (lo, hi) = if offset.is_multiple_of(8) {
                         (Some(v), None)
@@ -230,8 +277,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                         (None, Some(v))
                     };
                     match offset {
-                        0x080 | 0x084 => q.set_desc_table_address(lo, hi),
-                        0x090 | 0x094 => q.set_avail_ring_address(lo, hi),
+                        R_QUEUE_DESC_LOW | R_QUEUE_DESC_HIGH => q.set_desc_table_address(lo, hi),
+                        R_QUEUE_AVAIL_LOW | R_QUEUE_AVAIL_HIGH => q.set_avail_ring_address(lo, hi),
                         _ => q.set_used_ring_address(lo, hi),
                     }
                 }
@@ -249,7 +296,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         };
         if !queue.ready() || !queue.is_valid(mem) {
-            self.fail(format!("queue {index} notified but not validly configured"));
+            self.fail(DeviceError::QueueInvalid(index));
             return;
         }
         match self.device.process(index, &mut self.queues, mem) {
@@ -267,7 +314,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn poke(
         &mut self,
         mem: &GuestMemoryMmap,
-        work: impl FnOnce(&mut D, &mut [Queue], &GuestMemoryMmap) -> Result<bool, String>,
+        work: impl FnOnce(&mut D, &mut [Queue], &GuestMemoryMmap) -> Result<bool, DeviceError>,
     ) {
         if self.status & STATUS_DRIVER_OK == 0 || self.broken.is_some() {
             return;
@@ -282,7 +329,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    fn fail(&mut self, why: String) {
+    fn fail(&mut self, why: DeviceError) {
         self.status |= STATUS_NEEDS_RESET;
         self.broken = Some(why);
     }

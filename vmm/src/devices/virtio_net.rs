@@ -14,16 +14,18 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::virtio_mmio::{add_used, serve_chains, MmioTransport, VirtioDevice};
+use super::virtio_mmio::{add_used, serve_chains, DeviceError, MmioTransport, VirtioDevice};
 
-const TYPE_NET: u32 = 1;
-const F_MAC: u64 = 1 << 5;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+
+const F_MAC: u64 = 1 << VIRTIO_NET_F_MAC;
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
@@ -151,7 +153,11 @@ impl Net {
     }
 
     /// Moves queued frames into the guest's receive buffers.
-    pub fn deliver(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, String> {
+    pub fn deliver(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
         let q = &mut queues[RX];
         if self.rx.is_empty() || !q.ready() || !q.is_valid(mem) {
             return Ok(false);
@@ -231,7 +237,7 @@ fn write_chain(descs: &[Descriptor], frame: &[u8], mem: &GuestMemoryMmap) -> Opt
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
-        TYPE_NET
+        VIRTIO_ID_NET
     }
 
     fn features(&self) -> u64 {
@@ -251,7 +257,7 @@ impl VirtioDevice for Net {
         index: usize,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DeviceError> {
         let used = index == TX
             && serve_chains(&mut queues[TX], mem, |descs| {
                 self.transmit(descs, mem);
@@ -262,23 +268,13 @@ impl VirtioDevice for Net {
     }
 }
 
-/// Reads frames from `backend` and hands them to the device until the
-/// backend is gone; runs under the seccomp filter when `filtered`.
-pub fn rx_thread(
-    mut backend: Backend,
-    net: Arc<Mutex<MmioTransport<Net>>>,
-    mem: GuestMemoryMmap,
-    filtered: bool,
-) {
-    std::thread::spawn(move || {
-        if filtered && crate::seccomp::install().is_err() {
-            return;
-        }
-        let mut buf = Vec::with_capacity(FRAME_MAX);
-        while backend.recv(&mut buf).is_some() {
-            let mut n = net.lock().unwrap_or_else(|e| e.into_inner());
-            n.device.push_rx(buf.clone());
-            n.poke(&mem, |d, q, m| d.deliver(q, m));
-        }
-    });
+/// The `net-rx` thread's body: frames from the backend go into the
+/// guest's receive queue until the backend closes.
+pub fn receive(mut backend: Backend, net: &Mutex<MmioTransport<Net>>, mem: &GuestMemoryMmap) {
+    let mut buf = Vec::with_capacity(FRAME_MAX);
+    while backend.recv(&mut buf).is_some() {
+        let mut n = net.lock().unwrap_or_else(|e| e.into_inner());
+        n.device.push_rx(buf.clone());
+        n.poke(mem, |d, q, m| d.deliver(q, m));
+    }
 }

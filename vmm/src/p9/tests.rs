@@ -470,7 +470,7 @@ fn every_operation_runs_under_the_share_threads_seccomp_filter() {
     let c = client(false);
     let c = std::thread::spawn(move || {
         let mut c = c;
-        crate::seccomp::install_file_server().unwrap();
+        crate::seccomp::Profile::FileServer.install().unwrap();
         c.walk_ok(ROOT, 1, &[]);
         c.create(1, b"f", libc::O_RDWR as u32).unwrap();
         c.write(1, 0, b"some bytes");

@@ -1,0 +1,198 @@
+//! The KVM backend: the artifact booted by hyperboot's own VMM (`hyper-vmm`)
+//! — the kernel loaded straight from the artifact, the rootfs served from it
+//! as virtio-blk, the app's streams on virtio-console ports, passt or a tap
+//! behind virtio-net, a 9p server per `-v`. The VM's threads each run under
+//! their seccomp filter; once the VM runs, hyperboot's own thread (the
+//! supervisor) does too.
+
+use std::io::Write;
+
+use hvm::{Artifact, SectionKind};
+use hyper_contract::{GuestMessage, HostMessage};
+use hyper_vmm::devices::virtio_net;
+use hyper_vmm::seccomp::Profile;
+use hyper_vmm::{Controller, End, Vm, VmConfig};
+
+use crate::exit::Outcome;
+use crate::net::{passt, Link, Plan};
+use crate::stop::GracefulStop;
+use crate::supervise::{self, Event, VmControl};
+use crate::{BootError, BootOptions};
+
+/// The guest's MAC address (QEMU's default one, as on the QEMU backend).
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+impl VmControl for Controller {
+    fn send(&self, m: HostMessage) {
+        Controller::send(self, m);
+    }
+
+    fn end(&self) {
+        Controller::end(self);
+    }
+}
+
+/// Why a `-v` directory cannot be shared.
+#[derive(Debug, thiserror::Error)]
+#[error("-v {path}: cannot share it")]
+pub struct ShareError {
+    path: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// `-v` on the KVM backend: a 9p server per host directory, tagged `volN`
+/// as hyperinit expects. Every fid a guest holds costs host descriptors, so
+/// the open-file limit is raised to its hard limit and split between them.
+fn share_servers(
+    binds: &[crate::spec::Bind],
+) -> Result<Vec<(String, hyper_vmm::p9::Server)>, ShareError> {
+    if binds.is_empty() {
+        return Ok(Vec::new());
+    }
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    let open_files = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
+    // A fid holds up to two descriptors (its O_PATH one and an open file).
+    let per_share = (open_files.saturating_sub(256) as usize / (2 * binds.len())).min(65_536);
+    binds
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let server =
+                hyper_vmm::p9::Server::new(&b.host, b.read_only, per_share).map_err(|source| {
+                    ShareError {
+                        path: b.host.display().to_string(),
+                        source,
+                    }
+                })?;
+            Ok((format!("vol{i}"), server))
+        })
+        .collect()
+}
+
+/// Boots on the KVM VMM and supervises it to the end.
+pub fn boot(
+    artifact: &Artifact,
+    run_archive: &[u8],
+    stop_signal: i32,
+    cmdline: String,
+    opts: &BootOptions,
+    net: Option<Plan>,
+) -> Result<Outcome, BootError> {
+    // The network: passt (user mode) or the tap, and hyperboot's relays for -p.
+    let net_backend = match net {
+        Some(p) => {
+            crate::net::relay::forward_tcp(&p.ports, |m| p.upstream(m))?;
+            Some(match p.link {
+                Link::User => virtio_net::Backend::Passt(passt::start(&p)?),
+                Link::Tap { fd, .. } => virtio_net::Backend::Tap(std::fs::File::from(fd)),
+            })
+        }
+        None => None,
+    };
+    let k = artifact.section(SectionKind::Kernel);
+    let kernel =
+        hyper_vmm::loader::SectionReader::new(artifact.file().try_clone()?, k.offset, k.length);
+    let mut initrd = artifact.read_section(SectionKind::Initrd)?;
+    initrd.resize(initrd.len().div_ceil(4) * 4, 0);
+    initrd.extend_from_slice(run_archive);
+    let r = artifact.section(SectionKind::Rootfs);
+    tracing::debug!("KVM backend, kernel command line: {cmdline}");
+    let (tx, rx, signals) = supervise::events()?;
+    let ended = std::sync::Mutex::new(tx);
+    let cfg = VmConfig {
+        kernel,
+        initrd,
+        rootfs: Some((artifact.file().try_clone()?, r.offset, r.length)),
+        cmdline,
+        memory_mib: opts.memory_mib,
+        cpus: opts.cpus,
+        console: Box::new(std::io::LineWriter::new(std::io::stdout())),
+        streams: vec![
+            ("hyper.stdout", Box::new(std::io::stdout())),
+            ("hyper.stderr", Box::new(std::io::stderr())),
+        ],
+        stdin: opts
+            .interactive
+            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        net: net_backend.map(|b| (GUEST_MAC, b)),
+        shares: share_servers(&opts.binds)?,
+        seccomp: true,
+        on_end: Some(Box::new(move || {
+            let _ = ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Event::Ended);
+        })),
+    };
+    let vm = Vm::create(cfg)?;
+    // `-t`: keys go to the app's terminal raw (Ctrl-C included), as with QEMU.
+    let raw = crate::terminal::RawMode::new(opts.tty);
+    let running = vm.start()?;
+    let controller = running.controller();
+    // From here on hyperboot's own thread only supervises.
+    Profile::Supervisor
+        .install()
+        .map_err(hyper_vmm::VmmError::from)?;
+    let ending = supervise::supervise(
+        &rx,
+        &controller,
+        GracefulStop::new(stop_signal, opts.stop_timeout),
+        opts.timeout,
+        opts.tty,
+    );
+    let outcome = running.wait();
+    drop(raw);
+    drop(signals);
+    let _ = std::io::stdout().flush();
+    if let Some(spawn) = std::env::var("HYPER_SPAWN_NS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        eprintln!(
+            "hyperboot-timing: exec_to_first_run_us={} exits={}",
+            outcome.first_run_ns.saturating_sub(spawn) / 1000,
+            outcome.exits
+        );
+    }
+    tracing::debug!(
+        "the VM stopped ({:?}) after {} exits; the guest readied {} console ports{}{}",
+        outcome.end,
+        outcome.exits,
+        outcome.console_ports,
+        match outcome.net_ready {
+            Some(true) => "; its driver set the network card up",
+            Some(false) => "; its driver did not set the network card up",
+            None => "",
+        },
+        outcome
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!(
+                "; vol{i}: {} 9p requests answered, {} malformed refused",
+                s.served, s.refused
+            ))
+            .collect::<String>()
+    );
+    // Without a report, a byte the guest wrote to the exit port is its exit
+    // code (what a guest without hyperinit has to say).
+    let report = GuestMessage::find_report(&outcome.status).or(match outcome.end {
+        End::ExitPort(v) => Some(GuestMessage::Exit(i32::from(v))),
+        _ => None,
+    });
+    let why = match (&report, &outcome.end) {
+        (None, End::Guest(fault)) => Some(fault.to_string()),
+        _ => None,
+    };
+    Ok(Outcome {
+        ending,
+        report,
+        why,
+    })
+}

@@ -1,0 +1,354 @@
+//! hyperboot's command line: the arguments, the diagnostics (`tracing` on
+//! stderr, `--verbose` and `-q`), and the one place where a result becomes an
+//! exit code ([`crate::exit`]).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::backend::{AccelChoice, Backend};
+use crate::exit::{self, Exit};
+use crate::spec::Overrides;
+use crate::{boot, error_chain, BootOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hyperboot",
+    version,
+    about = "Boot a sealed .hvm artifact as a microVM"
+)]
+struct Cli {
+    /// The artifact to boot: a path, or a URL (s3://BUCKET/KEY.hvm, gs://,
+    /// az://, https://, file://) fetched into the local cache first
+    artifact: String,
+    /// Replace the image's Cmd (as in `docker run IMAGE CMD ARGS`)
+    #[arg(last = true)]
+    args: Vec<String>,
+    /// Which VMM runs the guest
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// QEMU accelerator (auto: KVM, except nested PVM KVM or no KVM, then TCG)
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// Override the image's Entrypoint ('' clears it)
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to pass the host's value)
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Read environment variables from a file (applied before -e)
+    #[arg(long = "env-file")]
+    env_file: Vec<PathBuf>,
+    /// Working directory inside the guest
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// User as name, uid, name:group or uid:gid
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Guest hostname [default: the first 12 hex digits of the artifact digest]
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Keep the image's root read-only: the app cannot write to it
+    #[arg(long)]
+    read_only: bool,
+    /// Mount a tmpfs at PATH in the guest (PATH[:OPTIONS], as docker run --tmpfs)
+    #[arg(long)]
+    tmpfs: Vec<String>,
+    /// Guest memory (e.g. 128M, 1G; a plain number is MiB)
+    #[arg(short = 'm', long, default_value = "128M", value_parser = parse_memory)]
+    memory: u64,
+    /// Share a host directory: /HOSTDIR:/GUESTDIR[:ro|rw] (virtio-9p; up to 8 on the KVM backend)
+    #[arg(short = 'v', long = "volume")]
+    volume: Vec<String>,
+    /// Keep stdin open: the app reads hyperboot's stdin (as docker run -i)
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the app a pseudo-terminal (as docker run -t; stderr joins stdout)
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// vCPUs for the guest (at most the host's CPUs)
+    #[arg(long, default_value = "1", value_parser = clap::value_parser!(u8).range(1..=64))]
+    cpus: u8,
+    /// Stop the VM after this many seconds (exit code 124)
+    #[arg(long, value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT the app gets the image's StopSignal, then SIGKILL after this many seconds
+    #[arg(long, default_value = "10", value_parser = parse_seconds_or_zero)]
+    stop_timeout: Duration,
+    /// Show the kernel log, hyperinit's steps and hyperboot's own (-v is
+    /// --volume, as in docker run)
+    #[arg(long, conflicts_with = "quiet")]
+    verbose: bool,
+    /// Only warnings and errors from hyperboot (no notices, no published ports)
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Show the kernel log
+    #[arg(long)]
+    console: bool,
+    /// Publish a guest port: [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp]
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
+    /// Publish every port the image exposes on a free host port
+    #[arg(short = 'P', long = "publish-all")]
+    publish_all: bool,
+    /// Network: user (QEMU user-mode, no root; default on the QEMU backend),
+    /// tap[:NAME] (needs CAP_NET_ADMIN), none
+    #[arg(long)]
+    net: Option<crate::net::NetMode>,
+    /// Name server for the guest's /etc/resolv.conf
+    #[arg(long)]
+    dns: Vec<String>,
+}
+
+/// `hyperboot pull URL`: fetch into the cache without booting.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hyperboot pull",
+    version,
+    about = "Fetch an artifact into the local cache"
+)]
+struct PullCli {
+    /// s3://, gs://, az://, https:// or file:// URL of an artifact
+    url: String,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    json: bool,
+    /// No progress messages
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// Fetches `url` into the cache, reporting errors the hyperboot way.
+fn fetch(url: &str, progress: bool) -> Result<hyper_remote::fetch::Fetched, ExitCode> {
+    match hyper_remote::fetch::fetch(url, &hvm::cache_home(), progress) {
+        Ok(f) => {
+            if f.transferred > 0 {
+                // Just verified in full: the boot need not hash it again.
+                if let (Ok(m), Ok(d)) = (
+                    std::fs::metadata(&f.path),
+                    hex::decode(f.digest.trim_start_matches("sha256:")),
+                ) {
+                    if let Ok(d) = <[u8; 32]>::try_from(d.as_slice()) {
+                        crate::verified::record(&d, &m);
+                    }
+                }
+            }
+            Ok(f)
+        }
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            Err(ExitCode::from(exit::FAILED))
+        }
+    }
+}
+
+fn pull_main() -> ExitCode {
+    let cli = match PullCli::try_parse_from(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    diagnostics(false, cli.quiet);
+    let f = match fetch(&cli.url, !cli.quiet) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string(&f).unwrap_or_default());
+    } else {
+        if !cli.quiet {
+            eprintln!("hyperboot: {} is {}", f.url, f.path.display());
+        }
+        println!("{}", f.digest);
+    }
+    ExitCode::SUCCESS
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_lowercase() {
+                'm' => 1,
+                'g' => 1024,
+                _ => return Err(format!("unknown unit in {s:?} (use M or G)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let mib = n.checked_mul(mult).ok_or("size too large")?;
+    if mib < 32 {
+        return Err(format!(
+            "{mib} MiB is too little memory for a guest (at least 32M)"
+        ));
+    }
+    Ok(mib)
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let s = s.trim_end_matches('s');
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s:?}"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err("the timeout must be positive".into());
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_seconds_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim_end_matches('s') == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_seconds(s)
+}
+
+/// A usage error (exit 125, as every failure of hyperboot's own), or the
+/// help and version text (exit 0).
+fn usage(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    ExitCode::from(if e.use_stderr() { exit::FAILED } else { 0 })
+}
+
+/// hyperboot's own messages on stderr, one line each (`hyperboot: …`):
+/// notices by default, steps with `--verbose`, warnings and errors only
+/// with `-q`.
+fn diagnostics(verbose: bool, quiet: bool) {
+    use tracing::level_filters::LevelFilter;
+    let level = match (verbose, quiet) {
+        (true, _) => LevelFilter::DEBUG,
+        (_, true) => LevelFilter::WARN,
+        _ => LevelFilter::INFO,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .event_format(Line)
+        .try_init();
+}
+
+/// `hyperboot: message`, `hyperboot: warning: message`, `hyperboot: error: message`.
+struct Line;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Line
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let kind = match *event.metadata().level() {
+            tracing::Level::ERROR => "error: ",
+            tracing::Level::WARN => "warning: ",
+            _ => "",
+        };
+        write!(w, "hyperboot: {kind}")?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
+/// `hyperboot [pull] ...`: parses the command line, runs, maps the result
+/// to the exit code.
+pub fn main() -> ExitCode {
+    hyper_vmm::phase("main");
+    if std::env::args_os().nth(1).is_some_and(|a| a == "pull") {
+        return pull_main();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    diagnostics(cli.verbose, cli.quiet);
+    let mut env = Vec::new();
+    for f in &cli.env_file {
+        match std::fs::read_to_string(f)
+            .map_err(|e| e.to_string())
+            .and_then(|t| crate::spec::parse_env_file(&t).map_err(|e| e.to_string()))
+        {
+            Ok(v) => env.extend(v),
+            Err(e) => {
+                tracing::error!("--env-file {}: {e}", f.display());
+                return ExitCode::from(exit::FAILED);
+            }
+        }
+    }
+    env.extend(cli.env);
+    let mut publish = Vec::new();
+    for p in &cli.publish {
+        match crate::net::parse_publish(p) {
+            Ok(m) => publish.push(m),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(exit::FAILED);
+            }
+        }
+    }
+    let mut binds = Vec::new();
+    for v in &cli.volume {
+        match crate::spec::parse_bind(v) {
+            Ok(b) => binds.push(b),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(exit::FAILED);
+            }
+        }
+    }
+    let net = crate::net::NetOptions {
+        mode: cli.net.unwrap_or_default(),
+        publish,
+        publish_all: cli.publish_all,
+        dns: cli.dns,
+    };
+    let artifact = if hyper_remote::is_url(&cli.artifact) {
+        match fetch(&cli.artifact, true) {
+            Ok(f) => f.path,
+            Err(code) => return code,
+        }
+    } else {
+        PathBuf::from(&cli.artifact)
+    };
+    let opts = BootOptions {
+        artifact,
+        backend: cli.backend,
+        accel: cli.accel,
+        overrides: Overrides {
+            entrypoint: cli.entrypoint,
+            args: cli.args,
+            env,
+            workdir: cli.workdir,
+            user: cli.user,
+            hostname: cli.hostname,
+            read_only: cli.read_only,
+            tmpfs: cli.tmpfs,
+        },
+        memory_mib: cli.memory,
+        cpus: cli.cpus,
+        binds,
+        interactive: cli.interactive,
+        tty: cli.tty,
+        timeout: cli.timeout,
+        stop_timeout: cli.stop_timeout,
+        verbose: cli.verbose,
+        console: cli.console,
+        net,
+    };
+    let result = match boot(&opts) {
+        Ok(exit) => exit,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            Exit::Failed
+        }
+    };
+    if let Some(m) = result.message() {
+        tracing::error!("{m}");
+    }
+    ExitCode::from(result.code())
+}

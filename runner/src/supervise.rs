@@ -1,0 +1,205 @@
+//! What hyperboot does while a VM runs, whatever runs it: it takes the host's
+//! signals (SIGINT, SIGTERM, SIGHUP through the [`GracefulStop`], SIGWINCH as
+//! the terminal's new size for `-t`), keeps `--timeout`, and returns how the
+//! VM ended. A backend provides the two things this needs of a VM
+//! ([`VmControl`]) and says when it has ended ([`Event::Ended`]).
+
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use hyper_contract::HostMessage;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
+
+use crate::exit::Ending;
+use crate::stop::{GracefulStop, Step};
+
+/// What a backend's VM must do for the supervisor.
+pub trait VmControl {
+    /// Sends a request to hyperinit.
+    fn send(&self, m: HostMessage);
+    /// Ends the VM now (the backend sends [`Event::Ended`] once it has).
+    fn end(&self);
+}
+
+/// What the supervisor waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A host signal to hyperboot.
+    Signal(i32),
+    /// The VM has ended.
+    Ended,
+}
+
+/// The host signals hyperboot takes while a VM runs, as events.
+#[derive(Debug)]
+pub struct Signals {
+    handle: signal_hook::iterator::Handle,
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+/// The events of one run: signals are forwarded by a thread of their own
+/// (`signals`); the backend sends [`Event::Ended`] on the sender.
+pub fn events() -> std::io::Result<(Sender<Event>, Receiver<Event>, Signals)> {
+    let (tx, rx) = channel();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGWINCH])?;
+    let handle = signals.handle();
+    let forward = tx.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if forward.send(Event::Signal(s)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok((tx, rx, Signals { handle }))
+}
+
+/// How long hyperboot waits for a VM it ended to be gone.
+const END_WAIT: Duration = Duration::from_secs(10);
+
+/// Supervises a running VM until it ends; returns how.
+pub fn supervise(
+    rx: &Receiver<Event>,
+    vm: &dyn VmControl,
+    mut stop: GracefulStop,
+    timeout: Option<Duration>,
+    tty: bool,
+) -> Ending {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let end = |why: Ending| {
+        vm.end();
+        let until = Instant::now() + END_WAIT;
+        while let Ok(ev) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            if ev == Event::Ended {
+                break;
+            }
+        }
+        why
+    };
+    loop {
+        let until = [deadline, stop.deadline()].into_iter().flatten().min();
+        let ev = match until {
+            Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let now = Instant::now();
+        let step = match ev {
+            Ok(Event::Ended) | Err(RecvTimeoutError::Disconnected) => return Ending::Guest,
+            Ok(Event::Signal(SIGWINCH)) => {
+                if let (true, Some([rows, cols])) = (tty, crate::terminal::size()) {
+                    vm.send(HostMessage::Winsize { rows, cols });
+                }
+                Step::Nothing
+            }
+            Ok(Event::Signal(s)) => {
+                tracing::debug!("signal {s}");
+                stop.on_signal(s, now)
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if deadline.is_some_and(|d| now >= d) {
+                    return end(Ending::Timeout);
+                }
+                stop.on_time(now)
+            }
+        };
+        match step {
+            Step::Nothing => {}
+            Step::Send(m) => {
+                tracing::debug!("to the guest: {m:?}");
+                vm.send(m)
+            }
+            Step::End(sig) => {
+                tracing::debug!("ending the VM (signal {sig})");
+                return end(Ending::Signal(sig));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A VM that records what it is asked and ends when told to.
+    struct FakeVm {
+        sent: Mutex<Vec<HostMessage>>,
+        tx: Sender<Event>,
+    }
+
+    impl VmControl for FakeVm {
+        fn send(&self, m: HostMessage) {
+            self.sent.lock().unwrap().push(m);
+        }
+        fn end(&self) {
+            let _ = self.tx.send(Event::Ended);
+        }
+    }
+
+    fn fake() -> (FakeVm, Sender<Event>, Receiver<Event>) {
+        let (tx, rx) = channel();
+        (
+            FakeVm {
+                sent: Mutex::default(),
+                tx: tx.clone(),
+            },
+            tx,
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_signal_asks_the_app_and_a_second_ends_the_vm() {
+        let (vm, tx, rx) = fake();
+        tx.send(Event::Signal(SIGTERM)).unwrap();
+        tx.send(Event::Signal(SIGINT)).unwrap();
+        let stop = GracefulStop::new(3, Duration::from_secs(60));
+        assert_eq!(
+            supervise(&rx, &vm, stop, None, false),
+            Ending::Signal(SIGTERM)
+        );
+        assert_eq!(*vm.sent.lock().unwrap(), [HostMessage::Signal(3)]);
+    }
+
+    #[test]
+    fn an_app_that_ignores_its_stop_signal_is_killed_then_the_vm_ended() {
+        let (vm, tx, rx) = fake();
+        tx.send(Event::Signal(SIGINT)).unwrap();
+        let stop = GracefulStop::new(15, Duration::from_millis(50));
+        let t = Instant::now();
+        assert_eq!(
+            supervise(&rx, &vm, stop, None, false),
+            Ending::Signal(SIGINT)
+        );
+        assert!(t.elapsed() >= crate::stop::AFTER_KILL);
+        assert_eq!(
+            *vm.sent.lock().unwrap(),
+            [HostMessage::Signal(15), HostMessage::Signal(9)]
+        );
+    }
+
+    #[test]
+    fn the_timeout_ends_the_vm_and_an_ending_guest_ends_the_watch() {
+        let (vm, _tx, rx) = fake();
+        let stop = GracefulStop::new(15, Duration::from_secs(10));
+        let r = supervise(
+            &rx,
+            &vm,
+            stop.clone(),
+            Some(Duration::from_millis(20)),
+            false,
+        );
+        assert_eq!(r, Ending::Timeout);
+        let (vm, tx, rx) = fake();
+        tx.send(Event::Ended).unwrap();
+        assert_eq!(supervise(&rx, &vm, stop, None, false), Ending::Guest);
+        assert!(vm.sent.lock().unwrap().is_empty());
+    }
+}

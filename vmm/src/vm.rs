@@ -1,0 +1,485 @@
+//! One VM: [`Vm::create`] turns a [`VmConfig`] into a machine ready to run
+//! (KVM objects, guest memory, devices in their slots, the kernel loaded,
+//! vCPUs set up); [`Vm::start`] starts its threads; the [`Controller`] is
+//! how its owner talks to it; [`Running::wait`] collects the [`Outcome`].
+//!
+//! Ending: whoever ends the VM (a vCPU on the guest's request or fault, or
+//! the owner) records the reason once, marks the VM done and kicks every
+//! vCPU thread that has registered; a thread registers under the same lock
+//! and checks "done" there, so none is missed, and the kick sets its
+//! `immediate_exit`, so one that lands just before `KVM_RUN` is not lost.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use hyper_contract::HostMessage;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{Bus, MmioSlot};
+use crate::devices::pio::PioBus;
+use crate::devices::virtio_9p::Share;
+use crate::devices::virtio_blk::Block;
+use crate::devices::virtio_console::Console;
+use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::virtio_net::{self, Net};
+use crate::seccomp::Profile;
+use crate::{kvm, layout, loader, lock, sys, vcpu, End, Outcome, ShareStats, VmConfig, VmmError};
+use crate::{GuestFault, MAX_SHARES};
+
+/// The first virtio-mmio slot of the `-v` shares (after the disk, the
+/// console and the network card).
+const SHARE_SLOT: usize = 3;
+
+/// A machine ready to run.
+pub struct Vm {
+    /// Kept open while the VM runs.
+    _vm: VmFd,
+    bus: Arc<Bus>,
+    vcpus: Vec<VcpuFd>,
+    console: Option<Arc<Mutex<MmioTransport<Console>>>>,
+    net: Option<Arc<Mutex<MmioTransport<Net>>>>,
+    net_rx: Option<virtio_net::Backend>,
+    shares: Vec<Arc<Mutex<MmioTransport<Share>>>>,
+    stdin: Option<Box<dyn Read + Send>>,
+    seccomp: bool,
+    on_end: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .field("shares", &self.shares.len())
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Builds the machine. Guest memory against the host's is the owner's
+    /// check, made once before.
+    pub fn create(mut cfg: VmConfig) -> Result<Vm, VmmError> {
+        crate::phase("vmm start");
+        if cfg.shares.len() > MAX_SHARES {
+            return Err(VmmError::TooManyShares);
+        }
+        let kvm = kvm::open()?;
+        crate::phase("kvm open");
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::Create("KVM_CREATE_VM", e))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| VmmError::Create("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::Create("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmmError::Create("KVM_CREATE_PIT2", e))?;
+        crate::phase("vm created");
+
+        let mem_bytes = cfg.memory_mib << 20;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
+            .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?;
+        for (slot, region) in mem.iter().enumerate() {
+            sys::map_region(
+                &vm,
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                region.as_ptr(),
+            )
+            .map_err(|e| VmmError::Create("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        crate::phase("memory mapped");
+
+        // The virtio-mmio devices, each in a fixed slot: a 4 KiB window from
+        // VIRTIO_MMIO_BASE and the interrupt line VIRTIO_IRQ_BASE + slot.
+        let irq = |line: u32| -> Result<EventFd, VmmError> {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+            vm.register_irqfd(&fd, line)
+                .map_err(|e| VmmError::Create("KVM_IRQFD", e))?;
+            Ok(fd)
+        };
+        let slot_irq = |slot: usize| irq(layout::VIRTIO_IRQ_BASE + slot as u32);
+        let blk = match cfg.rootfs.take() {
+            Some((file, offset, len)) => Some(Arc::new(Mutex::new(MmioTransport::new(
+                Block::new(file, offset, len),
+                slot_irq(0)?,
+            )))),
+            None => None,
+        };
+        let console = if cfg.streams.is_empty() {
+            None
+        } else {
+            let input = cfg.stdin.is_some().then_some("hyper.stdin");
+            Some(Arc::new(Mutex::new(MmioTransport::new(
+                Console::new(std::mem::take(&mut cfg.streams), input),
+                slot_irq(1)?,
+            ))))
+        };
+        let mut net_rx = None;
+        let net = match cfg.net.take() {
+            Some((mac, backend)) => {
+                net_rx = Some(backend.try_clone().map_err(VmmError::EventFd)?);
+                Some(Arc::new(Mutex::new(MmioTransport::new(
+                    Net::new(mac, backend),
+                    slot_irq(2)?,
+                ))))
+            }
+            None => None,
+        };
+        let mut shares = Vec::with_capacity(cfg.shares.len());
+        for (i, (tag, server)) in std::mem::take(&mut cfg.shares).into_iter().enumerate() {
+            shares.push(Arc::new(Mutex::new(MmioTransport::new(
+                Share::new(&tag, server),
+                slot_irq(SHARE_SLOT + i)?,
+            ))));
+        }
+        let mut slots: Vec<Option<Arc<Mutex<dyn MmioSlot>>>> = vec![
+            blk.map(|b| b as Arc<Mutex<dyn MmioSlot>>),
+            console.clone().map(|c| c as Arc<Mutex<dyn MmioSlot>>),
+            net.clone().map(|n| n as Arc<Mutex<dyn MmioSlot>>),
+        ];
+        slots.extend(
+            shares
+                .iter()
+                .map(|s| Some(s.clone() as Arc<Mutex<dyn MmioSlot>>)),
+        );
+        // The kernel learns of each from the command line.
+        let mut cmdline = cfg.cmdline.clone();
+        for (slot, _) in slots.iter().enumerate().filter(|(_, d)| d.is_some()) {
+            cmdline.push_str(&format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE,
+                layout::VIRTIO_IRQ_BASE + slot as u32
+            ));
+        }
+        let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
+        let cpus = cfg.cpus.clamp(1, 64);
+        layout::write_mptable(&mem, cpus)?;
+        crate::phase("guest loaded");
+
+        let pio = Arc::new(Mutex::new(PioBus::new(
+            irq(layout::SERIAL_IRQ)?,
+            irq(layout::CONTROL_IRQ)?,
+            cfg.console,
+        )));
+        let bus = Arc::new(Bus {
+            pio,
+            slots,
+            mem: mem.clone(),
+        });
+        let mut vcpus = Vec::with_capacity(usize::from(cpus));
+        for id in 0..cpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::Create("KVM_CREATE_VCPU", e))?;
+            vcpu::setup_cpuid(&kvm, &vcpu, id, cpus)?;
+            vcpu::setup_msrs(&vcpu)?;
+            if id == 0 {
+                vcpu::setup_pvh_regs(&vcpu, &mem, loaded.entry)?;
+            }
+            vcpu::setup_lapic(&vcpu)?;
+            vcpus.push(vcpu);
+        }
+        crate::phase("vcpu ready");
+        Ok(Vm {
+            _vm: vm,
+            bus,
+            vcpus,
+            console,
+            net,
+            net_rx,
+            shares,
+            stdin: cfg.stdin.take(),
+            seccomp: cfg.seccomp,
+            on_end: cfg.on_end.take(),
+        })
+    }
+
+    /// Starts the device helpers, then a thread per vCPU (`vcpu0`, …);
+    /// returns at once.
+    pub fn start(mut self) -> Result<Running, VmmError> {
+        sys::install_handlers().map_err(VmmError::Signals)?;
+        let shared = Arc::new(Shared {
+            pio: self.bus.pio.clone(),
+            end: Mutex::new(None),
+            done: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+            on_end: self.on_end.take(),
+            exits: AtomicU64::new(0),
+            first_run_ns: AtomicU64::new(0),
+        });
+        let mem = self.bus.mem.clone();
+        let filtered = self.seccomp;
+        if let (Some(stdin), Some(console)) = (self.stdin.take(), &self.console) {
+            let (console, shared) = (console.clone(), shared.clone());
+            let mem = mem.clone();
+            sys::spawn("stdin".into(), Profile::Helper, filtered, move || {
+                feed_stdin(stdin, &console, &shared, &mem)
+            })?;
+        }
+        if let (Some(backend), Some(net)) = (self.net_rx.take(), &self.net) {
+            let (net, mem) = (net.clone(), mem.clone());
+            sys::spawn("net-rx".into(), Profile::Helper, filtered, move || {
+                virtio_net::receive(backend, &net, &mem)
+            })?;
+        }
+        for (i, share) in self.shares.iter().enumerate() {
+            let (share, mem) = (share.clone(), mem.clone());
+            sys::spawn(
+                format!("vol{i}"),
+                Profile::FileServer,
+                filtered,
+                move || crate::devices::virtio_9p::serve(&share, &mem),
+            )?;
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let (bus, own) = (self.bus.clone(), shared.clone());
+            match sys::spawn(format!("vcpu{id}"), Profile::Vcpu, filtered, move || {
+                run_vcpu(vcpu, id, &bus, &own)
+            }) {
+                Ok(h) => vcpus.push(h),
+                Err(e) => {
+                    shared.finish(End::Host);
+                    for h in vcpus {
+                        let _ = h.join();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(Running {
+            controller: Controller { shared },
+            vcpus,
+            vm: self,
+        })
+    }
+}
+
+/// What the VM's threads and its owner share.
+struct Shared {
+    pio: Arc<Mutex<PioBus>>,
+    /// Why the VM ended; set once.
+    end: Mutex<Option<End>>,
+    done: AtomicBool,
+    /// The vCPU threads (by vCPU id) that run and may need a kick; a
+    /// thread leaves the list, under its lock, before it returns.
+    threads: Mutex<Vec<(usize, libc::pthread_t)>>,
+    on_end: Option<Box<dyn Fn() + Send + Sync>>,
+    exits: AtomicU64,
+    first_run_ns: AtomicU64,
+}
+
+impl Shared {
+    /// Registers the calling thread as vCPU `id`'s; false when the VM has
+    /// ended already.
+    fn register(&self, id: usize) -> bool {
+        let mut threads = lock(&self.threads);
+        if self.done.load(Ordering::SeqCst) {
+            return false;
+        }
+        threads.push((id, sys::this_thread()));
+        true
+    }
+
+    /// vCPU `id`'s thread is about to return: no kick may target it after.
+    fn unregister(&self, id: usize) {
+        lock(&self.threads).retain(|(t, _)| *t != id);
+    }
+
+    /// Ends the VM for `why`, unless it has ended already.
+    fn finish(&self, why: End) {
+        {
+            let mut end = lock(&self.end);
+            if end.is_some() {
+                return;
+            }
+            *end = Some(why);
+        }
+        self.done.store(true, Ordering::SeqCst);
+        for &(_, t) in lock(&self.threads).iter() {
+            // SAFETY: a registered thread unregisters, under this lock, before
+            // it returns; so every thread listed here is alive.
+            unsafe { sys::kick_thread(t) };
+        }
+        if let Some(f) = &self.on_end {
+            f();
+        }
+    }
+}
+
+/// How the owner of a running VM talks to it. Cheap to clone.
+#[derive(Clone)]
+pub struct Controller {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("ended", &self.has_ended())
+            .finish()
+    }
+}
+
+impl Controller {
+    /// Sends a request to hyperinit on the control channel (held until it
+    /// says it listens); false when the guest's receive FIFO is full.
+    pub fn send(&self, m: HostMessage) -> bool {
+        lock(&self.shared.pio).send_control(&m)
+    }
+
+    /// Ends the VM now (its reason: [`End::Host`], unless it had ended).
+    pub fn end(&self) {
+        self.shared.finish(End::Host);
+    }
+
+    pub fn has_ended(&self) -> bool {
+        self.shared.done.load(Ordering::SeqCst)
+    }
+}
+
+/// A VM whose threads run.
+pub struct Running {
+    controller: Controller,
+    vcpus: Vec<JoinHandle<()>>,
+    vm: Vm,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("vcpus", &self.vcpus.len())
+            .finish()
+    }
+}
+
+impl Running {
+    pub fn controller(&self) -> Controller {
+        self.controller.clone()
+    }
+
+    /// Waits for every vCPU thread to leave (they do once the VM has
+    /// ended) and says how it went.
+    pub fn wait(self) -> Outcome {
+        for h in self.vcpus {
+            let _ = h.join();
+        }
+        let shared = &self.controller.shared;
+        let end = lock(&shared.end).clone().unwrap_or(End::Host);
+        let mut pio = lock(&self.vm.bus.pio);
+        pio.flush();
+        Outcome {
+            end,
+            status: pio.status(),
+            exits: shared.exits.load(Ordering::SeqCst),
+            first_run_ns: shared.first_run_ns.load(Ordering::SeqCst),
+            console_ports: self
+                .vm
+                .console
+                .as_ref()
+                .map_or(0, |c| lock(c).device.ready_ports),
+            net_ready: self.vm.net.as_ref().map(|n| lock(n).driver_ok()),
+            shares: self
+                .vm
+                .shares
+                .iter()
+                .map(|s| {
+                    let s = lock(s);
+                    ShareStats {
+                        served: s.device.served,
+                        refused: s.device.refused,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A vCPU thread: runs the guest until the VM ends; exits are served on the
+/// shared bus. The boot vCPU starts at the PVH entry, the others wait in KVM
+/// for the guest's INIT/SIPI.
+fn run_vcpu(mut vcpu: VcpuFd, id: usize, bus: &Bus, shared: &Shared) {
+    sys::enter_vcpu(&mut vcpu);
+    if !shared.register(id) {
+        sys::leave_vcpu();
+        return;
+    }
+    let trace = std::env::var_os("HYPER_VMM_TRACE").is_some();
+    if id == 0 {
+        shared
+            .first_run_ns
+            .store(sys::monotonic_ns(), Ordering::SeqCst);
+    }
+    while !shared.done.load(Ordering::SeqCst) {
+        match vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                shared.finish(End::Guest(GuestFault::Run {
+                    vcpu: id,
+                    errno: e.errno(),
+                }));
+                break;
+            }
+            Ok(exit) => {
+                let n = shared.exits.fetch_add(1, Ordering::Relaxed) + 1;
+                if trace {
+                    eprintln!("hyperboot: exit {n} (vCPU {id}): {exit:?}");
+                }
+                if let Some(end) = bus.handle(exit) {
+                    shared.finish(end);
+                    break;
+                }
+            }
+        }
+    }
+    shared.unregister(id);
+    sys::leave_vcpu();
+}
+
+/// `-i`: copies the app's stdin into the console's input port (waiting while
+/// the guest has not taken a mebibyte already), then tells hyperinit where
+/// it ended.
+fn feed_stdin(
+    mut stdin: Box<dyn Read + Send>,
+    console: &Mutex<MmioTransport<Console>>,
+    shared: &Shared,
+    mem: &GuestMemoryMmap,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut sent = 0u64;
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let mut c = lock(console);
+            let took = c.device.push_input(rest);
+            c.poke(mem, |d, q, m| d.deliver_input(q, m));
+            drop(c);
+            rest = &rest[took..];
+            if !rest.is_empty() {
+                if shared.done.load(Ordering::SeqCst) {
+                    return;
+                }
+                // The guest has not taken the last mebibyte yet.
+                std::thread::park_timeout(std::time::Duration::from_millis(1));
+            }
+        }
+        sent += n as u64;
+    }
+    lock(&shared.pio).send_control(&HostMessage::StdinEof(sent));
+}
