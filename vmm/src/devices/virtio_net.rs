@@ -4,7 +4,7 @@
 //! 12-byte header.
 //!
 //! Transmit runs on the vCPU's thread when the guest notifies; receive frames
-//! come from a reader thread ([`rx_thread`]), wait in a bounded queue and go
+//! come from a reader thread ([`receive`]), wait in a bounded queue and go
 //! into the guest's receive buffers as it posts them. The guest is hostile:
 //! a transmit chain must be readable, hold the header and at most 64 KiB of
 //! frame; a receive chain must be writable and big enough for the header and
