@@ -30,6 +30,9 @@ macro_rules! app_scenarios {
             the_guest_clock_is_the_hosts,
             sigterm_delivers_the_stop_signal_to_the_app,
             an_app_ignoring_the_stop_signal_is_killed_after_the_stop_timeout,
+            a_signal_to_the_process_group_reaches_the_app_once,
+            a_second_stop_signal_ends_the_vm_at_once,
+            a_killed_hyperboot_leaves_no_helper_behind,
             file_capabilities_from_pax_xattrs_work_in_the_guest,
             volumes_share_host_directories_and_persist,
             image_volumes_get_a_fresh_writable_copy,
@@ -474,10 +477,25 @@ pub fn the_guest_clock_is_the_hosts(b: Backend) {
     );
 }
 
-/// Starts hyperboot on `app`, waits for its first line, sends SIGTERM to
-/// hyperboot; returns (exit code, whole stdout, seconds from SIGTERM to exit).
-fn stop_app(b: Backend, extra: &[&str], app: &str) -> (Option<i32>, String, f64) {
+/// Where a test's signal goes: hyperboot's pid, or its whole process group
+/// (as a terminal's Ctrl-C, `timeout`, or systemd's control-group kill do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum To {
+    Pid,
+    Group,
+}
+
+/// Starts hyperboot on `app` in a process group of its own, waits for the
+/// app's first line, then sends `signals` a second apart; returns (exit
+/// code, whole stdout, seconds from the first signal to the exit).
+fn signal_app(
+    b: Backend,
+    extra: &[&str],
+    app: &str,
+    signals: &[(To, i32)],
+) -> (Option<i32>, String, f64) {
     use std::io::{BufRead, Read};
+    use std::os::unix::process::CommandExt;
     let mut child = b
         .hyperboot()
         .args(["--timeout", "120"])
@@ -485,17 +503,135 @@ fn stop_app(b: Backend, extra: &[&str], app: &str) -> (Option<i32>, String, f64)
         .arg(busybox_artifact())
         .args(["--", "sh", "-c", app])
         .stdout(std::process::Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
     out.read_line(&mut first).unwrap();
-    nix_kill(child.id(), 15);
     let t = std::time::Instant::now();
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let signals = signals.to_vec();
+    let sender = std::thread::spawn(move || {
+        for (i, (to, sig)) in signals.into_iter().enumerate() {
+            if i > 0 && rx.recv_timeout(std::time::Duration::from_secs(1)).is_ok() {
+                return; // hyperboot has exited
+            }
+            let target = if to == To::Group { -pid } else { pid };
+            // SAFETY: kill() takes no pointers.
+            unsafe { libc::kill(target, sig) };
+        }
+    });
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     let code = child.wait().unwrap().code();
-    (code, first + &rest, t.elapsed().as_secs_f64())
+    let secs = t.elapsed().as_secs_f64();
+    drop(tx);
+    sender.join().unwrap();
+    (code, first + &rest, secs)
+}
+
+/// SIGTERM to hyperboot's pid, as `docker stop` sends.
+fn stop_app(b: Backend, extra: &[&str], app: &str) -> (Option<i32>, String, f64) {
+    signal_app(b, extra, app, &[(To::Pid, libc::SIGTERM)])
+}
+
+/// A terminal's Ctrl-C (SIGINT to the whole foreground group) reaches the
+/// app exactly once, through hyperboot's graceful stop: the VM's helpers
+/// (QEMU, passt) are in groups of their own and do not die of it.
+pub fn a_signal_to_the_process_group_reaches_the_app_once(b: Backend) {
+    let app = "n=0; trap 'n=$((n+1)); echo got-int-$n' INT; echo ready; \
+               while [ $n -eq 0 ]; do sleep 0.1; done; sleep 2; echo bye; exit 5";
+    let (code, out, _) = signal_app(b, &["--net", "user"], app, &[(To::Group, libc::SIGINT)]);
+    assert_eq!((code, out.as_str()), (Some(5), "ready\ngot-int-1\nbye\n"));
+}
+
+/// A second SIGTERM while the app takes its time to stop ends the VM at
+/// once (128 + 15), long before the stop timeout.
+pub fn a_second_stop_signal_ends_the_vm_at_once(b: Backend) {
+    let app = "trap 'echo got-term' TERM; echo ready; while true; do sleep 0.1; done";
+    for to in [To::Pid, To::Group] {
+        let (code, out, secs) = signal_app(
+            b,
+            &["--stop-timeout", "60"],
+            app,
+            &[(to, libc::SIGTERM), (to, libc::SIGTERM)],
+        );
+        assert_eq!((code, out.as_str()), (Some(143), "ready\ngot-term\n"), "{to:?}");
+        assert!(secs < 30.0, "{to:?}: ended after {secs} s");
+    }
+}
+
+/// Killing hyperboot outright (SIGKILL, no chance to clean up) leaves none of
+/// its helper processes behind: QEMU, passt die with it.
+pub fn a_killed_hyperboot_leaves_no_helper_behind(b: Backend) {
+    use std::io::BufRead;
+    let port = free_port();
+    let mut child = b
+        .hyperboot()
+        .args(["--timeout", "120", "-p"])
+        .arg(format!("127.0.0.1:{port}:8080"))
+        .arg(busybox_artifact())
+        .args(["--", "sh", "-c", "echo ready; sleep 1000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "ready\n");
+    let pid = child.id();
+    let helpers = children_of(pid);
+    let want = match b {
+        Backend::Qemu => "qemu-system",
+        Backend::Kvm => "passt",
+    };
+    assert!(
+        helpers.iter().any(|(_, name)| name.starts_with(want)),
+        "no {want} among {helpers:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while helpers
+        .iter()
+        .any(|(p, _)| std::path::Path::new(&format!("/proc/{p}")).exists() && !is_zombie(*p))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "helpers outlived hyperboot: {helpers:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The processes whose parent is `pid`: (pid, command name).
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") ")) else {
+            continue;
+        };
+        if rest.split(' ').nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
+            out.push((p, comm.to_string()));
+        }
+    }
+    out
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 pub fn sigterm_delivers_the_stop_signal_to_the_app(b: Backend) {
