@@ -13,11 +13,12 @@ use crate::exit::{self, Exit};
 use crate::spec::Overrides;
 use crate::{boot, error_chain, BootOptions};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "hyperboot",
     version,
-    about = "Boot a sealed .hvm artifact as a microVM"
+    about = "Boot a sealed .hvm artifact as a microVM",
+    after_help = "Detached VMs: hyperboot ps|logs|stop|kill|wait|rm (each with --help)"
 )]
 struct Cli {
     /// The artifact to boot: a path, or a URL (s3://BUCKET/KEY.hvm, gs://,
@@ -100,6 +101,78 @@ struct Cli {
     /// Name server for the guest's /etc/resolv.conf
     #[arg(long)]
     dns: Vec<String>,
+    /// Run in the background: print the VM's ID and leave it running
+    /// (hyperboot ps, logs, stop, kill, wait, rm)
+    #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty"])]
+    detach: bool,
+    /// A name for the detached VM (unique per user)
+    #[arg(long, requires = "detach")]
+    name: Option<String>,
+    /// Remove the detached VM's record when it ends
+    #[arg(long = "rm", requires = "detach")]
+    remove: bool,
+    /// Restart the detached VM: no, on-failure[:N], always
+    #[arg(long, default_value = "no", requires = "detach")]
+    restart: crate::vms::Restart,
+}
+
+/// `hyperboot ps|logs|stop|kill|wait|rm`: detached VMs.
+#[derive(Parser, Debug)]
+#[command(name = "hyperboot", version, about = "Manage detached microVMs")]
+struct VmsCli {
+    #[command(subcommand)]
+    command: VmsCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum VmsCommand {
+    /// List detached VMs (running ones; -a: all)
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's output: stdout and stderr as the app wrote them
+    Logs {
+        /// Keep printing until the VM has exited
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines
+        #[arg(long, short = 'n')]
+        tail: Option<usize>,
+        /// Prefix each line with the time it was written
+        #[arg(short, long)]
+        timestamps: bool,
+        vm: String,
+    },
+    /// The image's StopSignal to the app, the VM ended after -t seconds
+    Stop {
+        #[arg(short = 't', long = "time", default_value = "10")]
+        time: f64,
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// A signal to the app (default KILL)
+    Kill {
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Wait until the VMs have exited; print their exit codes
+    Wait {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Remove exited VMs (-f: running ones too, ending them)
+    Rm {
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
 }
 
 /// `hyperboot pull URL`: fetch into the cache without booting.
@@ -255,68 +328,30 @@ where
     }
 }
 
-/// `hyperboot [pull] ...`: parses the command line, runs, maps the result
-/// to the exit code.
-pub fn main() -> ExitCode {
-    hyper_vmm::phase("main");
-    if std::env::args_os().nth(1).is_some_and(|a| a == "pull") {
-        return pull_main();
-    }
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => return usage(e),
-    };
-    diagnostics(cli.verbose, cli.quiet);
+/// The boot options a command line asks for (reading `--env-file`s).
+fn options(cli: Cli) -> Result<BootOptions, String> {
     let mut env = Vec::new();
     for f in &cli.env_file {
-        match std::fs::read_to_string(f)
-            .map_err(|e| e.to_string())
-            .and_then(|t| crate::spec::parse_env_file(&t).map_err(|e| e.to_string()))
-        {
-            Ok(v) => env.extend(v),
-            Err(e) => {
-                tracing::error!("--env-file {}: {e}", f.display());
-                return ExitCode::from(exit::FAILED);
-            }
-        }
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("--env-file {}: {e}", f.display()))?;
+        env.extend(
+            crate::spec::parse_env_file(&text)
+                .map_err(|e| format!("--env-file {}: {e}", f.display()))?,
+        );
     }
     env.extend(cli.env);
-    let mut publish = Vec::new();
-    for p in &cli.publish {
-        match crate::net::parse_publish(p) {
-            Ok(m) => publish.push(m),
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(exit::FAILED);
-            }
-        }
-    }
-    let mut binds = Vec::new();
-    for v in &cli.volume {
-        match crate::spec::parse_bind(v) {
-            Ok(b) => binds.push(b),
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(exit::FAILED);
-            }
-        }
-    }
-    let net = crate::net::NetOptions {
-        mode: cli.net.unwrap_or_default(),
-        publish,
-        publish_all: cli.publish_all,
-        dns: cli.dns,
-    };
-    let artifact = if hyper_remote::is_url(&cli.artifact) {
-        match fetch(&cli.artifact, true) {
-            Ok(f) => f.path,
-            Err(code) => return code,
-        }
-    } else {
-        PathBuf::from(&cli.artifact)
-    };
-    let opts = BootOptions {
-        artifact,
+    let publish = cli
+        .publish
+        .iter()
+        .map(|p| crate::net::parse_publish(p).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let binds = cli
+        .volume
+        .iter()
+        .map(|v| crate::spec::parse_bind(v).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BootOptions {
+        artifact: PathBuf::from(&cli.artifact),
         backend: cli.backend,
         accel: cli.accel,
         overrides: Overrides {
@@ -338,8 +373,166 @@ pub fn main() -> ExitCode {
         stop_timeout: cli.stop_timeout,
         verbose: cli.verbose,
         console: cli.console,
-        net,
+        net: crate::net::NetOptions {
+            mode: cli.net.unwrap_or_default(),
+            publish,
+            publish_all: cli.publish_all,
+            dns: cli.dns,
+        },
+    })
+}
+
+/// `hyperboot ps|logs|stop|kill|wait|rm …`.
+fn vms_main() -> ExitCode {
+    use crate::vms::commands;
+    let cli = match VmsCli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
     };
+    diagnostics(false, false);
+    let each = |vms: &[String], f: &dyn Fn(&str) -> Result<(), crate::vms::VmsError>| {
+        let mut code = ExitCode::SUCCESS;
+        for vm in vms {
+            if let Err(e) = f(vm) {
+                tracing::error!("{}", error_chain(&e));
+                code = ExitCode::from(exit::FAILED);
+            }
+        }
+        code
+    };
+    let result = match cli.command {
+        VmsCommand::Ps { all, json } => commands::ps(all, json),
+        VmsCommand::Logs {
+            follow,
+            tail,
+            timestamps,
+            vm,
+        } => commands::logs(&vm, follow, tail, timestamps),
+        VmsCommand::Stop { time, vms } => {
+            return each(&vms, &|vm| commands::stop(vm, time.max(0.0)).map(|_| ()))
+        }
+        VmsCommand::Kill { signal, vms } => {
+            let sig = match crate::spec::signal_number(&signal) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("-s {signal}: {e}");
+                    return ExitCode::from(exit::FAILED);
+                }
+            };
+            return each(&vms, &|vm| commands::kill(vm, sig));
+        }
+        VmsCommand::Wait { vms } => {
+            let mut last = 0u8;
+            for vm in &vms {
+                match commands::wait(vm) {
+                    Ok(Some(code)) => {
+                        println!("{code}");
+                        last = code;
+                    }
+                    Ok(None) => {
+                        tracing::error!("{vm} ended without an exit code: its supervisor vanished");
+                        last = exit::FAILED;
+                    }
+                    Err(e) => {
+                        tracing::error!("{}", error_chain(&e));
+                        last = exit::FAILED;
+                    }
+                }
+            }
+            return ExitCode::from(last);
+        }
+        VmsCommand::Rm { force, vms } => return each(&vms, &|vm| commands::rm(vm, force)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+/// `hyperboot __supervise ID`: a detached VM's supervisor.
+fn supervise_main(id: Option<String>) -> ExitCode {
+    let Some(id) = id else {
+        return ExitCode::from(exit::FAILED);
+    };
+    let code = crate::vms::supervisor::supervise(&id, |spec| {
+        let argv = std::iter::once("hyperboot".to_string()).chain(spec.args.iter().cloned());
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let mut opts = options(cli)?;
+        opts.artifact = spec.artifact.clone();
+        Ok(opts)
+    });
+    ExitCode::from(code)
+}
+
+/// `hyperboot -d …`: starts the VM in the background and prints its ID.
+fn detach_main(cli: Cli, artifact: PathBuf) -> ExitCode {
+    let digest = match hvm::Artifact::open(&artifact) {
+        Ok(a) => hvm::digest_string(&a.digest()),
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let d = crate::vms::supervisor::Detach {
+        name: cli.name,
+        remove: cli.remove,
+        restart: cli.restart,
+    };
+    match crate::vms::supervisor::start(args, &artifact, digest, d) {
+        Ok(id) => {
+            println!("{id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+/// `hyperboot [pull|ps|logs|stop|kill|wait|rm] ...`: parses the command
+/// line, runs, maps the result to the exit code.
+pub fn main() -> ExitCode {
+    hyper_vmm::phase("main");
+    let first = std::env::args().nth(1);
+    match first.as_deref() {
+        Some("pull") => return pull_main(),
+        Some("ps" | "logs" | "stop" | "kill" | "wait" | "rm") => return vms_main(),
+        Some("__supervise") => return supervise_main(std::env::args().nth(2)),
+        _ => {}
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    diagnostics(cli.verbose, cli.quiet);
+    let artifact = if hyper_remote::is_url(&cli.artifact) {
+        match fetch(&cli.artifact, true) {
+            Ok(f) => f.path,
+            Err(code) => return code,
+        }
+    } else {
+        PathBuf::from(&cli.artifact)
+    };
+    let detach = cli.detach;
+    let (name, remove, restart) = (cli.name.clone(), cli.remove, cli.restart);
+    let mut opts = match options(cli.clone()) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    if detach {
+        let mut cli = cli;
+        (cli.name, cli.remove, cli.restart) = (name, remove, restart);
+        return detach_main(cli, artifact);
+    }
+    opts.artifact = artifact;
     let result = match boot(&opts) {
         Ok(exit) => exit,
         Err(e) => {

@@ -19,6 +19,7 @@ pub mod stop;
 pub mod supervise;
 pub mod terminal;
 pub mod verified;
+pub mod vms;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -87,8 +88,75 @@ pub enum BootError {
     Io(#[from] std::io::Error),
 }
 
+/// Called once the VM runs, with the host ports it published
+/// (`HOSTIP:PORT->GUEST/proto`).
+pub type OnStart = Box<dyn FnOnce(&[String]) + Send>;
+
+/// Called with a sender of the supervisor's events before the VM starts, to
+/// feed it requests (stop, signals to the app).
+pub type OnRequests = Box<dyn FnOnce(std::sync::mpsc::Sender<supervise::Event>) + Send>;
+
+/// What a caller may add to a boot (the detached supervisor does).
+#[derive(Default)]
+pub struct Hooks {
+    pub on_start: Option<OnStart>,
+    pub requests: Option<OnRequests>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("on_start", &self.on_start.is_some())
+            .field("requests", &self.requests.is_some())
+            .finish()
+    }
+}
+
+/// The events of one run and the start hook, as a backend takes them.
+pub struct Run {
+    pub tx: std::sync::mpsc::Sender<supervise::Event>,
+    pub rx: std::sync::mpsc::Receiver<supervise::Event>,
+    pub on_start: Option<OnStart>,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").finish()
+    }
+}
+
+impl Run {
+    /// The VM runs: tell whoever asked, with the published ports.
+    pub fn started(&mut self, plan: Option<&net::Plan>) {
+        if let Some(f) = self.on_start.take() {
+            let ports: Vec<String> = plan
+                .map(|p| {
+                    p.ports
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{}:{}->{}/{}",
+                                m.host_ip,
+                                m.host_port,
+                                m.guest_port,
+                                m.proto.name()
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            f(&ports);
+        }
+    }
+}
+
 /// Boots the artifact; returns how the run ended.
 pub fn boot(opts: &BootOptions) -> Result<Exit, BootError> {
+    boot_with(opts, Hooks::default())
+}
+
+/// [`boot`], with hooks.
+pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
     let seen = std::cell::Cell::new(false);
     let artifact = Artifact::open_with(&opts.artifact, |digest, meta| {
         seen.set(verified::seen(digest, meta));
@@ -160,6 +228,15 @@ pub fn boot(opts: &BootOptions) -> Result<Exit, BootError> {
     }
     let stop_signal = spec::signal_number(&m.config.stop_signal)?;
     let archive = spec::run_archive(&run);
+    let (tx, rx, _signals) = supervise::events()?;
+    if let Some(f) = hooks.requests {
+        f(tx.clone());
+    }
+    let events = Run {
+        tx,
+        rx,
+        on_start: hooks.on_start,
+    };
     let base = &m.kernel.cmdline;
     let outcome = match chosen {
         Backend::Kvm => {
@@ -169,22 +246,31 @@ pub fn boot(opts: &BootOptions) -> Result<Exit, BootError> {
                     "nested PVM KVM: adding the stock-kernel workarounds to the command line"
                 );
             }
-            let cmdline =
-                backend::kernel_cmdline(base, opts.verbose, opts.console, pvm, "8250.nr_uarts=2");
-            backend::kvm::boot(&artifact, &archive, stop_signal, cmdline, opts, plan)?
+            let b = backend::Boot {
+                artifact: &artifact,
+                archive: &archive,
+                stop_signal,
+                cmdline: backend::kernel_cmdline(
+                    base,
+                    opts.verbose,
+                    opts.console,
+                    pvm,
+                    "8250.nr_uarts=2",
+                ),
+                opts,
+            };
+            backend::kvm::boot(b, plan, events)?
         }
         _ => {
             let (accel, pvm) = backend::pick_accel(opts.accel, &kvm)?;
-            let cmdline = backend::kernel_cmdline(base, opts.verbose, opts.console, pvm, "");
-            backend::qemu::boot(
-                &artifact,
-                &archive,
+            let b = backend::Boot {
+                artifact: &artifact,
+                archive: &archive,
                 stop_signal,
-                accel,
-                cmdline,
+                cmdline: backend::kernel_cmdline(base, opts.verbose, opts.console, pvm, ""),
                 opts,
-                plan.as_ref(),
-            )?
+            };
+            backend::qemu::boot(b, accel, plan.as_ref(), events)?
         }
     };
     let timeout = opts.timeout.unwrap_or_default().as_secs_f64();

@@ -56,6 +56,13 @@ impl GracefulStop {
         }
     }
 
+    /// Changes the grace before the stop begins (`hyperboot stop -t`).
+    pub fn set_grace(&mut self, grace: Duration) {
+        if self.state == State::Running {
+            self.grace = grace;
+        }
+    }
+
     /// hyperboot received host signal `sig` (SIGINT, SIGTERM or SIGHUP).
     pub fn on_signal(&mut self, sig: i32, now: Instant) -> Step {
         match self.state {

@@ -26,6 +26,10 @@ pub trait VmControl {
 pub enum Event {
     /// A host signal to hyperboot.
     Signal(i32),
+    /// `hyperboot stop -t SECS`: a graceful stop with this grace.
+    Stop(Duration),
+    /// `hyperboot kill -s N`: signal N to the app.
+    Deliver(i32),
     /// The VM has ended.
     Ended,
 }
@@ -102,6 +106,11 @@ pub fn supervise(
                 tracing::debug!("signal {s}");
                 stop.on_signal(s, now)
             }
+            Ok(Event::Stop(grace)) => {
+                stop.set_grace(grace);
+                stop.on_signal(SIGTERM, now)
+            }
+            Ok(Event::Deliver(sig)) => Step::Send(HostMessage::Signal(sig)),
             Err(RecvTimeoutError::Timeout) => {
                 if deadline.is_some_and(|d| now >= d) {
                     return end(Ending::Timeout);

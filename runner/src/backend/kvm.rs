@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use hvm::{Artifact, SectionKind};
+use hvm::SectionKind;
 use hyper_contract::{GuestMessage, HostMessage};
 use hyper_vmm::devices::virtio_net;
 use hyper_vmm::seccomp::Profile;
@@ -17,7 +17,8 @@ use crate::exit::Outcome;
 use crate::net::{passt, Link, Plan};
 use crate::stop::GracefulStop;
 use crate::supervise::{self, Event, VmControl};
-use crate::{BootError, BootOptions};
+
+use crate::BootError;
 
 /// The guest's MAC address (QEMU's default one, as on the QEMU backend).
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -77,21 +78,30 @@ fn share_servers(
 
 /// Boots on the KVM VMM and supervises it to the end.
 pub fn boot(
-    artifact: &Artifact,
-    run_archive: &[u8],
-    stop_signal: i32,
-    cmdline: String,
-    opts: &BootOptions,
+    b: super::Boot<'_>,
     net: Option<Plan>,
+    mut run: crate::Run,
 ) -> Result<Outcome, BootError> {
+    let super::Boot {
+        artifact,
+        archive: run_archive,
+        stop_signal,
+        cmdline,
+        opts,
+    } = b;
     // The network: passt (user mode) or the tap, and hyperboot's relays for -p.
+    let mut published = None;
     let net_backend = match net {
         Some(p) => {
             crate::net::relay::forward_tcp(&p.ports, |m| p.upstream(m))?;
-            Some(match p.link {
+            let backend = match &p.link {
                 Link::User => virtio_net::Backend::Passt(passt::start(&p)?),
-                Link::Tap { fd, .. } => virtio_net::Backend::Tap(std::fs::File::from(fd)),
-            })
+                Link::Tap { fd, .. } => {
+                    virtio_net::Backend::Tap(std::fs::File::from(fd.try_clone()?))
+                }
+            };
+            published = Some(p);
+            Some(backend)
         }
         None => None,
     };
@@ -103,8 +113,7 @@ pub fn boot(
     initrd.extend_from_slice(run_archive);
     let r = artifact.section(SectionKind::Rootfs);
     tracing::debug!("KVM backend, kernel command line: {cmdline}");
-    let (tx, rx, signals) = supervise::events()?;
-    let ended = std::sync::Mutex::new(tx);
+    let ended = std::sync::Mutex::new(run.tx.clone());
     let cfg = VmConfig {
         kernel,
         initrd,
@@ -135,12 +144,13 @@ pub fn boot(
     let raw = crate::terminal::RawMode::new(opts.tty);
     let running = vm.start()?;
     let controller = running.controller();
+    run.started(published.as_ref());
     // From here on hyperboot's own thread only supervises.
     Profile::Supervisor
         .install()
         .map_err(hyper_vmm::VmmError::from)?;
     let ending = supervise::supervise(
-        &rx,
+        &run.rx,
         &controller,
         GracefulStop::new(stop_signal, opts.stop_timeout),
         opts.timeout,
@@ -148,7 +158,6 @@ pub fn boot(
     );
     let outcome = running.wait();
     drop(raw);
-    drop(signals);
     let _ = std::io::stdout().flush();
     if let Some(spawn) = std::env::var("HYPER_SPAWN_NS")
         .ok()

@@ -34,6 +34,17 @@ pub enum Accel {
     Tcg,
 }
 
+/// What every backend boots: the verified artifact, the run-configuration
+/// archive for its initrd, the image's stop signal, the kernel command line.
+#[derive(Debug)]
+pub struct Boot<'a> {
+    pub artifact: &'a hvm::Artifact,
+    pub archive: &'a [u8],
+    pub stop_signal: i32,
+    pub cmdline: String,
+    pub opts: &'a crate::BootOptions,
+}
+
 /// Kernel arguments for a stock kernel on nested PVM KVM (the README,
 /// "Testing without hardware virtualization").
 pub const PVM_WORKAROUNDS: &str =

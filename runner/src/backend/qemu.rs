@@ -23,7 +23,7 @@ use crate::stop::GracefulStop;
 
 pub use super::Accel;
 use crate::supervise::{self, Event, VmControl};
-use crate::{BootError, BootOptions};
+use crate::BootError;
 
 /// Why QEMU could not run the VM.
 #[derive(Debug, thiserror::Error)]
@@ -576,14 +576,18 @@ impl Drop for Pumps {
 
 /// Boots on QEMU and supervises it to the end.
 pub fn boot(
-    artifact: &Artifact,
-    run_archive: &[u8],
-    stop_signal: i32,
+    b: super::Boot<'_>,
     accel: Accel,
-    cmdline: String,
-    opts: &BootOptions,
     net: Option<&Plan>,
+    mut run: crate::Run,
 ) -> Result<Outcome, BootError> {
+    let super::Boot {
+        artifact,
+        archive: run_archive,
+        stop_signal,
+        cmdline,
+        opts,
+    } = b;
     let binary = find_qemu()?;
     let prepared = prepare(artifact, run_archive).map_err(QemuError::Prepare)?;
     let cfg = QemuConfig {
@@ -607,13 +611,14 @@ pub fn boot(
     let mut cmd = command(&cfg, &prepared, &log).map_err(QemuError::Prepare)?;
     tracing::debug!("{} {}", cfg.binary, args(&cfg, &prepared).join(" "));
 
-    let (tx, rx, signals) = supervise::events()?;
+    let tx = run.tx.clone();
     let control = Control::new(prepared.control.try_clone()?);
     let raw = crate::terminal::RawMode::new(opts.tty);
     let mut child = cmd
         .spawn()
         .map_err(|e| QemuError::Spawn(cfg.binary.clone(), e))?;
     drop(cmd);
+    run.started(net);
     if opts.interactive {
         feed_stdin(prepared.app_in.try_clone()?, control.clone())?;
     }
@@ -669,13 +674,12 @@ pub fn boot(
             let _ = tx.send(Event::Ended);
         })?;
     let ending = supervise::supervise(
-        &rx,
+        &run.rx,
         &vm,
         GracefulStop::new(stop_signal, opts.stop_timeout),
         opts.timeout,
         opts.tty,
     );
-    drop(signals);
     drop(pumps);
     drop(raw);
     stop_status.set();

@@ -5,5 +5,6 @@
 //! loudly that it was skipped.
 
 app_scenarios!(hyper_tests::Backend::Kvm);
+detached_scenarios!(hyper_tests::Backend::Kvm);
 net_scenarios!(hyper_tests::Backend::Kvm);
 objstore_scenarios!(hyper_tests::Backend::Kvm);

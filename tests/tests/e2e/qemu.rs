@@ -14,6 +14,46 @@ mod app {
     app_scenarios!(hyper_tests::Backend::Qemu);
 }
 
+mod detached {
+    detached_scenarios!(hyper_tests::Backend::Qemu);
+}
+
+/// 20 detached VMs started at once are all listed, running, then all
+/// removed with rm -f.
+#[test]
+fn twenty_detached_vms_started_at_once_are_all_listed() {
+    let h = std::sync::Arc::new(crate::scenarios::detached::Host::new(Backend::Qemu));
+    let starts: Vec<_> = (0..20)
+        .map(|i| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                h.detach(
+                    &["--name", &format!("vm{i}"), "-m", "48M"],
+                    busybox_artifact(),
+                    &["sleep", "600"],
+                )
+            })
+        })
+        .collect();
+    let mut ids: Vec<String> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20, "20 distinct IDs");
+    let ps = h.ps();
+    assert_eq!(ps.len(), 20, "{ps:?}");
+    for e in &ps {
+        let id = e["id"].as_str().unwrap();
+        assert_eq!(e["status"], "running", "{e}: {}", h.said(id));
+    }
+    let mut names: Vec<&str> = ps.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names.len(), 20);
+    let mut rm = h.cmd(&["rm", "-f"]);
+    rm.args(&ids);
+    crate::scenarios::detached::ok(&rm.output().unwrap());
+    assert!(h.ps().is_empty());
+}
+
 #[test]
 fn a_flipped_byte_in_any_section_is_refused_before_boot() {
     let good = fs::read(busybox_artifact()).unwrap();

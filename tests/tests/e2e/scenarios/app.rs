@@ -558,7 +558,11 @@ pub fn a_second_stop_signal_ends_the_vm_at_once(b: Backend) {
             app,
             &[(to, libc::SIGTERM), (to, libc::SIGTERM)],
         );
-        assert_eq!((code, out.as_str()), (Some(143), "ready\ngot-term\n"), "{to:?}");
+        assert_eq!(
+            (code, out.as_str()),
+            (Some(143), "ready\ngot-term\n"),
+            "{to:?}"
+        );
         assert!(secs < 30.0, "{to:?}: ended after {secs} s");
     }
 }
@@ -618,7 +622,8 @@ fn children_of(pid: u32) -> Vec<(u32, String)> {
             continue;
         };
         // pid (comm) state ppid ...
-        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") ")) else {
+        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+        else {
             continue;
         };
         if rest.split(' ').nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {

@@ -27,6 +27,8 @@ macro_rules! scenarios {
 #[macro_use]
 pub mod app;
 #[macro_use]
+pub mod detached;
+#[macro_use]
 pub mod net;
 #[macro_use]
 pub mod objstore;

@@ -27,7 +27,7 @@ macro_rules! net_scenarios {
 }
 
 /// Builds (once) an artifact of `scripts/make-app-image APP`.
-fn app_artifact(app: &str) -> PathBuf {
+pub fn app_artifact(app: &str) -> PathBuf {
     static NGINX: OnceLock<PathBuf> = OnceLock::new();
     static REDIS: OnceLock<PathBuf> = OnceLock::new();
     let cell = if app == "nginx" { &NGINX } else { &REDIS };
