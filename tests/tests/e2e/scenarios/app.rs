@@ -385,16 +385,7 @@ fn compressed_read_back(b: Backend, compression: &str) {
     let layout = layout_with_layer("compressed-layout", &tb.into_inner().unwrap());
     let with = |c: &str| {
         let art = scratch().join(format!("compressed-{c}.hvm"));
-        let o = hyperbuild()
-            .arg(format!("oci:{}", layout.display()))
-            .args(["--compress", c, "--quiet", "--kernel"])
-            .arg(kernel())
-            .arg("--init")
-            .arg(init())
-            .arg("-o")
-            .arg(&art)
-            .output()
-            .unwrap();
+        let o = build_with(&layout, &art, &["--compress", c]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         art
     };
@@ -538,13 +529,14 @@ fn stop_app(b: Backend, extra: &[&str], app: &str) -> (Option<i32>, String, f64)
 }
 
 /// A terminal's Ctrl-C (SIGINT to the whole foreground group) reaches the
-/// app exactly once, through hyperboot's graceful stop: the VM's helpers
-/// (QEMU, passt) are in groups of their own and do not die of it.
+/// app exactly once, as its stop signal (SIGTERM here), through hyperboot's
+/// graceful stop: the VM's helpers (QEMU, passt) are in groups of their own
+/// and do not die of it.
 pub fn a_signal_to_the_process_group_reaches_the_app_once(b: Backend) {
-    let app = "n=0; trap 'n=$((n+1)); echo got-int-$n' INT; echo ready; \
+    let app = "n=0; trap 'n=$((n+1)); echo got-term-$n' TERM; echo ready; \
                while [ $n -eq 0 ]; do sleep 0.1; done; sleep 2; echo bye; exit 5";
     let (code, out, _) = signal_app(b, &["--net", "user"], app, &[(To::Group, libc::SIGINT)]);
-    assert_eq!((code, out.as_str()), (Some(5), "ready\ngot-int-1\nbye\n"));
+    assert_eq!((code, out.as_str()), (Some(5), "ready\ngot-term-1\nbye\n"));
 }
 
 /// A second SIGTERM while the app takes its time to stop ends the VM at
