@@ -30,8 +30,8 @@ struct BuildArgs {
     /// ghcr.io/org/app@sha256:…, 127.0.0.1:5000/app:tag), oci:PATH[:TAG] or
     /// docker-archive:PATH[:REF]
     reference: Option<String>,
-    /// Output: a path, or a URL (s3://BUCKET/KEY.hvm, gs://, az://, file:///PATH)
-    /// streamed to object storage
+    /// Output: a path, a URL (s3://BUCKET/KEY.hvm, gs://, az://, file:///PATH)
+    /// streamed to object storage, or an OCI registry (docker://REGISTRY/REPO:TAG)
     #[arg(short, long)]
     output: Option<String>,
     /// For a URL output: replace a different artifact already under the key
@@ -84,17 +84,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Upload a built artifact to object storage (s3://, gs://, az://, file://),
-    /// or copy one within a bucket (push s3://b/app/c1.hvm s3://b/app/current.hvm --replace)
+    /// Upload a built artifact to object storage (s3://, gs://, az://, file://)
+    /// or an OCI registry (docker://REGISTRY/REPO:TAG), or copy one within a
+    /// bucket (push s3://b/app/c1.hvm s3://b/app/current.hvm --replace)
     Push {
         artifact: String,
         url: String,
-        /// Replace a different artifact already under the key
+        /// Replace a different artifact already under the key or tag
         #[arg(long)]
         replace: bool,
         /// Print the result as JSON on stdout
         #[arg(long)]
         json: bool,
+        /// Registry user name (the password is read from stdin with --password-stdin)
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the registry password from stdin
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+    },
+    /// Sign an artifact with an SSH key (ed25519 or ECDSA) in OpenSSH's format:
+    /// PATH.sig beside a file, KEY.sig beside an object, a referrer in a registry
+    Sign {
+        /// The OpenSSH private key
+        #[arg(long)]
+        key: PathBuf,
+        /// A path, an object-store URL or docker://REGISTRY/REPO:TAG
+        artifact: String,
+        /// Registry user name (the password is read from stdin with --password-stdin)
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the registry password from stdin
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
     },
     /// The blob cache shared by builds (`$XDG_CACHE_HOME/hyper`)
     #[command(subcommand)]
@@ -147,6 +169,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             || e.is::<hvm::ReadError>()
             || e.is::<hyperbuild::oci::OciError>()
             || e.is::<UsageError>()
+            || e.is::<BadArtifact>()
+            || e.is::<hyper_remote::signature::SignError>()
             || e.is::<hyperbuild::registry::RegistryError>()
             || e.downcast_ref::<hyper_remote::RemoteError>()
                 .or_else(|| {
@@ -247,6 +271,114 @@ fn cache_command(cmd: CacheCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--username` with the password from stdin.
+fn read_credentials(username: Option<String>) -> anyhow::Result<Option<(String, String)>> {
+    Ok(match username {
+        Some(u) => {
+            let mut pw = String::new();
+            std::io::stdin().read_line(&mut pw)?;
+            Some((u, pw.trim_end_matches(['\n', '\r']).to_string()))
+        }
+        None => None,
+    })
+}
+
+fn report_push(p: &hyper_remote::oci::Pushed, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(p)?);
+    } else {
+        match p.outcome {
+            "unchanged" => eprintln!("hyperbuild: {} already holds this artifact", p.url),
+            _ => eprintln!(
+                "hyperbuild: pushed {} ({} bytes; manifest {})",
+                p.url, p.size, p.manifest
+            ),
+        }
+        println!("{}", p.digest);
+    }
+    Ok(())
+}
+
+/// `hyperbuild sign --key KEY ARTIFACT|URL`: the signature of the artifact's
+/// header goes beside it.
+fn sign(
+    key: &std::path::Path,
+    target: &str,
+    creds: Option<(String, String)>,
+) -> anyhow::Result<()> {
+    use hyper_remote::{oci, signature};
+    let (header, digest, placed) = if target.starts_with("docker://") {
+        let r = oci::Reference::parse(target)?;
+        let reg = oci::Registry::connect(&r, creds)?;
+        let m = oci::resolve(&reg)?;
+        let header = reg.blob_range(&m.file_digest, 0, hvm::HEADER_LEN as u64)?;
+        let (manifest, _) =
+            reg.manifest(&m.digest)?
+                .ok_or_else(|| hyper_remote::RemoteError::NotFound {
+                    url: target.to_string(),
+                })?;
+        check_header(target, &header, &m.artifact_digest)?;
+        let sig = signature::sign(key, &header)?;
+        let d = oci::push_signature(&reg, &m, manifest.len() as u64, sig.as_bytes())?;
+        (
+            header,
+            m.artifact_digest,
+            format!(
+                "{target} (referrer {d}, tag {})",
+                oci::signature_tag(&m.digest)
+            ),
+        )
+    } else if hyper_remote::is_url(target) {
+        let header = hyper_remote::read_object(target)?
+            .filter(|b| b.len() >= hvm::HEADER_LEN)
+            .ok_or_else(|| hyper_remote::RemoteError::NotFound {
+                url: target.to_string(),
+            })?;
+        let header = header[..hvm::HEADER_LEN].to_vec();
+        let digest = oci::sha256(&header);
+        hvm::Header::parse(&header).map_err(|e| BadArtifact(target.to_string(), e.to_string()))?;
+        let sig = signature::sign(key, &header)?;
+        let at = format!("{target}.sig");
+        hyper_remote::write_object(&at, sig.as_bytes())?;
+        (header, digest, at)
+    } else {
+        let path = std::path::Path::new(target);
+        let a = hvm::Artifact::open(path)?;
+        let mut header = vec![0u8; hvm::HEADER_LEN];
+        std::os::unix::fs::FileExt::read_exact_at(a.file(), &mut header, 0)?;
+        let sig = signature::sign(key, &header)?;
+        let at = format!("{target}.sig");
+        hyper_remote::write_object(
+            &format!("file://{}", std::path::absolute(&at)?.display()),
+            sig.as_bytes(),
+        )?;
+        (header, hvm::digest_string(&a.digest()), at)
+    };
+    debug_assert_eq!(header.len(), hvm::HEADER_LEN);
+    eprintln!("hyperbuild: signed {digest}: {placed}");
+    println!("{digest}");
+    Ok(())
+}
+
+/// A header fetched for signing must be the one the manifest names.
+fn check_header(target: &str, header: &[u8], digest: &str) -> anyhow::Result<()> {
+    hvm::Header::parse(header).map_err(|e| BadArtifact(target.to_string(), e.to_string()))?;
+    let sealed = hyper_remote::oci::sha256(header);
+    if sealed != digest {
+        return Err(BadArtifact(
+            target.to_string(),
+            format!("its header seals {sealed}, its manifest names {digest}"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// An artifact that is not one, or not the one its store names (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is not a usable artifact: {1}")]
+struct BadArtifact(String, String);
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Inspect { artifact, json }) => {
@@ -255,12 +387,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Cache(c)) => return cache_command(c),
+        Some(Command::Sign {
+            key,
+            artifact,
+            username,
+            ..
+        }) => return sign(&key, &artifact, read_credentials(username)?),
         Some(Command::Push {
             artifact,
             url,
             replace,
             json,
+            username,
+            ..
         }) => {
+            if url.starts_with("docker://") {
+                if hyper_remote::is_url(&artifact) {
+                    return Err(UsageError(
+                        "push to a registry takes a local artifact file".into(),
+                    )
+                    .into());
+                }
+                let creds = read_credentials(username)?;
+                let p = hyper_remote::oci::push(
+                    std::path::Path::new(&artifact),
+                    &url,
+                    creds,
+                    replace,
+                    true,
+                )?;
+                report_push(&p, json)?;
+                return Ok(());
+            }
             if !hyper_remote::is_url(&url) {
                 return Err(UsageError(format!(
                     "{url:?} is not a URL (s3://BUCKET/KEY.hvm, gs://, az://, file:///PATH)"
@@ -294,20 +452,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let output = b
         .output
         .ok_or_else(|| UsageError("missing -o OUTPUT".into()))?;
-    let credentials = match b.username {
-        Some(u) => {
-            let mut pw = String::new();
-            std::io::stdin().read_line(&mut pw)?;
-            Some((u, pw.trim_end_matches(['\n', '\r']).to_string()))
-        }
-        None => None,
-    };
+    let credentials = read_credentials(b.username)?;
+    let push_creds = credentials.clone();
     let pull = hyperbuild::registry::PullOptions {
         platform: parse_platform(&b.platform)?,
         policy: b.pull,
         insecure: b.insecure_registry,
         credentials,
         quiet: b.quiet,
+    };
+    // A registry output: built into the cache, then pushed.
+    let registry = output.starts_with("docker://").then(|| output.clone());
+    let staged = match &registry {
+        Some(_) => {
+            let dir = hyperbuild::cache::Cache::default_root().join("staging");
+            std::fs::create_dir_all(&dir)?;
+            Some(
+                tempfile::Builder::new()
+                    .suffix(".hvm")
+                    .tempfile_in(&dir)?
+                    .into_temp_path(),
+            )
+        }
+        None => None,
+    };
+    let output = match &staged {
+        Some(t) => t.to_string_lossy().into_owned(),
+        None => output,
     };
     let opts = BuildOptions {
         reference,
@@ -336,6 +507,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("hyperbuild: building {} -> {}", opts.reference, opts.output);
     }
     let report = build::build(&opts)?;
+    if let (Some(url), Some(staged)) = (registry, staged) {
+        let p = hyper_remote::oci::push(&staged, &url, push_creds, b.replace, !b.quiet)?;
+        if b.json {
+            let mut v = serde_json::to_value(&report)?;
+            v["output"] = url.clone().into();
+            v["manifest"] = p.manifest.clone().into();
+            v["outcome"] = p.outcome.into();
+            println!("{v}");
+        } else {
+            if !b.quiet {
+                eprintln!(
+                    "hyperbuild: {} {url} ({} bytes; manifest {})",
+                    if p.outcome == "unchanged" {
+                        "already at"
+                    } else {
+                        "pushed"
+                    },
+                    p.size,
+                    p.manifest
+                );
+            }
+            println!("{}", report.digest);
+        }
+        return Ok(());
+    }
     if b.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -1,6 +1,8 @@
-//! Fetching: artifacts from object storage or HTTP into a local cache keyed by
-//! artifact digest (`CACHE/artifacts/sha256/<hex>`), verified before they are
-//! kept. A URL whose object is unchanged (same ETag and size) is served from
+//! Fetching: artifacts from object storage, HTTP or an OCI registry into a
+//! local cache keyed by artifact digest (`CACHE/artifacts/sha256/<hex>`),
+//! verified before they are kept. With trusted signers, the artifact's
+//! header and its signatures are checked first: an artifact no trusted key
+//! signed is neither downloaded nor served from the cache. A URL whose object is unchanged (same ETag and size) is served from
 //! the cache after one HEAD request; an object whose header names a cached
 //! digest costs one 4 KiB range read. Interrupted downloads resume where they
 //! stopped.
@@ -13,7 +15,8 @@ use futures_util::StreamExt;
 use object_store::{GetOptions, GetRange, ObjectStoreExt};
 use sha2::Digest;
 
-use crate::{io_err, Cloud, RemoteError, Target};
+use crate::signature::AllowedSigners;
+use crate::{io_err, oci, Cloud, RemoteError, Target};
 
 /// Attempts for one download before giving up.
 const ATTEMPTS: u32 = 6;
@@ -61,6 +64,43 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Brings the artifact at `url` into `cache` (normally `hvm::cache_home()`)
 /// and returns its local path. `file://` URLs are used in place.
 pub fn fetch(url: &str, cache: &Path, progress: bool) -> Result<Fetched, RemoteError> {
+    fetch_checked(url, cache, progress, None)
+}
+
+/// The signatures stored beside the object at `url` (`URL.sig`).
+fn object_signatures(url: &str) -> Result<Vec<Vec<u8>>, RemoteError> {
+    Ok(crate::read_object(&format!("{url}.sig"))?
+        .into_iter()
+        .collect())
+}
+
+/// Checks `header` against the signatures `signatures()` finds, when there
+/// are signers to trust.
+fn check(
+    signers: Option<&AllowedSigners>,
+    url: &str,
+    header: &[u8],
+    signatures: impl FnOnce() -> Result<Vec<Vec<u8>>, RemoteError>,
+) -> Result<(), RemoteError> {
+    if let Some(s) = signers {
+        let found = signatures()?;
+        s.verify_any(url, &header[..hvm::HEADER_LEN.min(header.len())], &found)?;
+    }
+    Ok(())
+}
+
+/// [`fetch`], admitting only artifacts a key in `signers` signed (when
+/// given): checked on the header before any download, and before a cached
+/// copy is used.
+pub fn fetch_checked(
+    url: &str,
+    cache: &Path,
+    progress: bool,
+    signers: Option<&AllowedSigners>,
+) -> Result<Fetched, RemoteError> {
+    if url.starts_with("docker://") {
+        return fetch_registry(url, cache, progress, signers);
+    }
     match Target::open(url)? {
         Target::File { url, path } => {
             let mut header = vec![0u8; hvm::HEADER_LEN];
@@ -82,6 +122,7 @@ pub fn fetch(url: &str, cache: &Path, progress: bool) -> Result<Fetched, RemoteE
                     url: url.clone(),
                     reason,
                 })?;
+            check(signers, &url, &header, || object_signatures(&url))?;
             Ok(Fetched {
                 url,
                 digest,
@@ -89,11 +130,25 @@ pub fn fetch(url: &str, cache: &Path, progress: bool) -> Result<Fetched, RemoteE
                 transferred: 0,
             })
         }
-        Target::Cloud(c) => fetch_cloud(&c, cache, progress),
+        Target::Cloud(c) => fetch_cloud(&c, cache, progress, signers),
     }
 }
 
-fn fetch_cloud(c: &Cloud, cache: &Path, progress: bool) -> Result<Fetched, RemoteError> {
+/// The first 4 KiB of a cached artifact.
+fn cached_header(path: &Path) -> Result<Vec<u8>, RemoteError> {
+    let mut header = vec![0u8; hvm::HEADER_LEN];
+    let f = std::fs::File::open(path).map_err(io_err(format!("cannot read {}", path.display())))?;
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut header, 0)
+        .map_err(io_err(format!("cannot read {}", path.display())))?;
+    Ok(header)
+}
+
+fn fetch_cloud(
+    c: &Cloud,
+    cache: &Path,
+    progress: bool,
+    signers: Option<&AllowedSigners>,
+) -> Result<Fetched, RemoteError> {
     let meta =
         c.rt.block_on(c.store.head(&c.path))
             .map_err(|e| c.store_err(e))?;
@@ -112,6 +167,8 @@ fn fetch_cloud(c: &Cloud, cache: &Path, progress: bool) -> Result<Fetched, Remot
                 && r.size == meta.size
                 && artifact_path(cache, &r.digest).exists()
             {
+                let header = cached_header(&artifact_path(cache, &r.digest))?;
+                check(signers, &c.url, &header, || object_signatures(&c.url))?;
                 return Ok(done(r.digest, 0));
             }
         }
@@ -136,6 +193,7 @@ fn fetch_cloud(c: &Cloud, cache: &Path, progress: bool) -> Result<Fetched, Remot
     let header =
         c.rt.block_on(async { header?.bytes().await.map_err(|e| c.store_err(e)) })?;
     let digest = crate::header_digest(&header).map_err(not_artifact)?;
+    check(signers, &c.url, &header, || object_signatures(&c.url))?;
     let record = UrlRecord {
         url: c.url.clone(),
         e_tag: meta.e_tag.clone(),
@@ -252,4 +310,88 @@ fn download(
     file.sync_all()
         .map_err(io_err("cannot write the artifact cache"))?;
     Ok(offset)
+}
+
+/// `docker://`: the artifact manifest, then (with signers) the header and
+/// the signatures, then the layer into the cache unless it is there.
+fn fetch_registry(
+    url: &str,
+    cache: &Path,
+    progress: bool,
+    signers: Option<&AllowedSigners>,
+) -> Result<Fetched, RemoteError> {
+    let r = oci::Reference::parse(url)?;
+    let reg = oci::Registry::connect(&r, None)?;
+    let m = oci::resolve(&reg)?;
+    let dest = artifact_path(cache, &m.artifact_digest);
+    let done = |transferred| Fetched {
+        url: url.to_string(),
+        digest: m.artifact_digest.clone(),
+        path: dest.clone(),
+        transferred,
+    };
+    if signers.is_some() {
+        let header = if dest.exists() {
+            cached_header(&dest)?
+        } else {
+            reg.blob_range(&m.file_digest, 0, hvm::HEADER_LEN as u64)?
+        };
+        let sealed = crate::header_digest(&header).map_err(|reason| RemoteError::NotArtifact {
+            url: url.to_string(),
+            reason,
+        })?;
+        if sealed != m.artifact_digest {
+            return Err(RemoteError::NotArtifact {
+                url: url.to_string(),
+                reason: format!(
+                    "its header seals {sealed}, its manifest names {}",
+                    m.artifact_digest
+                ),
+            });
+        }
+        check(signers, url, &header, || oci::signatures(&reg, &m.digest))?;
+    }
+    if dest.exists() {
+        return Ok(done(0));
+    }
+    if progress {
+        eprintln!(
+            "hyperboot: fetching {url} ({:.1} MB, {})",
+            m.size as f64 / 1e6,
+            m.artifact_digest
+        );
+    }
+    let tmp_dir = cache.join("artifacts/tmp");
+    std::fs::create_dir_all(&tmp_dir)
+        .map_err(io_err(format!("cannot create {}", tmp_dir.display())))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err(format!(
+        "cannot create a file in {}",
+        tmp_dir.display()
+    )))?;
+    let transferred = reg.download(&m.file_digest, m.size, tmp.as_file_mut())?;
+    let artifact = hvm::Artifact::open(tmp.path()).map_err(|source| RemoteError::Verify {
+        url: url.to_string(),
+        source,
+    })?;
+    if hvm::digest_string(&artifact.digest()) != m.artifact_digest {
+        return Err(RemoteError::NotArtifact {
+            url: url.to_string(),
+            reason: format!(
+                "the file seals {}, its manifest names {}",
+                hvm::digest_string(&artifact.digest()),
+                m.artifact_digest
+            ),
+        });
+    }
+    drop(artifact);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o444))
+        .map_err(io_err("cannot make the artifact read-only"))?;
+    std::fs::create_dir_all(dest.parent().unwrap_or(cache))
+        .map_err(io_err(format!("cannot create {}", cache.display())))?;
+    tmp.persist(&dest).map_err(|e| RemoteError::Io {
+        what: format!("cannot move the artifact to {}", dest.display()),
+        source: e.error,
+    })?;
+    Ok(done(transferred))
 }

@@ -13,6 +13,11 @@
 //!   one is refused.
 //! * [`fetch::fetch`] brings an artifact into a local cache keyed by its
 //!   digest, verified before it is used, and reused without a transfer.
+//! * [`oci`]: OCI registries as artifact stores (`docker://`), OCI 1.1
+//!   artifacts with referrers for their signatures.
+//! * [`signature`]: OpenSSH signatures of artifacts, made and checked
+//!   against an `allowed_signers` file; a signature lives beside its
+//!   artifact (`KEY.sig`, `PATH.sig`, or a referrer in a registry).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +29,9 @@ use object_store::{multipart::MultipartStore, ObjectStore, ObjectStoreExt};
 mod profile;
 
 pub mod fetch;
+pub mod oci;
 pub mod publish;
+pub mod signature;
 
 /// Why talking to object storage failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +70,8 @@ pub enum RemoteError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Signature(#[from] signature::VerifyError),
 }
 
 /// Shorthand for an I/O error with context.
@@ -73,9 +82,60 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
 
 /// True when `s` names a location this crate handles rather than a local path.
 pub fn is_url(s: &str) -> bool {
-    ["s3://", "gs://", "az://", "file://", "http://", "https://"]
-        .iter()
-        .any(|p| s.starts_with(p))
+    [
+        "s3://",
+        "gs://",
+        "az://",
+        "file://",
+        "http://",
+        "https://",
+        "docker://",
+    ]
+    .iter()
+    .any(|p| s.starts_with(p))
+}
+
+/// Reads a small object (a signature) at `url`; None when there is none.
+pub fn read_object(url: &str) -> Result<Option<Vec<u8>>, RemoteError> {
+    match Target::open(url)? {
+        Target::File { path, .. } => match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(format!("cannot read {url}"))(e)),
+        },
+        Target::Cloud(c) => {
+            let got = c.rt.block_on(async {
+                let r = c.store.get(&c.path).await?;
+                r.bytes().await
+            });
+            match got {
+                Ok(b) => Ok(Some(b.to_vec())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(c.store_err(e)),
+            }
+        }
+    }
+}
+
+/// Writes a small object (a signature) at `url`, replacing what is there.
+pub fn write_object(url: &str, bytes: &[u8]) -> Result<(), RemoteError> {
+    match Target::open(url)? {
+        Target::File { path, .. } => {
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            let mut t = tempfile::NamedTempFile::new_in(dir)
+                .map_err(io_err(format!("cannot write {url}")))?;
+            std::io::Write::write_all(&mut t, bytes)
+                .map_err(io_err(format!("cannot write {url}")))?;
+            t.persist(&path)
+                .map_err(|e| io_err(format!("cannot write {url}"))(e.error))?;
+            Ok(())
+        }
+        Target::Cloud(c) => {
+            c.rt.block_on(c.store.put(&c.path, bytes.to_vec().into()))
+                .map(|_| ())
+                .map_err(|e| c.store_err(e))
+        }
+    }
 }
 
 /// Where an artifact lives.

@@ -114,6 +114,10 @@ struct Cli {
     /// Restart the detached VM: no, on-failure[:N], always
     #[arg(long, default_value = "no", requires = "detach")]
     restart: crate::vms::Restart,
+    /// Boot only an artifact signed by a key in this OpenSSH allowed_signers
+    /// file (default: as ~/.config/hyper/policy.toml requires)
+    #[arg(long)]
+    allowed_signers: Option<PathBuf>,
 }
 
 /// `hyperboot ps|logs|stop|kill|wait|rm`: detached VMs.
@@ -183,8 +187,12 @@ enum VmsCommand {
     about = "Fetch an artifact into the local cache"
 )]
 struct PullCli {
-    /// s3://, gs://, az://, https:// or file:// URL of an artifact
+    /// s3://, gs://, az://, https://, file:// or docker:// URL of an artifact
     url: String,
+    /// Fetch only an artifact signed by a key in this OpenSSH allowed_signers
+    /// file (default: as ~/.config/hyper/policy.toml requires)
+    #[arg(long)]
+    allowed_signers: Option<PathBuf>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -193,9 +201,14 @@ struct PullCli {
     quiet: bool,
 }
 
-/// Fetches `url` into the cache, reporting errors the hyperboot way.
-fn fetch(url: &str, progress: bool) -> Result<hyper_remote::fetch::Fetched, ExitCode> {
-    match hyper_remote::fetch::fetch(url, &hvm::cache_home(), progress) {
+/// Fetches `url` into the cache (admitting only what `signers` signed),
+/// reporting errors the hyperboot way.
+fn fetch(
+    url: &str,
+    progress: bool,
+    signers: Option<&hyper_remote::signature::AllowedSigners>,
+) -> Result<hyper_remote::fetch::Fetched, ExitCode> {
+    match hyper_remote::fetch::fetch_checked(url, &hvm::cache_home(), progress, signers) {
         Ok(f) => {
             if f.transferred > 0 {
                 // Just verified in full: the boot need not hash it again.
@@ -223,7 +236,14 @@ fn pull_main() -> ExitCode {
         Err(e) => return usage(e),
     };
     diagnostics(false, cli.quiet);
-    let f = match fetch(&cli.url, !cli.quiet) {
+    let signers = match crate::trust::signers_for(&cli.url, cli.allowed_signers.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let f = match fetch(&cli.url, !cli.quiet, signers.as_ref()) {
         Ok(f) => f,
         Err(code) => return code,
     };
@@ -510,13 +530,30 @@ pub fn main() -> ExitCode {
         Err(e) => return usage(e),
     };
     diagnostics(cli.verbose, cli.quiet);
+    let signers = match crate::trust::signers_for(&cli.artifact, cli.allowed_signers.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return ExitCode::from(exit::FAILED);
+        }
+    };
     let artifact = if hyper_remote::is_url(&cli.artifact) {
-        match fetch(&cli.artifact, true) {
+        match fetch(&cli.artifact, true, signers.as_ref()) {
             Ok(f) => f.path,
             Err(code) => return code,
         }
     } else {
-        PathBuf::from(&cli.artifact)
+        let path = PathBuf::from(&cli.artifact);
+        if let Some(s) = &signers {
+            match crate::trust::verify_file(&path, s) {
+                Ok(who) => tracing::debug!("{}: signed by {who}", path.display()),
+                Err(e) => {
+                    tracing::error!("{}", error_chain(&e));
+                    return ExitCode::from(exit::FAILED);
+                }
+            }
+        }
+        path
     };
     let detach = cli.detach;
     let (name, remove, restart) = (cli.name.clone(), cli.remove, cli.restart);

@@ -18,6 +18,7 @@ pub mod spec;
 pub mod stop;
 pub mod supervise;
 pub mod terminal;
+pub mod trust;
 pub mod verified;
 pub mod vms;
 

@@ -129,7 +129,7 @@ def emit_script(kind, path):
     blocks, _ = ci_shell(kind, path)
     _, _, sha = CI[kind]
     head = (f"#!/bin/sh\n# The build and publish shell of hyper's {CI[kind][0]} template.\n"
-            f"# Needs IMAGE, BUCKET, APP, {sha}, AWS_* in the environment and hyperbuild on PATH.\n"
+            f"# Needs IMAGE, BUCKET, APP, {sha}, AWS_* (HYPER_SIGNING_KEY to sign) in the environment and hyperbuild on PATH.\n"
             "set -eu\n")
     return head + "\n".join(b.rstrip("\n") for b in blocks) + "\n"
 
@@ -190,7 +190,8 @@ def ci_vars(kind, path):
     script = "\n".join(blocks)
     if "${{" in script:
         raise Fail("build/publish shell uses ${{ }} expressions: pass values through env instead")
-    allowed = {"IMAGE", "BUCKET", "APP", CI[kind][2]}
+    # key: the signing key's temporary file, made from HYPER_SIGNING_KEY.
+    allowed = {"IMAGE", "BUCKET", "APP", CI[kind][2], "HYPER_SIGNING_KEY", "key"}
     extra = sorted(v for v in shell_vars(script) if v not in allowed and not v.startswith("AWS_"))
     if extra:
         raise Fail(f"build/publish shell reads {', '.join(extra)}; only {', '.join(sorted(allowed))}, AWS_* allowed")

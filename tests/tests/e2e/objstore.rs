@@ -445,18 +445,41 @@ fn templates_validate_and_their_ci_and_update_scripts_run() {
         assert!(o.status.success());
         String::from_utf8(o.stdout).unwrap()
     };
+    // The GitHub job signs (its HYPER_SIGNING_KEY secret is set).
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("ci");
+    let k = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ci", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen (openssh-client)");
+    assert!(k.status.success());
+    let allowed = keys.path().join("allowed_signers");
+    std::fs::write(
+        &allowed,
+        format!(
+            "ci@example.org {}",
+            std::fs::read_to_string(key.with_extension("pub")).unwrap()
+        ),
+    )
+    .unwrap();
     let mut env = s3.env();
     env.extend([
         ("IMAGE", format!("oci:{}", layout().display())),
         ("BUCKET", "tmpl".into()),
         ("APP", "web".into()),
         ("GITHUB_SHA", "c1".into()),
+        ("HYPER_SIGNING_KEY", std::fs::read_to_string(&key).unwrap()),
     ]);
     let o = run_script(&script("github"), work.path(), &env);
     assert!(o.status.success(), "github script: {}", stderr(&o));
     let first = std::fs::read(busybox_artifact()).unwrap();
     assert!(s3.get("tmpl", "web/c1.hvm").unwrap() == first);
     assert!(s3.get("tmpl", "web/current.hvm").unwrap() == first);
+    for k in ["web/c1.hvm.sig", "web/current.hvm.sig"] {
+        let sig = s3.get("tmpl", k).unwrap_or_default();
+        assert!(sig.starts_with(b"-----BEGIN SSH SIGNATURE-----"), "{k}");
+    }
     // A rerun of the same commit is a no-op.
     assert!(run_script(&script("github"), work.path(), &env)
         .status
@@ -471,6 +494,7 @@ fn templates_validate_and_their_ci_and_update_scripts_run() {
         ("HYPER_URL", "s3://tmpl/web/current.hvm".to_string()),
         ("HYPER_RUN_DIR", run_dir.path().display().to_string()),
         ("XDG_CACHE_HOME", cache.path().display().to_string()),
+        ("HYPER_ALLOWED_SIGNERS", allowed.display().to_string()),
     ]);
     let o = run_script(
         &format!(
@@ -518,5 +542,23 @@ fn templates_validate_and_their_ci_and_update_scripts_run() {
         s3.get("tmpl", "web/c1.hvm").unwrap() == first,
         "c1 stays immutable"
     );
-    assert_eq!(check(&uenv), Some(10), "changed");
+    // The GitLab job above had no signing key: current.hvm moved, its old
+    // signature no longer fits, and a host that checks refuses it.
+    let o = run_script(
+        &format!("{} --check web", update.display()),
+        work.path(),
+        &uenv,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("for another artifact"),
+        "{}",
+        stderr(&o)
+    );
+    let unchecked: Vec<(&str, String)> = uenv
+        .iter()
+        .filter(|(k, _)| *k != "HYPER_ALLOWED_SIGNERS")
+        .cloned()
+        .collect();
+    assert_eq!(check(&unchecked), Some(10), "changed");
 }

@@ -175,7 +175,7 @@ fn a_second_build_needs_no_registry_and_pull_policies_hold() {
         reg.addr,
         first["image_digest"].as_str().unwrap()
     );
-    ok(&hb(&cache, &by_digest, &d.path().join("0.hvm"), &[]));
+    let pinned = ok(&hb(&cache, &by_digest, &d.path().join("0.hvm"), &[]));
     drop(reg); // the registry is gone
                // By default a tag is resolved on every build: without the registry it fails…
     failed(&hb(&cache, &r, &d.path().join("4.hvm"), &[]), &r);
@@ -186,9 +186,11 @@ fn a_second_build_needs_no_registry_and_pull_policies_hold() {
     // …while a cached digest reference needs no registry, and --pull missing
     // or never build from the cached resolution, offline.
     let digest = |o: &Output| ok(o);
+    // (The artifact records the reference as typed: a digest reference
+    // builds another artifact than the tag, the same one every time.)
     assert_eq!(
         digest(&hb(&cache, &by_digest, &d.path().join("d.hvm"), &[])),
-        first["digest"].as_str().unwrap()
+        pinned
     );
     for policy in ["missing", "never"] {
         assert_eq!(
@@ -831,4 +833,375 @@ fn concurrent_builds_share_one_cache() {
         leftovers.is_empty(),
         "partial downloads left: {leftovers:?}"
     );
+}
+
+/// hyperbuild/hyperboot with a private cache and no credentials from the
+/// host's home.
+fn hx(bin: &str, home: &Path) -> Command {
+    let mut c = Command::new(bin_path(bin));
+    c.env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("HYPER_BLOB_CACHE", home.join("cache/hyper/blobs"))
+        .env_remove("HYPER_POLICY");
+    c
+}
+
+/// An artifact pushed to a registry boots from it and pulls by tag and by
+/// digest into the cache; pushing it again is a no-op; a different
+/// artifact under the tag is refused without --replace.
+#[test]
+fn artifacts_travel_through_a_registry_and_boot() {
+    let reg = Registry::start(false);
+    let d = tmp();
+    let url = format!("docker://{}/apps/busybox:v1", reg.addr);
+    let o = hx("hyperbuild", d.path())
+        .arg(format!("oci:{}", layout("plain", "").display()))
+        .args(["-o", &url, "--kernel"])
+        .arg(kernel())
+        .arg("--init")
+        .arg(init())
+        .arg("--json")
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(
+        (j["output"].as_str(), j["outcome"].as_str()),
+        (Some(&url[..]), Some("written"))
+    );
+    let digest = j["digest"].as_str().unwrap().to_string();
+    let manifest = j["manifest"].as_str().unwrap().to_string();
+    // The manifest is an OCI 1.1 artifact of our type.
+    let m = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+        ])
+        .arg(format!("http://{}/v2/apps/busybox/manifests/v1", reg.addr))
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(m["artifactType"], "application/vnd.hyper.hvm.v1");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.oci.empty.v1+json"
+    );
+    assert_eq!(
+        m["annotations"]["dev.hyper.artifact.digest"],
+        digest.as_str()
+    );
+    // Boot by tag: fetched into the cache, then booted.
+    let r = hx("hyperboot", d.path())
+        .args([
+            "--backend",
+            "qemu",
+            "--timeout",
+            "120",
+            &url,
+            "--",
+            "echo",
+            "from the registry",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(ok(&r), "from the registry");
+    // Pull by digest: the same cached file, nothing transferred.
+    let pulled = hx("hyperboot", d.path())
+        .args([
+            "pull",
+            "--json",
+            &format!("docker://{}/apps/busybox@{manifest}", reg.addr),
+        ])
+        .output()
+        .unwrap();
+    let p: serde_json::Value = serde_json::from_str(&ok(&pulled)).unwrap();
+    assert_eq!(
+        (p["digest"].as_str(), p["transferred"].as_u64()),
+        (Some(&digest[..]), Some(0))
+    );
+    let cached = std::fs::read(p["path"].as_str().unwrap()).unwrap();
+    // The same artifact pushed again: a no-op.
+    let art = d.path().join("local.hvm");
+    std::fs::write(&art, &cached).unwrap();
+    let again = hx("hyperbuild", d.path())
+        .args(["push", "--json"])
+        .arg(&art)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let a: serde_json::Value = serde_json::from_str(&ok(&again)).unwrap();
+    assert_eq!(
+        (a["outcome"].as_str(), a["transferred"].as_u64()),
+        (Some("unchanged"), Some(0))
+    );
+    // Another artifact under the same tag: refused, then replaced.
+    let other = d.path().join("other.hvm");
+    ok(&hb(
+        &d.path().join("blobs"),
+        &format!("oci:{}", layout("app", "app").display()),
+        &other,
+        &[],
+    ));
+    let refused = hx("hyperbuild", d.path())
+        .arg("push")
+        .arg(&other)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--replace"));
+    let replaced = hx("hyperbuild", d.path())
+        .args(["push", "--replace", "--json"])
+        .arg(&other)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(&replaced)).unwrap();
+    assert_eq!(r["outcome"], "replaced");
+    let p = hx("hyperboot", d.path())
+        .args(["pull", &url])
+        .output()
+        .unwrap();
+    assert_eq!(ok(&p), r["digest"].as_str().unwrap());
+}
+
+/// A push through a connection cut mid-upload resumes where the registry
+/// says it got to; a registry with htpasswd auth takes the same credentials
+/// as pulls (flags, or Docker's config).
+#[test]
+fn registry_pushes_resume_and_use_credentials() {
+    let reg = Registry::start(true);
+    let proxy = hyper_tests::objstore::CutProxy::start(
+        &reg.addr,
+        hyper_tests::objstore::Direction::Up,
+        12 << 20,
+        1,
+    );
+    let d = tmp();
+    let art = d.path().join("a.hvm");
+    ok(&hb(
+        &d.path().join("blobs"),
+        &format!("oci:{}", layout("plain", "").display()),
+        &art,
+        &[],
+    ));
+    let url = format!("docker://{}/apps/cut:v1", proxy.addr);
+    let denied = hx("hyperbuild", d.path())
+        .arg("push")
+        .arg(&art)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_ne!(denied.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let mut c = hx("hyperbuild", d.path());
+    c.args(["push", "--json", "--username", "tester", "--password-stdin"])
+        .arg(&art)
+        .arg(&url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let pushed = child.wait_with_output().unwrap();
+    let p: serde_json::Value = serde_json::from_str(&ok(&pushed)).unwrap();
+    assert_eq!(p["outcome"], "written");
+    assert_eq!(
+        proxy.cut.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the upload was cut once"
+    );
+    // Pull with Docker's config: the bytes verify.
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode("tester:s3cret");
+    std::fs::create_dir_all(d.path().join(".docker")).unwrap();
+    std::fs::write(
+        d.path().join(".docker/config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{token}"}}}}}}"#, reg.addr),
+    )
+    .unwrap();
+    let direct = format!("docker://{}/apps/cut:v1", reg.addr);
+    let pulled = hx("hyperboot", d.path())
+        .args(["pull", &direct])
+        .output()
+        .unwrap();
+    assert_eq!(ok(&pulled), p["digest"].as_str().unwrap());
+}
+
+/// Signatures: made by hyperbuild or by `ssh-keygen -Y sign`, checked by
+/// hyperboot or by `ssh-keygen -Y verify`; every wrong case refused before
+/// boot with one line, nothing booted and nothing cached; in a registry the
+/// signature is found through its fallback tag; a policy file requires
+/// signatures for a prefix.
+#[test]
+fn signatures_are_checked_before_anything_boots() {
+    let d = tmp();
+    let keygen = |name: &str, kind: &str| {
+        let p = d.path().join(name);
+        let o = Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", "", "-C", name, "-f"])
+            .arg(&p)
+            .output()
+            .expect("ssh-keygen (openssh-client)");
+        assert!(o.status.success());
+        (
+            p.clone(),
+            std::fs::read_to_string(p.with_extension("pub")).unwrap(),
+        )
+    };
+    let (ours, ours_pub) = keygen("ours", "ed25519");
+    let (theirs, theirs_pub) = keygen("theirs", "ecdsa");
+    let allowed = d.path().join("allowed_signers");
+    std::fs::write(&allowed, format!("ci@example.org {ours_pub}")).unwrap();
+    let allowed_theirs = d.path().join("allowed_theirs");
+    std::fs::write(&allowed_theirs, format!("ops@example.org {theirs_pub}")).unwrap();
+    let art = d.path().join("app.hvm");
+    ok(&hb(
+        &d.path().join("blobs"),
+        &format!("oci:{}", layout("plain", "").display()),
+        &art,
+        &[],
+    ));
+    let header = std::fs::read(&art).unwrap()[..4096].to_vec();
+    let sig = d.path().join("app.hvm.sig");
+    let boot = |signers: &Path| {
+        hx("hyperboot", d.path())
+            .args(["--backend", "qemu", "--timeout", "120", "--allowed-signers"])
+            .arg(signers)
+            .arg(&art)
+            .args(["--", "echo", "booted"])
+            .output()
+            .unwrap()
+    };
+    let refused = |o: &Output, want: &str| {
+        assert_eq!(
+            o.status.code(),
+            Some(125),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.stdout.is_empty(), "something booted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains(want), "{err}");
+    };
+    refused(&boot(&allowed), "is not signed");
+    // Ours, checked by ssh-keygen and by hyperboot.
+    let s = hx("hyperbuild", d.path())
+        .args(["sign", "--key"])
+        .arg(&ours)
+        .arg(&art)
+        .output()
+        .unwrap();
+    ok(&s);
+    let verify = |signers: &Path, id: &str, ns: &str| {
+        let mut c = Command::new("ssh-keygen");
+        c.args(["-Y", "verify", "-f"])
+            .arg(signers)
+            .args(["-I", id, "-n", ns, "-s"])
+            .arg(&sig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&header).unwrap();
+        child.wait().unwrap().success()
+    };
+    assert!(
+        verify(&allowed, "ci@example.org", "hyper-artifact"),
+        "ssh-keygen refuses our signature"
+    );
+    assert_eq!(ok(&boot(&allowed)), "booted");
+    refused(&boot(&allowed_theirs), "signed by a key not in");
+    // ssh-keygen's, checked by hyperboot.
+    let keysign = |key: &Path, ns: &str, what: &[u8]| {
+        let mut c = Command::new("ssh-keygen");
+        c.args(["-Y", "sign", "-n", ns, "-f"])
+            .arg(key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(what).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success());
+        std::fs::write(&sig, o.stdout).unwrap();
+    };
+    keysign(&theirs, "hyper-artifact", &header);
+    assert_eq!(ok(&boot(&allowed_theirs)), "booted");
+    keysign(&ours, "file", &header);
+    refused(&boot(&allowed), "namespace");
+    let mut other = header.clone();
+    other[4000] ^= 1;
+    keysign(&ours, "hyper-artifact", &other);
+    refused(&boot(&allowed), "for another artifact");
+    std::fs::write(&sig, "not a signature").unwrap();
+    refused(&boot(&allowed), "not an OpenSSH signature");
+
+    // In a registry: signed through a referrer with its fallback tag.
+    let reg = Registry::start(false);
+    let url = format!("docker://{}/apps/signed:v1", reg.addr);
+    ok(&hx("hyperbuild", d.path())
+        .arg("push")
+        .arg(&art)
+        .arg(&url)
+        .output()
+        .unwrap());
+    let pull = |signers: &Path, cache: &str| {
+        hx("hyperboot", d.path())
+            .env("XDG_CACHE_HOME", d.path().join(cache))
+            .args(["pull", "--allowed-signers"])
+            .arg(signers)
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    let p = pull(&allowed, "c1");
+    assert_eq!(p.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&p.stderr).contains("is not signed"));
+    assert!(
+        !d.path().join("c1/hyper/artifacts/sha256").exists(),
+        "an unsigned artifact was cached"
+    );
+    ok(&hx("hyperbuild", d.path())
+        .args(["sign", "--key"])
+        .arg(&ours)
+        .arg(&url)
+        .output()
+        .unwrap());
+    let tags = Command::new("curl")
+        .arg("-s")
+        .arg(format!("http://{}/v2/apps/signed/tags/list", reg.addr))
+        .output()
+        .unwrap();
+    let tags = String::from_utf8_lossy(&tags.stdout);
+    assert!(tags.contains(".sig\""), "no fallback tag: {tags}");
+    let p = pull(&allowed_theirs, "c2");
+    assert!(String::from_utf8_lossy(&p.stderr).contains("signed by a key not in"));
+    assert!(!d.path().join("c2/hyper/artifacts/sha256").exists());
+    assert_eq!(ok(&pull(&allowed, "c3")).len(), "sha256:".len() + 64);
+    // A policy that requires signatures for the registry's prefix.
+    let policy = d.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[require]]\nprefix = \"docker://{}/\"\nallowed_signers = \"{}\"\n",
+            reg.addr,
+            allowed_theirs.display()
+        ),
+    )
+    .unwrap();
+    let o = hx("hyperboot", d.path())
+        .env("HYPER_POLICY", &policy)
+        .env("XDG_CACHE_HOME", d.path().join("c4"))
+        .args(["--backend", "qemu", &url, "--", "echo", "must not boot"])
+        .output()
+        .unwrap();
+    refused(&o, "signed by a key not in");
 }
