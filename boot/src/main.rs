@@ -44,7 +44,20 @@ macro_rules! debug {
     };
 }
 
+/// Microseconds of the monotonic clock at hyperinit's milestones (for
+/// `--stats`): started, root mounted, app started.
+static TIMINGS: [std::sync::atomic::AtomicU64; 3] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+fn mark(i: usize) {
+    TIMINGS[i].store(process::monotonic_us(), Ordering::SeqCst);
+}
+
 fn main() {
+    mark(0);
     if std::process::id() != 1 {
         eprintln!("hyperinit: error: must run as PID 1 inside a hyper VM");
         std::process::exit(2);
@@ -88,6 +101,7 @@ fn boot() -> Result<Outcome, String> {
     wait_for(cfg.root_device())?;
     plan::root(&mut linux, cfg.root_device(), &cfg.tmpfs, &cfg.volumes)
         .map_err(|e| e.to_string())?;
+    mark(1);
     debug!("root mounted");
     if let Err(e) = net::loopback() {
         debug!("cannot bring lo up: {e}");
@@ -188,8 +202,12 @@ fn boot() -> Result<Outcome, String> {
         w.child = [None, None, None];
         w.start()
     });
+    mark(2);
     APP_PID.store(pid, Ordering::SeqCst);
     let outcome = supervise(pid);
+    if cfg.stats {
+        report::announce_timings([0, 1, 2].map(|i| TIMINGS[i].load(Ordering::SeqCst)));
+    }
     if let Some(done) = drained {
         // Every process is gone, so both pipes are at their end. A host that
         // stopped reading gets a few seconds, not forever.

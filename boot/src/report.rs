@@ -53,6 +53,17 @@ pub fn announce_ready() {
     }
 }
 
+/// Tells the host hyperinit's milestones (`--stats`).
+pub fn announce_timings(t: [u64; 3]) {
+    if process::ioperm(STATUS_PORT, 8).is_ok() {
+        send(&GuestMessage::Timings {
+            init: t[0],
+            root: t[1],
+            exec: t[2],
+        });
+    }
+}
+
 /// Tells the host how many bytes went out on the stream ports; the host
 /// answers `drained` once it has them all.
 pub fn announce_drain(sent: [u64; 2]) -> bool {

@@ -165,6 +165,17 @@ pub mod process {
         v
     }
 
+    /// Microseconds of the monotonic clock (the guest's time since boot).
+    pub fn monotonic_us() -> u64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime fills a live timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+        t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
+    }
+
     /// Forks. In the child, `child` runs and must not return.
     pub fn fork() -> io::Result<libc::pid_t> {
         // SAFETY: hyperinit is single-threaded, so the child may run any code.

@@ -6,6 +6,9 @@
 //!   then (bytes that reach the UART before it is opened are echoed or lost);
 //! - `drain OUT ERR` — the byte counts it sent on the stdout and stderr
 //!   ports; the host answers `drained` once it has them all;
+//! - with `stats` (contract 2), `timings INIT ROOT EXEC`: microseconds of
+//!   the guest's monotonic clock (from its kernel's start) when hyperinit
+//!   started, when the root was mounted and when the app was started;
 //! - the report: `exit=N`, `signal=N` (the app died of signal N) or
 //!   `error=MESSAGE` (hyperinit failed; one printable line of at most 400
 //!   characters), then it ends the VM.
@@ -27,6 +30,12 @@ pub enum GuestMessage {
     Drain {
         stdout: u64,
         stderr: u64,
+    },
+    /// hyperinit's milestones, µs of the guest's monotonic clock.
+    Timings {
+        init: u64,
+        root: u64,
+        exec: u64,
     },
     /// The app exited with this code.
     Exit(i32),
@@ -86,6 +95,7 @@ impl GuestMessage {
         match self {
             GuestMessage::Ready => "ready\n".to_string(),
             GuestMessage::Drain { stdout, stderr } => format!("drain {stdout} {stderr}\n"),
+            GuestMessage::Timings { init, root, exec } => format!("timings {init} {root} {exec}\n"),
             GuestMessage::Exit(c) => format!("exit={c}\n"),
             GuestMessage::Signal(s) => format!("signal={s}\n"),
             GuestMessage::Error(m) => {
@@ -114,6 +124,17 @@ impl GuestMessage {
             return Ok(GuestMessage::Drain {
                 stdout: number("drain", o, &t)?,
                 stderr: number("drain", e, &t)?,
+            });
+        }
+        if let Some(rest) = t.strip_prefix("timings ") {
+            let n: Vec<&str> = rest.split(' ').collect();
+            let [init, root, exec] = n.as_slice() else {
+                return Err(ControlError::Malformed("timings", t));
+            };
+            return Ok(GuestMessage::Timings {
+                init: number("timings", init, &t)?,
+                root: number("timings", root, &t)?,
+                exec: number("timings", exec, &t)?,
             });
         }
         match t.split_once('=') {
@@ -216,6 +237,11 @@ mod tests {
             },
             GuestMessage::Exit(7),
             GuestMessage::Exit(-1),
+            GuestMessage::Timings {
+                init: 12_000,
+                root: 15_500,
+                exec: 17_250,
+            },
             GuestMessage::Signal(9),
             GuestMessage::Error("no root".into()),
         ] {
@@ -258,6 +284,8 @@ mod tests {
             b"drain 1",
             b"drain 1 2 3",
             b"drain a b",
+            b"timings 1 2",
+            b"timings 1 2 x",
             b"hello",
             b"\xff",
         ] {

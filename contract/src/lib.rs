@@ -29,7 +29,10 @@ pub use control::{ControlError, GuestMessage, HostMessage, LineBuffer};
 use serde::{Deserialize, Serialize};
 
 /// The contract version this crate speaks.
-pub const VERSION: u32 = 1;
+///
+/// 1: the first. 2: `stats` in the run configuration, and hyperinit's
+/// `timings` message.
+pub const VERSION: u32 = 2;
 
 /// The ELF section in which hyperinit records the contract version it speaks.
 pub const ELF_SECTION: &str = ".hyper_contract";
@@ -106,6 +109,10 @@ pub struct RunConfig {
     /// The host terminal's size (rows, columns) for `-t`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty_size: Option<[u16; 2]>,
+    /// `--stats` (contract 2): hyperinit reports its milestones
+    /// ([`GuestMessage::Timings`]) before its report.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stats: bool,
 }
 
 /// What kind of volume hyperinit mounts.
@@ -242,6 +249,7 @@ mod tests {
     #[test]
     fn versions() {
         assert_eq!(check_version(None), Ok(1));
+        assert_eq!(check_version(Some(1)), Ok(1));
         assert_eq!(check_version(Some(VERSION)), Ok(VERSION));
         assert_eq!(
             check_version(Some(VERSION + 1)),

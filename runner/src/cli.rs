@@ -118,6 +118,10 @@ struct Cli {
     /// file (default: as ~/.config/hyper/policy.toml requires)
     #[arg(long)]
     allowed_signers: Option<PathBuf>,
+    /// Write the boot's timeline, exits and memory as one JSON line to FILE
+    /// (appended; -: stderr)
+    #[arg(long, value_name = "FILE|-")]
+    stats: Option<PathBuf>,
 }
 
 /// `hyperboot ps|logs|stop|kill|wait|rm`: detached VMs.
@@ -393,6 +397,7 @@ fn options(cli: Cli) -> Result<BootOptions, String> {
         stop_timeout: cli.stop_timeout,
         verbose: cli.verbose,
         console: cli.console,
+        stats: cli.stats,
         net: crate::net::NetOptions {
             mode: cli.net.unwrap_or_default(),
             publish,
@@ -517,6 +522,7 @@ fn detach_main(cli: Cli, artifact: PathBuf) -> ExitCode {
 /// `hyperboot [pull|ps|logs|stop|kill|wait|rm] ...`: parses the command
 /// line, runs, maps the result to the exit code.
 pub fn main() -> ExitCode {
+    crate::stats::start();
     hyper_vmm::phase("main");
     let first = std::env::args().nth(1);
     match first.as_deref() {

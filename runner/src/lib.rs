@@ -15,6 +15,7 @@ pub mod exit;
 pub mod host;
 pub mod net;
 pub mod spec;
+pub mod stats;
 pub mod stop;
 pub mod supervise;
 pub mod terminal;
@@ -52,6 +53,8 @@ pub struct BootOptions {
     pub verbose: bool,
     pub console: bool,
     pub net: net::NetOptions,
+    /// `--stats FILE|-`: the boot's timeline, exits and memory as JSON.
+    pub stats: Option<PathBuf>,
 }
 
 /// A failure of hyperboot itself (exit code 125).
@@ -85,6 +88,8 @@ pub enum BootError {
     Qemu(#[from] backend::qemu::QemuError),
     #[error(transparent)]
     Vmm(#[from] hyper_vmm::VmmError),
+    #[error("--stats {0}: cannot open it")]
+    Stats(String, #[source] std::io::Error),
     #[error("cannot prepare the VM")]
     Io(#[from] std::io::Error),
 }
@@ -169,6 +174,10 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
         }
     }
     hyper_vmm::phase("artifact verified");
+    if let Some(to) = &opts.stats {
+        stats::enable(to).map_err(|e| BootError::Stats(to.display().to_string(), e))?;
+        stats::mark("artifact_verified");
+    }
     let m = artifact.manifest();
     if m.image.platform.architecture != "amd64" {
         return Err(BootError::Platform(format!(
@@ -176,7 +185,7 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
             m.image.platform.os, m.image.platform.architecture
         )));
     }
-    hyper_contract::check_version(m.init.as_ref().map(|i| i.contract))?;
+    let contract = hyper_contract::check_version(m.init.as_ref().map(|i| i.contract))?;
     let kvm = host::probe();
     let mut chosen = backend::choose(opts.backend, &kvm)?;
     let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -222,6 +231,8 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
     run.stdin = opts.interactive;
     run.tty = opts.tty;
     run.tty_size = opts.tty.then(terminal::size).flatten();
+    // hyperinit reports its milestones from contract 2 on.
+    run.stats = opts.stats.is_some() && contract >= 2;
     for b in &opts.binds {
         // As Docker: a missing host directory is created.
         std::fs::create_dir_all(&b.host)
@@ -275,7 +286,23 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
         }
     };
     let timeout = opts.timeout.unwrap_or_default().as_secs_f64();
-    Ok(Exit::of(&outcome, timeout))
+    let exit = Exit::of(&outcome, timeout);
+    if let Some(to) = &opts.stats {
+        stats::mark("vm_torn_down");
+        stats::set(
+            "backend",
+            serde_json::json!(if chosen == Backend::Kvm {
+                "kvm"
+            } else {
+                "qemu"
+            }),
+        );
+        stats::set("exit_code", serde_json::json!(exit.code()));
+        if let Err(e) = stats::write() {
+            tracing::warn!("--stats {}: {e}", to.display());
+        }
+    }
+    Ok(exit)
 }
 
 /// The whole error chain on one line.

@@ -21,6 +21,7 @@ pub mod layout;
 pub mod loader;
 pub mod p9;
 pub mod seccomp;
+pub mod stats;
 pub mod sys;
 pub mod vcpu;
 mod vm;
@@ -128,6 +129,7 @@ pub struct Outcome {
     /// Whether the guest's driver set the network card up (when there is one).
     pub net_ready: Option<bool>,
     pub shares: Vec<ShareStats>,
+    pub stats: stats::VmStats,
 }
 
 /// Why the VM could not be created or started.

@@ -104,6 +104,7 @@ const FILE_SERVER: &[i64] = &[
 ];
 
 const SUPERVISOR: &[i64] = &[
+    libc::SYS_lseek,
     libc::SYS_rt_sigaction,
     libc::SYS_wait4,
     libc::SYS_kill,

@@ -37,10 +37,15 @@ const SHARE_SLOT: usize = 3;
 
 /// A machine ready to run.
 pub struct Vm {
+    timeline: crate::stats::Timeline,
+    /// The names of the occupied virtio-mmio slots.
+    slot_names: Vec<(usize, String)>,
+    guest_memory: (usize, usize),
     /// Kept open while the VM runs.
     _vm: VmFd,
     bus: Arc<Bus>,
     vcpus: Vec<VcpuFd>,
+    blk: Option<Arc<Mutex<MmioTransport<Block>>>>,
     console: Option<Arc<Mutex<MmioTransport<Console>>>>,
     net: Option<Arc<Mutex<MmioTransport<Net>>>>,
     net_rx: Option<virtio_net::Backend>,
@@ -83,6 +88,10 @@ impl Vm {
         vm.create_pit2(pit)
             .map_err(|e| VmmError::Create("KVM_CREATE_PIT2", e))?;
         crate::phase("vm created");
+        let mut timeline = crate::stats::Timeline {
+            vm_created: sys::monotonic_ns(),
+            ..Default::default()
+        };
 
         let mem_bytes = cfg.memory_mib << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
@@ -98,6 +107,11 @@ impl Vm {
             .map_err(|e| VmmError::Create("KVM_SET_USER_MEMORY_REGION", e))?;
         }
         crate::phase("memory mapped");
+        timeline.memory_ready = sys::monotonic_ns();
+        let guest_memory = mem
+            .iter()
+            .next()
+            .map_or((0, 0), |r| (r.as_ptr() as usize, r.len() as usize));
 
         // The virtio-mmio devices, each in a fixed slot: a 4 KiB window from
         // VIRTIO_MMIO_BASE and the interrupt line VIRTIO_IRQ_BASE + slot.
@@ -142,8 +156,19 @@ impl Vm {
                 slot_irq(SHARE_SLOT + i)?,
             ))));
         }
+        let mut slot_names: Vec<(usize, String)> = [
+            (blk.is_some(), "virtio-blk"),
+            (console.is_some(), "virtio-console"),
+            (net.is_some(), "virtio-net"),
+        ]
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (present, _))| *present)
+        .map(|(i, (_, name))| (i, name.to_string()))
+        .collect();
+        slot_names.extend((0..shares.len()).map(|i| (SHARE_SLOT + i, format!("virtio-9p vol{i}"))));
         let mut slots: Vec<Option<Arc<Mutex<dyn MmioSlot>>>> = vec![
-            blk.map(|b| b as Arc<Mutex<dyn MmioSlot>>),
+            blk.clone().map(|b| b as Arc<Mutex<dyn MmioSlot>>),
             console.clone().map(|c| c as Arc<Mutex<dyn MmioSlot>>),
             net.clone().map(|n| n as Arc<Mutex<dyn MmioSlot>>),
         ];
@@ -165,6 +190,7 @@ impl Vm {
         let cpus = cfg.cpus.clamp(1, 64);
         layout::write_mptable(&mem, cpus)?;
         crate::phase("guest loaded");
+        timeline.kernel_ready = sys::monotonic_ns();
 
         let pio = Arc::new(Mutex::new(PioBus::new(
             irq(layout::SERIAL_IRQ)?,
@@ -175,6 +201,7 @@ impl Vm {
             pio,
             slots,
             mem: mem.clone(),
+            exits: Default::default(),
         });
         let mut vcpus = Vec::with_capacity(usize::from(cpus));
         for id in 0..cpus {
@@ -191,9 +218,13 @@ impl Vm {
         }
         crate::phase("vcpu ready");
         Ok(Vm {
+            timeline,
+            slot_names,
+            guest_memory,
             _vm: vm,
             bus,
             vcpus,
+            blk,
             console,
             net,
             net_rx,
@@ -216,6 +247,8 @@ impl Vm {
             on_end: self.on_end.take(),
             exits: AtomicU64::new(0),
             first_run_ns: AtomicU64::new(0),
+            first_exit_ns: AtomicU64::new(0),
+            ended_ns: AtomicU64::new(0),
         });
         let mem = self.bus.mem.clone();
         let filtered = self.seccomp;
@@ -277,6 +310,8 @@ struct Shared {
     on_end: Option<Box<dyn Fn() + Send + Sync>>,
     exits: AtomicU64,
     first_run_ns: AtomicU64,
+    first_exit_ns: AtomicU64,
+    ended_ns: AtomicU64,
 }
 
 impl Shared {
@@ -305,6 +340,7 @@ impl Shared {
             }
             *end = Some(why);
         }
+        crate::stats::mark_once(&self.ended_ns);
         self.done.store(true, Ordering::SeqCst);
         for &(_, t) in lock(&self.threads).iter() {
             // SAFETY: a registered thread unregisters, under this lock, before
@@ -370,14 +406,15 @@ impl Running {
 
     /// Waits for every vCPU thread to leave (they do once the VM has
     /// ended) and says how it went.
-    pub fn wait(self) -> Outcome {
-        for h in self.vcpus {
+    pub fn wait(mut self) -> Outcome {
+        for h in std::mem::take(&mut self.vcpus) {
             let _ = h.join();
         }
         let shared = &self.controller.shared;
         let end = lock(&shared.end).clone().unwrap_or(End::Host);
         let mut pio = lock(&self.vm.bus.pio);
         pio.flush();
+        let stats = self.stats(shared, &pio);
         Outcome {
             end,
             status: pio.status(),
@@ -401,6 +438,63 @@ impl Running {
                     }
                 })
                 .collect(),
+            stats,
+        }
+    }
+
+    /// Exits by kind, interrupts by device, milestones.
+    fn stats(&self, shared: &Shared, pio: &PioBus) -> crate::stats::VmStats {
+        let c = &self.vm.bus.exits;
+        let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let mut interrupts = vec![("serial".to_string(), get(&pio.interrupts))];
+        let slot_interrupts = |i: usize| -> u64 {
+            match i {
+                0 => self.vm.blk.as_ref().map_or(0, |d| lock(d).interrupts),
+                1 => self.vm.console.as_ref().map_or(0, |d| lock(d).interrupts),
+                2 => self.vm.net.as_ref().map_or(0, |d| lock(d).interrupts),
+                n => self
+                    .vm
+                    .shares
+                    .get(n - SHARE_SLOT)
+                    .map_or(0, |d| lock(d).interrupts),
+            }
+        };
+        interrupts.extend(
+            self.vm
+                .slot_names
+                .iter()
+                .map(|(i, n)| (n.clone(), slot_interrupts(*i))),
+        );
+        crate::stats::VmStats {
+            timeline: crate::stats::Timeline {
+                first_run: get(&shared.first_run_ns),
+                first_exit: get(&shared.first_exit_ns),
+                first_output: self
+                    .vm
+                    .console
+                    .as_ref()
+                    .map_or(0, |d| lock(d).device.first_output),
+                ended: get(&shared.ended_ns),
+                ..self.vm.timeline.clone()
+            },
+            exits: crate::stats::ExitCounts {
+                total: get(&shared.exits),
+                com1: get(&c.com1),
+                com2: get(&c.com2),
+                exit_port: get(&c.exit_port),
+                other_io: get(&c.other_io),
+                mmio: self
+                    .vm
+                    .slot_names
+                    .iter()
+                    .map(|(i, n)| (n.clone(), c.mmio.get(*i).map_or(0, get)))
+                    .collect(),
+                mmio_unmapped: get(&c.mmio_unmapped),
+                hlt: get(&c.hlt),
+                other: get(&c.other),
+            },
+            interrupts,
+            guest_memory: self.vm.guest_memory,
         }
     }
 }
@@ -434,6 +528,9 @@ fn run_vcpu(mut vcpu: VcpuFd, id: usize, bus: &Bus, shared: &Shared) {
             }
             Ok(exit) => {
                 let n = shared.exits.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 {
+                    crate::stats::mark_once(&shared.first_exit_ns);
+                }
                 if trace {
                     eprintln!("hyperboot: exit {n} (vCPU {id}): {exit:?}");
                 }

@@ -145,7 +145,10 @@ pub fn boot(
     let running = vm.start()?;
     let controller = running.controller();
     run.started(published.as_ref());
-    // From here on hyperboot's own thread only supervises.
+    // Opened now: from here on hyperboot's own thread only supervises.
+    let mut proc_files = crate::stats::enabled()
+        .then(crate::stats::ProcFiles::open)
+        .flatten();
     Profile::Supervisor
         .install()
         .map_err(hyper_vmm::VmmError::from)?;
@@ -189,6 +192,9 @@ pub fn boot(
             ))
             .collect::<String>()
     );
+    if let Some(files) = proc_files.as_mut() {
+        record_stats(&outcome, files);
+    }
     // Without a report, a byte the guest wrote to the exit port is its exit
     // code (what a guest without hyperinit has to say).
     let report = GuestMessage::find_report(&outcome.status).or(match outcome.end {
@@ -204,4 +210,51 @@ pub fn boot(
         report,
         why,
     })
+}
+
+/// What the VMM measured, into `--stats`.
+fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles) {
+    use crate::stats::{set, us};
+    use serde_json::json;
+    let t = &o.stats.timeline;
+    for (k, v) in [
+        ("vm_created", t.vm_created),
+        ("memory_ready", t.memory_ready),
+        ("kernel_ready", t.kernel_ready),
+        ("first_kvm_run", t.first_run),
+        ("first_guest_exit", t.first_exit),
+        ("app_first_output", t.first_output),
+        ("app_exited", t.ended),
+    ] {
+        set(k, us(v));
+    }
+    crate::stats::guest_timings(&o.status, t.first_run);
+    let e = &o.stats.exits;
+    let mmio: serde_json::Map<String, serde_json::Value> =
+        e.mmio.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    set(
+        "exits",
+        json!({
+            "total": e.total,
+            "io": {"com1": e.com1, "com2": e.com2, "exit_port": e.exit_port, "other": e.other_io},
+            "mmio": mmio,
+            "mmio_unmapped": e.mmio_unmapped,
+            "hlt": e.hlt,
+            "other": e.other,
+        }),
+    );
+    let irqs: serde_json::Map<String, serde_json::Value> = o
+        .stats
+        .interrupts
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    set("interrupts", json!(irqs));
+    set(
+        "peak_rss_kib",
+        json!(crate::stats::peak_rss_kib(Some(&mut *files))),
+    );
+    if let Some(k) = crate::stats::vmm_rss_kib(files, o.stats.guest_memory.0) {
+        set("vmm_rss_kib", json!(k));
+    }
 }

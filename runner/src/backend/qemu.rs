@@ -451,6 +451,7 @@ fn pump(
     out: File,
     stop: Arc<Stop>,
     count: Arc<AtomicU64>,
+    first: Option<Arc<AtomicU64>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.into())
@@ -465,6 +466,9 @@ fn pump(
                         Ok(0) => break,
                         Ok(n) => {
                             got = true;
+                            if let Some(f) = &first {
+                                crate::stats::first(f);
+                            }
                             count.fetch_add(n as u64, Ordering::SeqCst);
                             // If our own stdout is gone, keep draining so QEMU never blocks.
                             let _ = write_out(&out, &buf[..n]);
@@ -618,12 +622,15 @@ pub fn boot(
         .spawn()
         .map_err(|e| QemuError::Spawn(cfg.binary.clone(), e))?;
     drop(cmd);
+    let guest_started = hyper_vmm::monotonic_ns();
+    crate::stats::set("guest_started", crate::stats::us(guest_started));
     run.started(net);
     if opts.interactive {
         feed_stdin(prepared.app_in.try_clone()?, control.clone())?;
     }
     let stop_pumps = Stop::new()?;
     let counts: [Arc<AtomicU64>; 2] = Default::default();
+    let counts_first = Arc::new(AtomicU64::new(0));
     let stdout = dup_file(std::io::stdout().as_fd())?;
     let pumps = Pumps {
         threads: vec![
@@ -633,6 +640,7 @@ pub fn boot(
                 stdout.try_clone()?,
                 stop_pumps.clone(),
                 counts[0].clone(),
+                Some(counts_first.clone()),
             )?,
             pump(
                 "stderr",
@@ -640,6 +648,7 @@ pub fn boot(
                 dup_file(std::io::stderr().as_fd())?,
                 stop_pumps.clone(),
                 counts[1].clone(),
+                Some(counts_first.clone()),
             )?,
             pump(
                 "console",
@@ -647,6 +656,7 @@ pub fn boot(
                 stdout,
                 stop_pumps.clone(),
                 Default::default(),
+                None,
             )?,
         ],
         stop: stop_pumps,
@@ -664,11 +674,14 @@ pub fn boot(
         exited: Arc::new(AtomicBool::new(false)),
     };
     let exited = vm.exited.clone();
+    let exited_at = Arc::new(AtomicU64::new(0));
+    let exited_mark = exited_at.clone();
     let (status_tx, status_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("qemu wait".into())
         .spawn(move || {
             let st = child.wait();
+            exited_mark.store(hyper_vmm::monotonic_ns(), Ordering::SeqCst);
             exited.store(true, Ordering::SeqCst);
             let _ = status_tx.send(st);
             let _ = tx.send(Event::Ended);
@@ -684,6 +697,15 @@ pub fn boot(
     drop(raw);
     stop_status.set();
     let report = status_watch.join().unwrap_or_default();
+    if crate::stats::enabled() {
+        crate::stats::guest_timings(&report, guest_started);
+        let first = counts_first.load(Ordering::SeqCst);
+        crate::stats::set("app_first_output", crate::stats::us(first));
+        crate::stats::set(
+            "app_exited",
+            crate::stats::us(exited_at.load(Ordering::SeqCst)),
+        );
+    }
     let report = GuestMessage::find_report(&report);
     if ending != Ending::Guest {
         return Ok(Outcome {

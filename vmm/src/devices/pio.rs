@@ -37,13 +37,17 @@ impl Write for StatusSink {
     }
 }
 
-/// Raises the console's interrupt through an irqfd.
+/// Raises a UART's interrupt through an irqfd, counting them.
 #[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
+pub struct IrqTrigger(
+    pub EventFd,
+    pub std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.0.write(1)
     }
 }
@@ -68,6 +72,8 @@ pub struct PioBus {
     ready: bool,
     /// The line the guest is writing on COM2.
     line: LineBuffer,
+    /// Interrupts both UARTs raised.
+    pub interrupts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for PioBus {
@@ -85,9 +91,11 @@ impl PioBus {
         console_out: Box<dyn Write + Send>,
     ) -> Self {
         let status = StatusSink::default();
+        let interrupts = std::sync::Arc::<std::sync::atomic::AtomicU64>::default();
         Self {
-            console: Serial::new(IrqTrigger(console_irq), console_out),
-            control: Serial::new(IrqTrigger(control_irq), status.clone()),
+            console: Serial::new(IrqTrigger(console_irq, interrupts.clone()), console_out),
+            control: Serial::new(IrqTrigger(control_irq, interrupts.clone()), status.clone()),
+            interrupts,
             status,
             held: Vec::new(),
             ready: false,

@@ -61,6 +61,8 @@ pub struct Console {
     pub refused: u64,
     /// Ports the guest's driver said it made ready (for `--verbose` and tests).
     pub ready_ports: u32,
+    /// When the first byte of the app's output came (monotonic ns; 0: none).
+    pub first_output: u64,
 }
 
 struct Port {
@@ -107,6 +109,7 @@ impl Console {
             to_guest: VecDeque::new(),
             refused: 0,
             ready_ports: 0,
+            first_output: 0,
         }
     }
 
@@ -294,6 +297,9 @@ impl Console {
             }
             // A sink that fails (a closed pipe) drops the bytes, as a
             // console does; the guest is never stalled by it.
+            if self.first_output == 0 && !buf.is_empty() {
+                self.first_output = crate::sys::monotonic_ns();
+            }
             let _ = p.sink.write_all(&buf).and_then(|()| p.sink.flush());
             p.sent += buf.len() as u64;
             taken += buf.len() as u64;

@@ -127,6 +127,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     irq: EventFd,
     /// Set when the guest broke the protocol; says why.
     pub broken: Option<DeviceError>,
+    /// Interrupts raised.
+    pub interrupts: u64,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
@@ -156,6 +158,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupt_status: 0,
             irq,
             broken: None,
+            interrupts: 0,
         }
     }
 
@@ -302,6 +305,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match self.device.process(index, &mut self.queues, mem) {
             Ok(true) => {
                 self.interrupt_status |= INT_USED_RING;
+                self.interrupts += 1;
                 let _ = self.irq.write(1);
             }
             Ok(false) => {}
@@ -322,6 +326,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match work(&mut self.device, &mut self.queues, mem) {
             Ok(true) => {
                 self.interrupt_status |= INT_USED_RING;
+                self.interrupts += 1;
                 let _ = self.irq.write(1);
             }
             Ok(false) => {}

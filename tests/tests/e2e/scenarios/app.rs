@@ -33,6 +33,7 @@ macro_rules! app_scenarios {
             a_signal_to_the_process_group_reaches_the_app_once,
             a_second_stop_signal_ends_the_vm_at_once,
             a_killed_hyperboot_leaves_no_helper_behind,
+            stats_describe_the_boot,
             file_capabilities_from_pax_xattrs_work_in_the_guest,
             volumes_share_host_directories_and_persist,
             image_volumes_get_a_fresh_writable_copy,
@@ -1107,4 +1108,69 @@ pub fn xattrs_and_acls_read_back_through_the_guest_kernel(b: Backend) {
     }
     want.sort();
     assert_eq!(got, want, "what the guest kernel reads back");
+}
+
+/// `--stats FILE`: one JSON line per boot, its milestones in order, the
+/// guest's own from hyperinit (contract 2), exits and memory on the KVM VMM.
+pub fn stats_describe_the_boot(b: Backend) {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("stats.json");
+    let f = file.to_str().unwrap();
+    for _ in 0..2 {
+        let r = b.boot(
+            busybox_artifact(),
+            &["--stats", f, "--", "echo", "measured"],
+        );
+        assert_run(&r, 0, "measured\n");
+    }
+    let text = fs::read_to_string(&file).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one line per boot: {text}");
+    let s = &lines[1];
+    assert_eq!(
+        (s["backend"].as_str(), s["exit_code"].as_u64()),
+        (Some(b.name()), Some(0))
+    );
+    let at = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {s}"));
+    let order = match b {
+        Backend::Kvm => vec![
+            "artifact_verified",
+            "vm_created",
+            "memory_ready",
+            "kernel_ready",
+            "first_kvm_run",
+            "first_guest_exit",
+            "hyperinit_started",
+            "root_mounted",
+            "app_exec",
+            "app_first_output",
+            "app_exited",
+            "vm_torn_down",
+        ],
+        Backend::Qemu => vec![
+            "artifact_verified",
+            "guest_started",
+            "hyperinit_started",
+            "root_mounted",
+            "app_exec",
+            "app_first_output",
+            "app_exited",
+            "vm_torn_down",
+        ],
+    };
+    for w in order.windows(2) {
+        assert!(at(w[0]) <= at(w[1]), "{} after {}: {s}", w[0], w[1]);
+    }
+    assert!(at("peak_rss_kib") > 0);
+    if b == Backend::Kvm {
+        assert!(s["exits"]["total"].as_u64().unwrap() > 0, "{s}");
+        assert!(
+            s["exits"]["mmio"]["virtio-blk"].as_u64().unwrap() > 0,
+            "{s}"
+        );
+        assert!(at("vmm_rss_kib") > 0);
+    }
 }

@@ -1,0 +1,239 @@
+//! `hyperboot --stats FILE|-`: one JSON object per boot (`-`: on stderr,
+//! since stdout is the app's). Times are microseconds since hyperboot's
+//! `main` (`null`: the backend cannot tell):
+//!
+//! | key | when |
+//! | --- | --- |
+//! | `artifact_verified` | the seal and sections checked |
+//! | `vm_created`, `memory_ready`, `kernel_ready` | the VMM's steps (KVM) |
+//! | `first_kvm_run`, `first_guest_exit` | the boot vCPU entered the guest, left it the first time (KVM) |
+//! | `guest_started` | QEMU started (QEMU) |
+//! | `hyperinit_started`, `root_mounted`, `app_exec` | hyperinit's milestones, from the guest's clock (contract 2), counted from `first_kvm_run` (KVM) or `guest_started` (QEMU) |
+//! | `app_first_output` | the first byte of the app's stdout or stderr reached hyperboot |
+//! | `app_exited` | the guest ended the VM after its report |
+//! | `vm_torn_down` | the VM is gone |
+//!
+//! Then `exits` (KVM: exits to the VMM process by kind: port I/O by port,
+//! MMIO by device, halts), `interrupts` (KVM: by device), `peak_rss_kib`
+//! (the whole process, guest pages it touched included) and `vmm_rss_kib`
+//! (resident memory besides guest memory, when the VM ends).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde_json::{json, Map, Value};
+
+static START: AtomicU64 = AtomicU64::new(0);
+static STATS: Mutex<Option<Map<String, Value>>> = Mutex::new(None);
+/// Where the line goes, opened when collecting begins (the KVM backend's
+/// seccomp filter forbids opening files later); None: stderr.
+static OUT: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+fn now() -> u64 {
+    hyper_vmm::monotonic_ns()
+}
+
+/// hyperboot's start: `main` calls this first.
+pub fn start() {
+    START.store(now(), Ordering::SeqCst);
+}
+
+/// Begins collecting for a boot (`--stats` given), writing to `to`.
+pub fn enable(to: &std::path::Path) -> std::io::Result<()> {
+    let out = if to.as_os_str() == "-" {
+        None
+    } else {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(to)?,
+        )
+    };
+    *OUT.lock().unwrap_or_else(|e| e.into_inner()) = out;
+    let mut m = Map::new();
+    for k in [
+        "artifact_verified",
+        "vm_created",
+        "memory_ready",
+        "kernel_ready",
+        "first_kvm_run",
+        "first_guest_exit",
+        "guest_started",
+        "hyperinit_started",
+        "root_mounted",
+        "app_exec",
+        "app_first_output",
+        "app_exited",
+        "vm_torn_down",
+    ] {
+        m.insert(k.into(), Value::Null);
+    }
+    *STATS.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+    Ok(())
+}
+
+pub fn enabled() -> bool {
+    STATS.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+}
+
+/// Microseconds since `main` of monotonic time `ns` (0: unknown).
+pub fn us(ns: u64) -> Value {
+    let start = START.load(Ordering::SeqCst);
+    if ns == 0 || start == 0 {
+        return Value::Null;
+    }
+    json!(ns.saturating_sub(start) / 1000)
+}
+
+/// Sets `at` to now unless it is set.
+pub fn first(at: &AtomicU64) {
+    let _ = at.compare_exchange(0, now(), Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// Records `key` as `value`.
+pub fn set(key: &str, value: Value) {
+    if let Some(m) = STATS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        m.insert(key.into(), value);
+    }
+}
+
+/// Records milestone `key` as now.
+pub fn mark(key: &str) {
+    set(key, us(now()));
+}
+
+/// hyperinit's milestones (guest µs since its kernel started), against
+/// the host time the guest started.
+pub fn guest_timings(status: &[u8], guest_start_ns: u64) {
+    if guest_start_ns == 0 {
+        return;
+    }
+    let found = status
+        .split_inclusive(|b| *b == b'\n')
+        .filter_map(|l| hyper_contract::GuestMessage::decode(l).ok())
+        .find_map(|m| match m {
+            hyper_contract::GuestMessage::Timings { init, root, exec } => Some([init, root, exec]),
+            _ => None,
+        });
+    if let Some(t) = found {
+        for (key, at) in ["hyperinit_started", "root_mounted", "app_exec"]
+            .into_iter()
+            .zip(t)
+        {
+            set(key, us(guest_start_ns + at * 1000));
+        }
+    }
+}
+
+/// /proc/self/smaps and /proc/self/status, opened before a seccomp filter
+/// forbids opening files, read again (from the start) after the VM.
+#[derive(Debug)]
+pub struct ProcFiles {
+    smaps: std::fs::File,
+    status: std::fs::File,
+}
+
+impl ProcFiles {
+    pub fn open() -> Option<ProcFiles> {
+        Some(ProcFiles {
+            smaps: std::fs::File::open("/proc/self/smaps").ok()?,
+            status: std::fs::File::open("/proc/self/status").ok()?,
+        })
+    }
+}
+
+/// The file from its start, by plain reads (no stat: the supervisor's
+/// filter allows only read and lseek on it).
+fn reread(f: &mut std::fs::File) -> Option<String> {
+    use std::io::{Read, Seek};
+    f.seek(std::io::SeekFrom::Start(0)).ok()?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Resident memory of the process (KiB) besides the mapping that starts
+/// at `guest` (guest RAM), from /proc/self/smaps.
+pub fn vmm_rss_kib(files: &mut ProcFiles, guest: usize) -> Option<u64> {
+    let smaps = reread(&mut files.smaps)?;
+    let (mut total, mut in_guest, mut current_is_guest) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let Some(first) = line.split_whitespace().next() else {
+            continue;
+        };
+        if let Some(field) = first.strip_suffix(':') {
+            if field == "Rss" {
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                total += kib;
+                if current_is_guest {
+                    in_guest += kib;
+                }
+            }
+        } else {
+            // A mapping's header: START-END PERMS ...
+            let start = first
+                .split('-')
+                .next()
+                .and_then(|a| usize::from_str_radix(a, 16).ok());
+            current_is_guest = guest != 0 && start == Some(guest);
+        }
+    }
+    Some(total - in_guest)
+}
+
+/// The process's peak resident memory (KiB).
+pub fn peak_rss_kib(files: Option<&mut ProcFiles>) -> u64 {
+    let status = match files {
+        Some(f) => reread(&mut f.status).unwrap_or_default(),
+        None => std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Writes what was collected, one JSON line.
+pub fn write() -> std::io::Result<()> {
+    use std::io::Write;
+    let Some(mut m) = STATS.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        return Ok(());
+    };
+    if !m.contains_key("peak_rss_kib") {
+        m.insert("peak_rss_kib".into(), json!(peak_rss_kib(None)));
+    }
+    let line = format!("{}\n", Value::Object(m));
+    match OUT.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        Some(mut f) => f.write_all(line.as_bytes()),
+        None => std::io::stderr().write_all(line.as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_milestones_are_placed_on_the_host_clock() {
+        start();
+        enable(std::path::Path::new("-")).unwrap();
+        let t0 = START.load(Ordering::SeqCst) + 5_000_000;
+        guest_timings(b"ready\ntimings 1000 2000 3500\nexit=0\n", t0);
+        let m = STATS.lock().unwrap().clone().unwrap();
+        assert_eq!(m["hyperinit_started"], json!(6000));
+        assert_eq!(m["app_exec"], json!(8500));
+        assert_eq!(m["vm_created"], Value::Null);
+        let mut files = ProcFiles::open().unwrap();
+        assert!(vmm_rss_kib(&mut files, 0).is_some_and(|k| k > 0));
+        assert!(peak_rss_kib(Some(&mut files)) > 0);
+    }
+}
