@@ -32,6 +32,25 @@ pub fn app_artifact(app: &str) -> PathBuf {
     static REDIS: OnceLock<PathBuf> = OnceLock::new();
     let cell = if app == "nginx" { &NGINX } else { &REDIS };
     cell.get_or_init(|| {
+        let artifact = scratch().join(format!("{app}.hvm"));
+        // Made before in this run (the host's tiers, for the nested one):
+        // taken as it is, where making the image at TCG speed costs minutes.
+        let script = repo().join("scripts/make-app-image");
+        let cached = std::env::var_os("HYPER_TEST_FIXTURES").map(|d| {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(app.as_bytes());
+            h.update(std::fs::read(&script).unwrap_or_default());
+            for f in [kernel(), init(), &bin_path("hyperbuild")] {
+                let m = std::fs::metadata(f).expect("build input");
+                h.update(format!("{}:{:?};", m.len(), m.modified().ok()));
+            }
+            PathBuf::from(d).join(format!("app-{app}-{}.hvm", hex::encode(h.finalize())))
+        });
+        if let Some(c) = cached.as_ref().filter(|c| c.exists()) {
+            std::fs::copy(c, &artifact).expect("copy a cached app artifact");
+            return artifact;
+        }
         let layout = scratch().join(format!("{app}-layout"));
         let out = Command::new(repo().join("scripts/make-app-image"))
             .arg(&layout)
@@ -43,9 +62,14 @@ pub fn app_artifact(app: &str) -> PathBuf {
             "make-app-image {app}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let artifact = scratch().join(format!("{app}.hvm"));
         let o = build(&layout, &artifact);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if let Some(c) = cached {
+            let tmp = c.with_extension("tmp");
+            if std::fs::copy(&artifact, &tmp).is_ok() {
+                let _ = std::fs::rename(&tmp, &c);
+            }
+        }
         artifact
     })
     .clone()
