@@ -22,7 +22,8 @@ use crate::{boot, error_chain, BootOptions};
 )]
 struct Cli {
     /// The artifact to boot: a path, or a URL (s3://BUCKET/KEY.hvm, gs://,
-    /// az://, https://, file://) fetched into the local cache first
+    /// az://, https://, file://, docker://REGISTRY/REPO:TAG) fetched into
+    /// the local cache first
     artifact: String,
     /// Replace the image's Cmd (as in `docker run IMAGE CMD ARGS`)
     #[arg(last = true)]
