@@ -4,7 +4,18 @@
 //! `scripts/test nested` boots (scripts/nested-run); elsewhere each test says
 //! loudly that it was skipped.
 
-app_scenarios!(hyper_tests::Backend::Kvm);
-detached_scenarios!(hyper_tests::Backend::Kvm);
-net_scenarios!(hyper_tests::Backend::Kvm);
-objstore_scenarios!(hyper_tests::Backend::Kvm);
+mod app {
+    app_scenarios!(hyper_tests::Backend::Kvm);
+}
+
+mod detached {
+    detached_scenarios!(hyper_tests::Backend::Kvm);
+}
+
+mod net {
+    net_scenarios!(hyper_tests::Backend::Kvm);
+}
+
+mod objstore {
+    objstore_scenarios!(hyper_tests::Backend::Kvm);
+}

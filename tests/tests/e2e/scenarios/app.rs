@@ -1,6 +1,6 @@
 //! The app-level scenarios: a busybox image becomes an artifact that boots
 //! and runs its app; each body is written once and run on both backends
-//! (`qemu::app::NAME` in the qemu tier, `kvm_app::NAME` in the nested tier).
+//! (`qemu::app::NAME` in the qemu tier, `kvm_app::app::NAME` in the nested tier).
 
 use std::fs;
 

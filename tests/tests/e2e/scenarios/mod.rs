@@ -1,7 +1,7 @@
 //! Scenario bodies written once and run on both backends. Each file holds
 //! the bodies of one group (`fn NAME(b: Backend)`) and a macro listing
 //! them; a tier module instantiates that macro with its backend, so
-//! `qemu::app::NAME` and `kvm_app::NAME` run the very same code.
+//! `qemu::app::NAME` and `kvm_app::app::NAME` run the very same code.
 
 use std::fs;
 
