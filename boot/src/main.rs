@@ -312,42 +312,65 @@ fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
         })
 }
 
-/// Serves the host's requests on COM2 (`signal N`: deliver N to the app) on a
-/// thread of its own. The port is put in raw mode first: no echo, so nothing
-/// the host sends comes back on the status channel.
+/// Serves the host's requests (`signal N`: deliver N to the app, …) on a
+/// thread of its own, from the control port or COM2. COM2 is put in raw
+/// mode first: no echo, so nothing the host sends comes back on the status
+/// channel.
 fn listen_for_requests() {
-    let Some(mut tty) = process::open_raw_tty("/dev/ttyS1") else {
-        debug!("no /dev/ttyS1: the host cannot send requests");
-        return;
+    let source: Box<dyn std::io::Read + Send> = match report::channel() {
+        Some(port) => match port.try_clone() {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                debug!("cannot read the control port: {e}");
+                return;
+            }
+        },
+        None => match process::open_raw_tty("/dev/ttyS1") {
+            Some(tty) => Box::new(tty),
+            None => {
+                debug!("no control port and no /dev/ttyS1: the host cannot send requests");
+                return;
+            }
+        },
     };
     // The host holds its requests until this line: earlier bytes would have
     // met a closed (or echoing) port.
     report::announce_ready();
     std::thread::spawn(move || {
         use hyper_contract::{HostMessage, LineBuffer};
-        use std::io::Read;
+        let mut source = source;
         let mut lines = LineBuffer::default();
-        let mut byte = [0u8; 1];
-        while let Ok(1) = tty.read(&mut byte) {
-            let Some(line) = lines.push(byte[0]) else {
-                continue;
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match source.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
             };
-            match HostMessage::decode(&line) {
-                Ok(HostMessage::StdinEof(n)) => streams::STDIN_EOF_AT.store(n, Ordering::SeqCst),
-                Ok(HostMessage::Winsize { rows, cols }) => streams::set_winsize(rows, cols),
-                Ok(HostMessage::Drained) => {
-                    debug!("the host has all the output");
-                    DRAINED.store(true, Ordering::SeqCst);
-                }
-                Ok(HostMessage::Signal(sig)) => {
-                    debug!("host asks for signal {sig}");
-                    match APP_PID.load(Ordering::SeqCst) {
-                        // Not started yet: supervise() delivers it first thing.
-                        0 => PENDING_SIGNAL.store(sig, Ordering::SeqCst),
-                        app => process::kill(app, sig),
+            for &b in &buf[..n] {
+                let Some(line) = lines.push(b) else {
+                    continue;
+                };
+                match HostMessage::decode(&line) {
+                    Ok(HostMessage::StdinEof(n)) => {
+                        streams::STDIN_EOF_AT.store(n, Ordering::SeqCst)
                     }
+                    Ok(HostMessage::Winsize { rows, cols }) => streams::set_winsize(rows, cols),
+                    Ok(HostMessage::Drained) => {
+                        debug!("the host has all the output");
+                        DRAINED.store(true, Ordering::SeqCst);
+                    }
+                    Ok(HostMessage::Signal(sig)) => {
+                        debug!("host asks for signal {sig}");
+                        match APP_PID.load(Ordering::SeqCst) {
+                            // Not started yet: supervise() delivers it first thing.
+                            0 => PENDING_SIGNAL.store(sig, Ordering::SeqCst),
+                            app => process::kill(app, sig),
+                        }
+                    }
+                    Err(e) => debug!("ignored from the host: {e}"),
                 }
-                Err(e) => debug!("ignored from the host: {e}"),
             }
         }
     });

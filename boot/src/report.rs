@@ -1,11 +1,22 @@
-//! Telling the host how the app ended, then stopping the VM.
+//! Telling the host how the app ended, then stopping the VM; and the
+//! control channel both ways ([`channel`]).
 //!
 //! The protocol (shared by both backends, written in the contract crate):
-//! one report line on the second UART (COM2, I/O port 0x2f8) — `exit=N`,
-//! `signal=N` or `error=MESSAGE` — then a byte to the exit port 0x501 (0
-//! after a report, 1 after an init error),
-//! which the VMM (or QEMU's `isa-debug-exit`) turns into the end of the VM.
+//! one report line on the control channel — `exit=N`, `signal=N` or
+//! `error=MESSAGE` — then a byte to the exit port 0x501 (0 after a report,
+//! 1 after an init error), which the VMM (or QEMU's `isa-debug-exit`) turns
+//! into the end of the VM, taking what the guest queued on its ports first.
 //! Should the exit port not stop the machine, a reset does (`reboot=t`).
+//!
+//! The channel is the `hyper.control` virtio-console port when the host
+//! says it offers one (`hyper.control=port` on the kernel command line;
+//! contract 3): one write per message, no exit per byte. Otherwise, or when
+//! the port cannot be had, COM2 (I/O port 0x2f8), byte by byte.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use hyper_contract::GuestMessage;
 
@@ -15,6 +26,8 @@ pub const STATUS_PORT: u16 = 0x2f8;
 pub const EXIT_PORT: u16 = 0x501;
 const LSR: u16 = 5;
 const LSR_THRE: u8 = 0x20;
+/// The kernel argument by which the host says the control port exists.
+const PORT_ARG: &str = "hyper.control=port";
 
 /// How the app (or init) ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,9 +46,38 @@ pub fn report(o: &Outcome) -> GuestMessage {
     }
 }
 
-/// Writes one message on COM2 (bounded wait per byte).
-fn send(m: &GuestMessage) {
-    for b in m.encode() {
+/// The control port, opened for reading and writing, when the host offers
+/// one; None: COM2 carries the channel.
+pub fn channel() -> Option<&'static File> {
+    static PORT: OnceLock<Option<File>> = OnceLock::new();
+    PORT.get_or_init(|| {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+        if !cmdline.split_whitespace().any(|w| w == PORT_ARG) {
+            return None;
+        }
+        let dev = crate::streams::await_port(hyper_contract::CONTROL_PORT, Duration::from_secs(5))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(dev)
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Writes one message on the control channel (on COM2: a bounded wait
+/// per byte). False when no channel can be had.
+fn send(m: &GuestMessage) -> bool {
+    let line = m.encode();
+    if let Some(mut port) = channel() {
+        return port.write_all(&line).is_ok();
+    }
+    if process::ioperm(STATUS_PORT, 8).is_err() {
+        return false;
+    }
+    for b in line {
         // Bounded wait for the transmitter; emulated UARTs are always ready.
         for _ in 0..100_000 {
             if process::inb(STATUS_PORT + LSR) & LSR_THRE != 0 {
@@ -44,44 +86,36 @@ fn send(m: &GuestMessage) {
         }
         process::outb(STATUS_PORT, b);
     }
+    true
 }
 
-/// Tells the host that hyperinit listens on COM2 now.
+/// Tells the host that hyperinit listens now.
 pub fn announce_ready() {
-    if process::ioperm(STATUS_PORT, 8).is_ok() {
-        send(&GuestMessage::Ready);
-    }
+    send(&GuestMessage::Ready);
 }
 
 /// Tells the host hyperinit's milestones (`--stats`).
 pub fn announce_timings(t: [u64; 3]) {
-    if process::ioperm(STATUS_PORT, 8).is_ok() {
-        send(&GuestMessage::Timings {
-            init: t[0],
-            root: t[1],
-            exec: t[2],
-        });
-    }
+    send(&GuestMessage::Timings {
+        init: t[0],
+        root: t[1],
+        exec: t[2],
+    });
 }
 
 /// Tells the host how many bytes went out on the stream ports; the host
 /// answers `drained` once it has them all.
 pub fn announce_drain(sent: [u64; 2]) -> bool {
-    if process::ioperm(STATUS_PORT, 8).is_err() {
-        return false;
-    }
     send(&GuestMessage::Drain {
         stdout: sent[0],
         stderr: sent[1],
-    });
-    true
+    })
 }
 
 /// Reports the outcome and ends the VM. Never returns.
 pub fn report_and_stop(o: &Outcome) -> ! {
     process::sync();
-    if process::ioperm(STATUS_PORT, 8).is_ok() && process::ioperm(EXIT_PORT, 1).is_ok() {
-        send(&report(o));
+    if send(&report(o)) && process::ioperm(EXIT_PORT, 1).is_ok() {
         process::outb(EXIT_PORT, u8::from(matches!(o, Outcome::InitError(_))));
     }
     process::reboot()

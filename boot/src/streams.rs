@@ -25,6 +25,21 @@ pub struct Ports {
     input: Option<File>,
 }
 
+/// The device of the virtio port named `name`, waiting up to `patience`
+/// for it to appear (the driver adds ports as the host announces them).
+pub fn await_port(name: &str, patience: Duration) -> Option<String> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(dev) = port_device(name) {
+            return Some(dev);
+        }
+        if start.elapsed() >= patience {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The device of the virtio port named `name`, if the host created one.
 fn port_device(name: &str) -> Option<String> {
     let dir = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
@@ -33,7 +48,7 @@ fn port_device(name: &str) -> Option<String> {
         .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
 }
 
-fn open_port(dev: &str, read: bool) -> std::io::Result<File> {
+pub fn open_port(dev: &str, read: bool) -> std::io::Result<File> {
     // devtmpfs creates the node shortly after the port appears.
     for _ in 0..100 {
         if std::path::Path::new(dev).exists() {

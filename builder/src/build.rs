@@ -602,11 +602,14 @@ impl Read for HashingReader {
     }
 }
 
-/// The initrd: `/init` and the console node the kernel opens before running it.
+/// The initrd: `/init`, the console node the kernel opens before running
+/// it, and `/dev/null`, which the Rust runtime opens onto descriptors 0-2
+/// when a boot without a console left them closed (a quiet KVM boot).
 pub fn initrd(init: &[u8]) -> Vec<u8> {
     let mut c = hvm::cpio::Cpio::new();
     c.dir("dev", 0o755);
     c.char_dev("dev/console", 0o600, 5, 1);
+    c.char_dev("dev/null", 0o666, 1, 3);
     c.dir("proc", 0o755);
     c.dir("sys", 0o755);
     c.dir("mnt", 0o755);

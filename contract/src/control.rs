@@ -1,9 +1,13 @@
-//! The control channel: one ASCII line per message on the second UART (COM2,
-//! I/O port 0x2f8), both ways.
+//! The control channel: one ASCII line per message, both ways, on the
+//! virtio-console port named [`crate::CONTROL_PORT`] when the host offers it
+//! (contract 3; the guest writes each message in one write), else on the
+//! second UART (COM2, I/O port 0x2f8).
 //!
 //! The guest says (in this order over a run):
-//! - `ready` — hyperinit listens now; the host MUST hold its requests until
-//!   then (bytes that reach the UART before it is opened are echoed or lost);
+//! - `ready` — hyperinit listens now, on the channel it says this on; the
+//!   host MUST hold its requests until then (bytes that reach the UART
+//!   before it is opened are echoed or lost) and MUST then answer on that
+//!   channel;
 //! - `drain OUT ERR` — the byte counts it sent on the stdout and stderr
 //!   ports; the host answers `drained` once it has them all;
 //! - with `stats` (contract 2), `timings INIT ROOT EXEC`: microseconds of

@@ -7,9 +7,10 @@
 //!   to the artifact's sealed initrd; hyperinit MUST refuse fields it does not
 //!   know, so a feature newer than the artifact's init fails loudly instead of
 //!   doing nothing.
-//! - [`control`]: one-line messages on the control channel (the second UART,
-//!   COM2): hyperinit's reports ([`GuestMessage`]) and the host's requests
-//!   ([`HostMessage`]), each with one encoder and one decoder.
+//! - [`control`]: one-line messages on the control channel (a virtio-console
+//!   port named [`CONTROL_PORT`] where the host offers one, else the second
+//!   UART, COM2): hyperinit's reports ([`GuestMessage`]) and the host's
+//!   requests ([`HostMessage`]), each with one encoder and one decoder.
 //!
 //! # Versions
 //!
@@ -31,8 +32,14 @@ use serde::{Deserialize, Serialize};
 /// The contract version this crate speaks.
 ///
 /// 1: the first. 2: `stats` in the run configuration, and hyperinit's
-/// `timings` message.
-pub const VERSION: u32 = 2;
+/// `timings` message. 3: the control channel on the [`CONTROL_PORT`]
+/// virtio-console port when the host offers it (the host may then boot
+/// without UARTs).
+pub const VERSION: u32 = 3;
+
+/// The name of the virtio-console port that carries the control channel
+/// (contract 3); without it, COM2 does.
+pub const CONTROL_PORT: &str = "hyper.control";
 
 /// The ELF section in which hyperinit records the contract version it speaks.
 pub const ELF_SECTION: &str = ".hyper_contract";

@@ -262,16 +262,10 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
                 artifact: &artifact,
                 archive: &archive,
                 stop_signal,
-                cmdline: backend::kernel_cmdline(
-                    base,
-                    opts.verbose,
-                    opts.console,
-                    pvm,
-                    "8250.nr_uarts=2",
-                ),
+                cmdline: backend::kvm::cmdline(base, opts, pvm, contract),
                 opts,
             };
-            backend::kvm::boot(b, plan, events)?
+            backend::kvm::boot(b, plan, events, contract >= 3, pvm)?
         }
         _ => {
             let (accel, pvm) = backend::pick_accel(opts.accel, &kvm)?;

@@ -14,7 +14,9 @@
 //! | `vm_torn_down` | the VM is gone |
 //!
 //! Then `exits` (KVM: exits to the VMM process by kind: port I/O by port,
-//! MMIO by device, halts), `interrupts` (KVM: by device), `peak_rss_kib`
+//! MMIO by device, halts), `without_exits` (KVM: register writes KVM queued
+//! and queue notifications through eventfds, which cost no exit),
+//! `interrupts` (KVM: by device), `peak_rss_kib`
 //! (the whole process, guest pages it touched included) and `vmm_rss_kib`
 //! (resident memory besides guest memory, when the VM ends).
 
@@ -160,9 +162,10 @@ fn reread(f: &mut std::fs::File) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Resident memory of the process (KiB) besides the mapping that starts
-/// at `guest` (guest RAM), from /proc/self/smaps.
-pub fn vmm_rss_kib(files: &mut ProcFiles, guest: usize) -> Option<u64> {
+/// Resident memory of the process (KiB) besides the mappings within
+/// `guest` (guest RAM: its anonymous pages, and the kernel and initrd
+/// mapped from the artifact over it), from /proc/self/smaps.
+pub fn vmm_rss_kib(files: &mut ProcFiles, guest: (usize, usize)) -> Option<u64> {
     let smaps = reread(&mut files.smaps)?;
     let (mut total, mut in_guest, mut current_is_guest) = (0u64, 0u64, false);
     for line in smaps.lines() {
@@ -183,7 +186,8 @@ pub fn vmm_rss_kib(files: &mut ProcFiles, guest: usize) -> Option<u64> {
                 .split('-')
                 .next()
                 .and_then(|a| usize::from_str_radix(a, 16).ok());
-            current_is_guest = guest != 0 && start == Some(guest);
+            current_is_guest =
+                guest.1 != 0 && start.is_some_and(|a| a >= guest.0 && a < guest.0 + guest.1);
         }
     }
     Some(total - in_guest)
@@ -233,7 +237,7 @@ mod tests {
         assert_eq!(m["app_exec"], json!(8500));
         assert_eq!(m["vm_created"], Value::Null);
         let mut files = ProcFiles::open().unwrap();
-        assert!(vmm_rss_kib(&mut files, 0).is_some_and(|k| k > 0));
+        assert!(vmm_rss_kib(&mut files, (0, 0)).is_some_and(|k| k > 0));
         assert!(peak_rss_kib(Some(&mut files)) > 0);
     }
 }

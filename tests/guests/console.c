@@ -94,8 +94,10 @@ static void post_rx(void) {
   for (int i = 0; i < QSZ; i++) { zero(BUF(2, i), 0x200); offer(2, i, BUF(2, i), 0x200, F_WRITE); }
 }
 
-/* The next control message from the device, or 0 when none came. */
-static u32 next_msg(void) {
+/* The next control message from the device, or 0 when none came within
+ * about `cycles` TSC cycles. */
+static u32 next_msg(u64 cycles) {
+  WAIT_CYCLES(USED_IDX(2) != seen[2], cycles);
   if (USED_IDX(2) == seen[2]) return 0;
   u32 i = USED_ID(2, seen[2] % QSZ);
   seen[2]++;
@@ -118,13 +120,14 @@ int main(void) {
   offer(3, 5, BUF(3, 5), 4, 0);        /* a control message of 4 bytes */
   offer(5, 1, BUF(5, 1), 16, F_WRITE); /* stdout: a buffer the device may only write */
   offer(5, 2, 0x7ffff000u, 64, 0);     /* stdout: a buffer outside guest memory */
+  WAIT_FOR(USED_IDX(3) == avail[3] && USED_IDX(5) == avail[5]);
   CHECK(20, mmio_r32(BASE + 0x70) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK));
-  CHECK(21, next_msg() == 0);          /* no answer to any of it */
+  CHECK(21, next_msg(2000000000ull) == 0); /* no answer to any of it */
 #endif
   control(0, 0, 1);                    /* DEVICE_READY */
   u32 added = 0, named = 0, opened = 0;
   for (int guard = 0; guard < 64 && opened < PORTS; guard++) {
-    u32 m = next_msg();
+    u32 m = next_msg(20000000000ull);
     if (!m) break;
     u32 id = mmio_r32(m);
     u32 ev = mmio_r32(m + 4) & 0xffff;
@@ -146,8 +149,10 @@ int main(void) {
   }
   CHECK(11, added == PORTS && named == PORTS && opened == PORTS);
   text(1, "to stdout over virtio\n");
+  WAIT_FOR(USED_IDX(5) == avail[5]);
   CHECK(12, USED_IDX(5) == avail[5]);
   text(2, "to stderr over virtio\n");
+  WAIT_FOR(USED_IDX(7) == avail[7]);
   CHECK(13, USED_IDX(7) == avail[7]);
 #if MODE == 2
   /* Open the stdin port, post its receive buffers, say ready on COM2 (the
@@ -172,7 +177,7 @@ int main(void) {
       u32 i = USED_ID(RXQ, seen[RXQ] % QSZ), n = USED_LEN(RXQ, seen[RXQ] % QSZ);
       seen[RXQ]++;
       CHECK(30, i < QSZ && n <= 0x1000);
-      if (n) { offer(5, avail[5] % QSZ, RXBUF(i), n, 0); CHECK(31, USED_IDX(5) == avail[5]); }
+      if (n) { offer(5, avail[5] % QSZ, RXBUF(i), n, 0); WAIT_FOR(USED_IDX(5) == avail[5]); CHECK(31, USED_IDX(5) == avail[5]); }
       got += n;
       offer(RXQ, (int)i, RXBUF(i), 0x1000, F_WRITE);
     }
@@ -185,6 +190,7 @@ int main(void) {
   for (u32 i = 0; i < 65536; i += 4) mmio_w32(0x400000u + i, 0x41414141u);
   for (u32 kb = 0; kb < BULK_KB; kb += 64) {
     offer(5, avail[5] % QSZ, 0x400000u, 65536, 0);
+    WAIT_FOR(USED_IDX(5) == avail[5]);
     CHECK(40, USED_IDX(5) == avail[5]);
   }
 #elif MODE == 4 /* throughput: BULK_KB KiB on the serial console, a byte per exit */

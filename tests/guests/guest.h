@@ -12,6 +12,14 @@ static inline void mmio_w32(u32 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u32 mmio_r32(u32 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_w8(u32 addr, u8 v) { *(volatile u8 *)addr = v; }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
+
+/* The VMM serves queue notifications on a thread of its own, as a real
+ * device does: after a notify, a driver waits for the used ring. Spins until
+ * `cond` holds or about `cycles` TSC cycles passed (a few seconds for
+ * WAIT_FOR: a device that never answers fails the check that follows). */
+#define WAIT_CYCLES(cond, cycles) do { u64 _t0 = rdtsc(); while (!(cond) && rdtsc() - _t0 < (cycles)) barrier(); } while (0)
+#define WAIT_FOR(cond) WAIT_CYCLES(cond, 20000000000ull)
 
 static inline void put(u16 port, const char *s) { while (*s) outb(port, (u8)*s++); }
 static inline void put_num(u16 port, u32 n) {

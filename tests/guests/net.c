@@ -90,6 +90,7 @@ int main(void) {
   offer(1, 1, TXBUF, 4, 0);                        /* shorter than the header */
   offer(1, 2, TXBUF, 64, F_WRITE);                 /* a buffer the device may only write */
   offer(1, 3, 0x7ffff000u, 64, 0);                 /* outside guest memory */
+  WAIT_FOR(USED_IDX(1) == avail[1]);
   CHECK(20, USED_IDX(1) == avail[1]);              /* all returned, none sent */
   CHECK(21, mmio_r32(BASE + 0x70) == (S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK));
 #endif
@@ -115,6 +116,7 @@ int main(void) {
           mmio_w8(o + 38 + k, (u8)(host >> (24 - 8 * k)));
         }
         offer(1, 0, TXBUF, 12 + 42, 0);
+        WAIT_FOR(USED_IDX(1) == avail[1]);
         CHECK(30, USED_IDX(1) == avail[1]);
       } else if (host && n >= 12 + 42 && rd8(f + 12) == 0x08 && rd8(f + 13) == 0x06 && rd8(f + 21) == 2) {
         u32 sender = 0;
@@ -139,6 +141,7 @@ int main(void) {
     if (spins % 1024 == 0) (void)inb(0x80);
     if (spins % 200000u == 0) {
       offer(1, 0, TXBUF, arp_request(), 0);
+      WAIT_FOR(USED_IDX(1) == avail[1]);
       CHECK(10, USED_IDX(1) == avail[1]);
     }
     while (USED_IDX(0) != seen[0]) {

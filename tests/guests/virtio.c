@@ -74,6 +74,7 @@ static int submit(void) {
   AVAIL_IDX = next_avail;
   barrier();
   mmio_w32(BASE + 0x50, 0);
+  WAIT_FOR(USED_IDX != before || (mmio_r32(BASE + 0x70) & S_NEEDS_RESET));
   mmio_w32(BASE + 0x64, mmio_r32(BASE + 0x60));
   if (USED_IDX != (u16)(before + 1)) return -1;
   return (int)USED_LEN(before % QSZ);
@@ -145,6 +146,7 @@ int main(void) {
   mmio_w32(BASE + 0x44, 1);
   mmio_w32(BASE + 0x70, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
   mmio_w32(BASE + 0x50, 0);
+  WAIT_FOR(mmio_r32(BASE + 0x70) & S_NEEDS_RESET);
   CHECK(30, mmio_r32(BASE + 0x70) & S_NEEDS_RESET);
   if ((r = dev_init())) return r;
 #elif MODE == 2 /* data buffer outside guest memory */
@@ -174,6 +176,7 @@ int main(void) {
 #elif MODE == 6 /* the available index jumps far ahead */
   AVAIL_IDX = (u16)(next_avail + 1000);
   mmio_w32(BASE + 0x50, 0);
+  WAIT_CYCLES(mmio_r32(BASE + 0x70) & S_NEEDS_RESET, 2000000000ull);
   if ((r = dev_init())) return r;
 #elif MODE == 7 /* status descriptor the device may not write */
   set_desc(0, HDR, 16, F_NEXT, 1);

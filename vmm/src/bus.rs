@@ -2,14 +2,19 @@
 //! goes to the legacy bus ([`crate::devices::pio`]), MMIO to the virtio-mmio
 //! slot whose 4 KiB window holds the address (nothing there: reads are 0,
 //! writes ignored); everything else either stops the VM or is a guest fault.
+//! Register writes KVM queued without an exit (coalesced MMIO) are applied,
+//! in order, before an MMIO write exit is served ([`Bus::apply_queued`]).
+//! When the guest asks to stop, every device first takes what the guest
+//! queued for the host, so no output is lost.
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VcpuExit;
+use hyper_contract::HostMessage;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::pio::{PioBus, StopRequest, COM1, COM2, EXIT_PORT};
-use crate::devices::virtio_mmio::{MmioTransport, VirtioDevice};
+use crate::devices::virtio_mmio::{MmioTransport, RegisterPage, VirtioDevice};
 use crate::stats::ExitCounters;
 use crate::{layout, lock, End, GuestFault};
 
@@ -17,6 +22,13 @@ use crate::{layout, lock, End, GuestFault};
 pub trait MmioSlot: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap);
+    /// A notification of queue `index` that came through its eventfd.
+    fn notify(&mut self, index: u32, mem: &GuestMemoryMmap);
+    /// Takes what the guest queued for the host (the VM is ending).
+    fn flush(&mut self, mem: &GuestMemoryMmap);
+    /// Shows the registers in `page` from now on.
+    fn publish_to(&mut self, page: RegisterPage);
+    fn queue_count(&self) -> usize;
 }
 
 impl<D: VirtioDevice + Send> MmioSlot for MmioTransport<D> {
@@ -27,6 +39,22 @@ impl<D: VirtioDevice + Send> MmioSlot for MmioTransport<D> {
     fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
         MmioTransport::write(self, offset, data, mem)
     }
+
+    fn notify(&mut self, index: u32, mem: &GuestMemoryMmap) {
+        MmioTransport::notify(self, index, mem)
+    }
+
+    fn flush(&mut self, mem: &GuestMemoryMmap) {
+        MmioTransport::flush(self, mem)
+    }
+
+    fn publish_to(&mut self, page: RegisterPage) {
+        self.set_page(page)
+    }
+
+    fn queue_count(&self) -> usize {
+        self.device.queue_max_sizes().len()
+    }
 }
 
 /// The port-I/O bus and the virtio-mmio slots.
@@ -36,6 +64,10 @@ pub struct Bus {
     pub slots: Vec<Option<Arc<Mutex<dyn MmioSlot>>>>,
     pub mem: GuestMemoryMmap,
     pub exits: ExitCounters,
+    /// Whether KVM queues some register writes (coalesced MMIO), and the
+    /// lock under which one vCPU at a time applies them: the queue is the
+    /// VM's, shared by every vCPU.
+    pub queued: Option<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -70,6 +102,37 @@ impl Bus {
         }
     }
 
+    /// The device in the window holding `addr`, and the offset in it.
+    fn window(&self, addr: u64) -> Option<(&Mutex<dyn MmioSlot>, u64)> {
+        let rel = addr.checked_sub(layout::VIRTIO_MMIO_BASE)?;
+        let index = usize::try_from(rel / layout::VIRTIO_MMIO_SIZE).ok()?;
+        let dev = self.slots.get(index)?.as_ref()?;
+        Some((&**dev, rel % layout::VIRTIO_MMIO_SIZE))
+    }
+
+    /// Applies, in order, the register writes KVM queued since the last
+    /// call (read through `vcpu`'s mapping of the VM's queue).
+    pub fn apply_queued(&self, vcpu: &mut VcpuFd) {
+        let Some(one_at_a_time) = &self.queued else {
+            return;
+        };
+        let _held = lock(one_at_a_time);
+        while let Ok(Some(w)) = vcpu.coalesced_mmio_read() {
+            ExitCounters::add(&self.exits.queued_writes);
+            let len = (w.len as usize).min(w.data.len());
+            if let Some((dev, offset)) = self.window(w.phys_addr) {
+                lock(dev).write(offset, &w.data[..len], &self.mem);
+            }
+        }
+    }
+
+    /// Every device takes what the guest queued for the host.
+    fn flush_all(&self) {
+        for dev in self.slots.iter().flatten() {
+            lock(dev).flush(&self.mem);
+        }
+    }
+
     fn count_io(&self, port: u16) {
         let c = &self.exits;
         ExitCounters::add(match port {
@@ -80,15 +143,38 @@ impl Bus {
         });
     }
 
+    /// Serves an MMIO write exit (after [`Bus::apply_queued`]).
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((dev, offset)) = self.slot(addr) {
+            lock(dev).write(offset, data, &self.mem);
+        }
+    }
+
     /// Serves one exit; returns why the VM must end, if it must.
     pub fn handle(&self, exit: VcpuExit) -> Option<End> {
         match exit {
             VcpuExit::IoOut(port, data) => {
                 self.count_io(port);
-                let asked = lock(&self.pio).write(port, data);
+                let (asked, drain) = {
+                    let mut pio = lock(&self.pio);
+                    let asked = pio.write(port, data);
+                    (asked, pio.take_drain())
+                };
+                if drain {
+                    // hyperinit asked on COM2 (an older init): its output
+                    // on the console ports goes out first.
+                    self.flush_all();
+                    lock(&self.pio).send_com2(&HostMessage::Drained);
+                }
                 match asked {
-                    Some(StopRequest::ExitPort(v)) => return Some(End::ExitPort(v)),
-                    Some(StopRequest::Reset) => return Some(End::Reset),
+                    Some(StopRequest::ExitPort(v)) => {
+                        self.flush_all();
+                        return Some(End::ExitPort(v));
+                    }
+                    Some(StopRequest::Reset) => {
+                        self.flush_all();
+                        return Some(End::Reset);
+                    }
                     None => {}
                 }
             }
@@ -100,11 +186,7 @@ impl Bus {
                 Some((dev, offset)) => lock(dev).read(offset, data),
                 None => data.fill(0),
             },
-            VcpuExit::MmioWrite(addr, data) => {
-                if let Some((dev, offset)) = self.slot(addr) {
-                    lock(dev).write(offset, data, &self.mem);
-                }
-            }
+            VcpuExit::MmioWrite(addr, data) => self.mmio_write(addr, data),
             VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => return Some(End::Reset),
             VcpuExit::Hlt => {
                 ExitCounters::add(&self.exits.hlt);

@@ -15,6 +15,7 @@
 //! behind mutexes ([`bus`]); no event loop.
 
 pub mod bus;
+pub mod control;
 pub mod devices;
 pub mod kvm;
 pub mod layout;
@@ -35,7 +36,7 @@ use std::sync::Mutex;
 /// A VM to run.
 pub struct VmConfig {
     pub kernel: loader::SectionReader,
-    pub initrd: Vec<u8>,
+    pub initrd: loader::Initrd,
     /// Served read-only as /dev/vda: (file, offset, length).
     pub rootfs: Option<(File, u64, u64)>,
     /// The command line before the VMM's device announcements.
@@ -60,6 +61,13 @@ pub struct VmConfig {
     /// Whether every thread runs under its seccomp filter (tests of the
     /// filters themselves turn it off).
     pub seccomp: bool,
+    /// Offer the control channel on a virtio-console port
+    /// (`hyper.control`, contract 3) besides COM2.
+    pub control_port: bool,
+    /// Let the guest read device registers from read-only pages instead of
+    /// exiting (see `devices/virtio_mmio.rs`); off where KVM cannot emulate
+    /// the guest's writes to them (nested PVM).
+    pub register_pages: bool,
     /// Called once, from the thread that ends the VM, when it ends.
     pub on_end: Option<Box<dyn Fn() + Send + Sync>>,
 }
@@ -155,6 +163,8 @@ pub enum VmmError {
     Signals(#[source] std::io::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot map the devices' register pages: {0}")]
+    Registers(String),
     #[error("more than {MAX_SHARES} shared directories")]
     TooManyShares,
 }

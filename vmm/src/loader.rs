@@ -30,6 +30,8 @@ pub enum LoadError {
     CmdlineTooLong(usize),
     #[error("{memory_mib} MiB of guest memory cannot hold the kernel and a {initrd} byte initrd; give more with --memory")]
     TooSmall { memory_mib: u64, initrd: usize },
+    #[error("cannot read the kernel or initrd from the artifact")]
+    Read(#[source] io::Error),
     #[error("cannot write boot data into guest memory")]
     Memory(#[source] vm_memory::GuestMemoryError),
     #[error("cannot write the PVH start info")]
@@ -39,9 +41,9 @@ pub enum LoadError {
 /// A byte range of a file, readable and seekable as if it were the whole file.
 #[derive(Debug)]
 pub struct SectionReader {
-    file: File,
-    start: u64,
-    len: u64,
+    pub(crate) file: File,
+    pub(crate) start: u64,
+    pub(crate) len: u64,
     pos: u64,
 }
 
@@ -102,20 +104,233 @@ impl ReadVolatile for SectionReader {
 pub struct Loaded {
     pub entry: u64,
     pub kernel_end: u64,
+    /// Bytes of kernel and initrd mapped from the artifact (not copied).
+    pub mapped: u64,
+}
+
+/// The initrd: the artifact's sealed part (a byte range of its file), then
+/// `tail` (the run configuration's archive) at the next 4-byte boundary.
+#[derive(Debug)]
+pub struct Initrd {
+    pub sealed: Option<(File, u64, u64)>,
+    pub tail: Vec<u8>,
+}
+
+impl Initrd {
+    fn len(&self) -> u64 {
+        let sealed = self.sealed.as_ref().map_or(0, |s| s.2);
+        sealed.div_ceil(4) * 4 + self.tail.len() as u64
+    }
+}
+
+const PAGE: u64 = 4096;
+
+/// One loadable segment of the kernel ELF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// The kernel ELF's segments and PVH entry, bounds-checked against the
+/// section (the artifact is sealed, but its parser still takes nothing on
+/// trust).
+#[derive(Debug, PartialEq, Eq)]
+struct KernelElf {
+    segments: Vec<Segment>,
+    entry: u64,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Reads `len` bytes at `at` of the section.
+fn read_at(file: &File, section: (u64, u64), at: u64, len: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    if at.checked_add(len)? > section.1 || len > 1 << 20 {
+        return None;
+    }
+    let mut b = vec![0u8; len as usize];
+    file.read_exact_at(&mut b, section.0 + at).ok()?;
+    Some(b)
+}
+
+/// Parses the ELF header, program headers and notes (for the PVH entry).
+/// None: not something this loader maps (the copying loader then decides).
+fn parse_elf(file: &File, section: (u64, u64)) -> Option<KernelElf> {
+    const PT_LOAD: u32 = 1;
+    const PT_NOTE: u32 = 4;
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    let h = read_at(file, section, 0, 64)?;
+    // 64-bit, little-endian, executable, x86-64.
+    if &h[0..4] != b"\x7fELF"
+        || h[4] != 2
+        || h[5] != 1
+        || u16_at(&h, 16)? != 2
+        || u16_at(&h, 18)? != 62
+    {
+        return None;
+    }
+    let phoff = u64_at(&h, 32)?;
+    let phentsize = u64::from(u16_at(&h, 54)?);
+    let phnum = u64::from(u16_at(&h, 56)?);
+    if phentsize < 56 || phnum == 0 || phnum > 64 {
+        return None;
+    }
+    let ph = read_at(file, section, phoff, phentsize * phnum)?;
+    let mut segments = Vec::new();
+    let mut entry = None;
+    for i in 0..phnum as usize {
+        let e = &ph[i * phentsize as usize..];
+        let (kind, offset, paddr, filesz, memsz) = (
+            u32_at(e, 0)?,
+            u64_at(e, 8)?,
+            u64_at(e, 24)?,
+            u64_at(e, 32)?,
+            u64_at(e, 40)?,
+        );
+        match kind {
+            PT_LOAD => {
+                if filesz > memsz || offset.checked_add(filesz)? > section.1 {
+                    return None;
+                }
+                paddr.checked_add(memsz)?;
+                segments.push(Segment {
+                    offset,
+                    paddr,
+                    filesz,
+                    memsz,
+                });
+            }
+            PT_NOTE if entry.is_none() => {
+                let notes = read_at(file, section, offset, filesz)?;
+                let mut at = 0usize;
+                while at + 12 <= notes.len() {
+                    let namesz = u32_at(&notes, at)? as usize;
+                    let descsz = u32_at(&notes, at + 4)? as usize;
+                    let kind = u32_at(&notes, at + 8)?;
+                    let name_end = at.checked_add(12)?.checked_add(namesz)?;
+                    let desc = name_end.checked_add(3)? & !3;
+                    if kind == XEN_ELFNOTE_PHYS32_ENTRY
+                        && notes.get(at + 12..name_end)?.starts_with(b"Xen")
+                    {
+                        entry = Some(u64::from(u32_at(&notes, desc)?));
+                        break;
+                    }
+                    at = desc.checked_add(descsz)?.checked_add(3)? & !3;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(KernelElf {
+        segments,
+        entry: entry?,
+    })
+}
+
+/// Puts `len` bytes of `file` at `offset` into guest memory at `guest`:
+/// mapped (private, copy-on-write) when both sides are page-aligned and
+/// the range lies in one region, else copied. Bytes of the last page
+/// beyond `len` are zeroed. Returns whether it was mapped.
+fn place(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    offset: u64,
+    guest: u64,
+    len: u64,
+) -> Result<bool, LoadError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    if len == 0 {
+        return Ok(false);
+    }
+    let mapped_len = len.div_ceil(PAGE) * PAGE;
+    let fits = mem
+        .find_region(GuestAddress(guest))
+        .is_some_and(|r| guest - r.start_addr().0 + mapped_len <= r.len());
+    if fits && guest.is_multiple_of(PAGE) && offset.is_multiple_of(PAGE) {
+        let host = mem
+            .get_host_address(GuestAddress(guest))
+            .map_err(LoadError::Memory)?;
+        // SAFETY: [host, host + mapped_len) lies in one region of guest
+        // memory (checked above), which owns it and outlives the VM; no
+        // vCPU runs yet, and no reference into it is held.
+        if unsafe { crate::sys::map_file_private(host, mapped_len as usize, file, offset) }.is_ok()
+        {
+            let tail = (mapped_len - len) as usize;
+            if tail > 0 {
+                mem.write_slice(&vec![0u8; tail], GuestAddress(guest + len))
+                    .map_err(LoadError::Memory)?;
+            }
+            return Ok(true);
+        }
+    }
+    let mut reader = SectionReader::new(file.try_clone().map_err(LoadError::Read)?, offset, len);
+    reader.seek(SeekFrom::Start(0)).map_err(LoadError::Read)?;
+    mem.read_exact_volatile_from(GuestAddress(guest), &mut reader, len as usize)
+        .map_err(LoadError::Memory)?;
+    Ok(false)
 }
 
 /// Loads kernel, initrd and command line, and writes the start info.
+/// The kernel's segments and the initrd's sealed part are mapped from the
+/// artifact where their alignment allows (the builder keeps sections
+/// page-aligned, and the kernel's ELF keeps each segment's file offset and
+/// address congruent), so nothing is copied and VMs of one artifact share
+/// the pages they do not write.
 pub fn load(
     mem: &GuestMemoryMmap,
     memory_bytes: u64,
     kernel: &mut SectionReader,
-    initrd: &[u8],
+    initrd: &Initrd,
     cmdline: &str,
 ) -> Result<Loaded, LoadError> {
-    let result = Elf::load(mem, None, kernel, Some(GuestAddress(layout::HIMEM_START)))
-        .map_err(LoadError::Elf)?;
-    let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
-        return Err(LoadError::NoPvh);
+    let mut mapped = 0;
+    let (entry, kernel_end) = match parse_elf(&kernel.file, (kernel.start, kernel.len)) {
+        Some(elf)
+            if elf.segments.iter().all(|s| {
+                s.paddr >= layout::HIMEM_START
+                    && s.paddr + s.memsz <= layout::low_ram_end(memory_bytes)
+            }) =>
+        {
+            for seg in &elf.segments {
+                if place(
+                    mem,
+                    &kernel.file,
+                    kernel.start + seg.offset,
+                    seg.paddr,
+                    seg.filesz,
+                )? {
+                    mapped += seg.filesz;
+                }
+                // The rest up to memsz (.bss) is fresh memory: zero already,
+                // except what `place` could not map a page of.
+            }
+            let end = elf
+                .segments
+                .iter()
+                .map(|s| s.paddr + s.memsz)
+                .max()
+                .unwrap_or(0);
+            (elf.entry, end)
+        }
+        _ => {
+            let result = Elf::load(mem, None, kernel, Some(GuestAddress(layout::HIMEM_START)))
+                .map_err(LoadError::Elf)?;
+            let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
+                return Err(LoadError::NoPvh);
+            };
+            (entry.0, result.kernel_end)
+        }
     };
 
     if cmdline.len() >= layout::CMDLINE_MAX {
@@ -126,16 +341,24 @@ pub fn load(
     mem.write_slice(&c, GuestAddress(layout::CMDLINE_ADDR))
         .map_err(LoadError::Memory)?;
 
+    let initrd_len = initrd.len();
     let too_small = || LoadError::TooSmall {
         memory_mib: memory_bytes >> 20,
-        initrd: initrd.len(),
+        initrd: initrd_len as usize,
     };
     let top = layout::low_ram_end(memory_bytes);
-    let initrd_addr = top.checked_sub(initrd.len() as u64).ok_or_else(too_small)? & !0xfff;
-    if initrd_addr < result.kernel_end {
+    let initrd_addr = top.checked_sub(initrd_len).ok_or_else(too_small)? & !(PAGE - 1);
+    if initrd_addr < kernel_end {
         return Err(too_small());
     }
-    mem.write_slice(initrd, GuestAddress(initrd_addr))
+    let mut tail_at = initrd_addr;
+    if let Some((file, offset, len)) = &initrd.sealed {
+        if place(mem, file, *offset, initrd_addr, *len)? {
+            mapped += len;
+        }
+        tail_at += len.div_ceil(4) * 4;
+    }
+    mem.write_slice(&initrd.tail, GuestAddress(tail_at))
         .map_err(LoadError::Memory)?;
 
     let memmap: Vec<hvm_memmap_table_entry> = layout::memmap(memory_bytes)
@@ -151,7 +374,7 @@ pub fn load(
         magic: 0x336e_c578,
         version: 1,
         flags: 0,
-        nr_modules: u32::from(!initrd.is_empty()),
+        nr_modules: u32::from(initrd_len > 0),
         modlist_paddr: layout::MODLIST_ADDR,
         cmdline_paddr: layout::CMDLINE_ADDR,
         rsdp_paddr: 0,
@@ -161,10 +384,10 @@ pub fn load(
     };
     let mut params = BootParams::new(&start_info, GuestAddress(layout::START_INFO_ADDR));
     params.set_sections(&memmap, GuestAddress(layout::MEMMAP_ADDR));
-    if !initrd.is_empty() {
+    if initrd_len > 0 {
         let module = hvm_modlist_entry {
             paddr: initrd_addr,
-            size: initrd.len() as u64,
+            size: initrd_len,
             cmdline_paddr: 0,
             reserved: 0,
         };
@@ -173,7 +396,130 @@ pub fn load(
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
         .map_err(LoadError::StartInfo)?;
     Ok(Loaded {
-        entry: entry.0,
-        kernel_end: result.kernel_end,
+        entry,
+        kernel_end,
+        mapped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A minimal ELF: two PT_LOAD segments and a PVH note.
+    fn elf(offsets: [u64; 2]) -> Vec<u8> {
+        let mut f = vec![0u8; 0x3000];
+        f[0..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[16..18].copy_from_slice(&2u16.to_le_bytes());
+        f[18..20].copy_from_slice(&62u16.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&3u16.to_le_bytes());
+        let ph = |f: &mut Vec<u8>,
+                  i: usize,
+                  kind: u32,
+                  off: u64,
+                  paddr: u64,
+                  filesz: u64,
+                  memsz: u64| {
+            let at = 64 + i * 56;
+            f[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+            f[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
+            f[at + 24..at + 32].copy_from_slice(&paddr.to_le_bytes());
+            f[at + 32..at + 40].copy_from_slice(&filesz.to_le_bytes());
+            f[at + 40..at + 48].copy_from_slice(&memsz.to_le_bytes());
+        };
+        ph(&mut f, 0, 1, offsets[0], 0x100_0000, 0x1000, 0x1000);
+        ph(&mut f, 1, 1, offsets[1], 0x100_2000, 0x10, 0x3000);
+        ph(&mut f, 2, 4, 0x400, 0, 24, 24);
+        // Note: namesz 4 "Xen\0", descsz 4, type 18, entry 0x1000123.
+        let note = [4u32, 4, 18]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .chain(*b"Xen\0")
+            .chain(0x100_0123u32.to_le_bytes());
+        for (i, b) in note.enumerate() {
+            f[0x400 + i] = b;
+        }
+        f[offsets[0] as usize..offsets[0] as usize + 0x1000].fill(0xaa);
+        f[offsets[1] as usize..offsets[1] as usize + 0x10].fill(0xbb);
+        // Bytes after the segment's file part that must not show.
+        f[offsets[1] as usize + 0x10..offsets[1] as usize + 0x20].fill(0xcc);
+        f
+    }
+
+    fn file_with(prefix: usize, body: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![0x55; prefix]).unwrap();
+        f.write_all(body).unwrap();
+        f
+    }
+
+    fn boot(offsets: [u64; 2], prefix: usize) -> (GuestMemoryMmap, Loaded) {
+        let body = elf(offsets);
+        let file = file_with(prefix, &body);
+        let mut k = SectionReader::new(file.try_clone().unwrap(), prefix as u64, body.len() as u64);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let initrd = Initrd {
+            sealed: Some((file, prefix as u64 + 0x2000, 0x123)),
+            tail: b"TAIL".to_vec(),
+        };
+        let loaded = load(&mem, 64 << 20, &mut k, &initrd, "console=ttyS0").unwrap();
+        (mem, loaded)
+    }
+
+    fn byte(mem: &GuestMemoryMmap, at: u64) -> u8 {
+        mem.read_obj::<u8>(GuestAddress(at)).unwrap()
+    }
+
+    #[test]
+    fn aligned_segments_are_mapped_and_read_as_the_file_says() {
+        let (mem, l) = boot([0x1000, 0x2000], 0x1000);
+        assert_eq!(l.entry, 0x100_0123);
+        assert_eq!(l.kernel_end, 0x100_5000);
+        assert_eq!(l.mapped, 0x1000 + 0x10 + 0x123);
+        assert_eq!(byte(&mem, 0x100_0000), 0xaa);
+        assert_eq!(byte(&mem, 0x100_0fff), 0xaa);
+        assert_eq!(byte(&mem, 0x100_200f), 0xbb);
+        assert_eq!(
+            byte(&mem, 0x100_2010),
+            0,
+            "beyond filesz: zero, not the file's next bytes"
+        );
+        assert_eq!(byte(&mem, 0x100_4fff), 0, ".bss");
+        // The initrd: the sealed part, zero padding to 4 bytes, the tail.
+        let top = 64u64 << 20;
+        let len = 0x124 + 4;
+        let at = (top - len) & !0xfff;
+        let mut b = vec![0u8; len as usize];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        assert_eq!(&b[0x123..], b"\0TAIL");
+        // Writes stay in the guest: the file is untouched (private mapping).
+        mem.write_obj(0x11u8, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(byte(&mem, 0x100_0000), 0x11);
+    }
+
+    #[test]
+    fn unaligned_sections_are_copied_instead() {
+        let (mem, l) = boot([0x1000, 0x2000], 0x10);
+        assert_eq!(l.mapped, 0);
+        assert_eq!(byte(&mem, 0x100_0000), 0xaa);
+        assert_eq!(byte(&mem, 0x100_2010), 0);
+    }
+
+    #[test]
+    fn malformed_headers_are_not_mapped() {
+        let body = elf([0x1000, 0x2000]);
+        let file = file_with(0, &body);
+        let mut bad = body.clone();
+        bad[56..58].copy_from_slice(&1000u16.to_le_bytes());
+        let bad_file = file_with(0, &bad);
+        assert!(parse_elf(&file, (0, body.len() as u64)).is_some());
+        assert!(parse_elf(&bad_file, (0, bad.len() as u64)).is_none());
+        // A segment reaching past the section.
+        assert!(parse_elf(&file, (0, 0x2008)).is_none());
+    }
 }

@@ -18,6 +18,10 @@ pub struct ExitCounters {
     pub mmio_unmapped: AtomicU64,
     pub hlt: AtomicU64,
     pub other: AtomicU64,
+    /// Not exits: register writes KVM queued and the VMM applied later,
+    /// and queue notifications that reached an eventfd.
+    pub queued_writes: AtomicU64,
+    pub notifications: AtomicU64,
 }
 
 impl ExitCounters {
@@ -41,6 +45,10 @@ pub struct ExitCounts {
     pub mmio_unmapped: u64,
     pub hlt: u64,
     pub other: u64,
+    /// Not exits: writes KVM queued without one, notifications through
+    /// eventfds.
+    pub queued_writes: u64,
+    pub notifications: u64,
 }
 
 /// Monotonic nanoseconds of a run's milestones (0: did not happen).

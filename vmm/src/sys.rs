@@ -94,6 +94,10 @@ fn block_host_signals() {
     }
 }
 
+/// Each VM thread's stack: their deepest path is a 9p request or a
+/// virtio chain, far below this.
+const STACK_SIZE: usize = 512 * 1024;
+
 /// Starts a named thread of the VM: host signals blocked, then the seccomp
 /// filter of `profile` (when `filtered`), then `body`. Returns once the
 /// filter is in place (or could not be), so a failure is the caller's error.
@@ -111,6 +115,8 @@ pub fn spawn<T: Send + 'static>(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
         .name(name.clone())
+        // Small, so that no stack is ever backed by a 2 MiB huge page.
+        .stack_size(STACK_SIZE)
         .spawn(move || {
             block_host_signals();
             if let Some(p) = &program {
@@ -194,6 +200,77 @@ pub fn map_region(
     // the guest memory object, which outlives the VM (both are dropped
     // together, the VM first).
     unsafe { vm.set_user_memory_region(region) }
+}
+
+/// Maps `region` into the VM at `guest` as memslot `slot`, read-only: the
+/// guest's reads are memory, its writes exit as MMIO.
+pub fn map_readonly(
+    vm: &kvm_ioctls::VmFd,
+    slot: u32,
+    guest: u64,
+    region: &vm_memory::MmapRegion,
+) -> Result<(), kvm_ioctls::Error> {
+    let r = kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        flags: kvm_bindings::KVM_MEM_READONLY,
+        guest_phys_addr: guest,
+        memory_size: region.size() as u64,
+        userspace_addr: region.as_ptr() as u64,
+    };
+    // SAFETY: `region` is a live mapping of `size` bytes; its owner keeps it
+    // (in an Arc held by the VM) until the VM is gone.
+    unsafe { vm.set_user_memory_region(r) }
+}
+
+/// Maps `len` bytes of `file` at `offset` over `host`, private and
+/// copy-on-write (the guest's writes never reach the file).
+///
+/// # Safety
+///
+/// `[host, host + len)` MUST lie inside one mapping the caller owns (guest
+/// memory), with no reference into it alive; `host`, `len` and `offset`
+/// page-aligned.
+pub unsafe fn map_file_private(
+    host: *mut u8,
+    len: usize,
+    file: &std::fs::File,
+    offset: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: MAP_FIXED replaces pages of the caller's own mapping (see
+    // above); the file descriptor is open for the call.
+    let p = unsafe {
+        libc::mmap(
+            host.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until at least one of `fds` is readable; says which are.
+pub fn wait_readable(fds: &[std::os::fd::RawFd]) -> std::io::Result<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `polled` is a live array of `len` pollfd entries.
+    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(polled.iter().map(|p| p.revents != 0).collect())
 }
 
 /// Monotonic nanoseconds (CLOCK_MONOTONIC), for timings.

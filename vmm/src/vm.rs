@@ -16,16 +16,17 @@ use std::thread::JoinHandle;
 
 use hyper_contract::HostMessage;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use kvm_ioctls::{Cap, IoEventAddress, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, MmioSlot};
+use crate::control::{Carrier, Control};
 use crate::devices::pio::PioBus;
 use crate::devices::virtio_9p::Share;
 use crate::devices::virtio_blk::Block;
 use crate::devices::virtio_console::Console;
-use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::virtio_mmio::{MmioTransport, RegisterPage, COALESCED, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio_net::{self, Net};
 use crate::seccomp::Profile;
 use crate::{kvm, layout, loader, lock, sys, vcpu, End, Outcome, ShareStats, VmConfig, VmmError};
@@ -34,6 +35,9 @@ use crate::{GuestFault, MAX_SHARES};
 /// The first virtio-mmio slot of the `-v` shares (after the disk, the
 /// console and the network card).
 const SHARE_SLOT: usize = 3;
+
+/// A queue's notification eventfd, with its device and queue index.
+type Notifier = (Arc<Mutex<dyn MmioSlot>>, u32, EventFd);
 
 /// A machine ready to run.
 pub struct Vm {
@@ -50,6 +54,11 @@ pub struct Vm {
     net: Option<Arc<Mutex<MmioTransport<Net>>>>,
     net_rx: Option<virtio_net::Backend>,
     shares: Vec<Arc<Mutex<MmioTransport<Share>>>>,
+    control: Arc<Mutex<Control>>,
+    /// Each queue's notification eventfd, with its device and index.
+    notifiers: Vec<Notifier>,
+    /// The devices' register pages, mapped read-only into the guest.
+    _registers: Option<Arc<MmapRegion>>,
     stdin: Option<Box<dyn Read + Send>>,
     seccomp: bool,
     on_end: Option<Box<dyn Fn() + Send + Sync>>,
@@ -129,12 +138,17 @@ impl Vm {
             )))),
             None => None,
         };
-        let console = if cfg.streams.is_empty() {
+        let control = Arc::new(Mutex::new(Control::default()));
+        let console = if cfg.streams.is_empty() && !cfg.control_port {
             None
         } else {
             let input = cfg.stdin.is_some().then_some("hyper.stdin");
             Some(Arc::new(Mutex::new(MmioTransport::new(
-                Console::new(std::mem::take(&mut cfg.streams), input),
+                Console::new(
+                    std::mem::take(&mut cfg.streams),
+                    input,
+                    cfg.control_port.then(|| control.clone()),
+                ),
                 slot_irq(1)?,
             ))))
         };
@@ -177,6 +191,11 @@ impl Vm {
                 .iter()
                 .map(|s| Some(s.clone() as Arc<Mutex<dyn MmioSlot>>)),
         );
+        let Quiet {
+            registers,
+            notifiers,
+            queued,
+        } = quiet_registers(&kvm, &vm, &slots, mem.num_regions(), cfg.register_pages)?;
         // The kernel learns of each from the command line.
         let mut cmdline = cfg.cmdline.clone();
         for (slot, _) in slots.iter().enumerate().filter(|(_, d)| d.is_some()) {
@@ -196,18 +215,24 @@ impl Vm {
             irq(layout::SERIAL_IRQ)?,
             irq(layout::CONTROL_IRQ)?,
             cfg.console,
+            control.clone(),
         )));
         let bus = Arc::new(Bus {
             pio,
             slots,
             mem: mem.clone(),
             exits: Default::default(),
+            queued: queued.then(|| Mutex::new(())),
         });
         let mut vcpus = Vec::with_capacity(usize::from(cpus));
         for id in 0..cpus {
-            let vcpu = vm
+            let mut vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmmError::Create("KVM_CREATE_VCPU", e))?;
+            if queued {
+                vcpu.map_coalesced_mmio_ring()
+                    .map_err(|e| VmmError::Create("mmap of the coalesced MMIO ring", e))?;
+            }
             vcpu::setup_cpuid(&kvm, &vcpu, id, cpus)?;
             vcpu::setup_msrs(&vcpu)?;
             if id == 0 {
@@ -229,6 +254,9 @@ impl Vm {
             net,
             net_rx,
             shares,
+            control,
+            notifiers,
+            _registers: registers,
             stdin: cfg.stdin.take(),
             seccomp: cfg.seccomp,
             on_end: cfg.on_end.take(),
@@ -239,8 +267,13 @@ impl Vm {
     /// returns at once.
     pub fn start(mut self) -> Result<Running, VmmError> {
         sys::install_handlers().map_err(VmmError::Signals)?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         let shared = Arc::new(Shared {
             pio: self.bus.pio.clone(),
+            console: self.console.clone(),
+            control: self.control.clone(),
+            mem: self.bus.mem.clone(),
+            stop: stop.try_clone().map_err(VmmError::EventFd)?,
             end: Mutex::new(None),
             done: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
@@ -274,6 +307,13 @@ impl Vm {
                 move || crate::devices::virtio_9p::serve(&share, &mem),
             )?;
         }
+        if !self.notifiers.is_empty() {
+            let notifiers = std::mem::take(&mut self.notifiers);
+            let (bus, mem) = (self.bus.clone(), mem.clone());
+            sys::spawn("virtio".into(), Profile::Helper, filtered, move || {
+                serve_notifications(&notifiers, &stop, &bus, &mem)
+            })?;
+        }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (bus, own) = (self.bus.clone(), shared.clone());
@@ -301,6 +341,11 @@ impl Vm {
 /// What the VM's threads and its owner share.
 struct Shared {
     pio: Arc<Mutex<PioBus>>,
+    console: Option<Arc<Mutex<MmioTransport<Console>>>>,
+    control: Arc<Mutex<Control>>,
+    mem: GuestMemoryMmap,
+    /// Written when the VM ends: the notification thread leaves.
+    stop: EventFd,
     /// Why the VM ended; set once.
     end: Mutex<Option<End>>,
     done: AtomicBool,
@@ -342,6 +387,7 @@ impl Shared {
         }
         crate::stats::mark_once(&self.ended_ns);
         self.done.store(true, Ordering::SeqCst);
+        let _ = self.stop.write(1);
         for &(_, t) in lock(&self.threads).iter() {
             // SAFETY: a registered thread unregisters, under this lock, before
             // it returns; so every thread listed here is alive.
@@ -369,9 +415,24 @@ impl std::fmt::Debug for Controller {
 
 impl Controller {
     /// Sends a request to hyperinit on the control channel (held until it
-    /// says it listens); false when the guest's receive FIFO is full.
+    /// says it listens); false when the guest is not taking them.
     pub fn send(&self, m: HostMessage) -> bool {
-        lock(&self.shared.pio).send_control(&m)
+        let shared = &self.shared;
+        // The control lock is released before the carrier's is taken.
+        let carrier = lock(&shared.control).request(m);
+        match carrier {
+            None => true,
+            Some(Carrier::Com2) => lock(&shared.pio).send_com2(&m),
+            Some(Carrier::Port) => {
+                let Some(console) = &shared.console else {
+                    return false;
+                };
+                let mut c = lock(console);
+                let queued = c.device.push_control(&m);
+                c.poke(&shared.mem, |d, q, mem| d.deliver_input(q, mem));
+                queued
+            }
+        }
     }
 
     /// Ends the VM now (its reason: [`End::Host`], unless it had ended).
@@ -417,7 +478,7 @@ impl Running {
         let stats = self.stats(shared, &pio);
         Outcome {
             end,
-            status: pio.status(),
+            status: lock(&self.vm.control).status().to_vec(),
             exits: shared.exits.load(Ordering::SeqCst),
             first_run_ns: shared.first_run_ns.load(Ordering::SeqCst),
             console_ports: self
@@ -492,6 +553,8 @@ impl Running {
                 mmio_unmapped: get(&c.mmio_unmapped),
                 hlt: get(&c.hlt),
                 other: get(&c.other),
+                queued_writes: get(&c.queued_writes),
+                notifications: get(&c.notifications),
             },
             interrupts,
             guest_memory: self.vm.guest_memory,
@@ -534,7 +597,19 @@ fn run_vcpu(mut vcpu: VcpuFd, id: usize, bus: &Bus, shared: &Shared) {
                 if trace {
                     eprintln!("hyperboot: exit {n} (vCPU {id}): {exit:?}");
                 }
-                if let Some(end) = bus.handle(exit) {
+                let end = match exit {
+                    VcpuExit::MmioWrite(addr, data) => {
+                        // Writes KVM queued before this one apply first.
+                        let mut copy = [0u8; 8];
+                        let len = data.len().min(copy.len());
+                        copy[..len].copy_from_slice(&data[..len]);
+                        bus.apply_queued(&mut vcpu);
+                        bus.mmio_write(addr, &copy[..len]);
+                        None
+                    }
+                    other => bus.handle(other),
+                };
+                if let Some(end) = end {
                     shared.finish(end);
                     break;
                 }
@@ -551,7 +626,7 @@ fn run_vcpu(mut vcpu: VcpuFd, id: usize, bus: &Bus, shared: &Shared) {
 fn feed_stdin(
     mut stdin: Box<dyn Read + Send>,
     console: &Mutex<MmioTransport<Console>>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     mem: &GuestMemoryMmap,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
@@ -578,5 +653,105 @@ fn feed_stdin(
         }
         sent += n as u64;
     }
-    lock(&shared.pio).send_control(&HostMessage::StdinEof(sent));
+    Controller {
+        shared: shared.clone(),
+    }
+    .send(HostMessage::StdinEof(sent));
+}
+
+/// What [`quiet_registers`] set up.
+struct Quiet {
+    registers: Option<Arc<MmapRegion>>,
+    notifiers: Vec<Notifier>,
+    queued: bool,
+}
+
+/// Keeps exits out of the register protocol where KVM can (see
+/// `devices/virtio_mmio.rs`): every device window becomes a read-only page
+/// the transport keeps current (`KVM_MEM_READONLY`: reads are memory,
+/// writes still exit), the write-only registers that only store a value are
+/// queued by KVM (coalesced MMIO), and each queue's notification goes to an
+/// eventfd.
+/// Each is skipped where KVM lacks it: the registers then exit as before.
+fn quiet_registers(
+    kvm: &kvm_ioctls::Kvm,
+    vm: &VmFd,
+    slots: &[Option<Arc<Mutex<dyn MmioSlot>>>],
+    memslot: usize,
+    pages: bool,
+) -> Result<Quiet, VmmError> {
+    let window = |slot: usize| layout::VIRTIO_MMIO_BASE + slot as u64 * layout::VIRTIO_MMIO_SIZE;
+    let present = || {
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((i, d.as_ref()?)))
+    };
+    let mut registers = None;
+    if pages && kvm.check_extension(Cap::ReadonlyMem) && !slots.is_empty() {
+        let size = slots.len() * layout::VIRTIO_MMIO_SIZE as usize;
+        let region =
+            Arc::new(MmapRegion::new(size).map_err(|e| VmmError::Registers(e.to_string()))?);
+        sys::map_readonly(vm, memslot as u32, layout::VIRTIO_MMIO_BASE, &region)
+            .map_err(|e| VmmError::Create("KVM_SET_USER_MEMORY_REGION (registers)", e))?;
+        for (i, dev) in present() {
+            lock(dev).publish_to(RegisterPage::new(region.clone(), i));
+        }
+        registers = Some(region);
+    }
+    let queued = kvm.check_extension(Cap::CoalescedMmio);
+    if queued {
+        for (i, _) in present() {
+            for (offset, len) in COALESCED {
+                vm.register_coalesced_mmio(IoEventAddress::Mmio(window(i) + offset), len)
+                    .map_err(|e| VmmError::Create("KVM_REGISTER_COALESCED_MMIO", e))?;
+            }
+        }
+    }
+    let mut notifiers = Vec::new();
+    for (i, dev) in present() {
+        let queues = lock(dev).queue_count();
+        for q in 0..queues as u32 {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+            vm.register_ioevent(
+                &fd,
+                &IoEventAddress::Mmio(window(i) + QUEUE_NOTIFY_OFFSET),
+                q,
+            )
+            .map_err(|e| VmmError::Create("KVM_IOEVENTFD", e))?;
+            notifiers.push((dev.clone(), q, fd));
+        }
+    }
+    Ok(Quiet {
+        registers,
+        notifiers,
+        queued,
+    })
+}
+
+/// The `virtio` thread: serves the queue notifications that reach the
+/// eventfds, until the VM ends.
+fn serve_notifications(notifiers: &[Notifier], stop: &EventFd, bus: &Bus, mem: &GuestMemoryMmap) {
+    use std::os::fd::AsRawFd;
+    let fds: Vec<i32> = notifiers
+        .iter()
+        .map(|(_, _, fd)| fd.as_raw_fd())
+        .chain([stop.as_raw_fd()])
+        .collect();
+    loop {
+        let ready = match sys::wait_readable(&fds) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        if ready.last() == Some(&true) {
+            return;
+        }
+        for ((dev, q, fd), _) in notifiers.iter().zip(&ready).filter(|(_, r)| **r) {
+            if fd.read().is_ok() {
+                crate::stats::ExitCounters::add(&bus.exits.notifications);
+                lock(dev).notify(*q, mem);
+            }
+        }
+    }
 }

@@ -76,11 +76,40 @@ fn share_servers(
         .collect()
 }
 
-/// Boots on the KVM VMM and supervises it to the end.
+/// The kernel command line on the KVM backend. An init of contract 3 or
+/// later talks on the `hyper.control` console port, so the UARTs are only
+/// there for the kernel's console: a quiet boot has none at all (the 8250
+/// driver probing its ports costs dozens of exits), `--console` and
+/// `--verbose` get COM1. Older inits keep COM2 for their control channel.
+pub fn cmdline(base: &str, opts: &crate::BootOptions, pvm: bool, contract: u32) -> String {
+    let quiet = !opts.verbose && !opts.console;
+    let extra = match (contract >= 3, quiet) {
+        (true, true) => "8250.nr_uarts=0 hyper.control=port",
+        (true, false) => "8250.nr_uarts=1 hyper.control=port",
+        (false, _) => "8250.nr_uarts=2",
+    };
+    let base = if contract >= 3 && quiet {
+        // No console device: the kernel would look for ttyS0 in vain.
+        base.split_whitespace()
+            .filter(|w| !w.starts_with("console="))
+            .collect::<Vec<_>>()
+            .join(" ")
+    } else {
+        base.to_string()
+    };
+    super::kernel_cmdline(&base, opts.verbose, opts.console, pvm, extra)
+}
+
+/// Boots on the KVM VMM and supervises it to the end; `control_port`: the
+/// artifact's init speaks contract 3 (the control channel on a console
+/// port); `pvm`: nested PVM KVM, which cannot emulate a guest kernel's
+/// writes to read-only memory (the register pages are left out there).
 pub fn boot(
     b: super::Boot<'_>,
     net: Option<Plan>,
     mut run: crate::Run,
+    control_port: bool,
+    pvm: bool,
 ) -> Result<Outcome, BootError> {
     let super::Boot {
         artifact,
@@ -108,9 +137,11 @@ pub fn boot(
     let k = artifact.section(SectionKind::Kernel);
     let kernel =
         hyper_vmm::loader::SectionReader::new(artifact.file().try_clone()?, k.offset, k.length);
-    let mut initrd = artifact.read_section(SectionKind::Initrd)?;
-    initrd.resize(initrd.len().div_ceil(4) * 4, 0);
-    initrd.extend_from_slice(run_archive);
+    let i = artifact.section(SectionKind::Initrd);
+    let initrd = hyper_vmm::loader::Initrd {
+        sealed: Some((artifact.file().try_clone()?, i.offset, i.length)),
+        tail: run_archive.to_vec(),
+    };
     let r = artifact.section(SectionKind::Rootfs);
     tracing::debug!("KVM backend, kernel command line: {cmdline}");
     let ended = std::sync::Mutex::new(run.tx.clone());
@@ -132,6 +163,8 @@ pub fn boot(
         net: net_backend.map(|b| (GUEST_MAC, b)),
         shares: share_servers(&opts.binds)?,
         seccomp: true,
+        control_port,
+        register_pages: !pvm,
         on_end: Some(Box::new(move || {
             let _ = ended
                 .lock()
@@ -250,11 +283,16 @@ fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles) {
         .map(|(k, v)| (k.clone(), json!(v)))
         .collect();
     set("interrupts", json!(irqs));
+    // Not exits: what the guest did without one.
+    set(
+        "without_exits",
+        json!({"queued_writes": e.queued_writes, "notifications": e.notifications}),
+    );
     set(
         "peak_rss_kib",
         json!(crate::stats::peak_rss_kib(Some(&mut *files))),
     );
-    if let Some(k) = crate::stats::vmm_rss_kib(files, o.stats.guest_memory.0) {
+    if let Some(k) = crate::stats::vmm_rss_kib(files, o.stats.guest_memory) {
         set("vmm_rss_kib", json!(k));
     }
 }

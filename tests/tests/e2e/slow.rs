@@ -29,9 +29,10 @@ fn the_kernel_boots_on_our_vmm_to_init() {
         ],
     );
     // The kernel's virtio-console driver did the multiport handshake with
-    // the VMM's device: both output ports are ready before init runs.
+    // the VMM's device: both output ports and the control port are ready
+    // before init runs.
     assert!(
-        r.stderr.contains("the guest readied 2 console ports"),
+        r.stderr.contains("the guest readied 3 console ports"),
         "{}",
         r.stderr
     );
@@ -175,8 +176,9 @@ fn the_kernel_mounts_a_shared_directory_and_reads_from_it() {
     let console = &r.stdout;
     assert!(
         console.contains("VFS: Mounted root (9p filesystem)"),
-        "the kernel did not mount the share: {}",
-        tail(console)
+        "the kernel did not mount the share: {}\nstderr: {}",
+        tail(console),
+        tail(&r.stderr)
     );
     assert!(
         console.contains("Requested init /probe failed (error -8)"),

@@ -379,7 +379,11 @@ fn errors_name_the_fix() {
             "{err}"
         );
         // No permission: an unprivileged user.
+        // (Its own home: root's is closed to it, and an unreadable trust
+        // policy there is refused before anything else.)
         let out = std::process::Command::new("setpriv")
+            .env("HOME", "/")
+            .env_remove("XDG_CONFIG_HOME")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(bin_path("hyperboot"))
             .args(["--backend", "kvm"])

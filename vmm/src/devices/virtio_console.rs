@@ -1,16 +1,19 @@
 //! virtio-console with named ports (`VIRTIO_CONSOLE_F_MULTIPORT`, virtio 1.2
 //! section 5.3): the app's stdout and stderr leave the guest in whole
-//! buffers, one exit per buffer instead of one per byte on the UART.
+//! buffers, and the control channel travels both ways in whole messages.
 //!
-//! Ports 1.. carry the names hyperinit looks for (`hyper.stdout`,
-//! `hyper.stderr`, and `hyper.stdin` with `-i`); port 0 is never added. The
-//! control handshake: the guest says DEVICE_READY, the device adds each port,
-//! the guest says PORT_READY for it, the device gives its name and opens it.
-//! What the guest sends on a port's transmit queue goes to that port's sink,
-//! in order, before the buffer is returned (so nothing is lost at exit), and
-//! is counted. Input waits in a bounded buffer until the guest has opened the
-//! input port and posted receive buffers; another thread may add to it (see
-//! [`Console::push_input`]).
+//! Ports 1.. carry the names hyperinit looks for: the outputs
+//! (`hyper.stdout`, `hyper.stderr`), then `hyper.stdin` with `-i`, then
+//! `hyper.control` (contract 3; see [`crate::control`]); port 0 is never
+//! added. The control handshake: the guest says DEVICE_READY, the device
+//! adds each port, the guest says PORT_READY for it, the device gives its
+//! name and opens it. What the guest sends on an output's transmit queue goes
+//! to that port's sink, in order, before the buffer is returned (so nothing
+//! is lost at exit), and is counted. Every notification serves the outputs
+//! before the control port, so the guest's `drain` is answered only after
+//! every byte it wrote before it. Input (stdin, the host's control
+//! requests) waits in a bounded buffer until the guest has opened the port
+//! and posted receive buffers; another thread may add to it.
 //!
 //! The guest is hostile: control messages are taken only from readable
 //! descriptors of exactly their size or more, ports it names must exist,
@@ -20,12 +23,15 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
+use hyper_contract::HostMessage;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::virtio_mmio::{add_used, serve_chains, DeviceError, VirtioDevice};
+use crate::control::{Carrier, Control};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 
@@ -37,6 +43,8 @@ const CONTROL_RX: usize = 2;
 const CONTROL_TX: usize = 3;
 /// Input held for the guest at most; the host's reader waits beyond it.
 pub const INPUT_MAX: usize = 1 << 20;
+/// Control requests held for the guest at most (a few short lines).
+const CONTROL_IN_MAX: usize = 4096;
 const DEVICE_READY: u16 = 0;
 const DEVICE_ADD: u16 = 1;
 const PORT_READY: u16 = 3;
@@ -45,30 +53,40 @@ const PORT_NAME: u16 = 7;
 /// Most bytes taken from one transmit chain.
 const CHAIN_MAX: u64 = 1 << 20;
 
-/// A console device whose ports 1..=N are named outputs.
+/// What a port carries.
+enum Kind {
+    /// Guest to host: bytes to a sink.
+    Output(Box<dyn Write + Send>),
+    /// Host to guest: the app's stdin.
+    Input,
+    /// Both ways: the control channel.
+    Control(Arc<Mutex<Control>>),
+}
+
+struct Port {
+    name: &'static str,
+    kind: Kind,
+    /// Bytes the guest sent on it.
+    sent: u64,
+    /// Whether the guest opened it.
+    open: bool,
+    /// Bytes waiting for the guest's receive buffers.
+    pending: VecDeque<u8>,
+}
+
+/// A console device whose ports 1..=N are named.
 pub struct Console {
     config: Vec<u8>,
     queue_sizes: Vec<u16>,
     ports: Vec<Port>,
     /// Control messages waiting for a guest buffer.
     to_guest: VecDeque<Vec<u8>>,
-    /// The input port's name, if it has one (numbered after the outputs).
-    input: Option<&'static str>,
-    /// Whether the guest opened the input port.
-    input_open: bool,
-    pending_in: VecDeque<u8>,
     /// Requests refused as malformed (for `--verbose` and tests).
     pub refused: u64,
     /// Ports the guest's driver said it made ready (for `--verbose` and tests).
     pub ready_ports: u32,
     /// When the first byte of the app's output came (monotonic ns; 0: none).
     pub first_output: u64,
-}
-
-struct Port {
-    name: &'static str,
-    sink: Box<dyn Write + Send>,
-    sent: u64,
 }
 
 impl std::fmt::Debug for Console {
@@ -84,28 +102,36 @@ impl std::fmt::Debug for Console {
 }
 
 impl Console {
-    /// Ports 1, 2, … named and written as given, then the input port if named.
+    /// Ports 1, 2, … named and written as given, then the input port if
+    /// named, then the control port if there is a control channel.
     pub fn new(
-        ports: Vec<(&'static str, Box<dyn Write + Send>)>,
+        outputs: Vec<(&'static str, Box<dyn Write + Send>)>,
         input: Option<&'static str>,
+        control: Option<Arc<Mutex<Control>>>,
     ) -> Self {
-        let named = ports.len() + usize::from(input.is_some());
+        let port = |name, kind| Port {
+            name,
+            kind,
+            sent: 0,
+            open: false,
+            pending: VecDeque::new(),
+        };
+        let mut ports: Vec<Port> = outputs
+            .into_iter()
+            .map(|(name, sink)| port(name, Kind::Output(sink)))
+            .collect();
+        if let Some(name) = input {
+            ports.push(port(name, Kind::Input));
+        }
+        if let Some(c) = control {
+            ports.push(port(hyper_contract::CONTROL_PORT, Kind::Control(c)));
+        }
         let mut config = vec![0u8; 12];
-        config[4..8].copy_from_slice(&(named as u32 + 1).to_le_bytes());
+        config[4..8].copy_from_slice(&(ports.len() as u32 + 1).to_le_bytes());
         Self {
             config,
-            queue_sizes: vec![QUEUE_SIZE; 2 * (named + 1) + 2],
-            input,
-            input_open: false,
-            pending_in: VecDeque::new(),
-            ports: ports
-                .into_iter()
-                .map(|(name, sink)| Port {
-                    name,
-                    sink,
-                    sent: 0,
-                })
-                .collect(),
+            queue_sizes: vec![QUEUE_SIZE; 2 * (ports.len() + 1) + 2],
+            ports,
             to_guest: VecDeque::new(),
             refused: 0,
             ready_ports: 0,
@@ -113,75 +139,98 @@ impl Console {
         }
     }
 
-    /// Bytes delivered so far on each port, in port order.
+    /// Bytes delivered so far on each output, in port order.
     pub fn sent(&self) -> Vec<u64> {
-        self.ports.iter().map(|p| p.sent).collect()
+        self.ports
+            .iter()
+            .filter(|p| matches!(p.kind, Kind::Output(_)))
+            .map(|p| p.sent)
+            .collect()
     }
 
-    /// The input port's number.
-    fn input_port(&self) -> Option<usize> {
-        self.input.map(|_| self.ports.len() + 1)
+    /// The port (1-based) of the first port matching `f`.
+    fn find(&self, f: impl Fn(&Kind) -> bool) -> Option<usize> {
+        self.ports.iter().position(|p| f(&p.kind)).map(|i| i + 1)
     }
 
-    /// Takes as much of `data` as fits under [`INPUT_MAX`]; returns how much.
+    /// Takes as much of `data` as fits under [`INPUT_MAX`] for the input
+    /// port; returns how much.
     pub fn push_input(&mut self, data: &[u8]) -> usize {
-        let n = data
-            .len()
-            .min(INPUT_MAX.saturating_sub(self.pending_in.len()));
-        self.pending_in.extend(&data[..n]);
+        let Some(p) = self.find(|k| matches!(k, Kind::Input)) else {
+            return 0;
+        };
+        let pending = &mut self.ports[p - 1].pending;
+        let n = data.len().min(INPUT_MAX.saturating_sub(pending.len()));
+        pending.extend(&data[..n]);
         n
     }
 
     /// Input not yet in the guest.
     pub fn input_waiting(&self) -> usize {
-        self.pending_in.len()
+        self.find(|k| matches!(k, Kind::Input))
+            .map_or(0, |p| self.ports[p - 1].pending.len())
     }
 
-    /// Moves waiting input into the input port's receive buffers, once the
-    /// guest opened it; returns whether any buffer was used.
+    /// Queues a request for hyperinit on the control port; false when too
+    /// much waits already (the guest does not read).
+    pub fn push_control(&mut self, m: &HostMessage) -> bool {
+        let Some(p) = self.find(|k| matches!(k, Kind::Control(_))) else {
+            return false;
+        };
+        let pending = &mut self.ports[p - 1].pending;
+        let line = m.encode();
+        if pending.len() + line.len() > CONTROL_IN_MAX {
+            return false;
+        }
+        pending.extend(&line);
+        true
+    }
+
+    /// Moves waiting input of every open port into its receive buffers;
+    /// returns whether any buffer was used.
     pub fn deliver_input(
         &mut self,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
-        let Some(port) = self.input_port() else {
-            return Ok(false);
-        };
-        let q = &mut queues[2 * port + 2];
-        if !self.input_open || self.pending_in.is_empty() || !q.ready() || !q.is_valid(mem) {
-            return Ok(false);
-        }
         let mut used = false;
-        while !self.pending_in.is_empty() {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut written = 0u32;
-            for d in chain {
-                if !d.is_write_only() {
-                    self.refused += 1;
-                    break;
-                }
-                let n = (d.len() as usize).min(self.pending_in.len());
-                let bytes: Vec<u8> = self.pending_in.range(..n).copied().collect();
-                if mem.write_slice(&bytes, d.addr()).is_err() {
-                    self.refused += 1;
-                    break;
-                }
-                self.pending_in.drain(..n);
-                written += n as u32;
-                if self.pending_in.is_empty() {
-                    break;
-                }
+        for (i, port) in self.ports.iter_mut().enumerate() {
+            let q = &mut queues[2 * (i + 1) + 2];
+            if !port.open || port.pending.is_empty() || !q.ready() || !q.is_valid(mem) {
+                continue;
             }
-            add_used(q, mem, head, written)?;
-            used = true;
+            while !port.pending.is_empty() {
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let mut written = 0u32;
+                for d in chain {
+                    if !d.is_write_only() {
+                        self.refused += 1;
+                        break;
+                    }
+                    let n = (d.len() as usize).min(port.pending.len());
+                    let bytes: Vec<u8> = port.pending.range(..n).copied().collect();
+                    if mem.write_slice(&bytes, d.addr()).is_err() {
+                        self.refused += 1;
+                        break;
+                    }
+                    port.pending.drain(..n);
+                    written += n as u32;
+                    if port.pending.is_empty() {
+                        break;
+                    }
+                }
+                add_used(q, mem, head, written)?;
+                used = true;
+            }
         }
         Ok(used)
     }
 
-    /// The queue index a port transmits on (port 0: 1; port p ≥ 1: 2p + 3).
+    /// The port a transmit queue belongs to (port 0: queue 1; port p ≥ 1:
+    /// 2p + 3), if it is one of ours.
     fn port_of_tx_queue(&self, index: usize) -> Option<usize> {
         if index >= 5 && index % 2 == 1 {
             let port = (index - 3) / 2;
@@ -205,36 +254,34 @@ impl Console {
         let id = u32::from_le_bytes(msg[0..4].try_into().expect("4 bytes"));
         let event = u16::from_le_bytes([msg[4], msg[5]]);
         let value = u16::from_le_bytes([msg[6], msg[7]]);
+        let port = (id as usize)
+            .checked_sub(1)
+            .filter(|&i| i < self.ports.len());
         match event {
             DEVICE_READY if value == 1 => {
-                let named = self.ports.len() + usize::from(self.input.is_some());
-                for port in 1..=named as u32 {
+                for port in 1..=self.ports.len() as u32 {
                     self.to_guest
                         .push_back(Self::message(port, DEVICE_ADD, 0, &[]));
                 }
             }
             PORT_READY if value == 1 => {
-                let name = match (id as usize).checked_sub(1) {
-                    Some(i) if i < self.ports.len() => self.ports[i].name,
-                    Some(i) if i == self.ports.len() && self.input.is_some() => {
-                        self.input.unwrap_or_default()
-                    }
-                    _ => {
-                        self.refused += 1;
-                        return;
-                    }
+                let Some(i) = port else {
+                    self.refused += 1;
+                    return;
                 };
-                let name = name.as_bytes().to_vec();
+                let name = self.ports[i].name.as_bytes().to_vec();
                 self.ready_ports += 1;
                 self.to_guest
                     .push_back(Self::message(id, PORT_NAME, 1, &name));
                 self.to_guest
                     .push_back(Self::message(id, PORT_OPEN, 1, &[]));
             }
-            PORT_OPEN if Some(id as usize) == self.input_port() => self.input_open = value == 1,
-            // The guest opening or closing an output, or failing to add a
-            // port: nothing to do.
-            DEVICE_READY | PORT_READY | PORT_OPEN => {}
+            PORT_OPEN => match port {
+                Some(i) => self.ports[i].open = value == 1,
+                None => self.refused += 1,
+            },
+            // The guest failing to add a port: nothing to do.
+            DEVICE_READY | PORT_READY => {}
             _ => self.refused += 1,
         }
     }
@@ -278,8 +325,15 @@ impl Console {
         Ok(used)
     }
 
-    /// Writes one transmit chain to `port`'s sink; returns bytes taken.
-    fn transmit(&mut self, port: usize, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u64 {
+    /// Reads one transmit chain of `port` and hands its bytes to `take`;
+    /// returns bytes taken.
+    fn transmit(
+        &mut self,
+        port: usize,
+        descs: &[Descriptor],
+        mem: &GuestMemoryMmap,
+        mut take: impl FnMut(&mut Port, &[u8]),
+    ) -> u64 {
         if descs.iter().any(|d| d.is_write_only())
             || descs.iter().map(|d| u64::from(d.len())).sum::<u64>() > CHAIN_MAX
         {
@@ -295,16 +349,74 @@ impl Console {
                 self.refused += 1;
                 break;
             }
-            // A sink that fails (a closed pipe) drops the bytes, as a
-            // console does; the guest is never stalled by it.
-            if self.first_output == 0 && !buf.is_empty() {
-                self.first_output = crate::sys::monotonic_ns();
-            }
-            let _ = p.sink.write_all(&buf).and_then(|()| p.sink.flush());
+            take(p, &buf);
             p.sent += buf.len() as u64;
             taken += buf.len() as u64;
         }
         taken
+    }
+
+    /// Serves every chain on the transmit queue of `port`.
+    fn serve_port(
+        &mut self,
+        port: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        let index = 2 * port + 3;
+        if !queues[index].ready() || !queues[index].is_valid(mem) {
+            return Ok(false);
+        }
+        let mut first_output = self.first_output;
+        let mut replies = Vec::new();
+        let used = serve_chains(&mut queues[index], mem, |descs| {
+            self.transmit(port, descs, mem, |p, bytes| match &mut p.kind {
+                Kind::Output(sink) => {
+                    if first_output == 0 && !bytes.is_empty() {
+                        first_output = crate::sys::monotonic_ns();
+                    }
+                    // A sink that fails (a closed pipe) drops the bytes, as
+                    // a console does; the guest is never stalled by it.
+                    let _ = sink.write_all(bytes).and_then(|()| sink.flush());
+                }
+                Kind::Control(c) => replies.push(crate::lock(c).from_guest(Carrier::Port, bytes)),
+                Kind::Input => {}
+            });
+            0
+        })?;
+        self.first_output = first_output;
+        for r in replies {
+            // Outputs were served before this port (see `process`): every
+            // byte the guest wrote before its `drain` is out.
+            for m in r
+                .send
+                .iter()
+                .chain(r.drain.then_some(&HostMessage::Drained))
+            {
+                self.push_control(m);
+            }
+        }
+        Ok(used)
+    }
+
+    /// Serves every port's transmit queue, the outputs first.
+    pub fn serve_all(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        let mut used = false;
+        let order: Vec<usize> = (1..=self.ports.len())
+            .filter(|&p| matches!(self.ports[p - 1].kind, Kind::Output(_)))
+            .chain(
+                (1..=self.ports.len())
+                    .filter(|&p| matches!(self.ports[p - 1].kind, Kind::Control(_))),
+            )
+            .collect();
+        for port in order {
+            used |= self.serve_port(port, queues, mem)?;
+        }
+        Ok(used)
     }
 }
 
@@ -323,6 +435,10 @@ impl VirtioDevice for Console {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
+    }
+
+    fn flush(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+        self.serve_all(queues, mem)
     }
 
     fn process(
@@ -347,11 +463,10 @@ impl VirtioDevice for Console {
                 }
                 0
             })?;
-        } else if let Some(port) = self.port_of_tx_queue(index) {
-            used = serve_chains(&mut queues[index], mem, |descs| {
-                self.transmit(port, descs, mem);
-                0
-            })?;
+        } else if self.port_of_tx_queue(index).is_some() {
+            // Any port's notification serves them all, outputs first: a
+            // control message never overtakes output written before it.
+            used = self.serve_all(queues, mem)?;
         }
         // Receive queues (the control one included) only post buffers: a
         // notification on them is a chance to deliver what waits.
@@ -372,6 +487,7 @@ mod tests {
                 ("hyper.stdout", Box::new(std::io::sink())),
                 ("hyper.stderr", Box::new(std::io::sink())),
             ],
+            None,
             None,
         );
         assert_eq!(c.queue_max_sizes().len(), 8);
@@ -399,6 +515,7 @@ mod tests {
         let mut c = Console::new(
             vec![("hyper.stdout", Box::new(std::io::sink()))],
             Some("hyper.stdin"),
+            None,
         );
         let msg = |id: u32, event: u16, value: u16| {
             let m = Console::message(id, event, value, &[]);
@@ -422,9 +539,9 @@ mod tests {
         assert_eq!(next(&mut c), Console::message(2, PORT_OPEN, 1, &[]));
         assert_eq!(c.ready_ports, 2);
         // Input waits for the guest to open the input port.
-        assert!(!c.input_open);
+        assert!(!c.ports[1].open);
         c.control(msg(2, PORT_OPEN, 1));
-        assert!(c.input_open);
+        assert!(c.ports[1].open);
         assert_eq!(c.push_input(&vec![7u8; INPUT_MAX + 10]), INPUT_MAX);
         for bad in [msg(9, PORT_READY, 1), msg(0, PORT_READY, 1), msg(1, 42, 0)] {
             c.control(bad);

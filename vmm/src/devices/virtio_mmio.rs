@@ -4,10 +4,28 @@
 //! and writes of the wrong width, unknown offsets and values out of range are
 //! ignored (reads return 0), and a queue configured outside guest memory is
 //! never used — the device sets DEVICE_NEEDS_RESET instead.
+//!
+//! Exits are what a boot spends most on, so the VMM keeps them out of the
+//! register protocol where it can (see `vm.rs`):
+//! - reads: with a [`RegisterPage`], the transport publishes every readable
+//!   register into a page the guest maps read-only over the device's window,
+//!   after each change and before the vCPU resumes; the guest reads memory;
+//! - writes that only store a value used later ([`COALESCED`]: the driver's
+//!   features, queue sizes and addresses, interrupt acknowledgements) are
+//!   queued by KVM and applied, in order, before the next exit is served;
+//! - queue notifications go to an eventfd (`ioeventfd`) per queue.
+//!
+//! With a register page the interrupt status is sticky: once raised, the
+//! used-ring bit stays set until the device is reset, since a queued
+//! acknowledgement applied after a newer interrupt would otherwise hide it;
+//! the driver then looks at its queues on every interrupt, which costs
+//! nothing when they hold nothing.
+
+use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryMmap, MmapRegion, VolatileMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 use virtio_bindings::virtio_config::{
@@ -52,6 +70,59 @@ const R_QUEUE_USED_LOW: u64 = reg(VIRTIO_MMIO_QUEUE_USED_LOW);
 const R_QUEUE_USED_HIGH: u64 = reg(VIRTIO_MMIO_QUEUE_USED_HIGH);
 const R_CONFIG_GENERATION: u64 = reg(VIRTIO_MMIO_CONFIG_GENERATION);
 const R_CONFIG: u64 = reg(VIRTIO_MMIO_CONFIG);
+
+/// The register ranges (offset, length) whose writes KVM may queue instead
+/// of exiting: nothing the guest reads depends on them until a later write
+/// that does exit (FEATURES_OK, QUEUE_READY), and the queue is applied
+/// before that exit is served.
+pub const COALESCED: [(u64, u32); 4] = [
+    (R_DRIVER_FEATURES, 8), // DriverFeatures, DriverFeaturesSel
+    (R_QUEUE_NUM, 4),
+    (R_INTERRUPT_ACK, 4),
+    (R_QUEUE_DESC_LOW, 0x28), // QueueDesc, QueueDriver (avail), QueueDevice (used)
+];
+
+/// The offset of the queue-notify register (its writes go to ioeventfds).
+pub const QUEUE_NOTIFY_OFFSET: u64 = R_QUEUE_NOTIFY;
+
+/// The readable registers a [`RegisterPage`] shows (the config space aside).
+const READABLE: [u64; 10] = [
+    R_MAGIC,
+    R_VERSION,
+    R_DEVICE_ID,
+    R_VENDOR,
+    R_DEVICE_FEATURES,
+    R_QUEUE_NUM_MAX,
+    R_QUEUE_READY,
+    R_INTERRUPT_STATUS,
+    R_STATUS,
+    R_CONFIG_GENERATION,
+];
+
+/// A device's 4 KiB register window as guest-readable memory: one page of
+/// a mapping the VMM shares with the guest read-only.
+#[derive(Debug, Clone)]
+pub struct RegisterPage {
+    region: Arc<MmapRegion>,
+    offset: usize,
+}
+
+impl RegisterPage {
+    /// Page `index` of `region` (which must hold it).
+    pub fn new(region: Arc<MmapRegion>, index: usize) -> Self {
+        Self {
+            region,
+            offset: index * 0x1000,
+        }
+    }
+
+    fn put(&self, offset: u64, bytes: &[u8]) {
+        let at = self.offset + offset as usize;
+        if let Ok(s) = self.region.get_slice(at, bytes.len()) {
+            s.copy_from(bytes);
+        }
+    }
+}
 
 /// Why a device stopped serving its guest driver until the driver resets it
 /// (the transport sets DEVICE_NEEDS_RESET).
@@ -102,6 +173,15 @@ pub trait VirtioDevice {
     /// Bytes of the device configuration space.
     fn config(&self) -> &[u8];
     fn queue_max_sizes(&self) -> &[u16];
+    /// Takes whatever the guest has queued for the host without waiting
+    /// for its notification (the VM is ending: output must not be lost).
+    fn flush(
+        &mut self,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
     /// Handles a notification on queue `index` (checked ready and valid;
     /// any other queue a device touches it must check itself); returns
     /// whether the guest should be interrupted. Errors end the device until
@@ -129,6 +209,7 @@ pub struct MmioTransport<D: VirtioDevice> {
     pub broken: Option<DeviceError>,
     /// Interrupts raised.
     pub interrupts: u64,
+    page: Option<RegisterPage>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
@@ -159,7 +240,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
             irq,
             broken: None,
             interrupts: 0,
+            page: None,
         }
+    }
+
+    /// Publishes the registers into `page` from now on (see the module).
+    pub fn set_page(&mut self, page: RegisterPage) {
+        self.page = Some(page);
+        self.publish();
+    }
+
+    /// Writes every readable register, and the config space, into the page.
+    fn publish(&self) {
+        let Some(page) = &self.page else {
+            return;
+        };
+        for r in READABLE {
+            page.put(r, &self.register(r).to_le_bytes());
+        }
+        page.put(R_CONFIG, self.device.config());
     }
 
     /// Whether the guest's driver finished setting the device up (DRIVER_OK).
@@ -173,6 +272,28 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn selected(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A 32-bit register's value as the guest reads it.
+    fn register(&self, offset: u64) -> u32 {
+        let selected = self.queues.get(self.queue_sel as usize);
+        match offset {
+            R_MAGIC => MAGIC,
+            R_VERSION => VERSION,
+            R_DEVICE_ID => self.device.device_type(),
+            R_VENDOR => VENDOR,
+            R_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.offered() as u32,
+                1 => (self.offered() >> 32) as u32,
+                _ => 0,
+            },
+            R_QUEUE_NUM_MAX => selected.map_or(0, |q| u32::from(q.max_size())),
+            R_QUEUE_READY => selected.map_or(0, |q| u32::from(q.ready())),
+            R_INTERRUPT_STATUS => self.interrupt_status,
+            R_STATUS => self.status,
+            R_CONFIG_GENERATION => 0, // config generation: the config never changes
+            _ => 0,
+        }
     }
 
     fn reset(&mut self) {
@@ -200,32 +321,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             return;
         }
-        if data.len() != 4 {
+        if data.len() != 4 || !READABLE.contains(&offset) {
             data.fill(0);
             return;
         }
-        let v: u32 = match offset {
-            R_MAGIC => MAGIC,
-            R_VERSION => VERSION,
-            R_DEVICE_ID => self.device.device_type(),
-            R_VENDOR => VENDOR,
-            R_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.offered() as u32,
-                1 => (self.offered() >> 32) as u32,
-                _ => 0,
-            },
-            R_QUEUE_NUM_MAX => self.selected().map_or(0, |q| u32::from(q.max_size())),
-            R_QUEUE_READY => self.selected().map_or(0, |q| u32::from(q.ready())),
-            R_INTERRUPT_STATUS => self.interrupt_status,
-            R_STATUS => self.status,
-            R_CONFIG_GENERATION => 0, // config generation: the config never changes
-            _ => 0,
-        };
-        data.copy_from_slice(&v.to_le_bytes());
+        data.copy_from_slice(&self.register(offset).to_le_bytes());
     }
 
-    /// A guest write; `mem` is needed when a notification makes the device work.
+    /// A guest write; `mem` is needed when a notification makes the device
+    /// work. The register page shows its effect before this returns.
     pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
+        self.apply(offset, data, mem);
+        self.publish();
+    }
+
+    fn apply(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
@@ -257,7 +367,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
             R_QUEUE_NOTIFY => self.notify(v, mem),
-            R_INTERRUPT_ACK => self.interrupt_status &= !v,
+            // Sticky with a register page (see the module).
+            R_INTERRUPT_ACK if self.page.is_none() => self.interrupt_status &= !v,
             R_STATUS => {
                 if v == 0 {
                     self.reset();
@@ -290,7 +401,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    fn notify(&mut self, index: u32, mem: &GuestMemoryMmap) {
+    /// The guest notified queue `index` (from the register, or its ioeventfd).
+    pub fn notify(&mut self, index: u32, mem: &GuestMemoryMmap) {
         if self.status & STATUS_DRIVER_OK == 0 || self.broken.is_some() {
             return;
         }
@@ -302,15 +414,29 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.fail(DeviceError::QueueInvalid(index));
             return;
         }
-        match self.device.process(index, &mut self.queues, mem) {
+        let result = self.device.process(index, &mut self.queues, mem);
+        self.after(result);
+    }
+
+    /// Interrupts the guest after work that used its buffers, or stops
+    /// the device after a protocol error.
+    fn after(&mut self, result: Result<bool, DeviceError>) {
+        match result {
             Ok(true) => {
                 self.interrupt_status |= INT_USED_RING;
                 self.interrupts += 1;
+                // The page shows the status before the interrupt arrives.
+                self.publish();
                 let _ = self.irq.write(1);
             }
             Ok(false) => {}
             Err(e) => self.fail(e),
         }
+    }
+
+    /// Takes what the guest queued for the host (the VM is ending).
+    pub fn flush(&mut self, mem: &GuestMemoryMmap) {
+        self.poke(mem, |d, q, m| d.flush(q, m));
     }
 
     /// Runs device work that did not come from a guest notification (input
@@ -323,19 +449,148 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if self.status & STATUS_DRIVER_OK == 0 || self.broken.is_some() {
             return;
         }
-        match work(&mut self.device, &mut self.queues, mem) {
-            Ok(true) => {
-                self.interrupt_status |= INT_USED_RING;
-                self.interrupts += 1;
-                let _ = self.irq.write(1);
-            }
-            Ok(false) => {}
-            Err(e) => self.fail(e),
-        }
+        let result = work(&mut self.device, &mut self.queues, mem);
+        self.after(result);
     }
 
     fn fail(&mut self, why: DeviceError) {
         self.status |= STATUS_NEEDS_RESET;
         self.broken = Some(why);
+        self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    struct Dummy;
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            1 << 40 | 1 << 3
+        }
+        fn config(&self) -> &[u8] {
+            b"0123456789"
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256, 64]
+        }
+        fn process(
+            &mut self,
+            _index: usize,
+            _queues: &mut [Queue],
+            _mem: &GuestMemoryMmap,
+        ) -> Result<bool, DeviceError> {
+            Ok(true)
+        }
+    }
+
+    /// What the guest reads from the page at `offset`.
+    fn page_u32(region: &MmapRegion, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        region
+            .get_slice(0x1000 + offset as usize, 4)
+            .unwrap()
+            .copy_to(&mut b[..]);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn the_register_page_reads_as_the_registers_do_through_a_driver_setup() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let region = Arc::new(MmapRegion::new(0x2000).unwrap());
+        let mut t = MmioTransport::new(Dummy, EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        t.set_page(RegisterPage::new(region.clone(), 1));
+        let check = |t: &mut MmioTransport<Dummy>| {
+            for r in READABLE {
+                let mut d = [0u8; 4];
+                t.read(r, &mut d);
+                assert_eq!(
+                    page_u32(&region, r),
+                    u32::from_le_bytes(d),
+                    "register {r:#x}"
+                );
+            }
+        };
+        let w = |t: &mut MmioTransport<Dummy>, r: u64, v: u32| t.write(r, &v.to_le_bytes(), &mem);
+        check(&mut t);
+        assert_eq!(page_u32(&region, R_MAGIC), MAGIC);
+        assert_eq!(page_u32(&region, R_DEVICE_ID), 2);
+        w(&mut t, R_STATUS, 1 | 2);
+        w(&mut t, R_DEVICE_FEATURES_SEL, 1);
+        check(&mut t);
+        assert_eq!(page_u32(&region, R_DEVICE_FEATURES), 1 << 8 | 1);
+        w(&mut t, R_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, R_DRIVER_FEATURES, 1);
+        w(&mut t, R_STATUS, 1 | 2 | STATUS_FEATURES_OK);
+        assert_eq!(page_u32(&region, R_STATUS), 1 | 2 | STATUS_FEATURES_OK);
+        w(&mut t, R_QUEUE_SEL, 1);
+        check(&mut t);
+        assert_eq!(page_u32(&region, R_QUEUE_NUM_MAX), 64);
+        w(&mut t, R_QUEUE_NUM, 64);
+        for (r, v) in [
+            (R_QUEUE_DESC_LOW, 0x1000),
+            (R_QUEUE_AVAIL_LOW, 0x2000),
+            (R_QUEUE_USED_LOW, 0x3000),
+        ] {
+            w(&mut t, r, v);
+        }
+        w(&mut t, R_QUEUE_READY, 1);
+        assert_eq!(page_u32(&region, R_QUEUE_READY), 1);
+        w(&mut t, R_QUEUE_SEL, 0);
+        assert_eq!(page_u32(&region, R_QUEUE_READY), 0);
+        assert_eq!(page_u32(&region, R_QUEUE_NUM_MAX), 256);
+        w(
+            &mut t,
+            R_STATUS,
+            1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        // A notification that uses buffers: the status shows it, and stays.
+        w(&mut t, R_QUEUE_NOTIFY, 1);
+        assert_eq!(page_u32(&region, R_INTERRUPT_STATUS), INT_USED_RING);
+        w(&mut t, R_INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(
+            page_u32(&region, R_INTERRUPT_STATUS),
+            INT_USED_RING,
+            "sticky"
+        );
+        check(&mut t);
+        let mut cfg = [0u8; 10];
+        region
+            .get_slice(0x1000 + R_CONFIG as usize, 10)
+            .unwrap()
+            .copy_to(&mut cfg);
+        assert_eq!(&cfg, b"0123456789");
+        // Reset clears it all.
+        w(&mut t, R_STATUS, 0);
+        check(&mut t);
+        assert_eq!(page_u32(&region, R_STATUS), 0);
+        assert_eq!(page_u32(&region, R_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn without_a_page_acknowledgements_clear_the_status() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut t = MmioTransport::new(Dummy, EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let w = |t: &mut MmioTransport<Dummy>, r: u64, v: u32| t.write(r, &v.to_le_bytes(), &mem);
+        w(&mut t, R_QUEUE_SEL, 0);
+        w(&mut t, R_QUEUE_NUM, 256);
+        w(&mut t, R_QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, R_QUEUE_AVAIL_LOW, 0x5000);
+        w(&mut t, R_QUEUE_USED_LOW, 0x6000);
+        w(&mut t, R_QUEUE_READY, 1);
+        w(&mut t, R_STATUS, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w(&mut t, R_QUEUE_NOTIFY, 0);
+        let mut d = [0u8; 4];
+        t.read(R_INTERRUPT_STATUS, &mut d);
+        assert_eq!(u32::from_le_bytes(d), INT_USED_RING);
+        w(&mut t, R_INTERRUPT_ACK, INT_USED_RING);
+        t.read(R_INTERRUPT_STATUS, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0);
     }
 }

@@ -1,0 +1,144 @@
+//! The control channel's host end, whichever way it travels: the
+//! virtio-console port [`hyper_contract::CONTROL_PORT`] (contract 3) or COM2
+//! (older inits). Both carriers hand the guest's bytes to one [`Control`];
+//! it keeps what the guest said (bounded), answers `drain`, and holds the
+//! host's requests until hyperinit says `ready` — then they go on the
+//! carrier it said that on.
+//!
+//! Locking: a carrier calls in with its own device locked (device, then
+//! control); the owner's requests take the control lock alone and release
+//! it before they lock the carrier ([`Control::request`]), so the two
+//! orders never meet.
+
+use hyper_contract::{GuestMessage, HostMessage, LineBuffer};
+
+/// What the guest wrote on the control channel at most: a handful of short
+/// lines; more is a misbehaving guest.
+pub const STATUS_MAX: usize = 1024;
+/// Requests held before hyperinit listens, at most.
+const HELD_MAX: usize = 16;
+
+/// How the control channel travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// The second UART.
+    Com2,
+    /// The `hyper.control` virtio-console port.
+    Port,
+}
+
+/// What a carrier must do after passing the guest's bytes on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replies {
+    /// Messages for the guest, on this carrier, in order.
+    pub send: Vec<HostMessage>,
+    /// The guest asked for `drained`: the carrier MUST first take every
+    /// output the guest has queued, then send [`HostMessage::Drained`].
+    pub drain: bool,
+}
+
+/// The state of the control channel.
+#[derive(Debug, Default)]
+pub struct Control {
+    status: Vec<u8>,
+    com2: LineBuffer,
+    port: LineBuffer,
+    /// Where hyperinit listens, once it said `ready`.
+    ready: Option<Carrier>,
+    held: Vec<HostMessage>,
+}
+
+impl Control {
+    /// Bytes the guest wrote on `carrier`.
+    pub fn from_guest(&mut self, carrier: Carrier, bytes: &[u8]) -> Replies {
+        let room = STATUS_MAX.saturating_sub(self.status.len());
+        self.status
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+        let mut replies = Replies::default();
+        for &b in bytes {
+            let lines = match carrier {
+                Carrier::Com2 => &mut self.com2,
+                Carrier::Port => &mut self.port,
+            };
+            let Some(line) = lines.push(b) else {
+                continue;
+            };
+            match GuestMessage::decode(&line) {
+                Ok(GuestMessage::Ready) if self.ready.is_none() => {
+                    self.ready = Some(carrier);
+                    replies.send.append(&mut self.held);
+                }
+                Ok(GuestMessage::Drain { .. }) if self.ready == Some(carrier) => {
+                    replies.drain = true;
+                }
+                _ => {}
+            }
+        }
+        replies
+    }
+
+    /// A request from the owner: the carrier to send it on now, or None
+    /// when it is held until hyperinit listens (or dropped past
+    /// [`HELD_MAX`]).
+    pub fn request(&mut self, m: HostMessage) -> Option<Carrier> {
+        if self.ready.is_none() && self.held.len() < HELD_MAX {
+            self.held.push(m);
+        }
+        self.ready
+    }
+
+    /// What the guest wrote on the control channel (at most [`STATUS_MAX`]
+    /// bytes).
+    pub fn status(&self) -> &[u8] {
+        &self.status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_wait_for_ready_and_go_where_it_was_said() {
+        let mut c = Control::default();
+        assert_eq!(c.request(HostMessage::Signal(15)), None);
+        assert_eq!(c.request(HostMessage::StdinEof(3)), None);
+        let r = c.from_guest(Carrier::Port, b"rea");
+        assert_eq!(r, Replies::default());
+        let r = c.from_guest(Carrier::Port, b"dy\n");
+        assert_eq!(
+            r.send,
+            vec![HostMessage::Signal(15), HostMessage::StdinEof(3)]
+        );
+        assert_eq!(c.request(HostMessage::Drained), Some(Carrier::Port));
+        // A second `ready`, or one on the other carrier, changes nothing.
+        assert!(c.from_guest(Carrier::Com2, b"ready\n").send.is_empty());
+        assert_eq!(c.request(HostMessage::Signal(2)), Some(Carrier::Port));
+    }
+
+    #[test]
+    fn drain_is_answered_on_the_listening_carrier_only() {
+        let mut c = Control::default();
+        assert!(!c.from_guest(Carrier::Com2, b"drain 1 2\n").drain);
+        c.from_guest(Carrier::Com2, b"ready\n");
+        assert!(!c.from_guest(Carrier::Port, b"drain 1 2\n").drain);
+        assert!(c.from_guest(Carrier::Com2, b"drain 1 2\nexit=0\n").drain);
+        assert!(c.status().ends_with(b"drain 1 2\nexit=0\n"));
+    }
+
+    #[test]
+    fn a_flooding_guest_is_bounded() {
+        let mut c = Control::default();
+        for _ in 0..1000 {
+            c.from_guest(Carrier::Port, &[b'x'; 100]);
+        }
+        assert_eq!(c.status().len(), STATUS_MAX);
+        for _ in 0..100 {
+            c.request(HostMessage::Signal(1));
+        }
+        assert_eq!(
+            c.from_guest(Carrier::Port, b"\nready\n").send.len(),
+            HELD_MAX
+        );
+    }
+}
