@@ -79,7 +79,7 @@ impl Control {
 
     /// A request from the owner: the carrier to send it on now, or None
     /// when it is held until hyperinit listens (or dropped past
-    /// [`HELD_MAX`]).
+    /// `HELD_MAX`).
     pub fn request(&mut self, m: HostMessage) -> Option<Carrier> {
         if self.ready.is_none() && self.held.len() < HELD_MAX {
             self.held.push(m);
