@@ -81,27 +81,47 @@ fn boot() -> Result<Outcome, String> {
     if cmdline.split_whitespace().any(|w| w == "hyper.debug") {
         DEBUG.store(true, Ordering::Relaxed);
     }
-    let bytes = std::fs::read(config::PATH).map_err(|e| {
-        format!(
-            "cannot read {}: {e} (the runner did not pass a run configuration)",
-            config::PATH
-        )
-    })?;
-    let cfg = RunConfig::parse(&bytes).map_err(|e| {
-        let mut msg = e.to_string();
-        if let Some(src) = std::error::Error::source(&e) {
-            msg.push_str(&format!(": {src}"));
-        }
-        msg
-    })?;
+    // Contract 4: the run configuration comes at the snapshot point, over
+    // the control port; else it is in the initrd.
+    let by_port = cmdline
+        .split_whitespace()
+        .any(|w| w == hyper_contract::START_ARG);
+    let (cfg, leftover) = if by_port {
+        let device = hyper_contract::RunConfig::default()
+            .root_device()
+            .to_string();
+        wait_for(&device)?;
+        plan::root_base(&mut linux, &device).map_err(|e| e.to_string())?;
+        mark(1);
+        debug!("root mounted; waiting for the run configuration");
+        let port = report::channel().ok_or("no control port to take the run configuration from")?;
+        let (start, leftover) = report::await_start(port)?;
+        apply_start(&start);
+        (start.run, leftover)
+    } else {
+        let bytes = std::fs::read(config::PATH).map_err(|e| {
+            format!(
+                "cannot read {}: {e} (the runner did not pass a run configuration)",
+                config::PATH
+            )
+        })?;
+        let cfg = RunConfig::parse(&bytes).map_err(|e| {
+            let mut msg = e.to_string();
+            if let Some(src) = std::error::Error::source(&e) {
+                msg.push_str(&format!(": {src}"));
+            }
+            msg
+        })?;
+        wait_for(cfg.root_device())?;
+        plan::root_base(&mut linux, cfg.root_device()).map_err(|e| e.to_string())?;
+        mark(1);
+        (cfg, Vec::new())
+    };
     if cfg.debug {
         DEBUG.store(true, Ordering::Relaxed);
     }
     debug!("run config: {cfg:?}");
-    wait_for(cfg.root_device())?;
-    plan::root(&mut linux, cfg.root_device(), &cfg.tmpfs, &cfg.volumes)
-        .map_err(|e| e.to_string())?;
-    mark(1);
+    plan::root_finish(&mut linux, &cfg.tmpfs, &cfg.volumes).map_err(|e| e.to_string())?;
     debug!("root mounted");
     if let Err(e) = net::loopback() {
         debug!("cannot bring lo up: {e}");
@@ -171,7 +191,7 @@ fn boot() -> Result<Outcome, String> {
         }
     };
     // Listen before the app starts, so a request that comes at once is not lost.
-    listen_for_requests();
+    listen_for_requests(leftover);
     let _ = std::io::stderr().flush();
     let pid = process::fork().map_err(|e| format!("fork: {e}"))?;
     if pid == 0 {
@@ -316,7 +336,7 @@ fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
 /// thread of its own, from the control port or COM2. COM2 is put in raw
 /// mode first: no echo, so nothing the host sends comes back on the status
 /// channel.
-fn listen_for_requests() {
+fn listen_for_requests(leftover: Vec<u8>) {
     let source: Box<dyn std::io::Read + Send> = match report::channel() {
         Some(port) => match port.try_clone() {
             Ok(f) => Box::new(f),
@@ -341,14 +361,19 @@ fn listen_for_requests() {
         let mut source = source;
         let mut lines = LineBuffer::default();
         let mut buf = [0u8; 256];
+        // What came after the start message, in the same read.
+        let mut first = Some(leftover);
         loop {
-            let n = match source.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+            let chunk: Vec<u8> = match first.take() {
+                Some(l) => l,
+                None => match source.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => buf[..n].to_vec(),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                },
             };
-            for &b in &buf[..n] {
+            for &b in &chunk {
                 let Some(line) = lines.push(b) else {
                     continue;
                 };
@@ -374,6 +399,32 @@ fn listen_for_requests() {
             }
         }
     });
+}
+
+/// What a start message asks before anything of the run: the wall clock
+/// (a restored guest has the snapshot's) and fresh entropy (and the same
+/// random state as every other restore of the snapshot, until reseeded).
+fn apply_start(start: &hyper_contract::Start) {
+    if start.realtime_ns > 0 {
+        if let Err(e) = process::set_realtime(start.realtime_ns) {
+            debug!("cannot set the clock: {e}");
+        }
+    }
+    match hex_bytes(&start.entropy) {
+        Some(seed) if !seed.is_empty() => {
+            if let Err(e) = process::add_entropy(&seed) {
+                debug!("cannot reseed the random pool: {e}");
+            }
+        }
+        _ => debug!("the start message carried no entropy"),
+    }
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Reaps every child; forwards signals to the app; when the app exits, ends

@@ -28,11 +28,23 @@ fn step<T>(name: impl FnOnce() -> String, r: std::io::Result<T>) -> Result<T, St
     })
 }
 
-/// Mounts what the initramfs itself needs: /dev and /proc.
+/// Mounts what the initramfs itself needs: /dev, /proc and /sys (the
+/// console ports are found by name in sysfs before the root is entered).
 pub fn early(sys: &mut dyn Sys) -> Result<(), StepError> {
     step(
         || "mount devtmpfs on /dev".into(),
         sys.mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    )?;
+    step(|| "create /sys".into(), sys.mkdir_all("/sys", 0o755))?;
+    step(
+        || "mount sysfs on /sys".into(),
+        sys.mount(
+            "sysfs",
+            "/sys",
+            "sysfs",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+            "",
+        ),
     )?;
     step(
         || "mount proc on /proc".into(),
@@ -49,12 +61,21 @@ pub fn early(sys: &mut dyn Sys) -> Result<(), StepError> {
 
 /// Mounts the read-only EROFS image with a tmpfs-backed overlay on top, the
 /// API filesystems inside it, and moves it onto `/`.
+#[cfg(test)]
 pub fn root(
     sys: &mut dyn Sys,
     device: &str,
     tmpfs: &[String],
     volumes: &[crate::config::Volume],
 ) -> Result<(), StepError> {
+    root_base(sys, device)?;
+    root_finish(sys, tmpfs, volumes)
+}
+
+/// The part of the root that is the same for every run of an artifact: the
+/// EROFS image under a tmpfs-backed overlay, the API filesystems in it,
+/// /run and /tmp. The snapshot point comes after it (contract 4).
+pub fn root_base(sys: &mut dyn Sys, device: &str) -> Result<(), StepError> {
     for d in [LOWER, RW, NEWROOT] {
         step(|| format!("create {d}"), sys.mkdir_all(d, 0o755))?;
     }
@@ -128,6 +149,17 @@ pub fn root(
             )?;
         }
     }
+    Ok(())
+}
+
+/// The run's part: `--tmpfs` mounts and volumes, the /dev links, then the
+/// move into the new root.
+pub fn root_finish(
+    sys: &mut dyn Sys,
+    tmpfs: &[String],
+    volumes: &[crate::config::Volume],
+) -> Result<(), StepError> {
+    let r = |p: &str| format!("{NEWROOT}{p}");
     for spec in tmpfs {
         let (at, opts) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
         if !at.starts_with('/') || at.split('/').any(|c| c == "..") {

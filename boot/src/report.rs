@@ -94,6 +94,65 @@ pub fn announce_ready() {
     send(&GuestMessage::Ready);
 }
 
+/// At the snapshot point (contract 4): says `ready` and `waiting` on the
+/// control port, then reads until the host's `start N` and its body. Host
+/// requests that come first are held for the listener (returned with
+/// whatever followed the body).
+pub fn await_start(mut port: &File) -> Result<(hyper_contract::Start, Vec<u8>), String> {
+    use std::io::Read;
+    if !send(&GuestMessage::Ready) || !send(&GuestMessage::Waiting) {
+        return Err("cannot write to the control port".into());
+    }
+    let mut held = Vec::new();
+    let mut line = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut read_more = |pending: &mut Vec<u8>| -> Result<(), String> {
+        loop {
+            match port.read(&mut buf) {
+                Ok(0) => return Err("the control port closed before the start message".into()),
+                Ok(n) => {
+                    pending.extend_from_slice(&buf[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("reading the control port: {e}")),
+            }
+        }
+    };
+    loop {
+        // One line at a time from what was read.
+        let Some(nl) = pending.iter().position(|b| *b == b'\n') else {
+            if pending.len() > hyper_contract::control::MAX_LINE {
+                return Err("an overlong line on the control port".into());
+            }
+            read_more(&mut pending)?;
+            continue;
+        };
+        line.clear();
+        line.extend(pending.drain(..=nl));
+        match hyper_contract::decode_start_header(&line) {
+            None => held.extend_from_slice(&line),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(n)) => {
+                while pending.len() < n {
+                    read_more(&mut pending)?;
+                }
+                let body: Vec<u8> = pending.drain(..n).collect();
+                let start = hyper_contract::Start::parse(&body).map_err(|e| {
+                    let mut msg = format!("start message: {e}");
+                    if let Some(src) = std::error::Error::source(&e) {
+                        msg.push_str(&format!(": {src}"));
+                    }
+                    msg
+                })?;
+                held.extend_from_slice(&pending);
+                return Ok((start, held));
+            }
+        }
+    }
+}
+
 /// Tells the host hyperinit's milestones (`--stats`).
 pub fn announce_timings(t: [u64; 3]) {
     send(&GuestMessage::Timings {

@@ -331,6 +331,47 @@ pub mod process {
         Some(f)
     }
 
+    /// Sets the wall clock to `ns` nanoseconds since the epoch.
+    pub fn set_realtime(ns: u64) -> io::Result<()> {
+        let ts = libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: clock_settime reads one live timespec.
+        check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+    }
+
+    /// Adds `seed` to the kernel's random pool, credited as entropy, then
+    /// has the kernel reseed its generator from the pool at once
+    /// (RNDADDENTROPY, RNDRESEEDCRNG on /dev/urandom).
+    pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+        const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")?;
+        // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+        let mut info: Vec<u8> = Vec::with_capacity(8 + seed.len());
+        info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+        info.extend_from_slice(seed);
+        // Aligned for the kernel's view of it (ints, then u32 words).
+        let mut words = vec![0u32; info.len().div_ceil(4)];
+        for (i, chunk) in info.chunks(4).enumerate() {
+            let mut w = [0u8; 4];
+            w[..chunk.len()].copy_from_slice(chunk);
+            words[i] = u32::from_ne_bytes(w);
+        }
+        // SAFETY: RNDADDENTROPY reads a rand_pool_info of the size its
+        // buf_size field says, which `words` holds; RNDRESEEDCRNG takes no
+        // argument.
+        unsafe {
+            check(libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, words.as_ptr()))?;
+            check(libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG))
+        }
+    }
+
     /// Puts the console in raw output mode so app bytes reach the host unchanged.
     pub fn raw_output(fd: libc::c_int) {
         // SAFETY: termios is plain data; failure (not a tty) is ignored.

@@ -8,6 +8,10 @@
 //!   host MUST hold its requests until then (bytes that reach the UART
 //!   before it is opened are echoed or lost) and MUST then answer on that
 //!   channel;
+//! - booted with `hyper.start=port` (contract 4), `waiting` — hyperinit
+//!   mounted the root and waits for its run configuration: the host may
+//!   snapshot the machine now (nothing run-specific has happened yet), then
+//!   MUST send `start N`;
 //! - `drain OUT ERR` — the byte counts it sent on the stdout and stderr
 //!   ports; the host answers `drained` once it has them all;
 //! - with `stats` (contract 2), `timings INIT ROOT EXEC`: microseconds of
@@ -18,8 +22,9 @@
 //!   characters), then it ends the VM.
 //!
 //! The host says `signal N` (deliver N to the app), `stdin-eof N` (the
-//! app's stdin ends after N bytes), `winsize R C` (the terminal's new size)
-//! and `drained`.
+//! app's stdin ends after N bytes), `winsize R C` (the terminal's new size),
+//! `drained`, and (contract 4) `start N` followed by N bytes: the JSON of a
+//! [`crate::Start`], at most [`START_MAX`] bytes.
 //!
 //! Lines end with `\n`; a line longer than [`MAX_LINE`] is a misbehaving
 //! peer and is cut ([`LineBuffer`]).
@@ -27,10 +32,15 @@
 /// The longest line either side sends (an `error=` report is the longest).
 pub const MAX_LINE: usize = 512;
 
+/// The largest body a `start N` message may announce.
+pub const START_MAX: usize = 1 << 20;
+
 /// What hyperinit tells the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestMessage {
     Ready,
+    /// At the snapshot point, waiting for `start` (contract 4).
+    Waiting,
     Drain {
         stdout: u64,
         stderr: u64,
@@ -98,6 +108,7 @@ impl GuestMessage {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             GuestMessage::Ready => "ready\n".to_string(),
+            GuestMessage::Waiting => "waiting\n".to_string(),
             GuestMessage::Drain { stdout, stderr } => format!("drain {stdout} {stderr}\n"),
             GuestMessage::Timings { init, root, exec } => format!("timings {init} {root} {exec}\n"),
             GuestMessage::Exit(c) => format!("exit={c}\n"),
@@ -119,6 +130,9 @@ impl GuestMessage {
         let t = text(line);
         if t == "ready" {
             return Ok(GuestMessage::Ready);
+        }
+        if t == "waiting" {
+            return Ok(GuestMessage::Waiting);
         }
         if let Some(rest) = t.strip_prefix("drain ") {
             let mut it = rest.split(' ');
@@ -165,6 +179,25 @@ impl GuestMessage {
             .filter_map(|l| Self::decode(l).ok())
             .find(Self::is_report)
     }
+}
+
+/// The `start N` header line and body for a start message.
+pub fn encode_start(start: &crate::Start) -> Vec<u8> {
+    let body = serde_json::to_vec(start).expect("a start message serializes");
+    let mut m = format!("start {}\n", body.len()).into_bytes();
+    m.extend_from_slice(&body);
+    m
+}
+
+/// The body length a `start N` line announces; None for any other line
+/// (an error for a malformed or oversized one).
+pub fn decode_start_header(line: &[u8]) -> Option<Result<usize, ControlError>> {
+    let t = text(line);
+    let n = t.strip_prefix("start ")?;
+    Some(match n.parse::<usize>() {
+        Ok(n) if n <= START_MAX => Ok(n),
+        _ => Err(ControlError::Malformed("start", t)),
+    })
 }
 
 impl HostMessage {

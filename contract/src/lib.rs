@@ -25,7 +25,10 @@
 
 pub mod control;
 
-pub use control::{ControlError, GuestMessage, HostMessage, LineBuffer};
+pub use control::{
+    decode_start_header, encode_start, ControlError, GuestMessage, HostMessage, LineBuffer,
+    START_MAX,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +37,11 @@ use serde::{Deserialize, Serialize};
 /// 1: the first. 2: `stats` in the run configuration, and hyperinit's
 /// `timings` message. 3: the control channel on the [`CONTROL_PORT`]
 /// virtio-console port when the host offers it (the host may then boot
-/// without UARTs).
-pub const VERSION: u32 = 3;
+/// without UARTs). 4: the snapshot point: booted with `hyper.start=port`,
+/// hyperinit mounts the root, says `waiting` and takes a [`Start`] on the
+/// control channel instead of reading its run configuration from the
+/// initrd.
+pub const VERSION: u32 = 4;
 
 /// The name of the virtio-console port that carries the control channel
 /// (contract 3); without it, COM2 does.
@@ -43,6 +49,37 @@ pub const CONTROL_PORT: &str = "hyper.control";
 
 /// The ELF section in which hyperinit records the contract version it speaks.
 pub const ELF_SECTION: &str = ".hyper_contract";
+
+/// The kernel argument by which the host says the run configuration comes
+/// as a [`Start`] on the control port (contract 4).
+pub const START_ARG: &str = "hyper.start=port";
+
+/// What the host sends at the snapshot point (contract 4): the run
+/// configuration, the time, and entropy. A guest restored from a snapshot
+/// has the snapshot's clock and random state: hyperinit sets the wall
+/// clock to `realtime_ns` and adds `entropy` to the kernel's pool (and
+/// reseeds it) before anything of the run happens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Start {
+    pub run: RunConfig,
+    /// Nanoseconds since the epoch when the host sent it.
+    pub realtime_ns: u64,
+    /// 64 random bytes, in hex.
+    pub entropy: String,
+}
+
+impl Start {
+    /// Parses a start message's body, refusing unknown fields and an empty
+    /// command.
+    pub fn parse(bytes: &[u8]) -> Result<Self, RunConfigError> {
+        let s: Start = serde_json::from_slice(bytes).map_err(RunConfigError::Malformed)?;
+        if s.run.argv.is_empty() {
+            return Err(RunConfigError::NoCommand);
+        }
+        Ok(s)
+    }
+}
 
 /// Where hyperinit finds its run configuration.
 pub const RUN_CONFIG_PATH: &str = "/hyper/run.json";

@@ -123,6 +123,11 @@ struct Cli {
     /// (appended; -: stderr)
     #[arg(long, value_name = "FILE|-")]
     stats: Option<PathBuf>,
+    /// Start from a snapshot of the booted artifact (KVM backend): auto
+    /// (restore one, or make one on this boot), off, refresh (make a new
+    /// one), require (restore one or fail)
+    #[arg(long, default_value = "auto")]
+    snapshot: crate::snapshots::Mode,
 }
 
 /// `hyperboot ps|logs|stop|kill|wait|rm`: detached VMs.
@@ -399,6 +404,8 @@ fn options(cli: Cli) -> Result<BootOptions, String> {
         verbose: cli.verbose,
         console: cli.console,
         stats: cli.stats,
+        snapshot: cli.snapshot,
+        prepare: false,
         net: crate::net::NetOptions {
             mode: cli.net.unwrap_or_default(),
             publish,
@@ -528,6 +535,8 @@ pub fn main() -> ExitCode {
     let first = std::env::args().nth(1);
     match first.as_deref() {
         Some("pull") => return pull_main(),
+        Some("prepare") => return prepare_main(),
+        Some("cache") => return cache_main(),
         Some("ps" | "logs" | "stop" | "kill" | "wait" | "rm") => return vms_main(),
         Some("__supervise") => return supervise_main(std::env::args().nth(2)),
         _ => {}
@@ -588,4 +597,96 @@ pub fn main() -> ExitCode {
         tracing::error!("{m}");
     }
     ExitCode::from(result.code())
+}
+
+/// `hyperboot prepare ARTIFACT [OPTIONS]`: boots the artifact to the
+/// snapshot point with these options and keeps the snapshot, so the next
+/// boot with the same options restores it (for systemd's ExecStartPre and
+/// the update timer). Prints the snapshot's path.
+fn prepare_main() -> ExitCode {
+    let args: Vec<String> = std::env::args()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, a)| a)
+        .collect();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    diagnostics(cli.verbose, cli.quiet);
+    if cli.detach {
+        tracing::error!("hyperboot prepare takes no -d");
+        return ExitCode::from(exit::FAILED);
+    }
+    let artifact = if hyper_remote::is_url(&cli.artifact) {
+        match fetch(&cli.artifact, true, None) {
+            Ok(f) => f.path,
+            Err(code) => return code,
+        }
+    } else {
+        PathBuf::from(&cli.artifact)
+    };
+    let mut opts = match options(cli) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    opts.artifact = artifact;
+    opts.prepare = true;
+    match crate::boot(&opts) {
+        Ok(Exit::App(0)) => ExitCode::SUCCESS,
+        Ok(e) => {
+            if let Some(m) = e.message() {
+                tracing::error!("{m}");
+            }
+            ExitCode::from(exit::FAILED)
+        }
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+/// `hyperboot cache ls|prune`: the artifacts fetched and the snapshots
+/// made on this host.
+fn cache_main() -> ExitCode {
+    #[derive(Parser, Debug)]
+    #[command(
+        name = "hyperboot cache",
+        about = "hyperboot's cache: fetched artifacts and snapshots"
+    )]
+    enum CacheCli {
+        /// List fetched artifacts and snapshots, with their sizes
+        Ls,
+        /// Remove snapshots (those of artifacts no longer on this host, or
+        /// all with --all) and, with --all, fetched artifacts
+        Prune {
+            #[arg(long)]
+            all: bool,
+        },
+    }
+    let args: Vec<String> = std::env::args()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, a)| a)
+        .collect();
+    let cli = match CacheCli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    diagnostics(false, false);
+    let result = match cli {
+        CacheCli::Ls => crate::snapshots::list(),
+        CacheCli::Prune { all } => crate::snapshots::prune(all),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(exit::FAILED)
+        }
+    }
 }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod exit;
 pub mod host;
 pub mod net;
+pub mod snapshots;
 pub mod spec;
 pub mod stats;
 pub mod stop;
@@ -55,6 +56,10 @@ pub struct BootOptions {
     pub net: net::NetOptions,
     /// `--stats FILE|-`: the boot's timeline, exits and memory as JSON.
     pub stats: Option<PathBuf>,
+    /// `--snapshot`: restore, make, or neither.
+    pub snapshot: snapshots::Mode,
+    /// `hyperboot prepare`: only make the snapshot, do not run the app.
+    pub prepare: bool,
 }
 
 /// A failure of hyperboot itself (exit code 125).
@@ -62,6 +67,8 @@ pub struct BootOptions {
 pub enum BootError {
     #[error(transparent)]
     Artifact(#[from] hvm::ReadError),
+    #[error(transparent)]
+    Snapshots(#[from] snapshots::SnapshotsError),
     #[error(transparent)]
     Contract(#[from] hyper_contract::VersionError),
     #[error(transparent)]
@@ -258,16 +265,68 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
                     "nested PVM KVM: adding the stock-kernel workarounds to the command line"
                 );
             }
+            let mut cmdline = backend::kvm::cmdline(base, opts, pvm, contract);
+            let why_not = if pvm {
+                Some("nested PVM KVM runs no guest user space")
+            } else if contract < 4 {
+                Some("the artifact's hyperinit predates snapshots (rebuild it)")
+            } else {
+                None
+            };
+            let use_snapshots =
+                why_not.is_none() && (opts.snapshot != snapshots::Mode::Off || opts.prepare);
+            if use_snapshots {
+                cmdline.push(' ');
+                cmdline.push_str(hyper_contract::START_ARG);
+            }
+            let identity = snapshots::Identity {
+                artifact: hvm::digest_string(&artifact.digest()),
+                hyperboot: env!("CARGO_PKG_VERSION").into(),
+                format: hyper_vmm::snapshot::FORMAT,
+                cpu: snapshots::cpu_signature(),
+                host_kernel: snapshots::host_kernel(),
+                memory_mib: opts.memory_mib,
+                cpus: opts.cpus,
+                console_ports: backend::kvm::console_ports(opts.interactive, contract >= 3),
+                net: plan.is_some(),
+                shares: opts.binds.len(),
+                cmdline: cmdline.clone(),
+            };
+            let choice = snapshots::choose(opts, why_not, &identity, &artifact)?;
+            if let snapshots::Choice::Ready(path) = &choice {
+                println!("{}", path.display());
+                return Ok(Exit::App(0));
+            }
+            let start = use_snapshots.then(|| run.clone());
+            let empty = Vec::new();
             let b = backend::Boot {
                 artifact: &artifact,
-                archive: &archive,
+                // Nothing of the run may be in a snapshot's memory: with a
+                // start message, the initrd carries no run configuration.
+                archive: if use_snapshots { &empty } else { &archive },
                 stop_signal,
-                cmdline: backend::kvm::cmdline(base, opts, pvm, contract),
+                cmdline,
                 opts,
             };
-            backend::kvm::boot(b, plan, events, contract >= 3, pvm)?
+            let outcome = backend::kvm::boot(b, plan, events, contract >= 3, pvm, choice, start)?;
+            if opts.prepare {
+                return if snapshots::path_of(&identity).exists() {
+                    println!("{}", snapshots::path_of(&identity).display());
+                    Ok(Exit::App(0))
+                } else {
+                    Err(BootError::Snapshots(snapshots::SnapshotsError::Make(
+                        "the guest did not reach the snapshot point".into(),
+                    )))
+                };
+            }
+            outcome
         }
         _ => {
+            if opts.snapshot == snapshots::Mode::Require || opts.prepare {
+                return Err(BootError::Snapshots(snapshots::SnapshotsError::Required(
+                    "snapshots are the KVM backend's; this boot is on QEMU".into(),
+                )));
+            }
             let (accel, pvm) = backend::pick_accel(opts.accel, &kvm)?;
             let b = backend::Boot {
                 artifact: &artifact,

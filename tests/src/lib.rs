@@ -247,9 +247,13 @@ pub fn boot_on(backend: &str, artifact: &Path, args: &[&str]) -> Run {
 pub enum Backend {
     /// QEMU `microvm` (TCG where KVM is not hardware): runs anywhere.
     Qemu,
-    /// hyperboot's own VMM: full guests need KVM with real semantics
-    /// (hardware, or the nested host of the `nested` tier).
+    /// hyperboot's own VMM, cold boots (`--snapshot off`): full guests
+    /// need KVM with real semantics (hardware, or the nested host of the
+    /// `nested` tier).
     Kvm,
+    /// hyperboot's own VMM, every boot restored from a snapshot made
+    /// first with the same options (`hyperboot-restored`).
+    KvmRestored,
 }
 
 impl Backend {
@@ -257,7 +261,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Qemu => "qemu",
-            Backend::Kvm => "kvm",
+            Backend::Kvm | Backend::KvmRestored => "kvm",
         }
     }
 
@@ -266,8 +270,8 @@ impl Backend {
     pub fn available(self, test: &str) -> bool {
         match self {
             Backend::Qemu => true,
-            Backend::Kvm if hardware_kvm() => true,
-            Backend::Kvm => {
+            Backend::Kvm | Backend::KvmRestored if hardware_kvm() => true,
+            Backend::Kvm | Backend::KvmRestored => {
                 skip(
                     test,
                     "needs KVM with real semantics (hardware, or the nested host: scripts/test nested)",
@@ -280,14 +284,38 @@ impl Backend {
     /// `hyperboot --backend NAME`, for scenarios that drive the process
     /// themselves (they add `--timeout`, flags, the artifact and `-- CMD`).
     pub fn hyperboot(self) -> Command {
-        let mut c = hyperboot();
+        let mut c = match self {
+            Backend::KvmRestored => {
+                let mut c = Command::new(bin_path("hyperboot-restored"));
+                c.env_remove("HYPER_QEMU");
+                c
+            }
+            _ => hyperboot(),
+        };
         c.args(["--backend", self.name()]);
+        if self == Backend::Kvm {
+            c.args(["--snapshot", "off"]);
+        }
         c
     }
 
     /// Boots `artifact` with `args` (flags, then `--` and the command).
     pub fn boot(self, artifact: &Path, args: &[&str]) -> Run {
-        boot_on(self.name(), artifact, args)
+        let flags: Vec<&str> = args.iter().copied().take_while(|a| *a != "--").collect();
+        let bound: &[&str] = if flags.contains(&"--timeout") {
+            &[]
+        } else {
+            &["--timeout", "120"]
+        };
+        let out = self
+            .hyperboot()
+            .args(bound)
+            .args(flags)
+            .arg(artifact)
+            .args(args.iter().skip_while(|a| **a != "--"))
+            .output()
+            .expect("run hyperboot");
+        Run::from(out)
     }
 }
 

@@ -28,6 +28,12 @@ pub trait MmioSlot: Send {
     fn flush(&mut self, mem: &GuestMemoryMmap);
     /// Shows the registers in `page` from now on.
     fn publish_to(&mut self, page: RegisterPage);
+    /// The transport's and device's state, for a snapshot; and back.
+    fn save(&self) -> serde_json::Value;
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
+    /// Serves every queue as if the guest had notified it (after a
+    /// restore: a notification may have been pending at the snapshot).
+    fn notify_all(&mut self, mem: &GuestMemoryMmap);
     fn queue_count(&self) -> usize;
 }
 
@@ -54,6 +60,18 @@ impl<D: VirtioDevice + Send> MmioSlot for MmioTransport<D> {
 
     fn queue_count(&self) -> usize {
         self.device.queue_max_sizes().len()
+    }
+
+    fn save(&self) -> serde_json::Value {
+        MmioTransport::save(self)
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        MmioTransport::restore(self, state)
+    }
+
+    fn notify_all(&mut self, mem: &GuestMemoryMmap) {
+        MmioTransport::notify_all(self, mem)
     }
 }
 

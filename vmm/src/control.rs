@@ -35,6 +35,8 @@ pub struct Replies {
     /// The guest asked for `drained`: the carrier MUST first take every
     /// output the guest has queued, then send [`HostMessage::Drained`].
     pub drain: bool,
+    /// hyperinit is at the snapshot point, waiting for its start message.
+    pub waiting: bool,
 }
 
 /// The state of the control channel.
@@ -46,6 +48,8 @@ pub struct Control {
     /// Where hyperinit listens, once it said `ready`.
     ready: Option<Carrier>,
     held: Vec<HostMessage>,
+    /// Told when hyperinit says `waiting` (the snapshot thread).
+    waiting: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Control {
@@ -71,10 +75,21 @@ impl Control {
                 Ok(GuestMessage::Drain { .. }) if self.ready == Some(carrier) => {
                     replies.drain = true;
                 }
+                Ok(GuestMessage::Waiting) if self.ready == Some(carrier) => {
+                    replies.waiting = true;
+                    if let Some(tx) = &self.waiting {
+                        let _ = tx.send(());
+                    }
+                }
                 _ => {}
             }
         }
         replies
+    }
+
+    /// Tells `tx` each time hyperinit says `waiting`.
+    pub fn on_waiting(&mut self, tx: std::sync::mpsc::Sender<()>) {
+        self.waiting = Some(tx);
     }
 
     /// A request from the owner: the carrier to send it on now, or None
@@ -85,6 +100,36 @@ impl Control {
             self.held.push(m);
         }
         self.ready
+    }
+
+    /// Where hyperinit listens and what it said, for a snapshot (the
+    /// requests held are the owner's of that run, not of the snapshot).
+    pub fn save(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ready": match self.ready {
+                Some(Carrier::Port) => "port",
+                Some(Carrier::Com2) => "com2",
+                None => "",
+            },
+            "status": self.status,
+        })
+    }
+
+    /// Takes back a [`Control::save`]; requests already held stay held (or
+    /// go, once hyperinit listens: returned for the carrier to send).
+    pub fn restore(&mut self, v: &serde_json::Value) -> Vec<HostMessage> {
+        self.ready = match v["ready"].as_str() {
+            Some("port") => Some(Carrier::Port),
+            Some("com2") => Some(Carrier::Com2),
+            _ => None,
+        };
+        self.status = serde_json::from_value(v["status"].clone()).unwrap_or_default();
+        self.status.truncate(STATUS_MAX);
+        if self.ready.is_some() {
+            std::mem::take(&mut self.held)
+        } else {
+            Vec::new()
+        }
     }
 
     /// What the guest wrote on the control channel (at most [`STATUS_MAX`]

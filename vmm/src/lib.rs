@@ -22,6 +22,7 @@ pub mod layout;
 pub mod loader;
 pub mod p9;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stats;
 pub mod sys;
 pub mod vcpu;
@@ -70,6 +71,35 @@ pub struct VmConfig {
     pub register_pages: bool,
     /// Called once, from the thread that ends the VM, when it ends.
     pub on_end: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Contract 4: hyperinit waits at the snapshot point for its start
+    /// message; this builds it (when it is sent, so its clock is current).
+    pub start: Option<Box<dyn FnOnce() -> Vec<u8> + Send>>,
+    /// Take a snapshot at the snapshot point, before the start message.
+    pub snapshot: Option<SnapshotPlan>,
+    /// Boot from this snapshot instead of the kernel: opened, its key
+    /// checked, and its digest verified (or known) by the owner. The guest
+    /// is at the snapshot point: `start` is sent at once.
+    pub restore: Option<(File, snapshot::Header, snapshot::State)>,
+}
+
+/// Where and how a snapshot is taken.
+pub struct SnapshotPlan {
+    /// What it is of (see [`snapshot`]).
+    pub key: [u8; 32],
+    /// An empty file to write it into, opened before any seccomp filter.
+    pub file: File,
+    /// Called with the outcome, from the snapshot thread (under its
+    /// filter: file calls only): puts the file in place, or removes it.
+    pub done: Box<dyn FnOnce(Result<snapshot::Header, snapshot::SnapshotError>) + Send>,
+    /// End the VM once the snapshot is made (`hyperboot prepare`) instead
+    /// of sending the start message.
+    pub stop_after: bool,
+}
+
+impl std::fmt::Debug for SnapshotPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotPlan").finish()
+    }
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -165,6 +195,10 @@ pub enum VmmError {
     EventFd(#[source] std::io::Error),
     #[error("cannot map the devices' register pages: {0}")]
     Registers(String),
+    #[error("cannot restore the snapshot")]
+    Restore(#[from] snapshot::SnapshotError),
+    #[error("the snapshot's devices do not match this VM's: {0}")]
+    RestoreDevices(String),
     #[error("more than {MAX_SHARES} shared directories")]
     TooManyShares,
 }

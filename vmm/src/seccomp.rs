@@ -24,8 +24,9 @@ pub enum SeccompError {
 /// What a thread does, hence what it may ask of the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
-    /// A vCPU: `KVM_RUN` is its one ioctl; device work on its exits (reads of
-    /// the rootfs, writes to stdout, eventfds and passt's socket).
+    /// A vCPU: `KVM_RUN`, and the `KVM_GET_*` requests that read its own
+    /// state for a snapshot; device work on its exits (reads of the rootfs,
+    /// writes to stdout, eventfds and passt's socket).
     Vcpu,
     /// A device helper (stdin feeder, network receiver): no ioctl at all.
     Helper,
@@ -33,6 +34,11 @@ pub enum Profile {
     /// descriptors it holds (`*at` calls, metadata, listing, writes, syncs);
     /// still no ioctl, process, socket or exec call.
     FileServer,
+    /// The thread that sends hyperinit its start message at the snapshot
+    /// point, and takes the snapshot first when asked: the device calls,
+    /// file calls to write the snapshot and put it in place, and the
+    /// `KVM_GET_*` requests that read the machine's in-kernel devices.
+    Snapshot,
     /// The thread that owns a running VM (hyperboot's main thread): waits
     /// for signals and the end, sends control messages, restores the
     /// terminal: the terminal ioctls `TCGETS*`, `TCSETS*` and `TIOCGWINSZ`
@@ -103,6 +109,31 @@ const FILE_SERVER: &[i64] = &[
     libc::SYS_fdatasync,
 ];
 
+const SNAPSHOT: &[i64] = &[
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_openat,
+    libc::SYS_mkdirat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlinkat,
+    libc::SYS_flock,
+    libc::SYS_getrandom,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_chmod,
+    libc::SYS_rename,
+    libc::SYS_mkdir,
+    libc::SYS_unlink,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+];
+
 const SUPERVISOR: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_rt_sigaction,
@@ -119,6 +150,42 @@ const SUPERVISOR: &[i64] = &[
 
 /// The `KVM_RUN` request number (`_IO(KVMIO, 0x80)`).
 pub const KVM_RUN: u64 = 0xae80;
+
+/// `_IOR`/`_IOW`/`_IOWR(KVMIO, nr, T)` for a `T` of `size` bytes.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+const R: u64 = 2;
+const RW: u64 = 3;
+
+/// What a vCPU reads of itself for a snapshot.
+const VCPU_STATE_IOCTLS: &[u64] = &[
+    kvm_ioc(R, 0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>()),
+    kvm_ioc(R, 0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()),
+    kvm_ioc(R, 0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>()),
+    kvm_ioc(R, 0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>()),
+    kvm_ioc(R, 0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>()),
+    kvm_ioc(R, 0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>()),
+    kvm_ioc(
+        R,
+        0x8e,
+        std::mem::size_of::<kvm_bindings::kvm_lapic_state>(),
+    ),
+    kvm_ioc(RW, 0x91, std::mem::size_of::<kvm_bindings::kvm_cpuid2>()),
+    kvm_ioc(RW, 0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>()),
+    kvm_ioc(
+        R,
+        0x9f,
+        std::mem::size_of::<kvm_bindings::kvm_vcpu_events>(),
+    ),
+];
+
+/// What the snapshot thread reads of the machine.
+const MACHINE_STATE_IOCTLS: &[u64] = &[
+    kvm_ioc(RW, 0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()),
+    kvm_ioc(R, 0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>()),
+    kvm_ioc(R, 0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>()),
+];
 
 /// The terminal requests the supervisor makes (the `*2` forms are what
 /// rustix uses).
@@ -139,6 +206,7 @@ impl Profile {
         let extra: &[&[i64]] = match self {
             Profile::Vcpu | Profile::Helper => &[DEVICES],
             Profile::FileServer => &[DEVICES, FILE_SERVER],
+            Profile::Snapshot => &[DEVICES, SNAPSHOT],
             Profile::Supervisor => &[SUPERVISOR],
         };
         BASE.iter()
@@ -147,11 +215,12 @@ impl Profile {
             .collect()
     }
 
-    fn ioctls(self) -> &'static [u64] {
+    fn ioctls(self) -> Vec<u64> {
         match self {
-            Profile::Vcpu => &[KVM_RUN],
-            Profile::Helper | Profile::FileServer => &[],
-            Profile::Supervisor => TERMINAL_IOCTLS,
+            Profile::Vcpu => [KVM_RUN].iter().chain(VCPU_STATE_IOCTLS).copied().collect(),
+            Profile::Helper | Profile::FileServer => Vec::new(),
+            Profile::Snapshot => MACHINE_STATE_IOCTLS.to_vec(),
+            Profile::Supervisor => TERMINAL_IOCTLS.to_vec(),
         }
     }
 
@@ -173,8 +242,8 @@ impl Profile {
         );
         let ioctls = self
             .ioctls()
-            .iter()
-            .map(|&request| {
+            .into_iter()
+            .map(|request| {
                 SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])
                     .map_err(SeccompError::Build)
             })

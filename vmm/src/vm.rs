@@ -29,7 +29,9 @@ use crate::devices::virtio_console::Console;
 use crate::devices::virtio_mmio::{MmioTransport, RegisterPage, COALESCED, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio_net::{self, Net};
 use crate::seccomp::Profile;
-use crate::{kvm, layout, loader, lock, sys, vcpu, End, Outcome, ShareStats, VmConfig, VmmError};
+use crate::{
+    kvm, layout, loader, lock, snapshot, sys, vcpu, End, Outcome, ShareStats, VmConfig, VmmError,
+};
 use crate::{GuestFault, MAX_SHARES};
 
 /// The first virtio-mmio slot of the `-v` shares (after the disk, the
@@ -45,8 +47,9 @@ pub struct Vm {
     /// The names of the occupied virtio-mmio slots.
     slot_names: Vec<(usize, String)>,
     guest_memory: (usize, usize),
-    /// Kept open while the VM runs.
-    _vm: VmFd,
+    /// Kept open while the VM runs; the snapshot thread reads the
+    /// machine's state through it.
+    vm: Arc<VmFd>,
     bus: Arc<Bus>,
     vcpus: Vec<VcpuFd>,
     blk: Option<Arc<Mutex<MmioTransport<Block>>>>,
@@ -62,6 +65,15 @@ pub struct Vm {
     stdin: Option<Box<dyn Read + Send>>,
     seccomp: bool,
     on_end: Option<Box<dyn Fn() + Send + Sync>>,
+    start: Option<Box<dyn FnOnce() -> Vec<u8> + Send>>,
+    snapshot: Option<crate::SnapshotPlan>,
+    /// The MSRs a snapshot saves (asked of KVM before any filter).
+    msr_list: Vec<u32>,
+    /// Booted from a snapshot: hyperinit waits for its start already.
+    restored: bool,
+    /// hyperinit says `waiting` (contract 4): the snapshot thread's cue.
+    waiting: Option<std::sync::mpsc::Receiver<()>>,
+    memory_mib: u64,
 }
 
 impl std::fmt::Debug for Vm {
@@ -103,8 +115,17 @@ impl Vm {
         };
 
         let mem_bytes = cfg.memory_mib << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
-            .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?;
+        let restore = cfg.restore.take();
+        let mem = match &restore {
+            None => GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
+                .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?,
+            Some((file, header, state)) => {
+                if state.memory_mib != cfg.memory_mib || header.memory_len != mem_bytes {
+                    return Err(snapshot::SnapshotError::Foreign.into());
+                }
+                restored_memory(file, header.memory_offset, mem_bytes)?
+            }
+        };
         for (slot, region) in mem.iter().enumerate() {
             sys::map_region(
                 &vm,
@@ -139,6 +160,13 @@ impl Vm {
             None => None,
         };
         let control = Arc::new(Mutex::new(Control::default()));
+        let waiting = if cfg.start.is_some() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            lock(&control).on_waiting(tx);
+            Some(rx)
+        } else {
+            None
+        };
         let console = if cfg.streams.is_empty() && !cfg.control_port {
             None
         } else {
@@ -196,6 +224,16 @@ impl Vm {
             notifiers,
             queued,
         } = quiet_registers(&kvm, &vm, &slots, mem.num_regions(), cfg.register_pages)?;
+        let cpus = cfg.cpus.clamp(1, 64);
+        let mut vcpu_states = None;
+        if let Some((_, _, state)) = restore {
+            restore_devices(&slots, &control, &state)?;
+            snapshot::restore_machine(&vm, &state.machine)?;
+            if state.vcpus.len() != usize::from(cpus) {
+                return Err(snapshot::SnapshotError::Foreign.into());
+            }
+            vcpu_states = Some(state.vcpus);
+        }
         // The kernel learns of each from the command line.
         let mut cmdline = cfg.cmdline.clone();
         for (slot, _) in slots.iter().enumerate().filter(|(_, d)| d.is_some()) {
@@ -205,9 +243,13 @@ impl Vm {
                 layout::VIRTIO_IRQ_BASE + slot as u32
             ));
         }
-        let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
-        let cpus = cfg.cpus.clamp(1, 64);
-        layout::write_mptable(&mem, cpus)?;
+        let entry = if vcpu_states.is_some() {
+            0 // the kernel is in the snapshot's memory
+        } else {
+            let loaded = loader::load(&mem, mem_bytes, &mut cfg.kernel, &cfg.initrd, &cmdline)?;
+            layout::write_mptable(&mem, cpus)?;
+            loaded.entry
+        };
         crate::phase("guest loaded");
         timeline.kernel_ready = sys::monotonic_ns();
 
@@ -233,12 +275,17 @@ impl Vm {
                 vcpu.map_coalesced_mmio_ring()
                     .map_err(|e| VmmError::Create("mmap of the coalesced MMIO ring", e))?;
             }
-            vcpu::setup_cpuid(&kvm, &vcpu, id, cpus)?;
-            vcpu::setup_msrs(&vcpu)?;
-            if id == 0 {
-                vcpu::setup_pvh_regs(&vcpu, &mem, loaded.entry)?;
+            match &vcpu_states {
+                Some(states) => snapshot::restore_vcpu(&vcpu, &states[usize::from(id)])?,
+                None => {
+                    vcpu::setup_cpuid(&kvm, &vcpu, id, cpus)?;
+                    vcpu::setup_msrs(&vcpu)?;
+                    if id == 0 {
+                        vcpu::setup_pvh_regs(&vcpu, &mem, entry)?;
+                    }
+                    vcpu::setup_lapic(&vcpu)?;
+                }
             }
-            vcpu::setup_lapic(&vcpu)?;
             vcpus.push(vcpu);
         }
         crate::phase("vcpu ready");
@@ -246,7 +293,7 @@ impl Vm {
             timeline,
             slot_names,
             guest_memory,
-            _vm: vm,
+            vm: Arc::new(vm),
             bus,
             vcpus,
             blk,
@@ -260,6 +307,16 @@ impl Vm {
             stdin: cfg.stdin.take(),
             seccomp: cfg.seccomp,
             on_end: cfg.on_end.take(),
+            start: cfg.start.take(),
+            msr_list: if cfg.snapshot.is_some() {
+                snapshot::msr_list(&kvm)
+            } else {
+                Vec::new()
+            },
+            snapshot: cfg.snapshot.take(),
+            restored: vcpu_states.is_some(),
+            waiting,
+            memory_mib: cfg.memory_mib,
         })
     }
 
@@ -282,9 +339,27 @@ impl Vm {
             first_run_ns: AtomicU64::new(0),
             first_exit_ns: AtomicU64::new(0),
             ended_ns: AtomicU64::new(0),
+            pause: Pause::default(),
+            msr_list: std::mem::take(&mut self.msr_list),
         });
         let mem = self.bus.mem.clone();
         let filtered = self.seccomp;
+        if let Some(start) = self.start.take() {
+            let starter = Starter {
+                vm: self.vm.clone(),
+                shared: shared.clone(),
+                bus: self.bus.clone(),
+                waiting: self.waiting.take(),
+                restored: self.restored,
+                plan: self.snapshot.take(),
+                start,
+                cpus: self.vcpus.len(),
+                memory_mib: self.memory_mib,
+            };
+            sys::spawn("start".into(), Profile::Snapshot, filtered, move || {
+                starter.run()
+            })?;
+        }
         if let (Some(stdin), Some(console)) = (self.stdin.take(), &self.console) {
             let (console, shared) = (console.clone(), shared.clone());
             let mem = mem.clone();
@@ -357,9 +432,93 @@ struct Shared {
     first_run_ns: AtomicU64,
     first_exit_ns: AtomicU64,
     ended_ns: AtomicU64,
+    /// Parks every vCPU outside `KVM_RUN` (for a snapshot).
+    pause: Pause,
+    /// The MSRs a vCPU saves when parked for a snapshot.
+    msr_list: Vec<u32>,
+}
+
+/// Parking the vCPUs: the snapshot thread asks, kicks each out of
+/// `KVM_RUN`; each vCPU thread, seeing the request, saves its own state
+/// when asked to, counts itself parked and waits to be let go.
+#[derive(Default)]
+struct Pause {
+    requested: AtomicBool,
+    inner: Mutex<Parked>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Parked {
+    count: usize,
+    capture: bool,
+    states: Vec<Option<Result<snapshot::VcpuState, snapshot::SnapshotError>>>,
 }
 
 impl Shared {
+    /// vCPU `id`'s thread, outside `KVM_RUN`: parks while a pause is asked.
+    fn park_if_asked(&self, vcpu: &VcpuFd, id: usize) {
+        if !self.pause.requested.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut p = lock(&self.pause.inner);
+        if !self.pause.requested.load(Ordering::SeqCst) {
+            return;
+        }
+        if p.capture {
+            let state = snapshot::capture_vcpu(vcpu, &self.msr_list);
+            if let Some(slot) = p.states.get_mut(id) {
+                *slot = Some(state);
+            }
+        }
+        p.count += 1;
+        self.pause.cv.notify_all();
+        while self.pause.requested.load(Ordering::SeqCst) && !self.done.load(Ordering::SeqCst) {
+            p = self
+                .pause
+                .cv
+                .wait_timeout(p, std::time::Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        p.count -= 1;
+    }
+
+    /// Parks all `n` vCPUs (capturing their state if `capture`); false when
+    /// the VM ended first.
+    fn pause_all(&self, n: usize, capture: bool) -> bool {
+        {
+            let mut p = lock(&self.pause.inner);
+            p.capture = capture;
+            p.states = (0..n).map(|_| None).collect();
+        }
+        self.pause.requested.store(true, Ordering::SeqCst);
+        let mut p = lock(&self.pause.inner);
+        while p.count < n {
+            if self.done.load(Ordering::SeqCst) {
+                return false;
+            }
+            for &(_, t) in lock(&self.threads).iter() {
+                // SAFETY: a listed thread is alive (see `finish`).
+                unsafe { sys::kick_thread(t) };
+            }
+            p = self
+                .pause
+                .cv
+                .wait_timeout(p, std::time::Duration::from_millis(20))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        true
+    }
+
+    /// Lets the parked vCPUs run again.
+    fn resume_all(&self) {
+        let _p = lock(&self.pause.inner);
+        self.pause.requested.store(false, Ordering::SeqCst);
+        self.pause.cv.notify_all();
+    }
+
     /// Registers the calling thread as vCPU `id`'s; false when the VM has
     /// ended already.
     fn register(&self, id: usize) -> bool {
@@ -578,6 +737,7 @@ fn run_vcpu(mut vcpu: VcpuFd, id: usize, bus: &Bus, shared: &Shared) {
             .store(sys::monotonic_ns(), Ordering::SeqCst);
     }
     while !shared.done.load(Ordering::SeqCst) {
+        shared.park_if_asked(&vcpu, id);
         match vcpu.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
@@ -754,4 +914,179 @@ fn serve_notifications(notifiers: &[Notifier], stop: &EventFd, bus: &Bus, mem: &
             }
         }
     }
+}
+
+/// Guest memory mapped private (copy-on-write) from a snapshot's memory
+/// section: pages load as the guest touches them, and VMs restored from one
+/// file share the ones they do not write.
+fn restored_memory(
+    file: &std::fs::File,
+    offset: u64,
+    mem_bytes: u64,
+) -> Result<GuestMemoryMmap, VmmError> {
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let mut regions = Vec::new();
+    let mut at = offset;
+    for (addr, size) in layout::ram_regions(mem_bytes) {
+        let file = file.try_clone().map_err(snapshot::SnapshotError::Io)?;
+        let region = MmapRegion::build(
+            Some(FileOffset::new(file, at)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| VmmError::Registers(format!("cannot map the snapshot's memory: {e}")))?;
+        regions
+            .push(GuestRegionMmap::new(region, addr).ok_or_else(|| {
+                VmmError::Registers("a snapshot memory region is invalid".into())
+            })?);
+        at += size as u64;
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| VmmError::Registers(format!("cannot map the snapshot's memory: {e}")))
+}
+
+/// Puts each device's saved state back; the snapshot's device set must be
+/// this VM's.
+fn restore_devices(
+    slots: &[Option<Arc<Mutex<dyn MmioSlot>>>],
+    control: &Mutex<Control>,
+    state: &snapshot::State,
+) -> Result<(), VmmError> {
+    if state.devices.len() != slots.len() {
+        return Err(VmmError::RestoreDevices(format!(
+            "{} device slots saved, {} here",
+            state.devices.len(),
+            slots.len()
+        )));
+    }
+    for (i, (slot, saved)) in slots.iter().zip(&state.devices).enumerate() {
+        match (slot, saved) {
+            (None, None) => {}
+            (Some(dev), Some(v)) => lock(dev)
+                .restore(v)
+                .map_err(|e| VmmError::RestoreDevices(format!("slot {i}: {e}")))?,
+            _ => {
+                return Err(VmmError::RestoreDevices(format!(
+                    "slot {i} is present in one and not the other"
+                )))
+            }
+        }
+    }
+    lock(control).restore(&state.control);
+    Ok(())
+}
+
+/// The `start` thread (contract 4): when hyperinit says `waiting` (or at
+/// once, after a restore), takes the snapshot if one is planned, then sends
+/// the start message.
+struct Starter {
+    vm: Arc<VmFd>,
+    shared: Arc<Shared>,
+    bus: Arc<Bus>,
+    waiting: Option<std::sync::mpsc::Receiver<()>>,
+    restored: bool,
+    plan: Option<crate::SnapshotPlan>,
+    start: Box<dyn FnOnce() -> Vec<u8> + Send>,
+    cpus: usize,
+    memory_mib: u64,
+}
+
+impl Starter {
+    fn run(self) {
+        let Starter {
+            vm,
+            shared,
+            bus,
+            waiting,
+            restored,
+            plan,
+            start,
+            cpus,
+            memory_mib,
+        } = self;
+        if restored {
+            // A notification may have been on its way at the snapshot.
+            for dev in bus.slots.iter().flatten() {
+                lock(dev).notify_all(&bus.mem);
+            }
+        } else {
+            let Some(waiting) = waiting else {
+                return;
+            };
+            loop {
+                match waiting.recv_timeout(std::time::Duration::from_millis(100)) {
+                    Ok(()) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if shared.done.load(Ordering::SeqCst) {
+                            return;
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            if let Some(plan) = plan {
+                let result = take_snapshot(&vm, &shared, &bus, cpus, memory_mib, &plan);
+                let stop = plan.stop_after;
+                (plan.done)(result);
+                if stop {
+                    shared.finish(End::Host);
+                    return;
+                }
+            }
+        }
+        let message = start();
+        if let Some(console) = &shared.console {
+            let mut c = lock(console);
+            if c.device.push_control_bytes(&message) {
+                c.poke(&bus.mem, |d, q, m| d.deliver_input(q, m));
+            }
+        }
+    }
+}
+
+/// Parks every vCPU, saves the machine, its devices and its memory into the
+/// plan's file, and lets the vCPUs go again.
+fn take_snapshot(
+    vm: &VmFd,
+    shared: &Shared,
+    bus: &Bus,
+    cpus: usize,
+    memory_mib: u64,
+    plan: &crate::SnapshotPlan,
+) -> Result<snapshot::Header, snapshot::SnapshotError> {
+    if !shared.pause_all(cpus, true) {
+        return Err(snapshot::SnapshotError::State("the VM ended first".into()));
+    }
+    let result = (|| {
+        let machine = snapshot::capture_machine(vm)?;
+        let vcpus = std::mem::take(&mut lock(&shared.pause.inner).states)
+            .into_iter()
+            .map(|s| {
+                s.unwrap_or_else(|| {
+                    Err(snapshot::SnapshotError::State("a vCPU did not park".into()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Every device held still while its state and guest memory are read.
+        let held: Vec<Option<std::sync::MutexGuard<'_, dyn MmioSlot>>> = bus
+            .slots
+            .iter()
+            .map(|d| d.as_ref().map(|d| lock(d)))
+            .collect();
+        let devices = held.iter().map(|g| g.as_ref().map(|g| g.save())).collect();
+        let control = lock(&shared.control).save();
+        let state = snapshot::State {
+            memory_mib,
+            vcpus,
+            machine,
+            devices,
+            control,
+        };
+        let header = snapshot::write(&plan.file, plan.key, &state, &bus.mem);
+        drop(held);
+        header
+    })();
+    shared.resume_all();
+    result
 }

@@ -100,16 +100,31 @@ pub fn cmdline(base: &str, opts: &crate::BootOptions, pvm: bool, contract: u32) 
     super::kernel_cmdline(&base, opts.verbose, opts.console, pvm, extra)
 }
 
+/// The console ports the guest gets, in order (a snapshot's device set).
+pub fn console_ports(stdin: bool, control: bool) -> Vec<&'static str> {
+    let mut ports = vec!["hyper.stdout", "hyper.stderr"];
+    if stdin {
+        ports.push("hyper.stdin");
+    }
+    if control {
+        ports.push(hyper_contract::CONTROL_PORT);
+    }
+    ports
+}
+
 /// Boots on the KVM VMM and supervises it to the end; `control_port`: the
 /// artifact's init speaks contract 3 (the control channel on a console
 /// port); `pvm`: nested PVM KVM, which cannot emulate a guest kernel's
 /// writes to read-only memory (the register pages are left out there).
+#[allow(clippy::too_many_arguments)]
 pub fn boot(
     b: super::Boot<'_>,
     net: Option<Plan>,
     mut run: crate::Run,
     control_port: bool,
     pvm: bool,
+    snapshot: crate::snapshots::Choice,
+    start: Option<hyper_contract::RunConfig>,
 ) -> Result<Outcome, BootError> {
     let super::Boot {
         artifact,
@@ -134,45 +149,87 @@ pub fn boot(
         }
         None => None,
     };
-    let k = artifact.section(SectionKind::Kernel);
-    let kernel =
-        hyper_vmm::loader::SectionReader::new(artifact.file().try_clone()?, k.offset, k.length);
-    let i = artifact.section(SectionKind::Initrd);
-    let initrd = hyper_vmm::loader::Initrd {
-        sealed: Some((artifact.file().try_clone()?, i.offset, i.length)),
-        tail: run_archive.to_vec(),
-    };
-    let r = artifact.section(SectionKind::Rootfs);
     tracing::debug!("KVM backend, kernel command line: {cmdline}");
-    let ended = std::sync::Mutex::new(run.tx.clone());
-    let cfg = VmConfig {
-        kernel,
-        initrd,
-        rootfs: Some((artifact.file().try_clone()?, r.offset, r.length)),
-        cmdline,
-        memory_mib: opts.memory_mib,
-        cpus: opts.cpus,
-        console: Box::new(std::io::LineWriter::new(std::io::stdout())),
-        streams: vec![
-            ("hyper.stdout", Box::new(std::io::stdout())),
-            ("hyper.stderr", Box::new(std::io::stderr())),
-        ],
-        stdin: opts
-            .interactive
-            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
-        net: net_backend.map(|b| (GUEST_MAC, b)),
-        shares: share_servers(&opts.binds)?,
-        seccomp: true,
-        control_port,
-        register_pages: !pvm,
-        on_end: Some(Box::new(move || {
-            let _ = ended
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(Event::Ended);
-        })),
+    use crate::snapshots::Choice;
+    let (restore, plan, snapshot_path) = match snapshot {
+        Choice::Restore(f, h, s, path) => (Some((f, h, *s)), None, Some(path)),
+        Choice::Make(p) => (None, Some(p), None),
+        Choice::Cold | Choice::ColdWaiting | Choice::Ready(_) => (None, None, None),
     };
-    let vm = Vm::create(cfg)?;
+    // The machine's configuration, built again should a restore fail.
+    let make = |restore, plan| -> Result<VmConfig, BootError> {
+        let k = artifact.section(SectionKind::Kernel);
+        let i = artifact.section(SectionKind::Initrd);
+        let r = artifact.section(SectionKind::Rootfs);
+        let ended = std::sync::Mutex::new(run.tx.clone());
+        Ok(VmConfig {
+            kernel: hyper_vmm::loader::SectionReader::new(
+                artifact.file().try_clone()?,
+                k.offset,
+                k.length,
+            ),
+            initrd: hyper_vmm::loader::Initrd {
+                sealed: Some((artifact.file().try_clone()?, i.offset, i.length)),
+                tail: run_archive.to_vec(),
+            },
+            rootfs: Some((artifact.file().try_clone()?, r.offset, r.length)),
+            cmdline: cmdline.clone(),
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            console: Box::new(std::io::LineWriter::new(std::io::stdout())),
+            streams: vec![
+                ("hyper.stdout", Box::new(std::io::stdout())),
+                ("hyper.stderr", Box::new(std::io::stderr())),
+            ],
+            stdin: opts
+                .interactive
+                .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+            net: match &net_backend {
+                Some(b) => Some((GUEST_MAC, b.try_clone()?)),
+                None => None,
+            },
+            shares: share_servers(&opts.binds)?,
+            seccomp: true,
+            control_port,
+            register_pages: !pvm,
+            on_end: Some(Box::new(move || {
+                let _ = ended
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Event::Ended);
+            })),
+            start: start.clone().map(crate::snapshots::start_message),
+            snapshot: plan,
+            restore,
+        })
+    };
+    let mut restored = restore.is_some();
+    let making = plan.is_some();
+    let vm = match Vm::create(make(restore, plan)?) {
+        Ok(vm) => vm,
+        Err(e @ (hyper_vmm::VmmError::Restore(_) | hyper_vmm::VmmError::RestoreDevices(_)))
+            if restored =>
+        {
+            tracing::info!(
+                "the snapshot cannot be restored ({}); it is removed and this boot is cold",
+                crate::error_chain(&e)
+            );
+            if let Some(p) = &snapshot_path {
+                let _ = std::fs::remove_file(p);
+            }
+            restored = false;
+            Vm::create(make(None, None)?)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    crate::stats::set(
+        "snapshot",
+        serde_json::json!(match (restored, making) {
+            (true, _) => "restored",
+            (false, true) => "made",
+            (false, false) => "none",
+        }),
+    );
     // `-t`: keys go to the app's terminal raw (Ctrl-C included), as with QEMU.
     let raw = crate::terminal::RawMode::new(opts.tty);
     let running = vm.start()?;
@@ -226,7 +283,7 @@ pub fn boot(
             .collect::<String>()
     );
     if let Some(files) = proc_files.as_mut() {
-        record_stats(&outcome, files);
+        record_stats(&outcome, files, restored);
     }
     // Without a report, a byte the guest wrote to the exit port is its exit
     // code (what a guest without hyperinit has to say).
@@ -246,7 +303,7 @@ pub fn boot(
 }
 
 /// What the VMM measured, into `--stats`.
-fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles) {
+fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles, restored: bool) {
     use crate::stats::{set, us};
     use serde_json::json;
     let t = &o.stats.timeline;
@@ -261,7 +318,11 @@ fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles) {
     ] {
         set(k, us(v));
     }
-    crate::stats::guest_timings(&o.status, t.first_run);
+    // A restored guest's clock runs on from the snapshot's: its milestones
+    // cannot be placed on this run's timeline.
+    if !restored {
+        crate::stats::guest_timings(&o.status, t.first_run);
+    }
     let e = &o.stats.exits;
     let mmio: serde_json::Map<String, serde_json::Value> =
         e.mmio.iter().map(|(k, v)| (k.clone(), json!(v))).collect();

@@ -11,6 +11,17 @@
 //! microvm (KVM, and TCG), and prints whole-process wall time, exec → first
 //! KVM_RUN (hyperboot reports it) and peak RSS.
 //!
+//! `bench-boot kvm-app ARTIFACT [RUNS]` needs KVM with real semantics
+//! (hardware, or the nested host): the artifact on hyperboot's own VMM
+//! (`--backend kvm`, with `--stats`) against QEMU microvm with `-accel kvm`
+//! given the same kernel, initrd and rootfs by hand; it prints the times to
+//! the app's first output and the whole run, the ratio, and ours broken down
+//! (exec → first KVM_RUN, exits, VMM-only RSS).
+//!
+//! `bench-boot initcalls ARTIFACT` boots the artifact once with
+//! `initcall_debug` and prints the kernel's costliest initcalls and its time
+//! from entry to `Run /init`.
+//!
 //! Runs alternate between the contenders so machine noise hits all of them.
 
 use std::io::Read;
@@ -78,12 +89,19 @@ fn main() {
             args.get(3).map(|s| s.parse().expect("RUNS")).unwrap_or(5),
         ),
         Some("streams") => streams(args.get(2).map(|s| s.parse().expect("RUNS")).unwrap_or(5)),
+        Some("kvm-app") => kvm_app(
+            PathBuf::from(args.get(2).expect("usage: bench-boot kvm-app ARTIFACT [RUNS]")),
+            args.get(3).map(|s| s.parse().expect("RUNS")).unwrap_or(5),
+        ),
+        Some("initcalls") => initcalls(PathBuf::from(
+            args.get(2).expect("usage: bench-boot initcalls ARTIFACT"),
+        )),
         Some("peer-files") => peer_files(
             PathBuf::from(args.get(2).expect("usage: bench-boot peer-files ARTIFACT DIR RUN_JSON")),
             PathBuf::from(args.get(3).expect("DIR")),
             args.get(4).expect("RUN_JSON"),
         ),
-        _ => panic!("usage: bench-boot null [RUNS] | bench-boot streams [RUNS] | bench-boot app ARTIFACT [RUNS] | bench-boot peer-files ARTIFACT DIR RUN_JSON"),
+        _ => panic!("usage: bench-boot null [RUNS] | bench-boot streams [RUNS] | bench-boot app ARTIFACT [RUNS] | bench-boot kvm-app ARTIFACT [RUNS] | bench-boot initcalls ARTIFACT | bench-boot peer-files ARTIFACT DIR RUN_JSON"),
     }
 }
 
@@ -381,30 +399,7 @@ fn peer_files(artifact: PathBuf, dir: PathBuf, run_json: &str) {
 
 fn app(artifact: PathBuf, runs: usize) {
     let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
-    let a = Artifact::open(&artifact).expect("open artifact");
-
-    // The peer's files, written by hand from the artifact.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let write = |name: &str, bytes: &[u8]| -> PathBuf {
-        let p = dir.path().join(name);
-        std::fs::write(&p, bytes).expect("write");
-        p
-    };
-    let kernel = write("vmlinux", &a.read_section(SectionKind::Kernel).unwrap());
-    let mut initrd = a.read_section(SectionKind::Initrd).unwrap();
-    initrd.resize(initrd.len().div_ceil(4) * 4, 0);
-    let run = br#"{"argv":["echo","ready"],"env":[],"workdir":"","user":"","hostname":"peer","debug":false}"#;
-    let mut c = hvm::cpio::Cpio::new();
-    c.dir("hyper", 0o755);
-    c.file("hyper/run.json", 0o644, run);
-    initrd.extend_from_slice(&c.finish());
-    let initrd = write("initrd", &initrd);
-    let rootfs = write(
-        "rootfs.erofs",
-        &a.read_section(SectionKind::Rootfs).unwrap(),
-    );
-    let status = dir.path().join("status");
-    let cmdline = format!("{} loglevel=1", a.manifest().kernel.cmdline);
+    let peer_vm = Peer::new(&artifact);
     let accel = if Path::new("/sys/module/kvm_pvm").exists()
         || !std::fs::read_to_string("/proc/cpuinfo")
             .unwrap_or_default()
@@ -417,47 +412,7 @@ fn app(artifact: PathBuf, runs: usize) {
     } else {
         "kvm"
     };
-    let peer = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-M",
-            "microvm,acpi=off,x-option-roms=off",
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-        ])
-        .args([
-            "-display",
-            "none",
-            "-m",
-            "128M",
-            "-accel",
-            accel,
-            "-cpu",
-            if accel == "kvm" { "host" } else { "max" },
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(&cmdline)
-        .args(["-serial", "stdio", "-chardev"])
-        .arg(format!("file,id=st,path={}", status.display()))
-        .args([
-            "-device",
-            "isa-serial,chardev=st,iobase=0x2f8,irq=3",
-            "-device",
-            "isa-debug-exit,iobase=0x501,iosize=1",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=root,readonly=on",
-            rootfs.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"]);
-        c
-    };
+    let peer = || peer_vm.command(accel);
     let ours = || {
         let mut c = Command::new(&hyperboot);
         c.args(["--backend", "qemu"])
@@ -488,4 +443,253 @@ fn app(artifact: PathBuf, runs: usize) {
         a1 / b1,
         a2 / b2
     );
+}
+
+/// QEMU microvm booting the artifact's kernel, initrd (with a run
+/// configuration for `echo ready`) and rootfs by hand, as the peer.
+struct Peer {
+    _dir: tempfile::TempDir,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    rootfs: PathBuf,
+    status: PathBuf,
+    cmdline: String,
+}
+
+impl Peer {
+    fn new(artifact: &Path) -> Peer {
+        let a = Artifact::open(artifact).expect("open artifact");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, bytes: &[u8]| -> PathBuf {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).expect("write");
+            p
+        };
+        let kernel = write("vmlinux", &a.read_section(SectionKind::Kernel).unwrap());
+        let mut initrd = a.read_section(SectionKind::Initrd).unwrap();
+        initrd.resize(initrd.len().div_ceil(4) * 4, 0);
+        let run = br#"{"argv":["echo","ready"],"env":[],"workdir":"","user":"","hostname":"peer","debug":false}"#;
+        let mut c = hvm::cpio::Cpio::new();
+        c.dir("hyper", 0o755);
+        c.file("hyper/run.json", 0o644, run);
+        initrd.extend_from_slice(&c.finish());
+        let initrd = write("initrd", &initrd);
+        let rootfs = write(
+            "rootfs.erofs",
+            &a.read_section(SectionKind::Rootfs).unwrap(),
+        );
+        let status = dir.path().join("status");
+        let cmdline = format!("{} loglevel=1", a.manifest().kernel.cmdline);
+        Peer {
+            _dir: dir,
+            kernel,
+            initrd,
+            rootfs,
+            status,
+            cmdline,
+        }
+    }
+
+    fn command(&self, accel: &str) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-M",
+            "microvm,acpi=off,x-option-roms=off",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-m",
+            "128M",
+            "-accel",
+            accel,
+            "-cpu",
+            if accel == "kvm" { "host" } else { "max" },
+        ])
+        .arg("-kernel")
+        .arg(&self.kernel)
+        .arg("-initrd")
+        .arg(&self.initrd)
+        .arg("-append")
+        .arg(&self.cmdline)
+        .args(["-serial", "stdio", "-chardev"])
+        .arg(format!("file,id=st,path={}", self.status.display()))
+        .args([
+            "-device",
+            "isa-serial,chardev=st,iobase=0x2f8,irq=3",
+            "-device",
+            "isa-debug-exit,iobase=0x501,iosize=1",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=root,readonly=on",
+            self.rootfs.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"]);
+        c
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn kvm_app(artifact: PathBuf, runs: usize) {
+    let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
+    let peer = Peer::new(&artifact);
+    let stats_file = tempfile::NamedTempFile::new().expect("tempfile");
+    let ours = || {
+        let mut c = Command::new(&hyperboot);
+        c.args(["--backend", "kvm", "--stats"])
+            .arg(stats_file.path())
+            .arg(&artifact)
+            .args(["--", "echo", "ready"]);
+        c
+    };
+    println!(
+        "bench-boot kvm-app: {runs} runs each, artifact {}",
+        artifact.display()
+    );
+    // One of each first: the page cache and KVM warm for both.
+    let _ = time(ours());
+    let _ = time(peer.command("kvm"));
+    std::fs::write(stats_file.path(), b"").expect("truncate");
+    let (mut of, mut ot, mut pf, mut pt) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let s = time(ours());
+        of.push(s.first_output);
+        ot.push(s.total);
+        let s = time(peer.command("kvm"));
+        pf.push(s.first_output);
+        pt.push(s.total);
+    }
+    let a1 = stats("hyperboot --backend kvm", "first output", &mut of);
+    let a2 = stats("hyperboot --backend kvm", "whole run", &mut ot);
+    let b1 = stats("qemu microvm -accel kvm", "first output", &mut pf);
+    let b2 = stats("qemu microvm -accel kvm", "whole run", &mut pt);
+    println!(
+        "ratio hyperboot/qemu microvm: first output {:.2}, whole run {:.2}",
+        a1 / b1,
+        a2 / b2
+    );
+    // Ours, broken down from --stats (one JSON line per run).
+    let lines = std::fs::read_to_string(stats_file.path()).expect("read stats");
+    let runs: Vec<serde_json::Value> = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let field = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<f64> {
+        runs.iter().filter_map(f).collect()
+    };
+    let us = |k: &'static str| move |v: &serde_json::Value| v[k].as_f64();
+    for (name, mut v, unit, scale) in [
+        (
+            "exec -> first KVM_RUN",
+            field(&us("first_kvm_run")),
+            "ms",
+            1e-3,
+        ),
+        (
+            "exec -> hyperinit",
+            field(&us("hyperinit_started")),
+            "ms",
+            1e-3,
+        ),
+        ("exec -> app started", field(&us("app_exec")), "ms", 1e-3),
+        (
+            "exec -> app's first output",
+            field(&us("app_first_output")),
+            "ms",
+            1e-3,
+        ),
+        (
+            "exits to hyperboot",
+            field(&|v| v["exits"]["total"].as_f64()),
+            "",
+            1.0,
+        ),
+        (
+            "VMM-only RSS",
+            field(&us("vmm_rss_kib")),
+            "MiB",
+            1.0 / 1024.0,
+        ),
+        (
+            "peak RSS (guest pages too)",
+            field(&us("peak_rss_kib")),
+            "MiB",
+            1.0 / 1024.0,
+        ),
+    ] {
+        if v.is_empty() {
+            continue;
+        }
+        println!(
+            "hyperboot --stats  {name:<28} median {:9.2} {unit}   (n={})",
+            median(&mut v) * scale,
+            v.len()
+        );
+    }
+}
+
+fn initcalls(artifact: PathBuf) {
+    let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
+    let out = Command::new(&hyperboot)
+        .env("HYPER_KERNEL_ARGS", "initcall_debug printk.time=1")
+        .args(["--backend", "kvm", "--console"])
+        .arg(&artifact)
+        .args(["--", "true"])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run hyperboot");
+    let log = String::from_utf8_lossy(&out.stdout);
+    // "[    0.123456] initcall NAME+0x0/0x30 returned 0 after 1234 usecs"
+    let mut calls: Vec<(u64, String)> = log
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("initcall ").nth(1)?;
+            let name = rest
+                .split_whitespace()
+                .next()?
+                .split('+')
+                .next()?
+                .to_string();
+            let usecs = rest
+                .split(" after ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((usecs, name))
+        })
+        .collect();
+    calls.sort_by_key(|b| std::cmp::Reverse(b.0));
+    let total: u64 = calls.iter().map(|c| c.0).sum();
+    println!(
+        "bench-boot initcalls: {} initcalls, {:.1} ms in all",
+        calls.len(),
+        total as f64 / 1000.0
+    );
+    for (usecs, name) in calls.iter().take(10) {
+        println!("  {:9.2} ms  {name}", *usecs as f64 / 1000.0);
+    }
+    let stamp = |needle: &str| {
+        log.lines().find(|l| l.contains(needle)).and_then(|l| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    if let Some(t) = stamp("Run /init") {
+        println!(
+            "kernel entry -> Run /init: {:.1} ms (printk time)",
+            t * 1000.0
+        );
+    }
 }

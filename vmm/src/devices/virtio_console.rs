@@ -186,6 +186,20 @@ impl Console {
         true
     }
 
+    /// Queues raw bytes for hyperinit on the control port (a `start`
+    /// message and its body); false when too much waits already.
+    pub fn push_control_bytes(&mut self, bytes: &[u8]) -> bool {
+        let Some(p) = self.find(|k| matches!(k, Kind::Control(_))) else {
+            return false;
+        };
+        let pending = &mut self.ports[p - 1].pending;
+        if pending.len() + bytes.len() > hyper_contract::START_MAX + CONTROL_IN_MAX {
+            return false;
+        }
+        pending.extend(bytes);
+        true
+    }
+
     /// Moves waiting input of every open port into its receive buffers;
     /// returns whether any buffer was used.
     pub fn deliver_input(
@@ -439,6 +453,42 @@ impl VirtioDevice for Console {
 
     fn flush(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         self.serve_all(queues, mem)
+    }
+
+    fn save(&self) -> serde_json::Value {
+        let ports: Vec<serde_json::Value> = self
+            .ports
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "open": p.open,
+                    "pending": p.pending.iter().copied().collect::<Vec<u8>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "ports": ports,
+            "to_guest": self.to_guest,
+            "ready_ports": self.ready_ports,
+        })
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let ports = v["ports"].as_array().ok_or("no ports")?;
+        if ports.len() != self.ports.len() {
+            return Err("the console's ports differ".into());
+        }
+        for (p, s) in self.ports.iter_mut().zip(ports) {
+            if s["name"].as_str() != Some(p.name) {
+                return Err("the console's ports differ".into());
+            }
+            p.open = s["open"].as_bool().unwrap_or(false);
+            p.pending = serde_json::from_value(s["pending"].clone()).map_err(|e| e.to_string())?;
+        }
+        self.to_guest = serde_json::from_value(v["to_guest"].clone()).map_err(|e| e.to_string())?;
+        self.ready_ports = v["ready_ports"].as_u64().unwrap_or(0) as u32;
+        Ok(())
     }
 
     fn process(

@@ -173,6 +173,14 @@ pub trait VirtioDevice {
     /// Bytes of the device configuration space.
     fn config(&self) -> &[u8];
     fn queue_max_sizes(&self) -> &[u16];
+    /// What the device keeps besides its queues, for a snapshot.
+    fn save(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes back what [`VirtioDevice::save`] gave.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// Takes whatever the guest has queued for the host without waiting
     /// for its notification (the VM is ending: output must not be lost).
     fn flush(
@@ -242,6 +250,74 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupts: 0,
             page: None,
         }
+    }
+
+    /// The transport's registers, its queues and the device's own state,
+    /// for a snapshot.
+    pub fn save(&self) -> serde_json::Value {
+        let queues: Vec<serde_json::Value> = self
+            .queues
+            .iter()
+            .map(|q| {
+                let s = q.state();
+                serde_json::json!({
+                    "max_size": s.max_size, "next_avail": s.next_avail, "next_used": s.next_used,
+                    "event_idx": s.event_idx_enabled, "size": s.size, "ready": s.ready,
+                    "desc": s.desc_table, "avail": s.avail_ring, "used": s.used_ring,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "queue_sel": self.queue_sel,
+            "device_features_sel": self.device_features_sel,
+            "driver_features_sel": self.driver_features_sel,
+            "driver_features": self.driver_features,
+            "status": self.status,
+            "interrupt_status": self.interrupt_status,
+            "queues": queues,
+            "device": self.device.save(),
+        })
+    }
+
+    /// Takes back a [`MmioTransport::save`] of the same device.
+    pub fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let u = |k: &str| v[k].as_u64().ok_or(format!("no {k}"));
+        let queues = v["queues"].as_array().ok_or("no queues")?;
+        if queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved, the device has {}",
+                queues.len(),
+                self.queues.len()
+            ));
+        }
+        for (q, s) in self.queues.iter_mut().zip(queues) {
+            let n = |k: &str| s[k].as_u64().ok_or(format!("no queue {k}"));
+            let state = virtio_queue::QueueState {
+                max_size: n("max_size")? as u16,
+                next_avail: n("next_avail")? as u16,
+                next_used: n("next_used")? as u16,
+                event_idx_enabled: s["event_idx"].as_bool().unwrap_or(false),
+                size: n("size")? as u16,
+                ready: s["ready"].as_bool().unwrap_or(false),
+                desc_table: n("desc")?,
+                avail_ring: n("avail")?,
+                used_ring: n("used")?,
+            };
+            if state.max_size != q.max_size() {
+                return Err("a queue's size differs".into());
+            }
+            *q = Queue::try_from(state).map_err(|e| format!("queue: {e}"))?;
+        }
+        self.queue_sel = u("queue_sel")? as u32;
+        self.device_features_sel = u("device_features_sel")? as u32;
+        self.driver_features_sel = u("driver_features_sel")? as u32;
+        self.driver_features = u("driver_features")?;
+        self.status = u("status")? as u32;
+        self.interrupt_status = u("interrupt_status")? as u32;
+        self.broken = None;
+        self.device.restore(&v["device"])?;
+        self.publish();
+        Ok(())
     }
 
     /// Publishes the registers into `page` from now on (see the module).
@@ -431,6 +507,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             Ok(false) => {}
             Err(e) => self.fail(e),
+        }
+    }
+
+    /// Serves every ready queue as if notified.
+    pub fn notify_all(&mut self, mem: &GuestMemoryMmap) {
+        for i in 0..self.queues.len() {
+            if self.queues[i].ready() {
+                self.notify(i as u32, mem);
+            }
         }
     }
 

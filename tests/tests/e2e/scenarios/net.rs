@@ -339,7 +339,7 @@ pub fn no_network_and_bad_publish_flags(b: Backend) {
             "{}",
             r.stdout
         ),
-        Backend::Kvm => assert!(
+        Backend::Kvm | Backend::KvmRestored => assert!(
             r.stdout.starts_with("lo\n") && !r.stdout.contains("eth0"),
             "{}",
             r.stdout
