@@ -310,7 +310,7 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
             };
             let outcome = backend::kvm::boot(b, plan, events, contract >= 3, pvm, choice, start)?;
             if opts.prepare {
-                return if snapshots::path_of(&identity).exists() {
+                return if snapshots::saved() {
                     println!("{}", snapshots::path_of(&identity).display());
                     Ok(Exit::App(0))
                 } else {

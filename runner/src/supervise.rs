@@ -56,6 +56,12 @@ pub fn events() -> std::io::Result<(Sender<Event>, Receiver<Event>, Signals)> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            // It reads its self-pipe and sends on a channel: the
+            // supervisor's filter covers that (and it is the only filter
+            // this thread gets, whatever the backend).
+            if let Err(e) = hyper_vmm::seccomp::Profile::Supervisor.install() {
+                tracing::warn!("the signal thread runs without a seccomp filter: {e}");
+            }
             for s in signals.forever() {
                 if forward.send(Event::Signal(s)).is_err() {
                     break;

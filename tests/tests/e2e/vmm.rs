@@ -307,17 +307,32 @@ fn the_vmm_runs_under_seccomp() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The guest prints before it spins; by then the filter is in place.
+    // The guest prints before it spins. hyperboot's own thread filters
+    // itself once the VM runs, a moment later: every thread must carry a
+    // filter soon after (each one's status, not only the main thread's).
     let mut line = [0u8; 9];
     std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut line).unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let unfiltered = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .flatten()
+            .map(|t| std::fs::read_to_string(t.path().join("status")).unwrap_or_default())
+            .filter(|s| !s.lines().any(|l| l == "Seccomp:\t2"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut left = unfiltered();
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        left = unfiltered();
+    }
     let _ = std::process::Command::new("kill")
         .arg(child.id().to_string())
         .status();
     let st = child.wait().unwrap();
     assert!(
-        status.lines().any(|l| l == "Seccomp:\t2"),
-        "no seccomp filter: {status}"
+        left.is_empty(),
+        "threads without a seccomp filter: {left:?}"
     );
     assert_eq!(st.code(), Some(143));
 }
