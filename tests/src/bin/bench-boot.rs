@@ -458,6 +458,11 @@ struct Peer {
 
 impl Peer {
     fn new(artifact: &Path) -> Peer {
+        Peer::with_argv(artifact, &["echo", "ready"])
+    }
+
+    /// The peer running `argv` as its app.
+    fn with_argv(artifact: &Path, argv: &[&str]) -> Peer {
         let a = Artifact::open(artifact).expect("open artifact");
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, bytes: &[u8]| -> PathBuf {
@@ -468,7 +473,11 @@ impl Peer {
         let kernel = write("vmlinux", &a.read_section(SectionKind::Kernel).unwrap());
         let mut initrd = a.read_section(SectionKind::Initrd).unwrap();
         initrd.resize(initrd.len().div_ceil(4) * 4, 0);
-        let run = br#"{"argv":["echo","ready"],"env":[],"workdir":"","user":"","hostname":"peer","debug":false}"#;
+        let run = serde_json::json!({
+            "argv": argv, "env": [], "workdir": "", "user": "", "hostname": "peer", "debug": false
+        })
+        .to_string();
+        let run = run.as_bytes();
         let mut c = hvm::cpio::Cpio::new();
         c.dir("hyper", 0o755);
         c.file("hyper/run.json", 0o644, run);
@@ -540,9 +549,13 @@ fn kvm_app(artifact: PathBuf, runs: usize) {
     let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
     let peer = Peer::new(&artifact);
     let stats_file = tempfile::NamedTempFile::new().expect("tempfile");
-    let ours = || {
+    let snapshots = tempfile::tempdir().expect("tempdir");
+    // `--snapshot off`: a cold boot; `require`: restored from the snapshot
+    // `prepare` made (a boot that is not restored fails the benchmark).
+    let ours = |snapshot: &str| {
         let mut c = Command::new(&hyperboot);
-        c.args(["--backend", "kvm", "--stats"])
+        c.env("HYPER_SNAPSHOT_CACHE", snapshots.path())
+            .args(["--backend", "kvm", "--snapshot", snapshot, "--stats"])
             .arg(stats_file.path())
             .arg(&artifact)
             .args(["--", "echo", "ready"]);
@@ -552,36 +565,73 @@ fn kvm_app(artifact: PathBuf, runs: usize) {
         "bench-boot kvm-app: {runs} runs each, artifact {}",
         artifact.display()
     );
-    // One of each first: the page cache and KVM warm for both.
-    let _ = time(ours());
+    let prepared = Command::new(&hyperboot)
+        .env("HYPER_SNAPSHOT_CACHE", snapshots.path())
+        .args(["prepare", "--backend", "kvm"])
+        .arg(&artifact)
+        .stdout(Stdio::null())
+        .status()
+        .expect("hyperboot prepare");
+    assert!(prepared.success(), "hyperboot prepare failed");
+    // One of each first: the page cache and KVM warm for all.
+    let _ = time(ours("off"));
+    let _ = time(ours("require"));
     let _ = time(peer.command("kvm"));
     std::fs::write(stats_file.path(), b"").expect("truncate");
-    let (mut of, mut ot, mut pf, mut pt) = (vec![], vec![], vec![], vec![]);
+    let (mut of, mut ot, mut rf, mut rt, mut pf, mut pt) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
-        let s = time(ours());
+        let s = time(ours("off"));
         of.push(s.first_output);
         ot.push(s.total);
+        let s = time(ours("require"));
+        rf.push(s.first_output);
+        rt.push(s.total);
         let s = time(peer.command("kvm"));
         pf.push(s.first_output);
         pt.push(s.total);
     }
-    let a1 = stats("hyperboot --backend kvm", "first output", &mut of);
-    let a2 = stats("hyperboot --backend kvm", "whole run", &mut ot);
+    let a1 = stats("hyperboot kvm, cold", "first output", &mut of);
+    let a2 = stats("hyperboot kvm, cold", "whole run", &mut ot);
+    let r1 = stats("hyperboot kvm, restored", "first output", &mut rf);
+    let r2 = stats("hyperboot kvm, restored", "whole run", &mut rt);
     let b1 = stats("qemu microvm -accel kvm", "first output", &mut pf);
     let b2 = stats("qemu microvm -accel kvm", "whole run", &mut pt);
     println!(
-        "ratio hyperboot/qemu microvm: first output {:.2}, whole run {:.2}",
+        "ratio hyperboot cold/qemu microvm: first output {:.2}, whole run {:.2}",
         a1 / b1,
         a2 / b2
     );
+    println!(
+        "ratio hyperboot restored/qemu microvm: first output {:.2}, whole run {:.2}",
+        r1 / b1,
+        r2 / b2
+    );
+    density(&hyperboot, &artifact, snapshots.path());
     // Ours, broken down from --stats (one JSON line per run).
     let lines = std::fs::read_to_string(stats_file.path()).expect("read stats");
     let runs: Vec<serde_json::Value> = lines
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    let cold: Vec<&serde_json::Value> = runs.iter().filter(|v| v["snapshot"] == "none").collect();
+    let restored: Vec<&serde_json::Value> = runs
+        .iter()
+        .filter(|v| v["snapshot"] == "restored")
+        .collect();
+    assert_eq!(
+        restored.len(),
+        cold.len(),
+        "every --snapshot require run restored"
+    );
+    breakdown("cold", &cold);
+    breakdown("restored", &restored);
+}
+
+/// Medians of one kind of run's `--stats` lines.
+fn breakdown(kind: &str, runs: &[&serde_json::Value]) {
     let field = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<f64> {
-        runs.iter().filter_map(f).collect()
+        runs.iter().copied().filter_map(f).collect()
     };
     let us = |k: &'static str| move |v: &serde_json::Value| v[k].as_f64();
     for (name, mut v, unit, scale) in [
@@ -627,11 +677,91 @@ fn kvm_app(artifact: PathBuf, runs: usize) {
             continue;
         }
         println!(
-            "hyperboot --stats  {name:<28} median {:9.2} {unit}   (n={})",
+            "hyperboot --stats {kind:<9} {name:<28} median {:9.2} {unit}   (n={})",
             median(&mut v) * scale,
             v.len()
         );
     }
+}
+
+/// Ten VMs of one artifact at once, each up and idle: the sum of their
+/// proportional set sizes (PSS: a page shared by n processes counts 1/n in
+/// each) and of their RSS, booted cold, restored, and as QEMU microvm
+/// booting the same kernel, init and rootfs.
+fn density(hyperboot: &str, artifact: &Path, snapshots: &Path) {
+    const N: usize = 10;
+    let idle = ["sh", "-c", "echo up; exec sleep 600"];
+    let peer = Peer::with_argv(artifact, &idle);
+    let ours = |snapshot: &str| {
+        let mut c = Command::new(hyperboot);
+        c.env("HYPER_SNAPSHOT_CACHE", snapshots)
+            .args(["--backend", "kvm", "--snapshot", snapshot])
+            .arg(artifact)
+            .arg("--")
+            .args(idle);
+        c
+    };
+    for name in [
+        "hyperboot kvm, cold",
+        "hyperboot kvm, restored",
+        "qemu microvm -accel kvm",
+    ] {
+        let mut children: Vec<std::process::Child> = (0..N)
+            .map(|_| {
+                let mut c = match name {
+                    "hyperboot kvm, cold" => ours("off"),
+                    "hyperboot kvm, restored" => ours("require"),
+                    _ => peer.command("kvm"),
+                };
+                c.stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .expect("spawn")
+            })
+            .collect();
+        let start = Instant::now();
+        for c in &mut children {
+            let out = c.stdout.take().expect("stdout");
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+            assert!(
+                lines.any(|l| l.map(|l| l.trim() == "up").unwrap_or(false)),
+                "a VM of {name} never came up"
+            );
+        }
+        let up = start.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let (mut pss, mut rss) = (0u64, 0u64);
+        for c in &children {
+            let (p, r) = smaps_rollup(c.id());
+            pss += p;
+            rss += r;
+        }
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        println!(
+            "{name:<28} {N} VMs up in {:8.1} ms; PSS {:7.1} MiB in all ({:5.1} per VM), RSS {:7.1} MiB in all",
+            up.as_secs_f64() * 1000.0,
+            pss as f64 / 1024.0,
+            pss as f64 / 1024.0 / N as f64,
+            rss as f64 / 1024.0
+        );
+    }
+}
+
+/// (PSS, RSS) of a process in KiB.
+fn smaps_rollup(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |k: &str| {
+        text.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Pss:"), field("Rss:"))
 }
 
 fn initcalls(artifact: PathBuf) {
