@@ -50,6 +50,9 @@ pub struct Control {
     held: Vec<HostMessage>,
     /// Told when hyperinit says `waiting` (the snapshot thread).
     waiting: Option<std::sync::mpsc::Sender<()>>,
+    /// Requests are held until the start message is sent, even once
+    /// hyperinit listens (contract 4: nothing of the run before it).
+    gated: bool,
 }
 
 impl Control {
@@ -70,7 +73,9 @@ impl Control {
             match GuestMessage::decode(&line) {
                 Ok(GuestMessage::Ready) if self.ready.is_none() => {
                     self.ready = Some(carrier);
-                    replies.send.append(&mut self.held);
+                    if !self.gated {
+                        replies.send.append(&mut self.held);
+                    }
                 }
                 Ok(GuestMessage::Drain { .. }) if self.ready == Some(carrier) => {
                     replies.drain = true;
@@ -96,10 +101,28 @@ impl Control {
     /// when it is held until hyperinit listens (or dropped past
     /// `HELD_MAX`).
     pub fn request(&mut self, m: HostMessage) -> Option<Carrier> {
-        if self.ready.is_none() && self.held.len() < HELD_MAX {
+        let hold = self.ready.is_none() || self.gated;
+        if hold && self.held.len() < HELD_MAX {
             self.held.push(m);
         }
-        self.ready
+        if hold {
+            None
+        } else {
+            self.ready
+        }
+    }
+
+    /// Holds every request until [`Control::open_gate`] (a start message
+    /// is to be sent first).
+    pub fn gate(&mut self) {
+        self.gated = true;
+    }
+
+    /// The start message is sent: the requests held, for the owner to send
+    /// again (they are held still if hyperinit does not listen yet).
+    pub fn open_gate(&mut self) -> Vec<HostMessage> {
+        self.gated = false;
+        std::mem::take(&mut self.held)
     }
 
     /// Where hyperinit listens and what it said, for a snapshot (the
@@ -125,7 +148,7 @@ impl Control {
         };
         self.status = serde_json::from_value(v["status"].clone()).unwrap_or_default();
         self.status.truncate(STATUS_MAX);
-        if self.ready.is_some() {
+        if self.ready.is_some() && !self.gated {
             std::mem::take(&mut self.held)
         } else {
             Vec::new()
@@ -184,6 +207,38 @@ mod tests {
         assert_eq!(
             c.from_guest(Carrier::Port, b"\nready\n").send.len(),
             HELD_MAX
+        );
+    }
+
+    #[test]
+    fn a_gated_channel_holds_requests_until_the_start_is_sent() {
+        let mut c = Control::default();
+        c.gate();
+        assert_eq!(c.request(HostMessage::StdinEof(0)), None);
+        // hyperinit listens at the snapshot point: still nothing goes.
+        assert!(c
+            .from_guest(
+                Carrier::Port,
+                b"ready
+waiting
+"
+            )
+            .send
+            .is_empty());
+        assert_eq!(c.request(HostMessage::Signal(15)), None);
+        // A snapshot keeps no request of this run.
+        let mut restored = Control::default();
+        restored.gate();
+        assert!(restored.restore(&c.save()).is_empty());
+        assert_eq!(
+            c.open_gate(),
+            vec![HostMessage::StdinEof(0), HostMessage::Signal(15)]
+        );
+        assert_eq!(c.request(HostMessage::Signal(2)), Some(Carrier::Port));
+        assert!(restored.open_gate().is_empty());
+        assert_eq!(
+            restored.request(HostMessage::Signal(2)),
+            Some(Carrier::Port)
         );
     }
 }

@@ -162,7 +162,10 @@ impl Vm {
         let control = Arc::new(Mutex::new(Control::default()));
         let waiting = if cfg.start.is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
-            lock(&control).on_waiting(tx);
+            let mut c = lock(&control);
+            c.on_waiting(tx);
+            c.gate();
+            drop(c);
             Some(rx)
         } else {
             None
@@ -341,6 +344,7 @@ impl Vm {
             ended_ns: AtomicU64::new(0),
             pause: Pause::default(),
             msr_list: std::mem::take(&mut self.msr_list),
+            started: AtomicBool::new(self.start.is_none()),
         });
         let mem = self.bus.mem.clone();
         let filtered = self.seccomp;
@@ -436,6 +440,10 @@ struct Shared {
     pause: Pause,
     /// The MSRs a vCPU saves when parked for a snapshot.
     msr_list: Vec<u32>,
+    /// The run has begun: at once, or (contract 4) once the start message
+    /// is sent. Nothing of the run (stdin, requests) reaches the guest
+    /// before, so none of it can end up in a snapshot.
+    started: AtomicBool,
 }
 
 /// Parking the vCPUs: the snapshot thread asks, kicks each out of
@@ -791,6 +799,12 @@ fn feed_stdin(
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut sent = 0u64;
+    while !shared.started.load(Ordering::SeqCst) {
+        if shared.done.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(1));
+    }
     loop {
         let n = match stdin.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -1041,6 +1055,14 @@ impl Starter {
             if c.device.push_control_bytes(&message) {
                 c.poke(&bus.mem, |d, q, m| d.deliver_input(q, m));
             }
+        }
+        // The run has begun: requests held so far go after the start
+        // message, and stdin may flow.
+        shared.started.store(true, Ordering::SeqCst);
+        let held = lock(&shared.control).open_gate();
+        let controller = Controller { shared };
+        for m in held {
+            controller.send(m);
         }
     }
 }

@@ -805,9 +805,13 @@ pub fn image_volumes_get_a_fresh_writable_copy(b: Backend) {
 }
 
 pub fn cpus_and_memory_are_what_the_guest_gets(b: Backend) {
+    // Two vCPUs on a loaded 2-core host at TCG speed (the nested tier) can
+    // take minutes to boot: the bound is for a hang, not for speed.
     let r = b.boot(
         busybox_artifact(),
         &[
+            "--timeout",
+            "400",
             "--cpus",
             "2",
             "-m",
