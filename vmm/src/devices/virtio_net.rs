@@ -272,29 +272,9 @@ impl VirtioDevice for Net {
 /// guest's receive queue until the backend closes.
 pub fn receive(mut backend: Backend, net: &Mutex<MmioTransport<Net>>, mem: &GuestMemoryMmap) {
     let mut buf = Vec::with_capacity(FRAME_MAX);
-    let lock = || net.lock().unwrap_or_else(|e| e.into_inner());
     while backend.recv(&mut buf).is_some() {
-        let mut full = {
-            let mut n = lock();
-            n.device.push_rx(buf.clone());
-            n.poke(mem, |d, q, m| d.deliver(q, m));
-            n.device.rx.len() >= RX_BACKLOG
-        };
-        // Backpressure: with the backlog full, stop reading the backend
-        // until the guest posts buffers (passt holds its data in its
-        // sockets; dropping frames here would cost it retransmissions, and
-        // under load resets). A guest that takes nothing for a while gets
-        // frames dropped, as a NIC drops them.
-        let mut waited = 0;
-        while full && waited < RX_STALL_MS {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            waited += 1;
-            let mut n = lock();
-            n.poke(mem, |d, q, m| d.deliver(q, m));
-            full = n.device.rx.len() >= RX_BACKLOG;
-        }
+        let mut n = net.lock().unwrap_or_else(|e| e.into_inner());
+        n.device.push_rx(buf.clone());
+        n.poke(mem, |d, q, m| d.deliver(q, m));
     }
 }
-
-/// How long the receiver waits for a guest with a full backlog.
-const RX_STALL_MS: u32 = 10_000;
