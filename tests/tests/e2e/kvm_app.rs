@@ -347,4 +347,47 @@ mod snapshots {
         }
         assert_ne!(seen[0], seen[1], "two restores drew the same random bytes");
     }
+
+    #[test]
+    fn ten_restored_vms_of_one_artifact_run_at_once() {
+        if !Backend::Kvm
+            .available("kvm_app::snapshots::ten_restored_vms_of_one_artifact_run_at_once")
+        {
+            return;
+        }
+        let c = cache();
+        prepare(c.path(), &[]);
+        let stats: Vec<PathBuf> = (0..10)
+            .map(|i| c.path().join(format!("s{i}.json")))
+            .collect();
+        let children: Vec<_> = stats
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                hb(c.path())
+                    .args([
+                        "--backend",
+                        "kvm",
+                        "--timeout",
+                        "300",
+                        "--snapshot",
+                        "require",
+                    ])
+                    .arg("--stats")
+                    .arg(s)
+                    .args(["-e", &format!("VM={i}")])
+                    .arg(busybox_artifact())
+                    .args(["--", "sh", "-c", "echo vm $VM; exit $VM"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (i, (child, s)) in children.into_iter().zip(&stats).enumerate() {
+            let r = Run::from(child.wait_with_output().unwrap());
+            assert_run(&r, i as i32, &format!("vm {i}\n"));
+            assert_eq!(snapshot_of(s), "restored", "{r:?}");
+        }
+    }
 }
