@@ -607,7 +607,6 @@ fn kvm_app(artifact: PathBuf, runs: usize) {
         r1 / b1,
         r2 / b2
     );
-    density(&hyperboot, &artifact, snapshots.path());
     // Ours, broken down from --stats (one JSON line per run).
     let lines = std::fs::read_to_string(stats_file.path()).expect("read stats");
     let runs: Vec<serde_json::Value> = lines
@@ -626,6 +625,7 @@ fn kvm_app(artifact: PathBuf, runs: usize) {
     );
     breakdown("cold", &cold);
     breakdown("restored", &restored);
+    density(&hyperboot, &artifact, snapshots.path());
 }
 
 /// Medians of one kind of run's `--stats` lines.
