@@ -222,16 +222,19 @@ pub fn boot(artifact: &Path, args: &[&str]) -> Run {
 
 /// Boots `artifact` on `backend` (`qemu` or `kvm`) with `args`.
 pub fn boot_on(backend: &str, artifact: &Path, args: &[&str]) -> Run {
+    let mut c = hyperboot();
+    c.arg("--backend").arg(backend);
+    run_bounded(c, artifact, args)
+}
+
+/// Runs `hyperboot` with `args` (flags, then `--` and the command) on
+/// `artifact`, with `--timeout 120` unless the flags bound it already.
+fn run_bounded(mut c: Command, artifact: &Path, args: &[&str]) -> Run {
     let flags: Vec<&str> = args.iter().copied().take_while(|a| *a != "--").collect();
-    let bound: &[&str] = if flags.contains(&"--timeout") {
-        &[]
-    } else {
-        &["--timeout", "120"]
-    };
-    let out = hyperboot()
-        .arg("--backend")
-        .arg(backend)
-        .args(bound)
+    if !flags.contains(&"--timeout") {
+        c.args(["--timeout", "120"]);
+    }
+    let out = c
         .args(flags)
         .arg(artifact)
         .args(args.iter().skip_while(|a| **a != "--"))
@@ -301,21 +304,7 @@ impl Backend {
 
     /// Boots `artifact` with `args` (flags, then `--` and the command).
     pub fn boot(self, artifact: &Path, args: &[&str]) -> Run {
-        let flags: Vec<&str> = args.iter().copied().take_while(|a| *a != "--").collect();
-        let bound: &[&str] = if flags.contains(&"--timeout") {
-            &[]
-        } else {
-            &["--timeout", "120"]
-        };
-        let out = self
-            .hyperboot()
-            .args(bound)
-            .args(flags)
-            .arg(artifact)
-            .args(args.iter().skip_while(|a| **a != "--"))
-            .output()
-            .expect("run hyperboot");
-        Run::from(out)
+        run_bounded(self.hyperboot(), artifact, args)
     }
 }
 
