@@ -152,6 +152,17 @@ pub struct ShareStats {
     pub refused: u64,
 }
 
+/// The network card: whether the guest's driver set it up, and its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NetStats {
+    pub ready: bool,
+    pub sent: u64,
+    pub received: u64,
+    /// Frames refused (malformed chains, no room) or lost (backlog full,
+    /// backend gone).
+    pub dropped: u64,
+}
+
 /// How the VM ended.
 #[derive(Debug)]
 pub struct Outcome {
@@ -164,8 +175,8 @@ pub struct Outcome {
     pub first_run_ns: u64,
     /// Console ports the guest's driver made ready.
     pub console_ports: u32,
-    /// Whether the guest's driver set the network card up (when there is one).
-    pub net_ready: Option<bool>,
+    /// The network card, when there is one.
+    pub net: Option<NetStats>,
     pub shares: Vec<ShareStats>,
     pub stats: stats::VmStats,
 }

@@ -30,7 +30,8 @@ use crate::devices::virtio_mmio::{MmioTransport, RegisterPage, COALESCED, QUEUE_
 use crate::devices::virtio_net::{self, Net};
 use crate::seccomp::Profile;
 use crate::{
-    kvm, layout, loader, lock, snapshot, sys, vcpu, End, Outcome, ShareStats, VmConfig, VmmError,
+    kvm, layout, loader, lock, snapshot, sys, vcpu, End, NetStats, Outcome, ShareStats, VmConfig,
+    VmmError,
 };
 use crate::{GuestFault, MAX_SHARES};
 
@@ -653,7 +654,15 @@ impl Running {
                 .console
                 .as_ref()
                 .map_or(0, |c| lock(c).device.ready_ports),
-            net_ready: self.vm.net.as_ref().map(|n| lock(n).driver_ok()),
+            net: self.vm.net.as_ref().map(|n| {
+                let n = lock(n);
+                NetStats {
+                    ready: n.driver_ok(),
+                    sent: n.device.sent,
+                    received: n.device.received,
+                    dropped: n.device.dropped,
+                }
+            }),
             shares: self
                 .vm
                 .shares

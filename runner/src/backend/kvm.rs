@@ -267,10 +267,13 @@ pub fn boot(
         outcome.end,
         outcome.exits,
         outcome.console_ports,
-        match outcome.net_ready {
-            Some(true) => "; its driver set the network card up",
-            Some(false) => "; its driver did not set the network card up",
-            None => "",
+        match outcome.net {
+            Some(n) if n.ready => format!(
+                "; its driver set the network card up ({} frames sent, {} received, {} dropped)",
+                n.sent, n.received, n.dropped
+            ),
+            Some(_) => "; its driver did not set the network card up".to_string(),
+            None => String::new(),
         },
         outcome
             .shares

@@ -58,11 +58,7 @@ impl Backend {
                 out.extend_from_slice(frame);
                 f.write_all(&out)
             }
-            Backend::Passt(s) => {
-                let len = (frame.len() as u32).to_be_bytes();
-                s.write_all(&len)?;
-                s.write_all(frame)
-            }
+            Backend::Passt(s) => send_passt(s, frame),
         }
     }
 
@@ -105,6 +101,15 @@ impl Backend {
             }
         }
     }
+}
+
+/// Sends a frame behind its length in one write: passt (Debian 12's)
+/// drops a length that arrives in a read of its own, and with it the frame.
+fn send_passt(to: &mut impl Write, frame: &[u8]) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(4 + frame.len());
+    out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    out.extend_from_slice(frame);
+    to.write_all(&out)
 }
 
 /// The network device.
@@ -276,5 +281,50 @@ pub fn receive(mut backend: Backend, net: &Mutex<MmioTransport<Net>>, mem: &Gues
         let mut n = net.lock().unwrap_or_else(|e| e.into_inner());
         n.device.push_rx(buf.clone());
         n.poke(mem, |d, q, m| d.deliver(q, m));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records each write call apart.
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// passt reads its socket in chunks and drops a length that arrives
+    /// alone: each frame must leave in one write, length included.
+    #[test]
+    fn a_frame_leaves_for_passt_with_its_length_in_one_write() {
+        let frame: Vec<u8> = (0..1500u32).map(|i| i as u8).collect();
+        let mut w = Writes(Vec::new());
+        send_passt(&mut w, &frame).unwrap();
+        assert_eq!(w.0.len(), 1, "the frame left in pieces");
+        assert_eq!(w.0[0][..4], (frame.len() as u32).to_be_bytes());
+        assert_eq!(w.0[0][4..], frame[..]);
+    }
+
+    #[test]
+    fn frames_from_passt_are_read_whole_and_oversized_ones_end_the_stream() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut backend = Backend::Passt(ours);
+        theirs.write_all(&3u32.to_be_bytes()).unwrap();
+        theirs.write_all(b"abc").unwrap();
+        theirs
+            .write_all(&((FRAME_MAX + 1) as u32).to_be_bytes())
+            .unwrap();
+        let mut buf = Vec::new();
+        assert!(backend.recv(&mut buf).is_some());
+        assert_eq!(buf, b"abc");
+        assert!(backend.recv(&mut buf).is_none());
     }
 }

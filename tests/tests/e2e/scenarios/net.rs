@@ -189,25 +189,8 @@ pub fn nginx_through_published_port_under_load(b: Backend) {
     assert!(status.contains("200"), "{status}");
     assert_eq!(body, INDEX);
 
-    // Known defect: inside the nested host (TCG speed) a few of the 200
-    // responses through passt arrive cut after their headers, the big one
-    // can stall, and a closed guest port takes longer than 20 s to be
-    // refused; those parts run on the QEMU backend (net tier) and on
-    // hardware KVM, and are recorded as skipped here.
-    if b != Backend::Qemu && std::env::var_os("NESTED_JOB").is_some() {
-        let restored = if b == Backend::KvmRestored {
-            "restored::"
-        } else {
-            ""
-        };
-        skip(
-            &format!("kvm_app::{restored}net::nginx_through_published_port_under_load (load and closed-port parts)"),
-            "known defect in the nested host: ~1% of 200 concurrent responses through passt arrive without their body",
-        );
-    } else {
-        under_load(port);
-        closed_port(closed);
-    }
+    under_load(port);
+    closed_port(closed);
     stop_closes_the_port(vm, port);
 }
 
