@@ -227,7 +227,12 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
         tracing::info!("{what} is not available on the KVM backend yet: using the QEMU backend");
         chosen = Backend::Qemu;
     }
-    let plan = net::plan(&opts.net, &m.config.exposed_ports, chosen != Backend::Kvm)?;
+    let plan = net::plan(
+        &opts.net,
+        &m.config.exposed_ports,
+        chosen != Backend::Kvm,
+        !opts.prepare,
+    )?;
     let digest_hex = hex::encode(artifact.digest());
     let mut run = spec::combine(&m.config, &opts.overrides, &digest_hex[..12], |k| {
         std::env::var(k).ok()

@@ -279,6 +279,7 @@ if [ "$1" = pull ]; then
     "$3" "$FAKE_DIGEST" "${FAKE_DIGEST#sha256:}"
 else
   echo "hyperboot $*" >> "$FAKE_LOG"
+  [ "$1" != prepare ] || [ -z "${FAKE_PREPARE_FAIL:-}" ] || { echo "hyperboot: no KVM" >&2; exit 125; }
 fi
 """
 FAKE_SYSTEMCTL = '#!/bin/sh\necho "systemctl $*" >> "$FAKE_LOG"\n'
@@ -290,7 +291,13 @@ UPDATE_CASES = [
     ("--check unchanged exits 0", ["--check", "demo"], {"FAKE_DIGEST": D1}, 0, ""),
     ("--check changed exits 10", ["--check", "demo"], {"FAKE_DIGEST": D2}, 10, ""),
     ("update unchanged does not restart", ["demo"], {"FAKE_DIGEST": D1}, 0, ""),
-    ("update changed restarts the unit", ["demo"], {"FAKE_DIGEST": D2}, 0,
+    ("update changed prepares with the unit's options, then restarts the unit", ["demo"],
+     {"FAKE_DIGEST": D2, "HYPER_ARGS": "-m 256M -p 80:80 -- /srv/demo"}, 0,
+     f"hyperboot prepare /var/cache/hyper/artifacts/sha256/{'2' * 64} -m 256M -p 80:80 -- /srv/demo\n"
+     "systemctl try-restart hyperboot@demo.service"),
+    ("update changed restarts the unit when the prepare fails", ["demo"],
+     {"FAKE_DIGEST": D2, "FAKE_PREPARE_FAIL": "1"}, 0,
+     f"hyperboot prepare /var/cache/hyper/artifacts/sha256/{'2' * 64}\n"
      "systemctl try-restart hyperboot@demo.service"),
     ("--check when the store fails exits 1", ["--check", "demo"], {"FAKE_FAIL": "1"}, 1, ""),
     ("--check on malformed pull output exits 1", ["--check", "demo"], {"FAKE_GARBAGE": "1"}, 1, ""),

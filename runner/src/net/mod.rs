@@ -229,11 +229,15 @@ impl Plan {
 const USER_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
 /// Resolves `-P` and free host ports, checks every host port can be bound,
-/// and prepares the link. `None` when the guest gets no network.
+/// and prepares the link. `None` when the guest gets no network. Without
+/// `publish` (`hyperboot prepare`), the guest gets the card the run will
+/// give it but no host port is touched: the ports may be held by the app's
+/// running VM, the one a prepared snapshot is to replace.
 pub fn plan(
     o: &NetOptions,
     exposed: &[String],
     qemu_backend: bool,
+    publish: bool,
 ) -> Result<Option<Plan>, NetError> {
     let mut ports = o.publish.clone();
     if o.publish_all {
@@ -257,10 +261,13 @@ pub fn plan(
         }
         return Ok(None);
     }
+    if !publish {
+        ports.clear();
+    }
     for p in &mut ports {
         reserve(p)?;
     }
-    let announce = o.publish_all || o.publish.iter().any(|p| p.host_port == 0);
+    let announce = publish && (o.publish_all || o.publish.iter().any(|p| p.host_port == 0));
     if announce {
         for p in &ports {
             tracing::info!("published {p}");
@@ -402,7 +409,7 @@ mod tests {
             publish: vec![parse_publish("127.0.0.1::80").unwrap()],
             ..Default::default()
         };
-        let p = plan(&o, &[], true).unwrap().unwrap();
+        let p = plan(&o, &[], true, true).unwrap().unwrap();
         assert_ne!(p.ports[0].host_port, 0, "a free port was chosen");
         let a = crate::backend::qemu::net_args(&p).join(" ");
         assert!(
@@ -421,15 +428,17 @@ mod tests {
             publish_all: true,
             ..Default::default()
         };
-        let p = plan(&all, &["8080/tcp".into(), "53/udp".into()], true)
+        let p = plan(&all, &["8080/tcp".into(), "53/udp".into()], true, true)
             .unwrap()
             .unwrap();
         assert_eq!(p.ports.len(), 2);
         assert_eq!(p.ports[1].proto, Proto::Udp);
         // KVM backend: no network by default; user mode (passt) once a port
         // is published, with the same guest addresses.
-        assert!(plan(&NetOptions::default(), &[], false).unwrap().is_none());
-        let k = plan(&o, &[], false).unwrap().unwrap();
+        assert!(plan(&NetOptions::default(), &[], false, true)
+            .unwrap()
+            .is_none());
+        let k = plan(&o, &[], false, true).unwrap().unwrap();
         assert!(matches!(k.link, Link::User));
         assert_eq!(k.guest.address, "10.0.2.15");
         assert_eq!(k.upstream(&k.ports[0]).port(), k.internal[0]);
@@ -437,7 +446,7 @@ mod tests {
             mode: NetMode::None,
             ..o
         };
-        assert!(plan(&none, &[], true).is_err());
+        assert!(plan(&none, &[], true, true).is_err());
     }
 
     #[test]
@@ -448,7 +457,24 @@ mod tests {
             publish: vec![parse_publish(&format!("127.0.0.1:{port}:80")).unwrap()],
             ..Default::default()
         };
-        let e = plan(&o, &[], true).unwrap_err().to_string();
+        let e = plan(&o, &[], true, true).unwrap_err().to_string();
         assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    }
+
+    /// `hyperboot prepare` beside the app's running VM: the card the run
+    /// will have (user mode, because of -p), no port bound or announced.
+    #[test]
+    fn a_prepare_plans_the_card_but_leaves_the_ports_alone() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let o = NetOptions {
+            publish: vec![parse_publish(&format!("127.0.0.1:{port}:80")).unwrap()],
+            ..Default::default()
+        };
+        let k = plan(&o, &[], false, false).unwrap().unwrap();
+        assert!(matches!(k.link, Link::User));
+        assert_eq!(k.guest.address, "10.0.2.15");
+        assert!(k.ports.is_empty() && k.internal.is_empty());
+        assert!(plan(&o, &[], false, true).is_err(), "the port is held");
     }
 }

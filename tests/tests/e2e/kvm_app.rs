@@ -314,6 +314,35 @@ mod snapshots {
         assert!(r.stderr.contains("QEMU"), "{r:?}");
     }
 
+    /// hyper-update prepares the new artifact while the app's VM still
+    /// runs and holds its published ports: the prepare touches none of them,
+    /// and the restart with the same options restores its snapshot.
+    #[test]
+    fn prepare_beside_the_running_vm_that_holds_its_ports() {
+        if !Backend::Kvm.available("kvm_app::snapshots::prepare_beside_the_running_vm") {
+            return;
+        }
+        let c = cache();
+        // The running VM's relay holds the port.
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let publish = format!("127.0.0.1:{}:80", held.local_addr().unwrap().port());
+        let (r, _) = boot(c.path(), &["-p", &publish, "--snapshot", "off"], &["true"]);
+        assert_eq!(r.code, Some(125), "a boot needs its port: {r:?}");
+        assert!(
+            r.stderr.contains(&publish[..publish.rfind(':').unwrap()]),
+            "{r:?}"
+        );
+        prepare(c.path(), &["-p", &publish]);
+        drop(held);
+        let (r, how) = boot(
+            c.path(),
+            &["-p", &publish, "--snapshot", "require"],
+            &["sh", "-c", "echo up on $(hostname -i)"],
+        );
+        assert_run(&r, 0, "up on 10.0.2.15\n");
+        assert_eq!(how, "restored", "{r:?}");
+    }
+
     #[test]
     fn restored_guests_get_fresh_randomness_and_the_hosts_clock() {
         if !Backend::Kvm.available("kvm_app::snapshots::restored_guests_get_fresh_randomness") {

@@ -3,6 +3,7 @@
 //! streaming publish, immutability, boot from the bucket, cache reuse,
 //! interrupted and failed transfers, corrupt objects, credentials.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -304,7 +305,6 @@ fn file_and_http_urls() {
     let j = ok_json(&build_to(&layout(), &url, &[], &[]));
     assert_eq!(j["outcome"], "written");
     assert!(std::fs::read(&dest).unwrap() == std::fs::read(busybox_artifact()).unwrap());
-    use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
         0o444
@@ -561,4 +561,37 @@ fn templates_validate_and_their_ci_and_update_scripts_run() {
         .cloned()
         .collect();
     assert_eq!(check(&unchecked), Some(10), "changed");
+
+    // Without --check, the change is prepared and the unit restarted. This
+    // host has no snapshots (QEMU backend): said, and the restart goes on.
+    let stub = tempfile::tempdir().unwrap();
+    let restarted = stub.path().join("restarted");
+    let systemctl = stub.path().join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!("#!/bin/sh\necho \"$@\" > {}\n", restarted.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut env = unchecked.clone();
+    env.push(("HYPER_ARGS", "--backend qemu --timeout 120".into()));
+    let o = run_script(
+        &format!(
+            "PATH={}:$PATH {} web",
+            stub.path().display(),
+            update.display()
+        ),
+        work.path(),
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no snapshot prepared for web") && stderr(&o).contains("QEMU"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&restarted).unwrap(),
+        "try-restart hyperboot@web.service\n"
+    );
 }
