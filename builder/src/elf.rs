@@ -2,66 +2,26 @@
 //! the kernel must be an x86-64 vmlinux with a PVH entry note, the init a
 //! static x86-64 executable.
 
-const PT_INTERP: u32 = 3;
-const PT_NOTE: u32 = 4;
-const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+use hyper_contract::elf::{self, u32_at, u64_at, Header, ProgramHeader, PT_INTERP, PT_NOTE};
 
-struct Phdr {
-    p_type: u32,
-    offset: u64,
-    filesz: u64,
-}
-
-fn u16_at(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
-}
-
-fn phdrs(b: &[u8]) -> Result<Vec<Phdr>, String> {
-    if b.get(..4) != Some(b"\x7fELF") {
-        return Err("not an ELF file".into());
-    }
-    if b.get(4) != Some(&2) || b.get(5) != Some(&1) || u16_at(b, 18) != Some(62) {
-        return Err("not a 64-bit little-endian x86-64 ELF file".into());
-    }
-    let short = || "truncated ELF program headers".to_string();
-    let phoff = u64_at(b, 0x20).ok_or_else(short)? as usize;
-    let phentsize = u16_at(b, 0x36).ok_or_else(short)? as usize;
-    let phnum = u16_at(b, 0x38).ok_or_else(short)? as usize;
-    (0..phnum)
-        .map(|i| {
-            let o = phoff
-                .checked_add(i.checked_mul(phentsize).ok_or_else(short)?)
-                .ok_or_else(short)?;
-            Ok(Phdr {
-                p_type: u32_at(b, o).ok_or_else(short)?,
-                offset: u64_at(b, o + 8).ok_or_else(short)?,
-                filesz: u64_at(b, o + 32).ok_or_else(short)?,
-            })
-        })
-        .collect()
+fn phdrs(b: &[u8]) -> Result<(Header, Vec<ProgramHeader>), String> {
+    let h = Header::parse(b).map_err(|e| e.to_string())?;
+    let (offset, len) = h.program_table().map_err(|e| e.to_string())?;
+    let table = b
+        .get(offset as usize..)
+        .and_then(|t| t.get(..len as usize))
+        .ok_or("truncated ELF program headers")?;
+    let ph = h.program_headers(table).map_err(|e| e.to_string())?;
+    Ok((h, ph))
 }
 
 /// The PVH entry point of a vmlinux, from its Xen `PHYS32_ENTRY` note.
 pub fn pvh_entry(b: &[u8]) -> Result<u32, String> {
-    for ph in phdrs(b)?.iter().filter(|p| p.p_type == PT_NOTE) {
-        let end = ph.offset.saturating_add(ph.filesz) as usize;
-        let mut o = ph.offset as usize;
-        while o + 12 <= end.min(b.len()) {
-            let namesz = u32_at(b, o).unwrap_or(0) as usize;
-            let descsz = u32_at(b, o + 4).unwrap_or(0) as usize;
-            let ntype = u32_at(b, o + 8).unwrap_or(0);
-            let name_at = o + 12;
-            let desc_at = name_at + namesz.div_ceil(4) * 4;
-            if ntype == XEN_ELFNOTE_PHYS32_ENTRY && b.get(name_at..name_at + 4) == Some(b"Xen\0") {
-                return u32_at(b, desc_at).ok_or_else(|| "truncated PVH note".to_string());
-            }
-            o = desc_at + descsz.div_ceil(4) * 4;
+    for ph in phdrs(b)?.1.iter().filter(|p| p.kind == PT_NOTE) {
+        let start = (ph.offset as usize).min(b.len());
+        let end = ph.offset.saturating_add(ph.filesz).min(b.len() as u64) as usize;
+        if let Some(entry) = elf::pvh_entry(&b[start..end.max(start)]) {
+            return Ok(entry);
         }
     }
     Err("no PVH entry note (build the kernel with CONFIG_PVH=y)".into())
@@ -69,7 +29,7 @@ pub fn pvh_entry(b: &[u8]) -> Result<u32, String> {
 
 /// Refuses dynamically linked executables (the guest has no loader).
 pub fn check_static(b: &[u8]) -> Result<(), String> {
-    if phdrs(b)?.iter().any(|p| p.p_type == PT_INTERP) {
+    if phdrs(b)?.1.iter().any(|p| p.kind == PT_INTERP) {
         return Err("dynamically linked; build it with -C target-feature=+crt-static".into());
     }
     Ok(())
@@ -77,12 +37,10 @@ pub fn check_static(b: &[u8]) -> Result<(), String> {
 
 /// The contents of the section named `name`, if the file has one.
 pub fn section<'a>(b: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, String> {
-    phdrs(b)?;
+    let h = phdrs(b)?.0;
     let short = || "truncated ELF section headers".to_string();
-    let shoff = u64_at(b, 0x28).ok_or_else(short)? as usize;
-    let shentsize = u16_at(b, 0x3a).ok_or_else(short)? as usize;
-    let shnum = u16_at(b, 0x3c).ok_or_else(short)? as usize;
-    let shstrndx = u16_at(b, 0x3e).ok_or_else(short)? as usize;
+    let (shoff, shentsize) = (h.shoff as usize, usize::from(h.shentsize));
+    let (shnum, shstrndx) = (usize::from(h.shnum), usize::from(h.shstrndx));
     let header = |i: usize| -> Result<(u32, usize, usize), String> {
         let o = i
             .checked_mul(shentsize)
@@ -171,7 +129,7 @@ mod tests {
     #[test]
     fn the_test_binary_itself_is_dynamic_x86_64() {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert!(phdrs(&me).is_ok());
+        assert!(phdrs(&me).is_ok_and(|(h, ph)| h.phnum as usize == ph.len()));
         assert!(pvh_entry(&me).is_err());
     }
 }

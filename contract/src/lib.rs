@@ -24,6 +24,7 @@
 //! of the run configuration while unused, so an older init keeps booting.
 
 pub mod control;
+pub mod elf;
 
 pub use control::{
     decode_start_header, encode_start, ControlError, GuestMessage, HostMessage, LineBuffer,

@@ -143,16 +143,6 @@ struct KernelElf {
     entry: u64,
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
 /// Reads `len` bytes at `at` of the section.
 fn read_at(file: &File, section: (u64, u64), at: u64, len: u64) -> Option<Vec<u8>> {
     use std::os::unix::fs::FileExt;
@@ -167,67 +157,32 @@ fn read_at(file: &File, section: (u64, u64), at: u64, len: u64) -> Option<Vec<u8
 /// Parses the ELF header, program headers and notes (for the PVH entry).
 /// None: not something this loader maps (the copying loader then decides).
 fn parse_elf(file: &File, section: (u64, u64)) -> Option<KernelElf> {
-    const PT_LOAD: u32 = 1;
-    const PT_NOTE: u32 = 4;
-    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
-    let h = read_at(file, section, 0, 64)?;
-    // 64-bit, little-endian, executable, x86-64.
-    if &h[0..4] != b"\x7fELF"
-        || h[4] != 2
-        || h[5] != 1
-        || u16_at(&h, 16)? != 2
-        || u16_at(&h, 18)? != 62
-    {
+    use hyper_contract::elf::{self, Header, ET_EXEC, HEADER_LEN, PT_LOAD, PT_NOTE};
+    let h = Header::parse(&read_at(file, section, 0, HEADER_LEN as u64)?).ok()?;
+    if h.kind != ET_EXEC || h.phnum == 0 || h.phnum > 64 {
         return None;
     }
-    let phoff = u64_at(&h, 32)?;
-    let phentsize = u64::from(u16_at(&h, 54)?);
-    let phnum = u64::from(u16_at(&h, 56)?);
-    if phentsize < 56 || phnum == 0 || phnum > 64 {
-        return None;
-    }
-    let ph = read_at(file, section, phoff, phentsize * phnum)?;
+    let (at, len) = h.program_table().ok()?;
+    let headers = h.program_headers(&read_at(file, section, at, len)?).ok()?;
     let mut segments = Vec::new();
     let mut entry = None;
-    for i in 0..phnum as usize {
-        let e = &ph[i * phentsize as usize..];
-        let (kind, offset, paddr, filesz, memsz) = (
-            u32_at(e, 0)?,
-            u64_at(e, 8)?,
-            u64_at(e, 24)?,
-            u64_at(e, 32)?,
-            u64_at(e, 40)?,
-        );
-        match kind {
+    for ph in headers {
+        match ph.kind {
             PT_LOAD => {
-                if filesz > memsz || offset.checked_add(filesz)? > section.1 {
+                if ph.filesz > ph.memsz || ph.offset.checked_add(ph.filesz)? > section.1 {
                     return None;
                 }
-                paddr.checked_add(memsz)?;
+                ph.paddr.checked_add(ph.memsz)?;
                 segments.push(Segment {
-                    offset,
-                    paddr,
-                    filesz,
-                    memsz,
+                    offset: ph.offset,
+                    paddr: ph.paddr,
+                    filesz: ph.filesz,
+                    memsz: ph.memsz,
                 });
             }
             PT_NOTE if entry.is_none() => {
-                let notes = read_at(file, section, offset, filesz)?;
-                let mut at = 0usize;
-                while at + 12 <= notes.len() {
-                    let namesz = u32_at(&notes, at)? as usize;
-                    let descsz = u32_at(&notes, at + 4)? as usize;
-                    let kind = u32_at(&notes, at + 8)?;
-                    let name_end = at.checked_add(12)?.checked_add(namesz)?;
-                    let desc = name_end.checked_add(3)? & !3;
-                    if kind == XEN_ELFNOTE_PHYS32_ENTRY
-                        && notes.get(at + 12..name_end)?.starts_with(b"Xen")
-                    {
-                        entry = Some(u64::from(u32_at(&notes, desc)?));
-                        break;
-                    }
-                    at = desc.checked_add(descsz)?.checked_add(3)? & !3;
-                }
+                let notes = read_at(file, section, ph.offset, ph.filesz)?;
+                entry = elf::pvh_entry(&notes).map(u64::from);
             }
             _ => {}
         }
