@@ -406,6 +406,7 @@ fn options(cli: Cli) -> Result<BootOptions, String> {
         stats: cli.stats,
         snapshot: cli.snapshot,
         prepare: false,
+        pinned: None,
         net: crate::net::NetOptions {
             mode: cli.net.unwrap_or_default(),
             publish,
@@ -495,6 +496,7 @@ fn supervise_main(id: Option<String>) -> ExitCode {
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         let mut opts = options(cli)?;
         opts.artifact = spec.artifact.clone();
+        opts.pinned = Some(spec.digest.clone());
         Ok(opts)
     });
     ExitCode::from(code)

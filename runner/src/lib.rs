@@ -60,6 +60,10 @@ pub struct BootOptions {
     pub snapshot: snapshots::Mode,
     /// `hyperboot prepare`: only make the snapshot, do not run the app.
     pub prepare: bool,
+    /// Boot the artifact only if its digest is this one: a detached VM's
+    /// every run (restarts included) boots what it was created with, whose
+    /// signature was checked then, even if the file was replaced since.
+    pub pinned: Option<String>,
 }
 
 /// A failure of hyperboot itself (exit code 125).
@@ -99,6 +103,8 @@ pub enum BootError {
     Stats(String, #[source] std::io::Error),
     #[error("cannot prepare the VM")]
     Io(#[from] std::io::Error),
+    #[error("the artifact changed since the VM was created ({want}; the file is now {got}): not booting it")]
+    Changed { want: String, got: String },
 }
 
 /// Called once the VM runs, with the host ports it published
@@ -178,6 +184,15 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
     if !seen.get() {
         if let Ok(m) = artifact.file().metadata() {
             verified::record(&artifact.digest(), &m);
+        }
+    }
+    if let Some(want) = &opts.pinned {
+        let got = hvm::digest_string(&artifact.digest());
+        if &got != want {
+            return Err(BootError::Changed {
+                want: want.clone(),
+                got,
+            });
         }
     }
     hyper_vmm::phase("artifact verified");

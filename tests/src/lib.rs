@@ -196,6 +196,21 @@ pub fn busybox_artifact() -> &'static Path {
     })
 }
 
+/// Another artifact of the busybox image (its user `app`): for what must
+/// tell artifacts apart (replacements, moved pointers, pinned digests).
+/// Its layout, `objstore-other-layout` in [`scratch`], is kept for builds.
+pub fn other_artifact() -> &'static Path {
+    static A: OnceLock<PathBuf> = OnceLock::new();
+    A.get_or_init(|| {
+        let l = scratch().join("objstore-other-layout");
+        make_image(&l, "latest", "app");
+        let out = scratch().join("objstore-other.hvm");
+        let o = build(&l, &out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    })
+}
+
 /// The result of one boot.
 #[derive(Debug)]
 pub struct Run {

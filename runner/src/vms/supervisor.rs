@@ -225,9 +225,12 @@ pub fn supervise(
             .map_err(|e| e.to_string())
             .and_then(|t| t.join().map_err(|_| "the run panicked".to_string()));
         *requests.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // No restart can boot an artifact that was replaced.
+        let mut last = false;
         let exit = match result {
             Ok(Ok(exit)) => exit,
             Ok(Err(e)) => {
+                last = matches!(e, crate::BootError::Changed { .. });
                 let msg = crate::error_chain(&e);
                 let mut r = ready.lock().unwrap_or_else(|e| e.into_inner());
                 if r.is_some() {
@@ -253,6 +256,7 @@ pub fn supervise(
         state.exit_code = Some(code);
         state.stopped = stopped.load(Ordering::SeqCst);
         let again = !state.stopped
+            && !last
             && match spec.restart {
                 Restart::No => false,
                 Restart::Always => true,

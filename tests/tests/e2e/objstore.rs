@@ -46,19 +46,6 @@ pub(crate) fn layout() -> PathBuf {
     scratch().join("busybox-layout")
 }
 
-/// A second, different image (runs as `app`), built locally once.
-fn other_artifact() -> &'static Path {
-    static A: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    A.get_or_init(|| {
-        let l = scratch().join("objstore-other-layout");
-        make_image(&l, "latest", "app");
-        let out = scratch().join("objstore-other.hvm");
-        let o = build(&l, &out);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        out
-    })
-}
-
 pub(crate) fn build_to(layout: &Path, url: &str, env: &[(&str, String)], extra: &[&str]) -> Output {
     with_env(hyperbuild(), env)
         .arg(format!("oci:{}", layout.display()))

@@ -16,6 +16,7 @@ macro_rules! detached_scenarios {
             logs_follow_until_the_vm_exits_and_kill_signals_the_app,
             a_killed_supervisor_leaves_no_vm_and_shows_as_exited,
             on_failure_restarts_as_often_as_asked_then_stops,
+            a_restart_boots_only_the_artifact_the_vm_was_created_with,
         );
     };
 }
@@ -363,4 +364,44 @@ pub fn on_failure_restarts_as_often_as_asked_then_stops(b: Backend) {
         assert!(Instant::now() < deadline, "--rm left the record");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A detached VM boots, on every restart, the artifact it was created with
+/// (the one whose signature was checked): when the file was replaced since
+/// (a rebuild in place), the restart is refused, said in the VM's log, and
+/// the VM stays exited instead of retrying.
+pub fn a_restart_boots_only_the_artifact_the_vm_was_created_with(b: Backend) {
+    let h = Host::new(b);
+    let dir = tempfile::tempdir_in(scratch()).unwrap();
+    let file = dir.path().join("app.hvm");
+    std::fs::copy(busybox_artifact(), &file).unwrap();
+    let id = h.detach(
+        &["--restart", "on-failure:3"],
+        &file,
+        &["sh", "-c", "echo run; sleep 2; exit 3"],
+    );
+    h.until(&id, "running", 120);
+    // As hyperbuild writes: a new file renamed over the old one.
+    let new = dir.path().join("new.hvm");
+    std::fs::copy(other_artifact(), &new).unwrap();
+    std::fs::rename(&new, &file).unwrap();
+    let o = h.cmd(&["wait", &id]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "125",
+        "{}",
+        h.said(&id)
+    );
+    let e = h.entry(&id);
+    assert_eq!(
+        (&e["status"], &e["restarts"]),
+        (&"exited".into(), &1.into()),
+        "{e}"
+    );
+    let said = h.said(&id);
+    assert!(
+        said.contains("the artifact changed since the VM was created"),
+        "{said}"
+    );
+    assert_eq!(ok(&h.cmd(&["logs", &id]).output().unwrap()), "run");
 }
