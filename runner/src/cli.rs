@@ -503,7 +503,7 @@ fn supervise_main(id: Option<String>) -> ExitCode {
 }
 
 /// `hyperboot -d …`: starts the VM in the background and prints its ID.
-fn detach_main(cli: Cli, artifact: PathBuf) -> ExitCode {
+fn detach_main(cli: Cli, artifact: PathBuf, pinned: Option<String>) -> ExitCode {
     let digest = match hvm::Artifact::open(&artifact) {
         Ok(a) => hvm::digest_string(&a.digest()),
         Err(e) => {
@@ -511,6 +511,11 @@ fn detach_main(cli: Cli, artifact: PathBuf) -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
+    if let Some(want) = pinned.filter(|w| *w != digest) {
+        let e = crate::BootError::Changed { want, got: digest };
+        tracing::error!("{e}");
+        return ExitCode::from(exit::FAILED);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let d = crate::vms::supervisor::Detach {
         name: cli.name,
@@ -555,6 +560,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
+    // A signed local file is booted only as it was when checked.
+    let mut pinned = None;
     let artifact = if hyper_remote::is_url(&cli.artifact) {
         match fetch(&cli.artifact, true, signers.as_ref()) {
             Ok(f) => f.path,
@@ -564,7 +571,10 @@ pub fn main() -> ExitCode {
         let path = PathBuf::from(&cli.artifact);
         if let Some(s) = &signers {
             match crate::trust::verify_file(&path, s) {
-                Ok(who) => tracing::debug!("{}: signed by {who}", path.display()),
+                Ok((who, digest)) => {
+                    tracing::debug!("{}: {digest} signed by {who}", path.display());
+                    pinned = Some(digest);
+                }
                 Err(e) => {
                     tracing::error!("{}", error_chain(&e));
                     return ExitCode::from(exit::FAILED);
@@ -585,9 +595,10 @@ pub fn main() -> ExitCode {
     if detach {
         let mut cli = cli;
         (cli.name, cli.remove, cli.restart) = (name, remove, restart);
-        return detach_main(cli, artifact);
+        return detach_main(cli, artifact, pinned);
     }
     opts.artifact = artifact;
+    opts.pinned = pinned;
     let result = match boot(&opts) {
         Ok(exit) => exit,
         Err(e) => {

@@ -91,8 +91,10 @@ pub fn signers_for(
     }
 }
 
-/// Checks a local artifact against `PATH.sig`.
-pub fn verify_file(path: &Path, signers: &AllowedSigners) -> Result<String, TrustError> {
+/// Checks a local artifact against `PATH.sig`; returns the signer and the
+/// digest its signature is for (boots pin it: a file replaced after the
+/// check is not booted).
+pub fn verify_file(path: &Path, signers: &AllowedSigners) -> Result<(String, String), TrustError> {
     let name = path.display().to_string();
     let mut header = vec![0u8; hvm::HEADER_LEN];
     let f = std::fs::File::open(path).map_err(|e| TrustError::Artifact(name.clone(), e))?;
@@ -104,9 +106,11 @@ pub fn verify_file(path: &Path, signers: &AllowedSigners) -> Result<String, Trus
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(TrustError::Artifact(sig_path, e)),
     };
-    signers
+    let who = signers
         .verify_any(&name, &header, &found)
-        .map_err(|e| TrustError::Remote(e.into()))
+        .map_err(|e| TrustError::Remote(e.into()))?;
+    let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&header).into();
+    Ok((who, hvm::digest_string(&digest)))
 }
 
 #[cfg(test)]
