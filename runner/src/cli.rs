@@ -612,6 +612,10 @@ pub fn main() -> ExitCode {
     ExitCode::from(result.code())
 }
 
+/// How long `hyperboot prepare` waits for the snapshot point without
+/// `--timeout` (a boot to it takes seconds even under emulation).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// `hyperboot prepare ARTIFACT [OPTIONS]`: boots the artifact to the
 /// snapshot point with these options and keeps the snapshot, so the next
 /// boot with the same options restores it (for systemd's ExecStartPre and
@@ -648,6 +652,9 @@ fn prepare_main() -> ExitCode {
     };
     opts.artifact = artifact;
     opts.prepare = true;
+    // A guest that never reaches the snapshot point must not hold a
+    // deploy (or a unit's ExecStartPre) forever.
+    opts.timeout = opts.timeout.or(Some(PREPARE_TIMEOUT));
     match crate::boot(&opts) {
         Ok(Exit::App(0)) => ExitCode::SUCCESS,
         Ok(e) => {
