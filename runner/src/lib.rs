@@ -60,9 +60,9 @@ pub struct BootOptions {
     pub snapshot: snapshots::Mode,
     /// `hyperboot prepare`: only make the snapshot, do not run the app.
     pub prepare: bool,
-    /// Boot the artifact only if its digest is this one: a detached VM's
-    /// every run (restarts included) boots what it was created with, whose
-    /// signature was checked then, even if the file was replaced since.
+    /// Boot the artifact only if its digest is this one: the one whose
+    /// signature was checked, and for a detached VM's every run (restarts
+    /// included) the one it was created with, even if the file was replaced.
     pub pinned: Option<String>,
 }
 
@@ -103,7 +103,9 @@ pub enum BootError {
     Stats(String, #[source] std::io::Error),
     #[error("cannot prepare the VM")]
     Io(#[from] std::io::Error),
-    #[error("the artifact changed since the VM was created ({want}; the file is now {got}): not booting it")]
+    #[error(
+        "the artifact changed since it was checked ({want}; the file is now {got}): not booting it"
+    )]
     Changed { want: String, got: String },
 }
 

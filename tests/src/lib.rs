@@ -182,18 +182,7 @@ pub fn build_with(layout: &Path, out: &Path, extra: &[&str]) -> Output {
 /// WorkingDir /srv/app, root), built once.
 pub fn busybox_artifact() -> &'static Path {
     static A: OnceLock<PathBuf> = OnceLock::new();
-    A.get_or_init(|| {
-        let layout = scratch().join("busybox-layout");
-        make_image(&layout, "latest", "");
-        let out = scratch().join("busybox.hvm");
-        let o = build(&layout, &out);
-        assert!(
-            o.status.success(),
-            "hyperbuild failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
-    })
+    A.get_or_init(|| busybox_built("busybox", ""))
 }
 
 /// Another artifact of the busybox image (its user `app`): for what must
@@ -201,14 +190,22 @@ pub fn busybox_artifact() -> &'static Path {
 /// Its layout, `objstore-other-layout` in [`scratch`], is kept for builds.
 pub fn other_artifact() -> &'static Path {
     static A: OnceLock<PathBuf> = OnceLock::new();
-    A.get_or_init(|| {
-        let l = scratch().join("objstore-other-layout");
-        make_image(&l, "latest", "app");
-        let out = scratch().join("objstore-other.hvm");
-        let o = build(&l, &out);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        out
-    })
+    A.get_or_init(|| busybox_built("objstore-other", "app"))
+}
+
+/// Makes the busybox layout `NAME-layout` (run as `user`) in [`scratch`]
+/// and builds it into `NAME.hvm` beside it.
+fn busybox_built(name: &str, user: &str) -> PathBuf {
+    let layout = scratch().join(format!("{name}-layout"));
+    make_image(&layout, "latest", user);
+    let out = scratch().join(format!("{name}.hvm"));
+    let o = build(&layout, &out);
+    assert!(
+        o.status.success(),
+        "hyperbuild failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
 }
 
 /// The result of one boot.

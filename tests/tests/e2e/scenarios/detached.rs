@@ -395,7 +395,7 @@ pub fn a_restart_boots_only_the_artifact_the_vm_was_created_with(b: Backend) {
     );
     let said = h.said(&id);
     assert!(
-        said.contains("the artifact changed since the VM was created"),
+        said.contains("the artifact changed since it was checked"),
         "{said}"
     );
     // Every run before the replacement ran the app once; the refused one
