@@ -378,7 +378,6 @@ mod snapshots {
     }
 
     #[test]
-    #[ignore = "known defect: in the nested host one of ten restored guests at once died without an exit status (122); counted as skipped until fixed"]
     fn ten_restored_vms_of_one_artifact_run_at_once() {
         if !Backend::Kvm
             .available("kvm_app::snapshots::ten_restored_vms_of_one_artifact_run_at_once")
