@@ -216,39 +216,12 @@ pub fn a_guest_that_never_stops_is_ended_by_the_timeout(b: Backend) {
 /// gets the signal and its status (143) is hyperboot's, well before the stop
 /// timeout would have killed it.
 pub fn sigterm_ends_the_vm(b: Backend) {
-    use std::io::BufRead;
-    let mut child = b
-        .hyperboot()
-        .args(["--timeout", "120", "--stop-timeout", "60"])
-        .arg(busybox_artifact())
-        .args(["--", "sh", "-c", "echo ready; exec sleep 1000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Once the app runs (a signal during the boot is the stop tests' matter).
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert_eq!(first, "ready\n");
-    nix_kill(child.id(), 15);
-    let started = std::time::Instant::now();
-    let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(143));
+    let (code, out, secs) = stop_app(b, &["--stop-timeout", "60"], "echo ready; exec sleep 1000");
+    assert_eq!((code, out.as_str()), (Some(143), "ready\n"));
     assert!(
-        started.elapsed().as_secs() < 50,
-        "the stop took {:?}: the app did not get the signal",
-        started.elapsed()
+        secs < 50.0,
+        "the stop took {secs} s: the app did not get the signal"
     );
-}
-
-fn nix_kill(pid: u32, sig: i32) {
-    let st = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 pub fn docker_generated_files_and_limits(b: Backend) {
