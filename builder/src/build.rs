@@ -711,3 +711,95 @@ mod tests {
         );
     }
 }
+
+/// An artifact from directory trees instead of an image: containerd's
+/// committed overlay snapshots, lowest first (see [`hyperfs::dir`]).
+#[derive(Debug, Clone)]
+pub struct DirBuildOptions {
+    /// The layers' directories, lowest first.
+    pub layers: Vec<PathBuf>,
+    /// What the manifest records as the image reference.
+    pub reference: String,
+    /// What the manifest records as the image digest (the caller's key for
+    /// these layers).
+    pub digest: String,
+    pub output: PathBuf,
+    pub kernel: PathBuf,
+    pub init: PathBuf,
+    pub compression: crate::spool::Compression,
+}
+
+/// Builds an artifact from directory layers; the image config is empty (the
+/// caller passes the process to run at boot). On any error nothing is left
+/// at `opts.output`.
+pub fn build_from_dirs(opts: &DirBuildOptions) -> anyhow::Result<BuildReport> {
+    let kernel = read_checked(
+        &opts.kernel,
+        |b| elf::pvh_entry(b).map(|_| ()),
+        |path, reason| InputError::Kernel { path, reason },
+    )?;
+    let init = read_checked(&opts.init, elf::check_static, |path, reason| {
+        InputError::Init { path, reason }
+    })?;
+    let contract = elf::init_contract(&init).map_err(|reason| InputError::Init {
+        path: opts.init.clone(),
+        reason,
+    })?;
+    let kernel_version = elf::kernel_version(&kernel).unwrap_or_else(|| "unknown".into());
+    let mut tree = Tree::new();
+    let mut spool = Spool::with_compression(opts.compression)?;
+    for (i, dir) in opts.layers.iter().enumerate() {
+        let layer_err = |source| InputError::Layer {
+            reference: opts.reference.clone(),
+            digest: dir.display().to_string(),
+            source,
+        };
+        let ops = hyperfs::dir::read(spool.main_writer(), dir).map_err(layer_err)?;
+        layer::apply_ops(&mut tree, i, ops).map_err(layer_err)?;
+    }
+    let image = oci::Image {
+        manifest_digest: opts.digest.clone(),
+        index_digest: None,
+        config: oci::ImageConfigBlob {
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            variant: None,
+            config: None,
+            rootfs: oci::RootFs::default(),
+        },
+        layers: Vec::new(),
+    };
+    let manifest = |rootfs_size| {
+        manifest(
+            &opts.reference,
+            &image,
+            kernel_version.clone(),
+            contract,
+            rootfs_size,
+        )
+        .to_canonical_json()
+    };
+    let parts = Parts {
+        kernel: &kernel,
+        initrd: &initrd(&init),
+        tree: &tree,
+        spool: &spool,
+        reference: &opts.reference,
+    };
+    let (digest, size, rootfs_size, _) = write_artifact(
+        ArtifactWriter::create(&opts.output)?,
+        parts,
+        manifest,
+        || Ok(()),
+    )?;
+    Ok(BuildReport {
+        digest: hvm::digest_string(&digest),
+        output: opts.output.display().to_string(),
+        size,
+        outcome: None,
+        image_digest: opts.digest.clone(),
+        rootfs_size,
+        layers_reused: 0,
+        layers: opts.layers.len(),
+    })
+}

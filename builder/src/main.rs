@@ -198,20 +198,6 @@ fn remote_input_error(e: &hyper_remote::RemoteError) -> bool {
 #[error("{0}")]
 struct UsageError(String);
 
-/// The default location of an installed component: `$VAR`, else
-/// `$XDG_DATA_HOME/hyper/NAME` (`~/.local/share/hyper/NAME`).
-fn installed(var: &str, name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(var) {
-        return PathBuf::from(p);
-    }
-    let data = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/share")
-        });
-    data.join("hyper").join(name)
-}
-
 fn parse_platform(s: &str) -> Result<hyperbuild::oci::PlatformSpec, UsageError> {
     let parts: Vec<&str> = s.split('/').collect();
     match parts.as_slice() {
@@ -489,10 +475,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         reuse_layers: !b.no_cache,
         kernel: b
             .kernel
-            .unwrap_or_else(|| installed("HYPER_KERNEL", "vmlinux")),
+            .unwrap_or_else(|| hyperbuild::installed("HYPER_KERNEL", "vmlinux")),
         init: b
             .init
-            .unwrap_or_else(|| installed("HYPER_INIT", "hyperinit")),
+            .unwrap_or_else(|| hyperbuild::installed("HYPER_INIT", "hyperinit")),
     };
     for (what, p) in [("kernel", &opts.kernel), ("init", &opts.init)] {
         if !p.exists() {

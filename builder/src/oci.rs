@@ -128,7 +128,7 @@ pub struct RuntimeConfig {
     pub volumes: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct RootFs {
     #[serde(default)]
     pub diff_ids: Vec<String>,

@@ -5,6 +5,7 @@
 //! fuzzers and tests build only this.
 #![forbid(unsafe_code)]
 
+pub mod dir;
 pub mod erofs;
 pub mod layer;
 pub mod record;

@@ -1,0 +1,253 @@
+//! The container's root filesystem as an artifact. containerd hands the
+//! shim its snapshotter's mounts: with the overlay snapshotter, an overlay
+//! whose lower directories are committed snapshots (the image's layers,
+//! which never change) and whose upper directory is the container's own.
+//! The lower layers are flattened into an EROFS with the kernel and init
+//! (hyperbuild's directory source) and the artifact is cached, keyed by
+//! the layers' identities, so the second container of an image boots
+//! without a build.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Why the rootfs could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("rootfs mount {0:?}: only overlay and bind mounts of directories are supported")]
+    Unsupported(String),
+    #[error("rootfs: more than one mount ({0}); expected one overlay or bind mount")]
+    Several(usize),
+    #[error("rootfs: overlay mount without lowerdir")]
+    NoLower,
+    #[error("rootfs: {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rootfs: cannot build the artifact: {0:#}")]
+    Build(anyhow::Error),
+}
+
+/// One mount as containerd describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// The directories a rootfs is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layers {
+    /// Read-only layers, lowest first: cached by identity.
+    pub lower: Vec<PathBuf>,
+    /// A writable directory with content already in it (the top layer of
+    /// this container alone): never cached.
+    pub writable: Option<PathBuf>,
+}
+
+/// Reads the snapshotter's mounts; `bundle_rootfs` is used when there are
+/// none (containerd mounted the root itself).
+pub fn layers(mounts: &[Mount], bundle_rootfs: &Path) -> Result<Layers, RootfsError> {
+    let m = match mounts {
+        [] => {
+            return Ok(Layers {
+                lower: Vec::new(),
+                writable: Some(bundle_rootfs.to_owned()),
+            })
+        }
+        [m] => m,
+        more => return Err(RootfsError::Several(more.len())),
+    };
+    let opt = |key: &str| {
+        m.options
+            .iter()
+            .find_map(|o| o.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+    };
+    match m.kind.as_str() {
+        "overlay" => {
+            // overlayfs lists lowerdir top first.
+            let mut lower: Vec<PathBuf> = opt("lowerdir")
+                .ok_or(RootfsError::NoLower)?
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect();
+            lower.reverse();
+            let writable = match opt("upperdir") {
+                Some(upper) if !is_empty_dir(Path::new(upper))? => Some(PathBuf::from(upper)),
+                _ => None,
+            };
+            Ok(Layers { lower, writable })
+        }
+        "bind" | "rbind" => {
+            let ro = m.options.iter().any(|o| o == "ro");
+            let dir = PathBuf::from(&m.source);
+            Ok(if ro {
+                Layers {
+                    lower: vec![dir],
+                    writable: None,
+                }
+            } else {
+                Layers {
+                    lower: Vec::new(),
+                    writable: Some(dir),
+                }
+            })
+        }
+        other => Err(RootfsError::Unsupported(other.to_string())),
+    }
+}
+
+fn is_empty_dir(p: &Path) -> Result<bool, RootfsError> {
+    let io = |source| RootfsError::Io {
+        path: p.to_owned(),
+        source,
+    };
+    Ok(std::fs::read_dir(p).map_err(io)?.next().is_none())
+}
+
+/// What an artifact is built from besides the layers.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub kernel: PathBuf,
+    pub init: PathBuf,
+    /// Where cached artifacts are kept.
+    pub cache: PathBuf,
+}
+
+/// The artifact for `layers`: from the cache, or built (into the cache when
+/// every layer is read-only, else to `scratch`). Returns the path and
+/// whether it was built now.
+pub fn artifact(
+    layers: &Layers,
+    inputs: &Inputs,
+    scratch: &Path,
+) -> Result<(PathBuf, bool), RootfsError> {
+    let key = key(layers, inputs)?;
+    let cached = layers.writable.is_none();
+    let out = if cached {
+        inputs.cache.join(format!("{key}.hvm"))
+    } else {
+        scratch.join("rootfs.hvm")
+    };
+    if cached && out.is_file() {
+        return Ok((out, false));
+    }
+    let dir = out.parent().expect("a file in a directory");
+    std::fs::create_dir_all(dir).map_err(|source| RootfsError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    // Built beside its name and renamed: two containers of one image
+    // starting at once both build, and the cache holds one whole file.
+    let tmp = dir.join(format!(".{key}.{}.tmp", std::process::id()));
+    let mut all = layers.lower.clone();
+    all.extend(layers.writable.clone());
+    let built = hyperbuild::build::build_from_dirs(&hyperbuild::build::DirBuildOptions {
+        layers: all,
+        reference: "containerd-snapshots".into(),
+        digest: format!("sha256:{key}"),
+        output: tmp.clone(),
+        kernel: inputs.kernel.clone(),
+        init: inputs.init.clone(),
+        compression: hyperbuild::spool::Compression::Lz4,
+    });
+    if let Err(e) = built {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(RootfsError::Build(e));
+    }
+    std::fs::rename(&tmp, &out).map_err(|source| RootfsError::Io {
+        path: out.clone(),
+        source,
+    })?;
+    Ok((out, true))
+}
+
+/// What identifies an artifact: hyperbuild's version, the kernel and init
+/// files, and each layer directory (committed snapshots are never changed
+/// in place; a new one is a new directory).
+fn key(layers: &Layers, inputs: &Inputs) -> Result<String, RootfsError> {
+    let mut h = Sha256::new();
+    h.update(b"hyper-shim-rootfs-v1\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    let mut stamp = |p: &Path| -> Result<(), RootfsError> {
+        let md = std::fs::metadata(p).map_err(|source| RootfsError::Io {
+            path: p.to_owned(),
+            source,
+        })?;
+        h.update(p.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        for v in [
+            md.dev(),
+            md.ino(),
+            md.size(),
+            md.ctime() as u64,
+            md.ctime_nsec() as u64,
+        ] {
+            h.update(v.to_le_bytes());
+        }
+        Ok(())
+    };
+    stamp(&inputs.kernel)?;
+    stamp(&inputs.init)?;
+    for l in layers.lower.iter().chain(&layers.writable) {
+        stamp(l)?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlay(options: &[&str]) -> Mount {
+        Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn overlay_lower_layers_come_lowest_first() {
+        let upper = tempfile::tempdir().unwrap();
+        let up = format!("upperdir={}", upper.path().display());
+        let l = layers(
+            &[overlay(&[
+                "index=off",
+                "workdir=/w",
+                &up,
+                "lowerdir=/s/3/fs:/s/2/fs:/s/1/fs",
+            ])],
+            Path::new("/bundle/rootfs"),
+        )
+        .unwrap();
+        assert_eq!(
+            l.lower,
+            ["/s/1/fs", "/s/2/fs", "/s/3/fs"].map(PathBuf::from)
+        );
+        assert_eq!(l.writable, None, "an empty upper directory adds nothing");
+        std::fs::write(upper.path().join("f"), b"x").unwrap();
+        let l = layers(&[overlay(&[&up, "lowerdir=/s/1/fs"])], Path::new("/b")).unwrap();
+        assert_eq!(l.writable.as_deref(), Some(upper.path()));
+    }
+
+    #[test]
+    fn other_mounts_are_refused() {
+        let m = Mount {
+            kind: "btrfs".into(),
+            source: "/dev/sda".into(),
+            options: vec![],
+        };
+        let e = layers(&[m], Path::new("/b")).unwrap_err();
+        assert!(e.to_string().contains("\"btrfs\""), "{e}");
+        assert!(matches!(
+            layers(&[overlay(&["upperdir=/u"])], Path::new("/b")),
+            Err(RootfsError::NoLower)
+        ));
+    }
+}
