@@ -65,10 +65,14 @@ pub fn bin_path(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .args(["build", "--quiet", "-p", "hyperbuild", "-p", "hyperboot"])
+            .args(["-p", "containerd-shim-hyper-v2"])
             .current_dir(repo())
             .status()
             .expect("cargo build");
-        assert!(st.success(), "building hyperbuild and hyperboot failed");
+        assert!(
+            st.success(),
+            "building hyperbuild, hyperboot and the shim failed"
+        );
     });
     // tests run from target/<profile>/deps/
     let exe = std::env::current_exe().expect("current exe");

@@ -7,6 +7,7 @@
 //! - `vmm`: tiny purpose-built guests on hyperboot's own KVM VMM (any KVM);
 //! - `slow`: the project's kernel booted by the KVM VMM (up to init under
 //!   nested PVM KVM, to the app where KVM has real semantics);
+//! - `containerd`: containers run by Debian's containerd through our shim;
 //! - `kvm_app`: the app-level scenarios on the KVM backend (the nested tier).
 //!
 //! App-level scenarios are written once (`scenarios/`) and instantiated per
@@ -15,6 +16,7 @@
 #[macro_use]
 mod scenarios;
 
+mod containerd;
 mod kvm_app;
 mod net;
 mod objstore;
