@@ -194,7 +194,11 @@ fn mount(m: &Value, options: &mut Vec<String>, skipped: &mut Vec<String>) -> Res
     let kind = m.get("type").and_then(Value::as_str).unwrap_or("");
     let opts = strings(m.get("options"), "mount options")?;
     let bind = kind == "bind" || opts.iter().any(|o| o == "bind" || o == "rbind");
-    if GUEST_PROVIDES.contains(&dest.as_str()) && !bind {
+    if GUEST_PROVIDES.contains(&dest.as_str()) {
+        // Kubernetes binds the sandbox's /dev/shm: the guest has its own.
+        if bind {
+            skipped.push(dest);
+        }
         return Ok(());
     }
     if bind {

@@ -53,6 +53,8 @@ PARAMS = {
     "marathon": {"APP": None, "BUCKET": None, "AWS_REGION": "us-east-1",
                  "HYPERBOOT": "/usr/local/bin/hyperboot", "GUEST_MEM": "256M",
                  "CPUS": "0.5", "MEM_MB": "384", "INSTANCES": "1"},
+    "kubernetes": {"APP": None, "IMAGE": None, "HANDLER": "hyper", "RUNTIME_CLASS": "hyper",
+                   "GUEST_MEM": "256Mi", "CPUS": "1", "OVERHEAD_MEM": "32Mi"},
 }
 TEST_VALUES = {"IMAGE": "registry.example.com/demo:1", "BUCKET": "hyper-test", "APP": "demo",
                "HYPER_GIT": "https://git.example.com/hyper.git", "HYPER_ARGS": "-m 256M -- /srv/demo"}
@@ -370,12 +372,38 @@ def check_marathon(r, d):
     r.check("marathon: cmd runs hyperboot on an s3:// HYPER_URL", marathon_structure, path)
 
 
+def kubernetes_structure(d):
+    import tomllib
+    conf = tomllib.loads((d / "containerd-hyper.toml").read_text())
+    runtimes = conf["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
+    rc = yaml.safe_load((d / "runtimeclass.yaml").read_text())
+    pod = yaml.safe_load((d / "pod.yaml").read_text())
+    if conf.get("version") != 2:
+        raise Fail("the containerd snippet is not config version 2")
+    if rc["handler"] not in runtimes:
+        raise Fail(f"the RuntimeClass's handler {rc['handler']} is not a runtime in the containerd snippet")
+    if runtimes[rc["handler"]].get("runtime_type") != "io.containerd.hyper.v2":
+        raise Fail("the handler's runtime_type is not io.containerd.hyper.v2")
+    if pod["spec"].get("runtimeClassName") != rc["metadata"]["name"]:
+        raise Fail("the pod does not name the RuntimeClass")
+    if not pod["spec"].get("hostNetwork"):
+        raise Fail("the shim does not join a pod network namespace yet: the pod must use hostNetwork")
+
+
+def check_kubernetes(r, d):
+    for f, schema in (("runtimeclass.yaml", "k8s-runtimeclass"), ("pod.yaml", "k8s-pod")):
+        r.check(f"kubernetes: {f}: check-jsonschema against the {schema} subset", jsonschema,
+                d / f, "--schemafile", str(HERE / f"{schema}.schema.json"))
+    r.check("kubernetes: the containerd snippet, RuntimeClass and pod agree", kubernetes_structure, d)
+
+
 CHECKS = {
     "github-actions": lambda r, d: check_ci(r, "github", d),
     "gitlab-ci": lambda r, d: check_ci(r, "gitlab", d),
     "systemd": check_systemd,
     "nomad": check_nomad,
     "marathon": check_marathon,
+    "kubernetes": check_kubernetes,
 }
 
 
