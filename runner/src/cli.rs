@@ -96,7 +96,9 @@ struct Cli {
     #[arg(short = 'P', long = "publish-all")]
     publish_all: bool,
     /// Network: user (QEMU user-mode, no root; default on the QEMU backend),
-    /// tap[:NAME] (needs CAP_NET_ADMIN), none
+    /// tap[:NAME] (needs CAP_NET_ADMIN), redirect[:IFACE] (the guest takes
+    /// over IFACE of hyperboot's network namespace, e.g. a pod's veth, by tc
+    /// redirects; CAP_NET_ADMIN), none
     #[arg(long)]
     net: Option<crate::net::NetMode>,
     /// Name server for the guest's /etc/resolv.conf

@@ -311,6 +311,10 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
                 cpus: opts.cpus,
                 console_ports: backend::kvm::console_ports(opts.interactive, contract >= 3),
                 net: plan.is_some(),
+                mac: plan
+                    .as_ref()
+                    .filter(|p| p.mac != net::GUEST_MAC)
+                    .map(|p| format!("{:02x?}", p.mac)),
                 shares: opts.binds.len(),
                 cmdline: cmdline.clone(),
             };

@@ -66,6 +66,9 @@ pub struct Identity {
     pub cpus: u8,
     pub console_ports: Vec<&'static str>,
     pub net: bool,
+    /// The NIC's MAC when it is not the default one (`--net redirect`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     pub shares: usize,
     pub cmdline: String,
 }

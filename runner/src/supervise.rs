@@ -1,14 +1,18 @@
 //! What hyperboot does while a VM runs, whatever runs it: it takes the host's
 //! signals (SIGINT, SIGTERM, SIGHUP through the [`GracefulStop`], SIGWINCH as
-//! the terminal's new size for `-t`), keeps `--timeout`, and returns how the
-//! VM ended. A backend provides the two things this needs of a VM
+//! the terminal's new size for `-t`, SIGQUIT, SIGUSR1 and SIGUSR2 passed on
+//! to the app as `docker run`'s signal proxy does), keeps `--timeout`, and
+//! returns how the VM ended. A backend provides the two things this needs of a VM
 //! ([`VmControl`]) and says when it has ended ([`Event::Ended`]).
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use hyper_contract::HostMessage;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+
+/// Host signals hyperboot hands to the app as they are.
+const PROXIED: [i32; 3] = [SIGQUIT, SIGUSR1, SIGUSR2];
 
 use crate::exit::Ending;
 use crate::stop::{GracefulStop, Step};
@@ -50,7 +54,11 @@ impl Drop for Signals {
 /// (`signals`); the backend sends [`Event::Ended`] on the sender.
 pub fn events() -> std::io::Result<(Sender<Event>, Receiver<Event>, Signals)> {
     let (tx, rx) = channel();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGWINCH])?;
+    let mut signals = signal_hook::iterator::Signals::new(
+        [SIGINT, SIGTERM, SIGHUP, SIGWINCH]
+            .into_iter()
+            .chain(PROXIED),
+    )?;
     let handle = signals.handle();
     let forward = tx.clone();
     std::thread::Builder::new()
@@ -108,6 +116,7 @@ pub fn supervise(
                 }
                 Step::Nothing
             }
+            Ok(Event::Signal(s)) if PROXIED.contains(&s) => Step::Send(HostMessage::Signal(s)),
             Ok(Event::Signal(s)) => {
                 tracing::debug!("signal {s}");
                 stop.on_signal(s, now)

@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -254,7 +254,31 @@ struct Launch {
 fn launch(t: &Task) -> std::io::Result<Launch> {
     let mut c = Command::new(hyperboot());
     c.args(&t.plan.options);
-    c.args(["-q", "--stop-timeout", STOP_TIMEOUT, "--net", "none"]);
+    c.args(["-q", "--stop-timeout", STOP_TIMEOUT]);
+    match &t.plan.netns {
+        // The pod's network: hyperboot runs in the namespace and its VM
+        // takes over the namespace's interface (its MAC, address, route).
+        Some(ns) => {
+            let ns = OwnedFd::from(File::open(ns)?);
+            c.args(["--net", "redirect"]);
+            for d in &t.plan.dns {
+                c.args(["--dns", d]);
+            }
+            // SAFETY: one system call between fork and exec.
+            unsafe {
+                c.pre_exec(move || {
+                    rustix::thread::move_into_link_name_space(
+                        ns.as_fd(),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )?;
+                    Ok(())
+                });
+            }
+        }
+        None => {
+            c.args(["--net", "none"]);
+        }
+    }
     if let Ok(extra) = std::env::var("HYPER_SHIM_HYPERBOOT_ARGS") {
         c.args(extra.split_whitespace());
     }
@@ -432,13 +456,12 @@ impl shim::Task for Service {
         let plan = spec::plan(&config, host_cpus())
             .map_err(|e| rpc(Code::INVALID_ARGUMENT, format!("{}: {e}", req.id)))?;
         if let Some(ns) = &plan.netns {
-            return Err(rpc(
-                Code::UNIMPLEMENTED,
-                format!(
-                    "{}: joining the network namespace {ns} is not supported by this version of containerd-shim-hyper-v2 (run without one: the VM gets loopback only)",
-                    req.id
-                ),
-            ));
+            std::fs::metadata(ns).map_err(|e| {
+                rpc(
+                    Code::INVALID_ARGUMENT,
+                    format!("{}: network namespace {ns}: {e}", req.id),
+                )
+            })?;
         }
         for s in &plan.skipped {
             info!(
@@ -620,11 +643,21 @@ impl shim::Task for Service {
             }
             _ => {
                 // hyperboot turns SIGTERM, SIGINT and SIGHUP into the
-                // app's stop signal; SIGKILL ends the VM at once.
-                if ![libc::SIGKILL, libc::SIGTERM, libc::SIGINT, libc::SIGHUP].contains(&sig) {
+                // app's stop signal and hands SIGQUIT, SIGUSR1 and SIGUSR2
+                // to the app; SIGKILL ends the VM at once.
+                const TAKEN: [i32; 7] = [
+                    libc::SIGKILL,
+                    libc::SIGTERM,
+                    libc::SIGINT,
+                    libc::SIGHUP,
+                    libc::SIGQUIT,
+                    libc::SIGUSR1,
+                    libc::SIGUSR2,
+                ];
+                if !TAKEN.contains(&sig) {
                     return Err(rpc(
                         Code::INVALID_ARGUMENT,
-                        format!("signal {sig}: a hyper VM takes SIGTERM, SIGINT and SIGHUP (stop the app) and SIGKILL (end the VM)"),
+                        format!("signal {sig}: a hyper VM takes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 (to the app) and SIGKILL (ends the VM)"),
                     ));
                 }
                 let pid = rustix::process::Pid::from_raw(t.pid as i32)

@@ -43,6 +43,9 @@ pub struct Plan {
     pub netns: Option<String>,
     /// Host paths skipped because the guest makes its own (for the log).
     pub skipped: Vec<String>,
+    /// Name servers from the resolv.conf the spec binds (Kubernetes'), for
+    /// a VM on the namespace's network.
+    pub dns: Vec<String>,
 }
 
 /// Why a spec cannot run as a VM.
@@ -106,6 +109,7 @@ pub fn plan(config: &[u8], host_cpus: u32) -> Result<Plan, SpecError> {
         options.push("--read-only".into());
     }
     let mut skipped = Vec::new();
+    let mut dns = Vec::new();
     for m in spec
         .get("mounts")
         .and_then(Value::as_array)
@@ -113,6 +117,16 @@ pub fn plan(config: &[u8], host_cpus: u32) -> Result<Plan, SpecError> {
         .unwrap_or_default()
     {
         mount(m, &mut options, &mut skipped)?;
+        if m.get("destination").and_then(Value::as_str) == Some("/etc/resolv.conf") {
+            let source = m.get("source").and_then(Value::as_str).unwrap_or_default();
+            dns = std::fs::read_to_string(source)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_prefix("nameserver"))
+                .map(|s| s.trim().to_string())
+                .filter(|s| s.parse::<std::net::IpAddr>().is_ok())
+                .collect();
+        }
     }
     let resources = spec.pointer("/linux/resources");
     let memory = resources
@@ -143,6 +157,13 @@ pub fn plan(config: &[u8], host_cpus: u32) -> Result<Plan, SpecError> {
     };
     options.extend(["--cpus".into(), cpus.to_string()]);
     let mut netns = None;
+    // Under Kubernetes the pod's sandbox (pause) container comes first; it
+    // does not use the network, and the pod's interface is left to the app
+    // container's VM.
+    let sandbox = spec
+        .pointer("/annotations/io.kubernetes.cri.container-type")
+        .and_then(Value::as_str)
+        == Some("sandbox");
     for ns in spec
         .pointer("/linux/namespaces")
         .and_then(Value::as_array)
@@ -153,7 +174,7 @@ pub fn plan(config: &[u8], host_cpus: u32) -> Result<Plan, SpecError> {
             netns = ns
                 .get("path")
                 .and_then(Value::as_str)
-                .filter(|p| !p.is_empty())
+                .filter(|p| !p.is_empty() && !sandbox)
                 .map(str::to_string);
         }
     }
@@ -163,6 +184,7 @@ pub fn plan(config: &[u8], host_cpus: u32) -> Result<Plan, SpecError> {
         terminal,
         netns,
         skipped,
+        dns,
     })
 }
 
@@ -297,6 +319,15 @@ mod tests {
         assert!(joined.ends_with("-m 256M --cpus 2"), "{joined}");
         assert_eq!(p.netns.as_deref(), Some("/var/run/netns/pod"));
         let p = plan(
+            &spec(r#","annotations":{"io.kubernetes.cri.container-type":"sandbox"},"linux":{"namespaces":[{"type":"network","path":"/var/run/netns/pod"}]}"#),
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            p.netns, None,
+            "the pause container leaves the pod's interface to the app"
+        );
+        let p = plan(
             &spec(r#","linux":{"resources":{"cpu":{"quota":800000,"period":100000}}}"#),
             2,
         )
@@ -335,6 +366,17 @@ mod tests {
         assert!(joined.contains(&format!("-v {d}:/data:ro")), "{joined}");
         assert!(joined.contains("--tmpfs /cache:size=65536k"), "{joined}");
         assert_eq!(p.skipped, ["/etc/hosts"]);
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "search cluster.local\nnameserver 10.96.0.10\n").unwrap();
+        let p = plan(
+            &spec(&format!(
+                r#","mounts":[{{"destination":"/etc/resolv.conf","type":"bind","source":"{}","options":["rbind","ro"]}}]"#,
+                resolv.display()
+            )),
+            1,
+        )
+        .unwrap();
+        assert_eq!(p.dns, ["10.96.0.10"]);
         let e = plan(
             &spec(&format!(
                 r#","mounts":[{{"destination":"/app.conf","type":"bind","source":"{}","options":["rbind"]}}]"#,

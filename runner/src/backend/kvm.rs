@@ -20,9 +20,6 @@ use crate::supervise::{self, Event, VmControl};
 
 use crate::BootError;
 
-/// The guest's MAC address (QEMU's default one, as on the QEMU backend).
-pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-
 impl VmControl for Controller {
     fn send(&self, m: HostMessage) {
         Controller::send(self, m);
@@ -149,6 +146,7 @@ pub fn boot(
         }
         None => None,
     };
+    let guest_mac = published.as_ref().map_or(crate::net::GUEST_MAC, |p| p.mac);
     tracing::debug!("KVM backend, kernel command line: {cmdline}");
     use crate::snapshots::Choice;
     let (restore, plan, snapshot_path) = match snapshot {
@@ -185,7 +183,7 @@ pub fn boot(
                 .interactive
                 .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
             net: match &net_backend {
-                Some(b) => Some((GUEST_MAC, b.try_clone()?)),
+                Some(b) => Some((guest_mac, b.try_clone()?)),
                 None => None,
             },
             shares: share_servers(&opts.binds)?,

@@ -519,7 +519,14 @@ pub fn net_args(p: &Plan) -> Vec<String> {
         "-netdev".into(),
         netdev,
         "-device".into(),
-        "virtio-net-device,netdev=net0".into(),
+        format!(
+            "virtio-net-device,netdev=net0,mac={}",
+            p.mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        ),
     ]
 }
 

@@ -45,6 +45,10 @@ pub enum NetError {
     },
     #[error("-p .../udp is not supported in tap mode yet (use --net user)")]
     UdpOnTap,
+    #[error(
+        "--net redirect: the guest has the interface's own address; -p/-P publish nothing there"
+    )]
+    PublishOnRedirect,
     #[error(transparent)]
     Tap(#[from] tap::TapError),
     #[error(transparent)]
@@ -63,7 +67,7 @@ pub struct PublishError {
 
 /// A `--net` value that is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--net {0:?}: expected none, user, tap or tap:NAME (at most 15 characters)")]
+#[error("--net {0:?}: expected none, user, tap, tap:NAME or redirect[:NAME] (names at most 15 characters)")]
 pub struct NetModeError(String);
 
 /// `--net`.
@@ -75,6 +79,11 @@ pub enum NetMode {
     None,
     User,
     Tap(Option<String>),
+    /// `redirect[:IFACE]`: a tap joined to IFACE, an interface of
+    /// hyperboot's network namespace (a pod's veth), by tc redirects both
+    /// ways; the guest takes over IFACE's MAC, IPv4 address and default
+    /// route. Without a name, the namespace's one interface with an address.
+    Redirect(Option<String>),
 }
 
 impl std::str::FromStr for NetMode {
@@ -85,8 +94,10 @@ impl std::str::FromStr for NetMode {
             "none" => Ok(NetMode::None),
             "user" => Ok(NetMode::User),
             "tap" => Ok(NetMode::Tap(None)),
-            _ => match s.strip_prefix("tap:") {
-                Some(n) if tap(n) => Ok(NetMode::Tap(Some(n.to_string()))),
+            "redirect" => Ok(NetMode::Redirect(None)),
+            _ => match (s.strip_prefix("tap:"), s.strip_prefix("redirect:")) {
+                (Some(n), _) if tap(n) => Ok(NetMode::Tap(Some(n.to_string()))),
+                (_, Some(n)) if tap(n) => Ok(NetMode::Redirect(Some(n.to_string()))),
                 _ => Err(NetModeError(s.to_string())),
             },
         }
@@ -191,14 +202,21 @@ impl NetOptions {
 pub enum Link {
     /// QEMU user-mode networking.
     User,
-    /// A tap device hyperboot created (descriptor inherited by QEMU).
-    Tap { fd: OwnedFd, name: String },
+    /// A tap device hyperboot created (descriptor inherited by QEMU); with
+    /// `joined`, the interface its traffic is redirected to and from.
+    Tap {
+        fd: OwnedFd,
+        name: String,
+        joined: Option<tap::Joined>,
+    },
 }
 
 /// A decided network: the link, the guest's configuration, the resolved ports.
 #[derive(Debug)]
 pub struct Plan {
     pub link: Link,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
     pub guest: Network,
     pub ports: Vec<PortMap>,
     /// User mode: the loopback port QEMU forwards for each TCP entry of `ports`.
@@ -289,6 +307,7 @@ pub fn plan(
                 })
                 .collect::<Result<_, _>>()?,
             link: Link::User,
+            mac: GUEST_MAC,
             guest: Network {
                 interface: "eth0".into(),
                 address: USER_GUEST.to_string(),
@@ -317,7 +336,12 @@ pub fn plan(
                 o.dns.clone()
             };
             Ok(Some(Plan {
-                link: Link::Tap { fd, name },
+                link: Link::Tap {
+                    fd,
+                    name,
+                    joined: None,
+                },
+                mac: GUEST_MAC,
                 guest: Network {
                     interface: "eth0".into(),
                     address: guest.to_string(),
@@ -325,6 +349,38 @@ pub fn plan(
                     gateway: host.to_string(),
                     dns,
                     hosts: vec![format!("{host} host.hyper.internal")],
+                    ..Default::default()
+                },
+                ports,
+                internal: vec![],
+            }))
+        }
+        NetMode::Redirect(iface) => {
+            if !ports.is_empty() {
+                return Err(NetError::PublishOnRedirect);
+            }
+            let found = tap::interface(iface.as_deref())?;
+            let (fd, name) = tap::create(None)?;
+            let joined = tap::join(&name, &found)?;
+            let dns = if o.dns.is_empty() {
+                tap::host_nameservers()
+            } else {
+                o.dns.clone()
+            };
+            Ok(Some(Plan {
+                link: Link::Tap {
+                    fd,
+                    name,
+                    joined: Some(joined),
+                },
+                mac: found.mac,
+                guest: Network {
+                    interface: "eth0".into(),
+                    address: found.address.to_string(),
+                    prefix: found.prefix,
+                    gateway: found.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    dns,
+                    mtu: Some(found.mtu),
                     ..Default::default()
                 },
                 ports,
@@ -400,6 +456,14 @@ mod tests {
             NetMode::Tap(Some("hv0".into()))
         );
         assert!("tap:".parse::<NetMode>().is_err());
+        assert_eq!(
+            "redirect:eth0".parse::<NetMode>().unwrap(),
+            NetMode::Redirect(Some("eth0".into()))
+        );
+        assert_eq!(
+            "redirect".parse::<NetMode>().unwrap(),
+            NetMode::Redirect(None)
+        );
         assert!("bridge".parse::<NetMode>().is_err());
     }
 

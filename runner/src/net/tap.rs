@@ -26,6 +26,10 @@ pub enum TapError {
     NoIp(#[source] std::io::Error),
     #[error("--net tap: ip {args}: {stderr}")]
     Ip { args: String, stderr: String },
+    #[error("--net redirect: {0}")]
+    Interface(String),
+    #[error("--net redirect: cannot run tc (apt-get install iproute2)")]
+    NoTc(#[source] std::io::Error),
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
@@ -122,6 +126,151 @@ pub fn configure_host_side(name: &str, host: Ipv4Addr) -> Result<(), TapError> {
     Ok(())
 }
 
+/// An interface whose traffic a tap takes over (`--net redirect`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub mtu: u32,
+}
+
+/// Runs `ip`/`tc` with JSON output or none; stdout on success.
+fn tool(program: &str, args: &[&str]) -> Result<String, TapError> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| match program {
+            "tc" => TapError::NoTc(e),
+            _ => TapError::NoIp(e),
+        })?;
+    if !out.status.success() {
+        return Err(TapError::Ip {
+            args: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+/// The interface named (or the namespace's one non-loopback interface with
+/// an IPv4 address): its MAC, first IPv4 address, MTU and the default route.
+pub fn interface(name: Option<&str>) -> Result<Interface, TapError> {
+    let err = |m: String| TapError::Interface(m);
+    let addrs: serde_json::Value =
+        serde_json::from_str(&tool("ip", &["-4", "-j", "addr", "show"])?)
+            .map_err(|e| err(format!("ip -j addr: {e}")))?;
+    let candidates: Vec<&serde_json::Value> = addrs
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let has_v4 = |i: &&serde_json::Value| {
+        i["addr_info"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["family"] == "inet"))
+    };
+    let chosen: Vec<&serde_json::Value> = candidates
+        .into_iter()
+        .filter(|i| i["ifname"] != "lo" && has_v4(i))
+        .filter(|i| name.is_none_or(|n| i["ifname"] == n))
+        .collect();
+    let i = match (chosen.as_slice(), name) {
+        ([i], _) => *i,
+        ([], Some(n)) => return Err(err(format!("no interface {n} with an IPv4 address here"))),
+        ([], None) => {
+            return Err(err(
+                "no interface with an IPv4 address in this network namespace".into(),
+            ))
+        }
+        (_, _) => {
+            return Err(err(
+                "several interfaces with IPv4 addresses: name one (redirect:NAME)".into(),
+            ))
+        }
+    };
+    let ifname = i["ifname"].as_str().unwrap_or_default().to_string();
+    let inet = i["addr_info"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["family"] == "inet"))
+        .expect("filtered on it");
+    let address: Ipv4Addr = inet["local"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| err(format!("{ifname}: no IPv4 address")))?;
+    let prefix = inet["prefixlen"].as_u64().unwrap_or(32) as u8;
+    let sys = |f: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{ifname}/{f}")).unwrap_or_default()
+    };
+    let mac = parse_mac(&sys("address")).ok_or_else(|| err(format!("{ifname}: no MAC address")))?;
+    let mtu = sys("mtu").trim().parse().unwrap_or(1500);
+    let routes: serde_json::Value =
+        serde_json::from_str(&tool("ip", &["-4", "-j", "route", "show", "default"])?)
+            .map_err(|e| err(format!("ip -j route: {e}")))?;
+    let gateway = routes.as_array().and_then(|r| {
+        r.iter()
+            .filter(|r| r["dev"] == ifname.as_str())
+            .find_map(|r| r["gateway"].as_str()?.parse().ok())
+    });
+    Ok(Interface {
+        name: ifname,
+        mac,
+        address,
+        prefix,
+        gateway,
+        mtu,
+    })
+}
+
+/// The tc redirects between a tap and the interface it stands in for;
+/// removed from the interface when dropped (the tap goes with its
+/// descriptor).
+#[derive(Debug)]
+pub struct Joined {
+    iface: String,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let _ = tool("tc", &["qdisc", "del", "dev", &self.iface, "ingress"]);
+    }
+}
+
+/// Joins the tap `name` to `iface`: every frame arriving on one leaves by
+/// the other (tc ingress qdiscs with mirred redirects, as Kata Containers'
+/// tcfilter mode does), so the guest behind the tap is on the interface's
+/// link with the interface's addresses.
+pub fn join(name: &str, iface: &Interface) -> Result<Joined, TapError> {
+    let mtu = iface.mtu.to_string();
+    tool("ip", &["link", "set", name, "mtu", &mtu, "up"])?;
+    // A VM before this one may have left its redirect behind.
+    let _ = tool("tc", &["qdisc", "del", "dev", &iface.name, "ingress"]);
+    let joined = Joined {
+        iface: iface.name.clone(),
+    };
+    for (from, to) in [(iface.name.as_str(), name), (name, iface.name.as_str())] {
+        tool("tc", &["qdisc", "add", "dev", from, "ingress"])?;
+        tool(
+            "tc",
+            &[
+                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
+                "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+            ],
+        )?;
+    }
+    Ok(joined)
+}
+
 /// The host's name servers that a guest can reach (not loopback ones).
 pub fn host_nameservers() -> Vec<String> {
     std::fs::read_to_string("/etc/resolv.conf")
@@ -135,6 +284,16 @@ pub fn host_nameservers() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn macs_parse() {
+        assert_eq!(
+            super::parse_mac("0a:58:0a:f4:00:07\n"),
+            Some([0x0a, 0x58, 0x0a, 0xf4, 0x00, 0x07])
+        );
+        assert_eq!(super::parse_mac("0a:58"), None);
+        assert_eq!(super::parse_mac("zz:58:0a:f4:00:07"), None);
+    }
+
     #[test]
     fn ifreq_is_the_kernels_size() {
         assert_eq!(std::mem::size_of::<super::IfReq>(), 40);

@@ -19,6 +19,7 @@ const RUNTIME: &str = "io.containerd.hyper.v2";
 struct Containerd {
     dir: PathBuf,
     image: String,
+    registry: &'static Registry,
 }
 
 fn containerd() -> &'static Containerd {
@@ -57,7 +58,7 @@ fn start() -> Containerd {
     let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
     let (config2, dir2) = (config.clone(), dir.clone());
     // containerd ends with this process: its parent-death signal follows
-    // the thread that started it, which never ends.
+    // the thread that started it, which waits for it.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut c = Command::new("containerd");
@@ -79,11 +80,9 @@ fn start() -> Containerd {
                 Ok(())
             });
         }
-        let child = c.spawn().expect("start containerd");
+        let mut child = c.spawn().expect("start containerd");
         tx.send(child.id()).unwrap();
-        loop {
-            std::thread::park();
-        }
+        let _ = child.wait();
     });
     rx.recv().unwrap();
     let sock = dir.join("sock");
@@ -113,7 +112,127 @@ fn start() -> Containerd {
         .output()
         .unwrap();
     assert!(out.status.success(), "ctr image pull: {}", stderr(&out));
-    Containerd { dir, image }
+    Containerd {
+        dir,
+        image,
+        registry,
+    }
+}
+
+/// The nginx image (`scripts/make-app-image`), pushed and pulled once.
+fn nginx_image() -> &'static str {
+    static I: OnceLock<String> = OnceLock::new();
+    I.get_or_init(|| {
+        let c = containerd();
+        let layout = c.dir.join("nginx-layout");
+        let out = Command::new(repo().join("scripts/make-app-image"))
+            .arg(&layout)
+            .arg("nginx")
+            .output()
+            .expect("run make-app-image");
+        assert!(
+            out.status.success(),
+            "make-app-image nginx: {}",
+            stderr(&out)
+        );
+        c.registry
+            .push(&format!("oci:{}", layout.display()), "nginx:1", &[]);
+        let image = format!("{}/nginx:1", c.registry.addr);
+        let out = ctr()
+            .args(["image", "pull", "--plain-http", &image])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ctr image pull: {}", stderr(&out));
+        image
+    })
+}
+
+/// A network namespace made as CNI makes a pod's: a veth pair, the host's
+/// end 10.231.N.1/24, the namespace's `eth0` 10.231.N.2/24 with a default
+/// route; removed when dropped.
+struct PodNetwork {
+    name: String,
+    host_if: String,
+    pod_ip: String,
+}
+
+impl PodNetwork {
+    fn new(n: u8) -> PodNetwork {
+        let name = format!("hyper-test-{}-{n}", std::process::id());
+        let host_if = format!("hct{}", n);
+        let net = PodNetwork {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            pod_ip: format!("10.231.{n}.2"),
+        };
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        for args in [
+            vec!["netns", "add", &name],
+            vec![
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ],
+            vec!["addr", "add", &format!("10.231.{n}.1/24"), "dev", &host_if],
+            vec!["link", "set", &host_if, "up"],
+            vec![
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("10.231.{n}.2/24"),
+                "dev",
+                "eth0",
+            ],
+            vec!["-n", &name, "link", "set", "eth0", "up"],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+            vec![
+                "-n",
+                &name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.231.{n}.1"),
+            ],
+        ] {
+            let out = Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                stderr(&out)
+            );
+        }
+        net
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// What `tc qdisc show` lists on the namespace's eth0.
+    fn qdiscs(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "tc", "qdisc", "show", "dev", "eth0",
+            ])
+            .output()
+            .unwrap();
+        stdout(&out)
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
 }
 
 fn log_of(dir: &Path) -> String {
@@ -461,7 +580,7 @@ fn a_killed_shim_leaves_no_vm_behind() {
 }
 
 #[test]
-fn what_a_vm_cannot_honour_is_refused_clearly() {
+fn a_file_bind_mount_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("app.conf");
     std::fs::write(&file, "x").unwrap();
@@ -477,17 +596,56 @@ fn what_a_vm_cannot_honour_is_refused_clearly() {
         stderr(&out)
     );
     remove("refused-file");
-    // Joining a network namespace is not built yet: said, not ignored.
-    let ns = "hyper-test-ns";
-    let _ = Command::new("ip").args(["netns", "add", ns]).status();
-    let with = format!("network:/var/run/netns/{ns}");
-    let out = run(&["--rm", "--with-ns", &with], "refused-netns", &["true"]);
-    let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-    assert!(!out.status.success());
+}
+
+#[test]
+fn nginx_in_a_network_namespace_answers_at_the_namespaces_address() {
+    let image = nginx_image();
+    let net = PodNetwork::new(7);
+    let id = "nginx-netns";
+    remove(id);
+    let out = ctr()
+        .args(["run", "--runtime", RUNTIME, "-d", "--with-ns"])
+        .arg(format!("network:{}", net.path()))
+        .arg(image)
+        .arg(id)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let url = format!("http://{}/", net.pod_ip);
+    let until = Instant::now() + Duration::from_secs(180);
+    let body = loop {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "5", &url])
+            .output()
+            .expect("curl");
+        if out.status.success() {
+            break stdout(&out);
+        }
+        assert!(
+            Instant::now() < until,
+            "nginx did not answer at {url}: {:?}\n{}",
+            task_status(id),
+            log_of(&containerd().dir)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert!(
-        stderr(&out).contains("joining the network namespace"),
-        "{}",
-        stderr(&out)
+        body.contains("hello from nginx in a hyper microVM"),
+        "{body}"
     );
-    remove("refused-netns");
+    assert!(
+        net.qdiscs().contains("ingress"),
+        "the VM's tap is joined to eth0 by tc: {}",
+        net.qdiscs()
+    );
+    assert!(ctr().args(["task", "kill", id]).status().unwrap().success());
+    wait_status(id, "STOPPED", Duration::from_secs(60));
+    assert!(
+        !net.qdiscs().contains("ingress"),
+        "the redirect is gone with the VM: {}",
+        net.qdiscs()
+    );
+    remove(id);
 }
