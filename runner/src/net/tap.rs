@@ -209,11 +209,17 @@ pub fn interface(name: Option<&str>) -> Result<Interface, TapError> {
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| err(format!("{ifname}: no IPv4 address")))?;
     let prefix = inet["prefixlen"].as_u64().unwrap_or(32) as u8;
-    let sys = |f: &str| {
-        std::fs::read_to_string(format!("/sys/class/net/{ifname}/{f}")).unwrap_or_default()
-    };
-    let mac = parse_mac(&sys("address")).ok_or_else(|| err(format!("{ifname}: no MAC address")))?;
-    let mtu = sys("mtu").trim().parse().unwrap_or(1500);
+    // From ip, not /sys/class/net: sysfs shows the network namespace of
+    // whoever mounted it, which is not this one when hyperboot was moved
+    // into a namespace (as the containerd shim does).
+    let link: serde_json::Value =
+        serde_json::from_str(&tool("ip", &["-j", "link", "show", "dev", &ifname])?)
+            .map_err(|e| err(format!("ip -j link: {e}")))?;
+    let mac = link[0]["address"]
+        .as_str()
+        .and_then(parse_mac)
+        .ok_or_else(|| err(format!("{ifname}: no MAC address")))?;
+    let mtu = link[0]["mtu"].as_u64().unwrap_or(1500) as u32;
     let routes: serde_json::Value =
         serde_json::from_str(&tool("ip", &["-4", "-j", "route", "show", "default"])?)
             .map_err(|e| err(format!("ip -j route: {e}")))?;

@@ -212,6 +212,21 @@ impl PodNetwork {
         format!("/var/run/netns/{}", self.name)
     }
 
+    /// The namespace's eth0's MAC address.
+    fn mac(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "cat",
+                "/sys/class/net/eth0/address",
+            ])
+            .output()
+            .unwrap();
+        stdout(&out).trim().to_string()
+    }
+
     /// What `tc qdisc show` lists on the namespace's eth0.
     fn qdiscs(&self) -> String {
         let out = Command::new("ip")
@@ -310,6 +325,16 @@ fn alive(pid: u32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap_or_default()
             .contains(") Z ")
+}
+
+/// Deletes the container when dropped, a failed test's too: its shim and
+/// VM would outlive this process (and its containerd) otherwise.
+struct Removed(&'static str);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        remove(self.0);
+    }
 }
 
 fn remove(id: &str) {
@@ -415,6 +440,7 @@ fn the_process_env_cwd_memory_and_volumes_are_honoured() {
 fn a_detached_task_is_listed_stopped_gracefully_and_deleted() {
     let id = "detached";
     remove(id);
+    let _removed = Removed(id);
     let flag = tempfile::tempdir().unwrap();
     let mount = format!(
         "type=bind,src={},dst=/flag,options=rbind:rw",
@@ -459,6 +485,7 @@ fn a_detached_task_is_listed_stopped_gracefully_and_deleted() {
 fn an_app_that_ignores_sigterm_is_ended_by_sigkill() {
     let id = "forced";
     remove(id);
+    let _removed = Removed(id);
     let flag = tempfile::tempdir().unwrap();
     let mount = format!(
         "type=bind,src={},dst=/flag,options=rbind:rw",
@@ -545,6 +572,7 @@ fn the_second_container_of_an_image_uses_the_cached_artifact() {
 fn a_killed_shim_leaves_no_vm_behind() {
     let id = "lost-shim";
     remove(id);
+    let _removed = Removed(id);
     let out = run(&["-d"], id, &["sleep", "600"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let (vm, _) = task_status(id).expect("listed");
@@ -604,6 +632,7 @@ fn nginx_in_a_network_namespace_answers_at_the_namespaces_address() {
     let net = PodNetwork::new(7);
     let id = "nginx-netns";
     remove(id);
+    let _removed = Removed(id);
     let out = ctr()
         .args(["run", "--runtime", RUNTIME, "-d", "--with-ns"])
         .arg(format!("network:{}", net.path()))
@@ -648,4 +677,29 @@ fn nginx_in_a_network_namespace_answers_at_the_namespaces_address() {
         net.qdiscs()
     );
     remove(id);
+}
+
+#[test]
+fn the_vm_takes_over_the_namespaces_interface() {
+    let net = PodNetwork::new(8);
+    let out = run(
+        &["--rm", "--with-ns", &format!("network:{}", net.path())],
+        "netns-identity",
+        &[
+            "sh",
+            "-c",
+            "cat /sys/class/net/eth0/address; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; ip route | grep default; ping -c 1 -W 5 10.231.8.1 >/dev/null && echo gateway-answers",
+        ],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        net.mac(),
+        "the guest has the interface's MAC: {text}"
+    );
+    assert_eq!(lines[1], "inet 10.231.8.2/24", "{text}");
+    assert!(lines[2].contains("via 10.231.8.1"), "{text}");
+    assert_eq!(lines[3], "gateway-answers", "{text}");
 }
