@@ -552,3 +552,142 @@ pub fn serve_9p_over_tcp(dir: &Path, read_only: bool) -> u16 {
     });
     port
 }
+
+/// A network namespace made as CNI makes a pod's: a veth pair, the host's
+/// end 10.231.N.1/24, the namespace's `eth0` 10.231.N.2/24 with a default
+/// route; removed when dropped.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+    host_if: String,
+    pub pod_ip: String,
+    pub gateway: String,
+}
+
+impl NetNs {
+    pub fn new(n: u8) -> NetNs {
+        let name = format!("hyper-test-{}-{n}", std::process::id());
+        let host_if = format!("hct{}", n);
+        let net = NetNs {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            pod_ip: format!("10.231.{n}.2"),
+            gateway: format!("10.231.{n}.1"),
+        };
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        for args in [
+            vec!["netns", "add", &name],
+            vec![
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ],
+            vec!["addr", "add", &format!("10.231.{n}.1/24"), "dev", &host_if],
+            vec!["link", "set", &host_if, "up"],
+            vec![
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("10.231.{n}.2/24"),
+                "dev",
+                "eth0",
+            ],
+            vec!["-n", &name, "link", "set", "eth0", "up"],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+            vec![
+                "-n",
+                &name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.231.{n}.1"),
+            ],
+        ] {
+            let out = Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        net
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Makes `c` run in the namespace (setns between fork and exec).
+    pub fn enter(&self, c: &mut Command) {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use std::os::unix::process::CommandExt;
+        let ns = OwnedFd::from(std::fs::File::open(self.path()).expect("the namespace"));
+        // SAFETY: one system call between fork and exec, on a descriptor
+        // the closure owns.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// The namespace's eth0's MAC address.
+    pub fn mac(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "cat",
+                "/sys/class/net/eth0/address",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .into_owned()
+            .trim()
+            .to_string()
+    }
+
+    /// Waits (up to 10 s) until no tc redirect is left on eth0: a VM's is
+    /// removed by a helper once its hyperboot has gone.
+    pub fn redirect_gone(&self) -> bool {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.qdiscs().contains("ingress") {
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// What `tc qdisc show` lists on the namespace's eth0.
+    pub fn qdiscs(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "tc", "qdisc", "show", "dev", "eth0",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
+}

@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 
 /// Why the tap could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -238,18 +239,33 @@ pub fn interface(name: Option<&str>) -> Result<Interface, TapError> {
     })
 }
 
-/// The tc redirects between a tap and the interface it stands in for;
-/// removed from the interface when dropped (the tap goes with its
-/// descriptor).
+/// The tc redirects between a tap and the interface it stands in for. A
+/// helper process started with them removes them from the interface once
+/// hyperboot is gone, however it ends (SIGKILL included, and after its
+/// seccomp filter, which allows no new process): it waits for the end of a
+/// pipe only hyperboot holds. The tap goes with its last descriptor.
 #[derive(Debug)]
 pub struct Joined {
-    iface: String,
+    _alive: std::process::ChildStdin,
 }
 
-impl Drop for Joined {
-    fn drop(&mut self) {
-        let _ = tool("tc", &["qdisc", "del", "dev", &self.iface, "ingress"]);
-    }
+fn remove_on_exit(iface: &str) -> Result<Joined, TapError> {
+    let mut helper = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "read -r _; exec tc qdisc del dev \"$1\" ingress",
+            "sh",
+            iface,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(TapError::NoTc)?;
+    Ok(Joined {
+        _alive: helper.stdin.take().expect("piped"),
+    })
 }
 
 /// Joins the tap `name` to `iface`: every frame arriving on one leaves by
@@ -261,9 +277,7 @@ pub fn join(name: &str, iface: &Interface) -> Result<Joined, TapError> {
     tool("ip", &["link", "set", name, "mtu", &mtu, "up"])?;
     // A VM before this one may have left its redirect behind.
     let _ = tool("tc", &["qdisc", "del", "dev", &iface.name, "ingress"]);
-    let joined = Joined {
-        iface: iface.name.clone(),
-    };
+    let joined = remove_on_exit(&iface.name)?;
     for (from, to) in [(iface.name.as_str(), name), (name, iface.name.as_str())] {
         tool("tc", &["qdisc", "add", "dev", from, "ingress"])?;
         tool(

@@ -147,109 +147,6 @@ fn nginx_image() -> &'static str {
     })
 }
 
-/// A network namespace made as CNI makes a pod's: a veth pair, the host's
-/// end 10.231.N.1/24, the namespace's `eth0` 10.231.N.2/24 with a default
-/// route; removed when dropped.
-struct PodNetwork {
-    name: String,
-    host_if: String,
-    pod_ip: String,
-}
-
-impl PodNetwork {
-    fn new(n: u8) -> PodNetwork {
-        let name = format!("hyper-test-{}-{n}", std::process::id());
-        let host_if = format!("hct{}", n);
-        let net = PodNetwork {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            pod_ip: format!("10.231.{n}.2"),
-        };
-        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
-        for args in [
-            vec!["netns", "add", &name],
-            vec![
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
-            ],
-            vec!["addr", "add", &format!("10.231.{n}.1/24"), "dev", &host_if],
-            vec!["link", "set", &host_if, "up"],
-            vec![
-                "-n",
-                &name,
-                "addr",
-                "add",
-                &format!("10.231.{n}.2/24"),
-                "dev",
-                "eth0",
-            ],
-            vec!["-n", &name, "link", "set", "eth0", "up"],
-            vec!["-n", &name, "link", "set", "lo", "up"],
-            vec![
-                "-n",
-                &name,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.231.{n}.1"),
-            ],
-        ] {
-            let out = Command::new("ip")
-                .args(&args)
-                .output()
-                .expect("ip (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                stderr(&out)
-            );
-        }
-        net
-    }
-
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.name)
-    }
-
-    /// The namespace's eth0's MAC address.
-    fn mac(&self) -> String {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name,
-                "cat",
-                "/sys/class/net/eth0/address",
-            ])
-            .output()
-            .unwrap();
-        stdout(&out).trim().to_string()
-    }
-
-    /// What `tc qdisc show` lists on the namespace's eth0.
-    fn qdiscs(&self) -> String {
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", &self.name, "tc", "qdisc", "show", "dev", "eth0",
-            ])
-            .output()
-            .unwrap();
-        stdout(&out)
-    }
-}
-
-impl Drop for PodNetwork {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .output();
-    }
-}
-
 fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
 }
@@ -629,7 +526,7 @@ fn a_file_bind_mount_is_refused_clearly() {
 #[test]
 fn nginx_in_a_network_namespace_answers_at_the_namespaces_address() {
     let image = nginx_image();
-    let net = PodNetwork::new(7);
+    let net = NetNs::new(7);
     let id = "nginx-netns";
     remove(id);
     let _removed = Removed(id);
@@ -672,7 +569,7 @@ fn nginx_in_a_network_namespace_answers_at_the_namespaces_address() {
     assert!(ctr().args(["task", "kill", id]).status().unwrap().success());
     wait_status(id, "STOPPED", Duration::from_secs(60));
     assert!(
-        !net.qdiscs().contains("ingress"),
+        net.redirect_gone(),
         "the redirect is gone with the VM: {}",
         net.qdiscs()
     );
@@ -681,7 +578,7 @@ fn nginx_in_a_network_namespace_answers_at_the_namespaces_address() {
 
 #[test]
 fn the_vm_takes_over_the_namespaces_interface() {
-    let net = PodNetwork::new(8);
+    let net = NetNs::new(8);
     let out = run(
         &["--rm", "--with-ns", &format!("network:{}", net.path())],
         "netns-identity",

@@ -1,7 +1,8 @@
 //! The network scenarios: real servers built from Debian's packages (nginx,
 //! redis-server; `scripts/make-app-image`) reached through `-p`/`-P`
 //! (user-mode networking, no root), outbound connections from the guest to a
-//! host loopback service, tap mode (root), and the error paths. Run on the
+//! host loopback service, tap mode (root), a namespace's interface taken
+//! over (`--net redirect`, root), and the error paths. Run on the
 //! QEMU backend by the net tier and on the KVM backend by the nested tier.
 
 use std::io::{Read, Write};
@@ -22,6 +23,7 @@ macro_rules! net_scenarios {
             guest_reaches_host_loopback_services,
             no_network_and_bad_publish_flags,
             tap_network_with_published_port,
+            redirect_network_takes_over_a_namespace_interface,
         );
     };
 }
@@ -84,10 +86,24 @@ struct Vm {
 
 impl Vm {
     fn start(b: Backend, artifact: &Path, flags: &[&str], cmd: &[&str]) -> Vm {
+        Vm::start_in(None, b, artifact, flags, cmd)
+    }
+
+    /// As [`Vm::start`], in the network namespace `ns`.
+    fn start_in(
+        ns: Option<&NetNs>,
+        b: Backend,
+        artifact: &Path,
+        flags: &[&str],
+        cmd: &[&str],
+    ) -> Vm {
         let dir = tempfile::tempdir().unwrap();
         let stderr_path = dir.path().join("stderr");
-        let child = b
-            .hyperboot()
+        let mut c = b.hyperboot();
+        if let Some(ns) = ns {
+            ns.enter(&mut c);
+        }
+        let child = c
             .args(["--timeout", "300"])
             .args(flags)
             .arg(artifact)
@@ -136,7 +152,11 @@ fn nix_kill(pid: u32, sig: i32) -> i32 {
 
 /// One HTTP/1.0 GET: (status line, body).
 fn http_get(port: u16, path: &str) -> std::io::Result<(String, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    http_get_at("127.0.0.1", port, path)
+}
+
+fn http_get_at(host: &str, port: u16, path: &str) -> std::io::Result<(String, Vec<u8>)> {
+    let mut s = TcpStream::connect((host, port))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
     let mut resp = Vec::new();
@@ -439,6 +459,82 @@ pub fn tap_network_with_published_port(b: Backend) {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stdout.starts_with("10.213."), "{}", r.stdout);
     vm.stop();
+}
+
+/// `--net redirect`: the guest takes over a namespace's veth (as a pod's,
+/// made here as CNI makes one): its MAC, address and route, and nginx in it
+/// answers at that address from the other end of the veth.
+pub fn redirect_network_takes_over_a_namespace_interface(b: Backend) {
+    if !nix_is_root() {
+        skip(
+            &format!(
+                "{}::redirect_network_takes_over_a_namespace_interface",
+                b.name()
+            ),
+            "a network namespace and a tap need CAP_NET_ADMIN (run the tests as root)",
+        );
+        return;
+    }
+    // Its own subnet per backend: the net and nested tiers may share a host.
+    let ns = NetNs::new(if b.name() == "qemu" { 21 } else { 22 });
+    let mut vm = Vm::start_in(
+        Some(&ns),
+        b,
+        &app_artifact("nginx"),
+        &["--net", "redirect"],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (status, body) = loop {
+        match http_get_at(&ns.pod_ip, 80, "/") {
+            Ok(r) => break r,
+            Err(e) => {
+                if let Ok(Some(st)) = vm.child.try_wait() {
+                    panic!("hyperboot exited {st:?}: {}", vm.stderr());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no answer at {}: {e}: {}",
+                    ns.pod_ip,
+                    vm.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, INDEX);
+    assert!(ns.qdiscs().contains("ingress"), "{}", ns.qdiscs());
+    vm.stop();
+    assert!(
+        ns.redirect_gone(),
+        "the redirect went with the VM: {}",
+        ns.qdiscs()
+    );
+    // The guest's side of it.
+    let mut c = b.hyperboot();
+    ns.enter(&mut c);
+    let out = c
+        .args(["--timeout", "300", "--net", "redirect"])
+        .arg(busybox_artifact())
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "cat /sys/class/net/eth0/address; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; ip route | grep default; ping -c 1 -W 5 {} >/dev/null && echo gateway-answers",
+            ns.gateway
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], ns.mac(), "the interface's MAC: {text}");
+    assert_eq!(lines[1], format!("inet {}/24", ns.pod_ip), "{text}");
+    assert!(lines[2].contains(&format!("via {}", ns.gateway)), "{text}");
+    assert_eq!(lines[3], "gateway-answers", "{text}");
 }
 
 fn nix_is_root() -> bool {
