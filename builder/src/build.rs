@@ -207,18 +207,12 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         Output::Url { url, .. } => Some(hyper_remote::Target::open(url)?),
         Output::Path(_) => None,
     };
-    let kernel_bytes = read_checked(
-        &opts.kernel,
-        |b| elf::pvh_entry(b).map(|_| ()),
-        |path, reason| InputError::Kernel { path, reason },
-    )?;
-    let init = read_checked(&opts.init, elf::check_static, |path, reason| {
-        InputError::Init { path, reason }
-    })?;
-    let contract = elf::init_contract(&init).map_err(|reason| InputError::Init {
-        path: opts.init.clone(),
-        reason,
-    })?;
+    let Boot {
+        kernel,
+        init,
+        contract,
+        kernel_version,
+    } = Boot::read(&opts.kernel, &opts.init)?;
     let (image, layout) = match &source {
         Source::OciLayout { path, tag } => {
             let image = oci::open(path, tag.as_deref(), &opts.pull.platform).map_err(|source| {
@@ -250,8 +244,6 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<BuildReport> {
         let found = format!("{}/{}", image.config.os, image.config.architecture);
         return Err(InputError::Architecture { reference, found }.into());
     }
-    let kernel = kernel_bytes;
-    let kernel_version = elf::kernel_version(&kernel).unwrap_or_else(|| "unknown".into());
 
     let mut tree = Tree::new();
     let mut spool = Spool::with_compression(opts.compression)?;
@@ -362,6 +354,39 @@ fn write_artifact<S: hvm::Sink>(
     let size = w.file_len();
     let (digest, done) = w.finish_sink()?;
     Ok((digest, size, rootfs_size, done))
+}
+
+/// The kernel and init an artifact boots, read and checked.
+struct Boot {
+    kernel: Vec<u8>,
+    init: Vec<u8>,
+    contract: Option<u32>,
+    kernel_version: String,
+}
+
+impl Boot {
+    fn read(kernel: &Path, init: &Path) -> Result<Boot, InputError> {
+        let kernel_bytes = read_checked(
+            kernel,
+            |b| elf::pvh_entry(b).map(|_| ()),
+            |path, reason| InputError::Kernel { path, reason },
+        )?;
+        let init_bytes = read_checked(init, elf::check_static, |path, reason| InputError::Init {
+            path,
+            reason,
+        })?;
+        let contract = elf::init_contract(&init_bytes).map_err(|reason| InputError::Init {
+            path: init.to_owned(),
+            reason,
+        })?;
+        let kernel_version = elf::kernel_version(&kernel_bytes).unwrap_or_else(|| "unknown".into());
+        Ok(Boot {
+            kernel: kernel_bytes,
+            init: init_bytes,
+            contract,
+            kernel_version,
+        })
+    }
 }
 
 fn read_checked(
@@ -733,19 +758,12 @@ pub struct DirBuildOptions {
 /// caller passes the process to run at boot). On any error nothing is left
 /// at `opts.output`.
 pub fn build_from_dirs(opts: &DirBuildOptions) -> anyhow::Result<BuildReport> {
-    let kernel = read_checked(
-        &opts.kernel,
-        |b| elf::pvh_entry(b).map(|_| ()),
-        |path, reason| InputError::Kernel { path, reason },
-    )?;
-    let init = read_checked(&opts.init, elf::check_static, |path, reason| {
-        InputError::Init { path, reason }
-    })?;
-    let contract = elf::init_contract(&init).map_err(|reason| InputError::Init {
-        path: opts.init.clone(),
-        reason,
-    })?;
-    let kernel_version = elf::kernel_version(&kernel).unwrap_or_else(|| "unknown".into());
+    let Boot {
+        kernel,
+        init,
+        contract,
+        kernel_version,
+    } = Boot::read(&opts.kernel, &opts.init)?;
     let mut tree = Tree::new();
     let mut spool = Spool::with_compression(opts.compression)?;
     for (i, dir) in opts.layers.iter().enumerate() {

@@ -102,7 +102,8 @@ pub fn plan(config: &[u8], host_cpus: u32) -> Result<Plan, SpecError> {
         }
     }
     if spec
-        .pointer("/root/readonly")
+        .get("root")
+        .and_then(|r| r.get("readonly"))
         .and_then(Value::as_bool)
         .unwrap_or(false)
     {

@@ -333,27 +333,27 @@ fn the_process_env_cwd_memory_and_volumes_are_honoured() {
     );
 }
 
-#[test]
-fn a_detached_task_is_listed_stopped_gracefully_and_deleted() {
-    let id = "detached";
+/// Runs a detached container whose app sets `trap` then loops, and waits
+/// until it has (a file it makes in a volume); the guard deletes it.
+fn run_looping(id: &'static str, trap: &str) -> Removed {
     remove(id);
-    let _removed = Removed(id);
+    let removed = Removed(id);
     let flag = tempfile::tempdir().unwrap();
     let mount = format!(
         "type=bind,src={},dst=/flag,options=rbind:rw",
         flag.path().display()
     );
-    let out = run(
-        &["-d", "--mount", &mount],
-        id,
-        &[
-            "sh",
-            "-c",
-            "trap 'exit 7' TERM; touch /flag/ready; while true; do sleep 1; done",
-        ],
-    );
+    let script = format!("{trap}; touch /flag/ready; while true; do sleep 1; done");
+    let out = run(&["-d", "--mount", &mount], id, &["sh", "-c", &script]);
     assert!(out.status.success(), "{}", stderr(&out));
     wait_for_file(&flag.path().join("ready"), Duration::from_secs(120));
+    removed
+}
+
+#[test]
+fn a_detached_task_is_listed_stopped_gracefully_and_deleted() {
+    let id = "detached";
+    let _removed = run_looping(id, "trap 'exit 7' TERM");
     let (pid, status) = task_status(id).expect("listed");
     assert_eq!(status, "RUNNING");
     assert!(alive(pid), "the task's pid {pid} is the running VM");
@@ -381,24 +381,7 @@ fn a_detached_task_is_listed_stopped_gracefully_and_deleted() {
 #[test]
 fn an_app_that_ignores_sigterm_is_ended_by_sigkill() {
     let id = "forced";
-    remove(id);
-    let _removed = Removed(id);
-    let flag = tempfile::tempdir().unwrap();
-    let mount = format!(
-        "type=bind,src={},dst=/flag,options=rbind:rw",
-        flag.path().display()
-    );
-    let out = run(
-        &["-d", "--mount", &mount],
-        id,
-        &[
-            "sh",
-            "-c",
-            "trap '' TERM; touch /flag/ready; while true; do sleep 1; done",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    wait_for_file(&flag.path().join("ready"), Duration::from_secs(120));
+    let _removed = run_looping(id, "trap '' TERM");
     let (pid, _) = task_status(id).expect("listed");
     assert!(ctr().args(["task", "kill", id]).status().unwrap().success());
     std::thread::sleep(Duration::from_secs(3));
