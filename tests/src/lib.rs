@@ -129,7 +129,7 @@ pub fn build(layout: &Path, out: &Path) -> Output {
 
 /// [`build`] with more hyperbuild flags. With `$HYPER_TEST_FIXTURES` (set
 /// by `scripts/test` for one run), an artifact built before from the same
-/// layout and flags by the same hyperbuild, kernel and init is taken from
+/// layout (index and blobs) and flags by the same hyperbuild, kernel and init is taken from
 /// there: the nested tier reuses what the host's tiers built, where a build
 /// at TCG speed would cost minutes.
 pub fn build_with(layout: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -137,6 +137,14 @@ pub fn build_with(layout: &Path, out: &Path, extra: &[&str]) -> Output {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         h.update(std::fs::read(layout.join("index.json")).unwrap_or_default());
+        // The blobs' bytes too: a test corrupts one and keeps index.json.
+        let mut blobs: Vec<PathBuf> = std::fs::read_dir(layout.join("blobs/sha256"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        blobs.sort();
+        for b in blobs {
+            h.update(std::fs::read(&b).unwrap_or_default());
+        }
         for a in extra {
             h.update(a.as_bytes());
             h.update([0]);
