@@ -107,6 +107,10 @@ const FILE_SERVER: &[i64] = &[
     libc::SYS_pwrite64,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    libc::SYS_getxattr,
+    libc::SYS_setxattr,
+    libc::SYS_listxattr,
+    libc::SYS_removexattr,
 ];
 
 const SNAPSHOT: &[i64] = &[

@@ -13,6 +13,12 @@
 //! kernel resolves it. Opening a fid for I/O goes through
 //! `/proc/self/fd/N` of a descriptor the server holds, so it reaches that
 //! same inode, never a path. Only regular files and directories are opened.
+//!
+//! Extended attributes: the guest reads, lists, sets and removes those of
+//! the `user.` namespace on files and directories (what overlayfs with
+//! `userxattr` keeps in an upper directory); other names read as absent and
+//! cannot be set. The only device node the guest can make is the overlayfs
+//! whiteout, a character device 0:0, which opens nothing.
 
 pub(crate) mod wire;
 
@@ -92,11 +98,32 @@ struct Fid {
     /// After Tlopen or Tlcreate.
     open: Option<File>,
     writable: bool,
-    /// A (always empty) list of extended attributes, from Txattrwalk "".
-    xattr: bool,
+    /// From Txattrwalk or Txattrcreate: the fid reads or writes an
+    /// extended attribute, not the file.
+    xattr: Option<Xattr>,
     /// The guest user the fid was attached for (n_uname): what it creates
     /// is given to that user, when the host allows.
     uid: u32,
+}
+
+/// The largest extended attribute value or name list (Linux's own limit).
+const XATTR_MAX: usize = 65536;
+/// The extended attributes the guest sees.
+const XATTR_PREFIX: &[u8] = b"user.";
+
+/// What a fid of an extended attribute carries.
+#[derive(Debug)]
+enum Xattr {
+    /// A value, or the list of names: Tread reads it.
+    Value(Vec<u8>),
+    /// Being set: Twrite fills it, Tclunk sets it (or removes the
+    /// attribute when its announced size is 0, as QEMU does).
+    Pending {
+        name: Vec<u8>,
+        size: usize,
+        flags: u32,
+        data: Vec<u8>,
+    },
 }
 
 /// The server for one shared directory.
@@ -158,7 +185,10 @@ impl Server {
             op::TFLUSH => {}
             op::TWALK => self.walk(r, &mut w)?,
             op::TCLUNK => {
-                self.fids.remove(&r.u32()?).ok_or(libc::EBADF)?;
+                let fid = self.fids.remove(&r.u32()?).ok_or(libc::EBADF)?;
+                if let Some(Xattr::Pending { .. }) = fid.xattr {
+                    set_xattr(&fid)?;
+                }
             }
             op::TLOPEN => self.lopen(r, &mut w)?,
             op::TLCREATE => self.lcreate(r, &mut w)?,
@@ -179,6 +209,7 @@ impl Server {
             op::TREMOVE => self.remove(r)?,
             op::TFSYNC => self.fsync(r)?,
             op::TXATTRWALK => self.xattrwalk(r, &mut w)?,
+            op::TXATTRCREATE => self.xattrcreate(r)?,
             op::TLOCK => {
                 // As QEMU: locks are the guest's own business (status SUCCESS).
                 w.u8(0);
@@ -193,8 +224,8 @@ impl Server {
                     .u32(proc_id)
                     .str(client);
             }
-            // No authentication; extended attributes are not set.
-            op::TAUTH | op::TXATTRCREATE => return Err(libc::EOPNOTSUPP),
+            // No authentication.
+            op::TAUTH => return Err(libc::EOPNOTSUPP),
             // The legacy 9P2000 and 9P2000.u messages.
             _ => return Err(libc::EOPNOTSUPP),
         }
@@ -367,9 +398,15 @@ impl Server {
         let (id, offset, count) = (r.u32()?, r.u64()?, r.u32()?);
         let fid = self.fid(id)?;
         let n = (count as usize).min(room.saturating_sub(HEADER + 4));
-        if fid.xattr {
-            w.u32(0);
-            return Ok(());
+        match &fid.xattr {
+            Some(Xattr::Value(v)) => {
+                let from = (offset.min(v.len() as u64)) as usize;
+                let part = &v[from..(from + n).min(v.len())];
+                w.u32(part.len() as u32).raw(part);
+                return Ok(());
+            }
+            Some(Xattr::Pending { .. }) => return Err(libc::EBADF),
+            None => {}
         }
         let file = match (&fid.open, fid.kind) {
             (Some(f), Kind::File) => f,
@@ -389,6 +426,18 @@ impl Server {
         let (id, offset, count) = (r.u32()?, r.u64()?, r.u32()?);
         let data = r.bytes(count as usize)?;
         self.modifiable()?;
+        if let Some(Xattr::Pending {
+            size, data: value, ..
+        }) = &mut self.fids.get_mut(&id).ok_or(libc::EBADF)?.xattr
+        {
+            // An attribute's value comes in order and no longer than announced.
+            if offset != value.len() as u64 || value.len() + data.len() > *size {
+                return Err(libc::EINVAL);
+            }
+            value.extend_from_slice(data);
+            w.u32(data.len() as u32);
+            return Ok(());
+        }
         let fid = self.fid(id)?;
         let file = match (&fid.open, fid.writable) {
             (Some(f), true) => f,
@@ -574,14 +623,18 @@ impl Server {
     fn mknod(&mut self, r: &mut Reader, w: &mut Writer) -> Result<()> {
         let id = r.u32()?;
         let name = check_name(r.str()?)?;
-        let (mode, _major, _minor, gid) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+        let (mode, major, minor, gid) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
         self.modifiable()?;
-        // Fifos, sockets and empty files; never a device node on the host.
+        // Fifos, sockets, empty files and overlayfs' whiteout (a character
+        // device 0:0, which opens nothing); never a real device node.
         let kind = FileType::from_raw_mode(mode);
-        if !matches!(
-            kind,
-            FileType::Fifo | FileType::Socket | FileType::RegularFile
-        ) {
+        let whiteout = kind == FileType::CharacterDevice && (major, minor) == (0, 0);
+        if !whiteout
+            && !matches!(
+                kind,
+                FileType::Fifo | FileType::Socket | FileType::RegularFile
+            )
+        {
             return Err(libc::EPERM);
         }
         let dir = self.fid(id)?;
@@ -705,19 +758,121 @@ impl Server {
     fn xattrwalk(&mut self, r: &mut Reader, w: &mut Writer) -> Result<()> {
         let (id, newid) = (r.u32()?, r.u32()?);
         let name = r.str()?;
-        if !name.is_empty() {
-            return Err(libc::ENODATA);
-        }
-        // The list of attributes: empty.
         let from = self.fid(id)?;
+        let value = if name.is_empty() {
+            list_xattrs(from)?
+        } else {
+            get_xattr(from, check_xattr_name(name)?)?
+        };
         let fd = rustix::io::fcntl_dupfd_cloexec(&from.fd, 0).map_err(os)?;
         let mut fid = new_fid(fd, from.path.clone(), &stat(&from.fd)?);
-        fid.xattr = true;
         fid.uid = from.uid;
+        w.u64(value.len() as u64);
+        fid.xattr = Some(Xattr::Value(value));
         self.insert(newid, fid)?;
-        w.u64(0);
         Ok(())
     }
+
+    /// Turns the fid into one that sets an attribute: the value follows in
+    /// Twrite, and Tclunk sets it.
+    fn xattrcreate(&mut self, r: &mut Reader) -> Result<()> {
+        let id = r.u32()?;
+        let name = r.str()?.to_vec();
+        let (size, flags) = (r.u64()?, r.u32()?);
+        self.modifiable()?;
+        check_xattr_name(&name)?;
+        if !name.starts_with(XATTR_PREFIX) {
+            return Err(libc::EOPNOTSUPP);
+        }
+        if size > XATTR_MAX as u64 {
+            return Err(libc::E2BIG);
+        }
+        if flags & !(libc::XATTR_CREATE | libc::XATTR_REPLACE) as u32 != 0 {
+            return Err(libc::EINVAL);
+        }
+        let fid = self.fids.get_mut(&id).ok_or(libc::EBADF)?;
+        if fid.open.is_some() || fid.xattr.is_some() {
+            return Err(libc::EBADF);
+        }
+        fid.xattr = Some(Xattr::Pending {
+            name,
+            size: size as usize,
+            flags,
+            data: Vec::new(),
+        });
+        Ok(())
+    }
+}
+
+/// An attribute name the guest gives.
+fn check_xattr_name(b: &[u8]) -> Result<&[u8]> {
+    if b.is_empty() || b.contains(&0) {
+        return Err(libc::EINVAL);
+    }
+    if b.len() > 255 {
+        return Err(libc::ERANGE);
+    }
+    Ok(b)
+}
+
+/// Whether a fid's inode can carry the guest's attributes: `user.`
+/// attributes exist only on regular files and directories.
+fn has_xattrs(fid: &Fid) -> bool {
+    matches!(fid.kind, Kind::File | Kind::Dir)
+}
+
+fn get_xattr(fid: &Fid, name: &[u8]) -> Result<Vec<u8>> {
+    if !has_xattrs(fid) || !name.starts_with(XATTR_PREFIX) {
+        return Err(libc::ENODATA);
+    }
+    let mut buf = vec![0; XATTR_MAX];
+    let n = rustix::fs::getxattr(proc_path(&fid.fd), OsStr::from_bytes(name), &mut buf[..])
+        .map_err(os)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// The names of the fid's `user.` attributes, each ending in NUL.
+fn list_xattrs(fid: &Fid) -> Result<Vec<u8>> {
+    if !has_xattrs(fid) {
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![0; XATTR_MAX];
+    let n = rustix::fs::listxattr(proc_path(&fid.fd), &mut buf[..]).map_err(os)?;
+    let mut names = Vec::new();
+    for name in buf[..n].split(|&b| b == 0) {
+        if name.starts_with(XATTR_PREFIX) {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+    }
+    Ok(names)
+}
+
+/// Tclunk of a fid from Txattrcreate: sets the attribute, or removes it for
+/// an announced size of 0.
+fn set_xattr(fid: &Fid) -> Result<()> {
+    let Some(Xattr::Pending {
+        name,
+        size,
+        flags,
+        data,
+    }) = &fid.xattr
+    else {
+        return Ok(());
+    };
+    if data.len() != *size {
+        return Err(libc::EINVAL);
+    }
+    if !has_xattrs(fid) {
+        return Err(libc::EPERM);
+    }
+    let (path, name) = (proc_path(&fid.fd), OsStr::from_bytes(name));
+    if *size == 0 {
+        return rustix::fs::removexattr(path, name).map_err(os);
+    }
+    let flags = rustix::fs::XattrFlags::from_bits_retain(*flags);
+    rustix::fs::setxattr(path, name, data, flags).map_err(os)
 }
 
 fn new_fid(fd: OwnedFd, path: PathBuf, st: &Stat) -> Fid {
@@ -727,7 +882,7 @@ fn new_fid(fd: OwnedFd, path: PathBuf, st: &Stat) -> Fid {
         kind: Kind::of(st),
         open: None,
         writable: false,
-        xattr: false,
+        xattr: None,
         uid: 0,
     }
 }

@@ -522,6 +522,17 @@ fn every_operation_runs_under_the_share_threads_seccomp_filter() {
         c.ok(op::TXATTRWALK, |w| {
             w.u32(ROOT).u32(4).str(b"");
         });
+        c.set_xattr(1, b"user.a", b"value").unwrap();
+        assert_eq!(c.get_xattr(1, b"user.a"), Ok(b"value".to_vec()));
+        c.set_xattr(1, b"user.a", b"").unwrap();
+        c.ok(op::TMKNOD, |w| {
+            w.u32(ROOT)
+                .str(b"wh")
+                .u32(libc::S_IFCHR)
+                .u32(0)
+                .u32(0)
+                .u32(0);
+        });
         c.ok(op::TREMOVE, |w| {
             w.u32(1);
         });
@@ -556,4 +567,160 @@ fn files_belong_to_the_guest_user_when_the_host_allows() {
     for p in ["mine", "dir"] {
         assert_eq!(std::fs::metadata(c.host(p)).unwrap().uid(), want, "{p}");
     }
+}
+
+impl Client {
+    /// Sets (or with an empty `value` and `size` 0, removes) an attribute
+    /// as the guest's client does: Txattrcreate, Twrite, Tclunk.
+    fn set_xattr(&mut self, fid: u32, name: &[u8], value: &[u8]) -> Result<()> {
+        self.walk_ok(fid, 90, &[]);
+        let (t, b) = self.call(op::TXATTRCREATE, |w| {
+            w.u32(90).str(name).u64(value.len() as u64).u32(0);
+        });
+        if let Some(e) = errno(t, &b) {
+            self.clunk(90);
+            return Err(e);
+        }
+        if !value.is_empty() {
+            // In two parts, as a value longer than one message comes.
+            let half = value.len() / 2;
+            self.write(90, 0, &value[..half]);
+            self.write(90, half as u64, &value[half..]);
+        }
+        let (t, b) = self.call(op::TCLUNK, |w| {
+            w.u32(90);
+        });
+        errno(t, &b).map_or(Ok(()), Err)
+    }
+
+    /// Txattrwalk then Tread: an attribute's value, or with "" the list.
+    fn get_xattr(&mut self, fid: u32, name: &[u8]) -> Result<Vec<u8>> {
+        let (t, b) = self.call(op::TXATTRWALK, |w| {
+            w.u32(fid).u32(91).str(name);
+        });
+        if let Some(e) = errno(t, &b) {
+            return Err(e);
+        }
+        let size = Reader::new(&b).u64().unwrap();
+        let value = self.read(91, 0, 1 << 16);
+        assert_eq!(
+            value.len() as u64,
+            size,
+            "the size announced is the size read"
+        );
+        self.clunk(91);
+        Ok(value)
+    }
+}
+
+#[test]
+fn user_attributes_are_set_read_listed_and_removed() {
+    let mut c = client(false);
+    c.walk_ok(ROOT, 1, &[]);
+    c.create(1, b"f", libc::O_RDWR as u32).unwrap();
+    c.ok(op::TMKDIR, |w| {
+        w.u32(ROOT).str(b"d").u32(0o755).u32(0);
+    });
+    c.walk_ok(ROOT, 2, &[b"d"]);
+    // What overlayfs with userxattr marks an opaque directory with.
+    c.set_xattr(2, b"user.overlay.opaque", b"y").unwrap();
+    assert_eq!(
+        rustix::fs::getxattr(c.host("d"), "user.overlay.opaque", &mut [0u8; 8][..]),
+        Ok(1),
+        "the attribute is on the host's directory"
+    );
+    assert_eq!(c.get_xattr(2, b"user.overlay.opaque"), Ok(b"y".to_vec()));
+    c.set_xattr(1, b"user.note", &[7u8; 3000]).unwrap();
+    assert_eq!(c.get_xattr(1, b"user.note"), Ok(vec![7u8; 3000]));
+    // Only user. attributes are seen or made.
+    rustix::fs::setxattr(
+        c.host("f"),
+        "trusted.hidden",
+        b"x",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(c.get_xattr(1, b""), Ok(b"user.note\0".to_vec()));
+    assert_eq!(c.get_xattr(1, b"trusted.hidden"), Err(libc::ENODATA));
+    assert_eq!(
+        c.set_xattr(1, b"trusted.overlay.opaque", b"y"),
+        Err(libc::EOPNOTSUPP)
+    );
+    assert_eq!(
+        c.set_xattr(1, b"security.capability", b"y"),
+        Err(libc::EOPNOTSUPP)
+    );
+    // Size 0 removes, as the guest's removexattr sends it.
+    c.set_xattr(1, b"user.note", b"").unwrap();
+    assert_eq!(c.get_xattr(1, b"user.note"), Err(libc::ENODATA));
+    assert_eq!(c.get_xattr(1, b""), Ok(Vec::new()));
+    // A value that does not come as announced is not set.
+    c.walk_ok(1, 92, &[]);
+    c.ok(op::TXATTRCREATE, |w| {
+        w.u32(92).str(b"user.short").u64(10).u32(0);
+    });
+    c.write(92, 0, b"abc");
+    let e = c.err(op::TWRITE, |w| {
+        w.u32(92).u64(0).u32(3).raw(b"abc");
+    });
+    assert_eq!(e, libc::EINVAL, "a write out of order");
+    let e = c.err(op::TWRITE, |w| {
+        w.u32(92).u64(3).u32(8).raw(b"too long");
+    });
+    assert_eq!(e, libc::EINVAL, "a write past the announced size");
+    assert_eq!(
+        c.err(op::TCLUNK, |w| {
+            w.u32(92);
+        }),
+        libc::EINVAL
+    );
+    assert_eq!(c.get_xattr(1, b"user.short"), Err(libc::ENODATA));
+    let e = c.err(op::TXATTRCREATE, |w| {
+        w.u32(1).str(b"user.big").u64(1 << 20).u32(0);
+    });
+    assert_eq!(e, libc::E2BIG);
+    // Symlinks carry none.
+    c.ok(op::TSYMLINK, |w| {
+        w.u32(ROOT).str(b"s").str(b"f").u32(0);
+    });
+    c.walk_ok(ROOT, 3, &[b"s"]);
+    assert_eq!(c.get_xattr(3, b""), Ok(Vec::new()));
+    assert_eq!(c.set_xattr(3, b"user.x", b"1"), Err(libc::EPERM));
+}
+
+#[test]
+fn the_only_device_node_is_overlayfs_whiteout() {
+    let mut c = client(false);
+    let mknod = |c: &mut Client, name: &[u8], major: u32, minor: u32| {
+        let (t, b) = c.call(op::TMKNOD, |w| {
+            w.u32(ROOT)
+                .str(name)
+                .u32(libc::S_IFCHR)
+                .u32(major)
+                .u32(minor)
+                .u32(0);
+        });
+        errno(t, &b).map_or(Ok(()), Err)
+    };
+    mknod(&mut c, b"gone", 0, 0).unwrap();
+    let st = rustix::fs::lstat(c.host("gone")).unwrap();
+    assert_eq!(
+        FileType::from_raw_mode(st.st_mode),
+        FileType::CharacterDevice
+    );
+    assert_eq!(st.st_rdev, 0);
+    assert_eq!(mknod(&mut c, b"null", 1, 3), Err(libc::EPERM));
+    assert!(!c.host("null").exists());
+    c.walk_ok(ROOT, 1, &[b"gone"]);
+    assert_eq!(c.open(1, 0), Err(libc::ENXIO), "a whiteout is never opened");
+}
+
+#[test]
+fn a_read_only_share_sets_no_attribute() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keep"), b"original").unwrap();
+    let mut c = client_in(dir, true, 1000);
+    c.walk_ok(ROOT, 1, &[b"keep"]);
+    assert_eq!(c.set_xattr(1, b"user.x", b"1"), Err(libc::EROFS));
+    assert_eq!(c.get_xattr(1, b""), Ok(Vec::new()));
 }
