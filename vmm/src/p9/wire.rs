@@ -147,8 +147,7 @@ impl Writer {
         self.u8(q.kind).u32(q.version).u64(q.path)
     }
 
-    /// Bytes as they are (tests build requests with it).
-    #[cfg(test)]
+    /// Bytes as they are (a read's data; tests build requests with it).
     pub fn raw(&mut self, b: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(b);
         self
