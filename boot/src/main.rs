@@ -91,11 +91,14 @@ fn boot() -> Result<Outcome, String> {
             .root_device()
             .to_string();
         wait_for(&device)?;
-        plan::root_base(&mut linux, &device).map_err(|e| e.to_string())?;
+        plan::root_base(&mut linux, &device, None).map_err(|e| e.to_string())?;
         mark(1);
         debug!("root mounted; waiting for the run configuration");
         let port = report::channel().ok_or("no control port to take the run configuration from")?;
         let (start, leftover) = report::await_start(port)?;
+        if start.run.upper.is_some() {
+            return Err("the root's host directory (--upper) is mounted with the root: it needs a boot without hyper.start=port".into());
+        }
         apply_start(&start);
         (start.run, leftover)
     } else {
@@ -113,7 +116,8 @@ fn boot() -> Result<Outcome, String> {
             msg
         })?;
         wait_for(cfg.root_device())?;
-        plan::root_base(&mut linux, cfg.root_device()).map_err(|e| e.to_string())?;
+        plan::root_base(&mut linux, cfg.root_device(), cfg.upper.as_deref())
+            .map_err(|e| e.to_string())?;
         mark(1);
         (cfg, Vec::new())
     };

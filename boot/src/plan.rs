@@ -59,6 +59,9 @@ pub fn early(sys: &mut dyn Sys) -> Result<(), StepError> {
     Ok(())
 }
 
+/// How a host directory shared over virtio-9p is mounted.
+const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=262144";
+
 /// Mounts the read-only EROFS image with a tmpfs-backed overlay on top, the
 /// API filesystems inside it, and moves it onto `/`.
 #[cfg(test)]
@@ -68,14 +71,15 @@ pub fn root(
     tmpfs: &[String],
     volumes: &[crate::config::Volume],
 ) -> Result<(), StepError> {
-    root_base(sys, device)?;
+    root_base(sys, device, None)?;
     root_finish(sys, tmpfs, volumes)
 }
 
 /// The part of the root that is the same for every run of an artifact: the
-/// EROFS image under a tmpfs-backed overlay, the API filesystems in it,
+/// EROFS image under an overlay whose writes go to a tmpfs, or with `upper`
+/// (a 9p tag, contract 5) to that host directory; the API filesystems in it,
 /// /run and /tmp. The snapshot point comes after it (contract 4).
-pub fn root_base(sys: &mut dyn Sys, device: &str) -> Result<(), StepError> {
+pub fn root_base(sys: &mut dyn Sys, device: &str, upper: Option<&str>) -> Result<(), StepError> {
     for d in [LOWER, RW, NEWROOT] {
         step(|| format!("create {d}"), sys.mkdir_all(d, 0o755))?;
     }
@@ -83,17 +87,35 @@ pub fn root_base(sys: &mut dyn Sys, device: &str) -> Result<(), StepError> {
         || format!("mount the image's EROFS root from {device}"),
         sys.mount(device, LOWER, "erofs", MS_RDONLY, ""),
     )?;
-    step(
-        || "mount the tmpfs for writes".into(),
-        sys.mount("tmpfs", RW, "tmpfs", 0, "mode=0755"),
-    )?;
-    for d in ["upper", "work"] {
+    let (up, work, extra) = match upper {
+        Some(tag) => {
+            step(
+                || format!("mount the host directory {tag} for the root's writes"),
+                sys.mount(tag, RW, "9p", 0, NINEP_OPTIONS),
+            )?;
+            // The host keeps overlayfs' attributes (opaque directories) in
+            // the user. namespace, the one its 9p servers pass on.
+            (
+                hyper_contract::UPPER_DIR,
+                hyper_contract::WORK_DIR,
+                ",userxattr",
+            )
+        }
+        None => {
+            step(
+                || "mount the tmpfs for writes".into(),
+                sys.mount("tmpfs", RW, "tmpfs", 0, "mode=0755"),
+            )?;
+            ("upper", "work", "")
+        }
+    };
+    for d in [up, work] {
         step(
             || format!("create {RW}/{d}"),
             sys.mkdir_all(&format!("{RW}/{d}"), 0o755),
         )?;
     }
-    let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
+    let opts = format!("lowerdir={LOWER},upperdir={RW}/{up},workdir={RW}/{work}{extra}");
     step(
         || "mount the overlay root".into(),
         sys.mount("overlay", NEWROOT, "overlay", 0, &opts),
@@ -198,13 +220,7 @@ pub fn root_finish(
         match v.kind {
             VolumeKind::Share => step(
                 || format!("mount the host directory {} on {at}", v.tag),
-                sys.mount(
-                    &v.tag,
-                    &r(at),
-                    "9p",
-                    MS_NODEV | ro,
-                    "trans=virtio,version=9p2000.L,msize=262144",
-                ),
+                sys.mount(&v.tag, &r(at), "9p", MS_NODEV | ro, NINEP_OPTIONS),
             )?,
             VolumeKind::Tmpfs => {
                 step(
@@ -346,6 +362,24 @@ mod tests {
             .iter()
             .position(|c| c.contains(needle))
             .unwrap_or_else(|| panic!("no call with {needle}: {calls:#?}"))
+    }
+
+    #[test]
+    fn an_upper_host_directory_takes_the_roots_writes() {
+        let mut r = Recorder::default();
+        root_base(&mut r, "/dev/vda", Some("upper")).unwrap();
+        let c = &r.calls;
+        let share = index_of(c, &format!("mount upper {RW} 9p 0x0 trans=virtio"));
+        let overlay = index_of(
+            c,
+            &format!("mount overlay {NEWROOT} overlay 0x0 lowerdir={LOWER},upperdir={RW}/fs,workdir={RW}/work,userxattr"),
+        );
+        assert!(share < overlay);
+        assert!(
+            !c.iter()
+                .any(|l| l.starts_with(&format!("mount tmpfs {RW} "))),
+            "no tmpfs takes the writes: {c:#?}"
+        );
     }
 
     #[test]

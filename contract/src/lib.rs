@@ -41,8 +41,9 @@ use serde::{Deserialize, Serialize};
 /// without UARTs). 4: the snapshot point: booted with `hyper.start=port`,
 /// hyperinit mounts the root, says `waiting` and takes a [`Start`] on the
 /// control channel instead of reading its run configuration from the
-/// initrd.
-pub const VERSION: u32 = 4;
+/// initrd. 5: `upper` in the run configuration: the root's writes go to a
+/// host directory shared over 9p.
+pub const VERSION: u32 = 5;
 
 /// The name of the virtio-console port that carries the control channel
 /// (contract 3); without it, COM2 does.
@@ -158,7 +159,19 @@ pub struct RunConfig {
     /// ([`GuestMessage::Timings`]) before its report.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stats: bool,
+    /// `--upper` (contract 5): the 9p tag of a host directory that keeps
+    /// the root's writes, as an overlayfs upper layer in its `fs/` with
+    /// overlayfs' work directory `work/` beside it (containerd's layout),
+    /// instead of the guest's tmpfs. It is mounted with the root, so a
+    /// boot with it takes its run configuration from the initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<String>,
 }
+
+/// In the directory shared as [`RunConfig::upper`]: the upper layer.
+pub const UPPER_DIR: &str = "fs";
+/// In the directory shared as [`RunConfig::upper`]: overlayfs' work directory.
+pub const WORK_DIR: &str = "work";
 
 /// What kind of volume hyperinit mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
