@@ -44,6 +44,9 @@ pub struct BootOptions {
     pub cpus: u8,
     /// `-v` host directories.
     pub binds: Vec<spec::Bind>,
+    /// `--upper DIR`: the root's writes are kept in DIR/fs (an overlayfs
+    /// upper layer, with its work directory DIR/work), not in guest memory.
+    pub upper: Option<PathBuf>,
     /// `-i`: the app's stdin is hyperboot's.
     pub interactive: bool,
     /// `-t`: the app runs on a pseudo-terminal.
@@ -89,6 +92,8 @@ pub enum BootError {
     KvmLacks(&'static str),
     #[error("-v {0}: cannot create it")]
     Volume(String, #[source] std::io::Error),
+    #[error("--upper {0}: {1}")]
+    Upper(String, String),
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error(transparent)]
@@ -232,8 +237,8 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
         opts.net.requested() && matches!(opts.net.mode, net::NetMode::Auto | net::NetMode::User);
     let kvm_lacks = if user_net && !net::passt::available() {
         Some("user-mode networking without passt (apt-get install passt)")
-    } else if opts.binds.len() > hyper_vmm::MAX_SHARES {
-        Some("more than 8 -v host directories")
+    } else if opts.binds.len() + usize::from(opts.upper.is_some()) > hyper_vmm::MAX_SHARES {
+        Some("more than 8 host directories (-v and --upper)")
     } else {
         None
     };
@@ -267,6 +272,19 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
         std::fs::create_dir_all(&b.host)
             .map_err(|e| BootError::Volume(b.host.display().to_string(), e))?;
     }
+    if let Some(dir) = &opts.upper {
+        let err = |why: String| BootError::Upper(dir.display().to_string(), why);
+        if contract < 5 {
+            return Err(err(
+                "the artifact's hyperinit predates it (contract 5): rebuild the artifact".into(),
+            ));
+        }
+        for sub in [hyper_contract::UPPER_DIR, hyper_contract::WORK_DIR] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| err(format!("cannot create {sub}/ in it: {e}")))?;
+        }
+        run.upper = Some(spec::UPPER_TAG.into());
+    }
     let stop_signal = spec::signal_number(&m.config.stop_signal)?;
     let archive = spec::run_archive(&run);
     let (tx, rx, _signals) = supervise::events()?;
@@ -290,6 +308,8 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
             let mut cmdline = backend::kvm::cmdline(base, opts, pvm, contract);
             let why_not = if pvm {
                 Some("nested PVM KVM runs no guest user space")
+            } else if opts.upper.is_some() {
+                Some("--upper's directory is mounted with the root, before the snapshot point")
             } else if contract < 4 {
                 Some("the artifact's hyperinit predates snapshots (rebuild it)")
             } else {

@@ -138,6 +138,39 @@ pub fn parse_bind(s: &str) -> Result<Bind, BindError> {
     })
 }
 
+/// A host directory the VMM shares with the guest over virtio-9p.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub host: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+/// The 9p shares of a boot: each `-v` as `volN`, then the `--upper`
+/// directory as `upper`.
+pub fn shares(binds: &[Bind], upper: Option<&std::path::Path>) -> Vec<Share> {
+    let mut out: Vec<Share> = binds
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Share {
+            tag: format!("vol{i}"),
+            host: b.host.clone(),
+            read_only: b.read_only,
+        })
+        .collect();
+    if let Some(dir) = upper {
+        out.push(Share {
+            tag: UPPER_TAG.into(),
+            host: dir.to_path_buf(),
+            read_only: false,
+        });
+    }
+    out
+}
+
+/// The 9p tag of the `--upper` directory.
+pub const UPPER_TAG: &str = "upper";
+
 /// The volumes of a boot: each `-v` shared as `volN`, then every image
 /// VOLUME no `-v` covers as a fresh volume.
 pub fn volumes(binds: &[Bind], image_volumes: &[String]) -> Vec<Volume> {
@@ -263,6 +296,19 @@ mod tests {
             (v[1].kind, v[1].target.as_str()),
             (VolumeKind::Tmpfs, "/var/lib/db")
         );
+    }
+
+    #[test]
+    fn the_upper_directory_is_the_share_after_the_volumes() {
+        let binds = [parse_bind("/h:/data:ro").unwrap()];
+        let s = shares(&binds, Some(std::path::Path::new("/snap/7")));
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].tag.as_str(), s[0].read_only), ("vol0", true));
+        assert_eq!(
+            (s[1].tag.as_str(), s[1].host.to_str(), s[1].read_only),
+            (UPPER_TAG, Some("/snap/7"), false)
+        );
+        assert_eq!(shares(&binds, None).len(), 1);
     }
 
     fn image(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> hvm::ImageConfig {

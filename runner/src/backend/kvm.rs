@@ -39,11 +39,12 @@ pub struct ShareError {
     source: std::io::Error,
 }
 
-/// `-v` on the KVM backend: a 9p server per host directory, tagged `volN`
-/// as hyperinit expects. Every fid a guest holds costs host descriptors, so
-/// the open-file limit is raised to its hard limit and split between them.
+/// `-v` and `--upper` on the KVM backend: a 9p server per host directory,
+/// under the tag hyperinit expects. Every fid a guest holds costs host
+/// descriptors, so the open-file limit is raised to its hard limit and
+/// split between them.
 fn share_servers(
-    binds: &[crate::spec::Bind],
+    binds: &[crate::spec::Share],
 ) -> Result<Vec<(String, hyper_vmm::p9::Server)>, ShareError> {
     if binds.is_empty() {
         return Ok(Vec::new());
@@ -59,8 +60,7 @@ fn share_servers(
     let per_share = (open_files.saturating_sub(256) as usize / (2 * binds.len())).min(65_536);
     binds
         .iter()
-        .enumerate()
-        .map(|(i, b)| {
+        .map(|b| {
             let server =
                 hyper_vmm::p9::Server::new(&b.host, b.read_only, per_share).map_err(|source| {
                     ShareError {
@@ -68,7 +68,7 @@ fn share_servers(
                         source,
                     }
                 })?;
-            Ok((format!("vol{i}"), server))
+            Ok((b.tag.clone(), server))
         })
         .collect()
 }
@@ -186,7 +186,7 @@ pub fn boot(
                 Some(b) => Some((guest_mac, b.try_clone()?)),
                 None => None,
             },
-            shares: share_servers(&opts.binds)?,
+            shares: share_servers(&crate::spec::shares(&opts.binds, opts.upper.as_deref()))?,
             seccomp: true,
             control_port,
             register_pages: !pvm,

@@ -34,6 +34,8 @@ pub enum QemuError {
     Prepare(#[source] std::io::Error),
     #[error("cannot start {0}")]
     Spawn(String, #[source] std::io::Error),
+    #[error("--upper on the QEMU backend: {0}")]
+    Upper(String),
     #[error("{binary} failed ({status}): {log}")]
     Failed {
         binary: String,
@@ -258,21 +260,92 @@ fn feed_stdin(to: File, control: Arc<Control>) -> std::io::Result<()> {
 
 /// `-v` host directories as virtio-9p shares `vol0`, `vol1`, … (QEMU's own
 /// 9p server: no extra daemon, no root; files the guest creates belong to the
-/// user running hyperboot).
-fn share_args(binds: &[crate::spec::Bind]) -> Vec<String> {
+/// user running hyperboot), and the `--upper` directory as `upper`, served
+/// through the proxy helper's socket `proxy`.
+fn share_args(shares: &[crate::spec::Share], proxy: Option<i32>) -> Vec<String> {
     let mut a = Vec::new();
-    for (i, b) in binds.iter().enumerate() {
+    for (i, b) in shares.iter().enumerate() {
         // QEMU option values escape a comma by doubling it.
         let path = b.host.display().to_string().replace(',', ",,");
         let ro = if b.read_only { ",readonly=on" } else { "" };
         a.push("-fsdev".into());
-        a.push(format!(
-            "local,id=fsvol{i},path={path},security_model=none{ro}"
-        ));
+        match proxy {
+            Some(fd) if b.tag == crate::spec::UPPER_TAG => {
+                a.push(format!("proxy,id=fsvol{i},sock_fd={fd}"));
+            }
+            _ => a.push(format!(
+                "local,id=fsvol{i},path={path},security_model=none{ro}"
+            )),
+        }
         a.push("-device".into());
-        a.push(format!("virtio-9p-device,fsdev=fsvol{i},mount_tag=vol{i}"));
+        a.push(format!(
+            "virtio-9p-device,fsdev=fsvol{i},mount_tag={}",
+            b.tag
+        ));
     }
     a
+}
+
+/// QEMU's proxy 9p helper, shipped with QEMU (up to 8.x).
+const PROXY_HELPER: &str = "/usr/lib/qemu/virtfs-proxy-helper";
+
+/// The helper serving the `--upper` directory, ended with the VM.
+struct ProxyHelper(std::process::Child);
+
+impl Drop for ProxyHelper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--upper` on QEMU. QEMU's own 9p server cannot make overlayfs' whiteout:
+/// it opens every node it creates to set its mode, and a 0:0 device opens
+/// nothing. Its proxy helper makes nodes with mknod alone; it chroots into
+/// the directory, so it needs root. Returns the helper and QEMU's end of
+/// their socket (inherited by QEMU, not by the helper).
+fn start_proxy(dir: &std::path::Path, log: &File) -> Result<(ProxyHelper, OwnedFd), QemuError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(QemuError::Upper(
+            "it needs root (QEMU's own 9p server cannot make overlayfs whiteouts; its proxy helper, which can, chroots)".into(),
+        ));
+    }
+    if !std::path::Path::new(PROXY_HELPER).exists() {
+        return Err(QemuError::Upper(format!(
+            "{PROXY_HELPER} is missing (apt-get install qemu-system-common)"
+        )));
+    }
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    let (ours, theirs) = socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| QemuError::Prepare(e.into()))?;
+    let fd = theirs.as_raw_fd();
+    let mut c = crate::child::helper(PROXY_HELPER);
+    c.args(["-n", "-f", &fd.to_string(), "-p"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.try_clone().map_err(QemuError::Prepare)?);
+    // SAFETY: one fcntl between fork and exec, nothing allocated.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            Ok(())
+        });
+    }
+    let child = c
+        .spawn()
+        .map_err(|e| QemuError::Spawn(PROXY_HELPER.into(), e))?;
+    drop(theirs);
+    // QEMU inherits its end, as it does the other descriptors.
+    rustix::io::fcntl_setfd(&ours, rustix::io::FdFlags::empty())
+        .map_err(|e| QemuError::Prepare(e.into()))?;
+    Ok((ProxyHelper(child), ours))
 }
 
 /// Builds the QEMU process: stdin and stdout closed (every guest stream comes
@@ -601,6 +674,11 @@ pub fn boot(
     } = b;
     let binary = find_qemu()?;
     let prepared = prepare(artifact, run_archive).map_err(QemuError::Prepare)?;
+    let log = memfd("hyper-qemu-log").map_err(QemuError::Prepare)?;
+    let proxy = match &opts.upper {
+        Some(dir) => Some(start_proxy(dir, &log)?),
+        None => None,
+    };
     let cfg = QemuConfig {
         binary,
         accel,
@@ -612,13 +690,15 @@ pub fn boot(
             .map(net_args)
             .unwrap_or_default()
             .into_iter()
-            .chain(share_args(&opts.binds))
+            .chain(share_args(
+                &crate::spec::shares(&opts.binds, opts.upper.as_deref()),
+                proxy.as_ref().map(|(_, fd)| fd.as_raw_fd()),
+            ))
             .collect(),
     };
     if let Some(p) = net {
         crate::net::relay::forward_tcp(&p.ports, |m| p.upstream(m))?;
     }
-    let log = memfd("hyper-qemu-log").map_err(QemuError::Prepare)?;
     let mut cmd = command(&cfg, &prepared, &log).map_err(QemuError::Prepare)?;
     tracing::debug!("{} {}", cfg.binary, args(&cfg, &prepared).join(" "));
 
@@ -754,6 +834,23 @@ pub fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upper_share_goes_through_the_proxy_helper() {
+        let shares = crate::spec::shares(
+            &[crate::spec::parse_bind("/h,x:/data").unwrap()],
+            Some(std::path::Path::new("/snap/7")),
+        );
+        let a = share_args(&shares, Some(9)).join(" ");
+        assert!(
+            a.contains("-fsdev local,id=fsvol0,path=/h,,x,security_model=none -device virtio-9p-device,fsdev=fsvol0,mount_tag=vol0"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-fsdev proxy,id=fsvol1,sock_fd=9 -device virtio-9p-device,fsdev=fsvol1,mount_tag=upper"),
+            "{a}"
+        );
+    }
 
     #[test]
     fn rootfs_is_served_read_only_from_the_artifact_range() {

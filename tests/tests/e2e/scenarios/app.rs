@@ -19,6 +19,7 @@ macro_rules! app_scenarios {
             command_line_overrides_the_image_config,
             user_from_the_image_config,
             writes_vanish_when_the_vm_ends,
+            upper_keeps_the_roots_writes_in_overlayfs_form,
             layers_are_flattened_with_whiteouts,
             a_guest_that_never_stops_is_ended_by_the_timeout,
             sigterm_ends_the_vm,
@@ -185,6 +186,76 @@ pub fn writes_vanish_when_the_vm_ends(b: Backend) {
         ],
     );
     assert_run(&r, 0, "absent\nls-back\n");
+}
+
+/// `--upper DIR`: the root's writes land in DIR/fs as overlayfs keeps an
+/// upper layer (files, a whiteout for a removed file, an opaque directory),
+/// which containerd's snapshotter reads; the next run with DIR sees them,
+/// a run without it sees the image.
+pub fn upper_keeps_the_roots_writes_in_overlayfs_form(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let upper = dir.path().join("c1");
+    let flag = upper.display().to_string();
+    let script = "echo data > /etc/written && rm /bin/ls && rm -r /home && mkdir /home \
+        && echo mine > /home/only && echo done";
+    let r = b.boot(
+        busybox_artifact(),
+        &["--upper", &flag, "--", "sh", "-c", script],
+    );
+    if b == Backend::KvmRestored {
+        // It is mounted with the root: no snapshot can hold it.
+        assert_eq!(r.code, Some(125), "{r:?}");
+        assert!(r.stderr.contains("--upper"), "{r:?}");
+        return;
+    }
+    assert_run(&r, 0, "done\n");
+    let fs_ = upper.join("fs");
+    assert_eq!(
+        fs::read_to_string(fs_.join("etc/written")).unwrap(),
+        "data\n"
+    );
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let wh = fs::symlink_metadata(fs_.join("bin/ls")).unwrap();
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "a removed file is a 0:0 whiteout: {wh:?}"
+    );
+    let mut v = [0u8; 8];
+    let home =
+        std::ffi::CString::new(fs_.join("home").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: two NUL-terminated strings and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            home.as_ptr(),
+            c"user.overlay.opaque".as_ptr(),
+            v.as_mut_ptr().cast(),
+            v.len(),
+        )
+    };
+    assert_eq!(
+        (n, v[0]),
+        (1, b'y'),
+        "a directory made over a removed one is opaque"
+    );
+    assert!(upper.join("work").is_dir());
+    let check = "cat /etc/written 2>/dev/null || echo no-file; test -e /bin/ls || echo ls-gone; echo /home/*";
+    let r = b.boot(
+        busybox_artifact(),
+        &["--upper", &flag, "--", "sh", "-c", check],
+    );
+    assert_run(&r, 0, "data\nls-gone\n/home/only\n");
+    // Without it, the image as it was.
+    let r = b.boot(busybox_artifact(), &["--", "sh", "-c", check]);
+    assert_run(&r, 0, "no-file\n/home/app\n");
+    // Not a directory: one clear error, nothing booted.
+    let file = dir.path().join("file");
+    fs::write(&file, "x").unwrap();
+    let r = b.boot(
+        busybox_artifact(),
+        &["--upper", &file.display().to_string(), "--", "true"],
+    );
+    assert_eq!(r.code, Some(125), "{r:?}");
+    assert!(r.stderr.contains("--upper"), "{r:?}");
 }
 
 pub fn layers_are_flattened_with_whiteouts(b: Backend) {
