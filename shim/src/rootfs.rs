@@ -5,7 +5,10 @@
 //! The lower layers are flattened into an EROFS with the kernel and init
 //! (hyperbuild's directory source) and the artifact is cached, keyed by
 //! the layers' identities, so the second container of an image boots
-//! without a build.
+//! without a build. The snapshot's own directory (its upper `fs/` and
+//! `work/`) becomes hyperboot's `--upper`: the guest's overlay writes
+//! there, in overlayfs' form, so containerd sees the container's changes
+//! and a restarted task finds them.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -45,8 +48,13 @@ pub struct Layers {
     /// Read-only layers, lowest first: cached by identity.
     pub lower: Vec<PathBuf>,
     /// A writable directory with content already in it (the top layer of
-    /// this container alone): never cached.
+    /// this container alone): built in, never cached. Only where the
+    /// container's writes cannot go to `upper`.
     pub writable: Option<PathBuf>,
+    /// The container's overlay snapshot directory, holding the upper layer
+    /// `fs/` and overlayfs' `work/` (containerd's layout): the guest's
+    /// overlay writes there (hyperboot `--upper`).
+    pub upper: Option<PathBuf>,
 }
 
 /// Reads the snapshotter's mounts; `bundle_rootfs` is used when there are
@@ -57,6 +65,7 @@ pub fn layers(mounts: &[Mount], bundle_rootfs: &Path) -> Result<Layers, RootfsEr
             return Ok(Layers {
                 lower: Vec::new(),
                 writable: Some(bundle_rootfs.to_owned()),
+                upper: None,
             })
         }
         [m] => m,
@@ -77,11 +86,24 @@ pub fn layers(mounts: &[Mount], bundle_rootfs: &Path) -> Result<Layers, RootfsEr
                 .map(PathBuf::from)
                 .collect();
             lower.reverse();
+            if let Some(dir) = snapshot_dir(opt("upperdir"), opt("workdir")) {
+                return Ok(Layers {
+                    lower,
+                    writable: None,
+                    upper: Some(dir),
+                });
+            }
+            // Another layout: what the upper holds is built in, and the
+            // container's writes stay in the VM.
             let writable = match opt("upperdir") {
                 Some(upper) if !is_empty_dir(Path::new(upper))? => Some(PathBuf::from(upper)),
                 _ => None,
             };
-            Ok(Layers { lower, writable })
+            Ok(Layers {
+                lower,
+                writable,
+                upper: None,
+            })
         }
         "bind" | "rbind" => {
             let ro = m.options.iter().any(|o| o == "ro");
@@ -90,16 +112,27 @@ pub fn layers(mounts: &[Mount], bundle_rootfs: &Path) -> Result<Layers, RootfsEr
                 Layers {
                     lower: vec![dir],
                     writable: None,
+                    upper: None,
                 }
             } else {
                 Layers {
                     lower: Vec::new(),
                     writable: Some(dir),
+                    upper: None,
                 }
             })
         }
         other => Err(RootfsError::Unsupported(other.to_string())),
     }
+}
+
+/// The directory holding an overlay's upper and work directories when they
+/// are its `fs/` and `work/`, as containerd's overlay snapshotter makes them.
+fn snapshot_dir(upper: Option<&str>, work: Option<&str>) -> Option<PathBuf> {
+    let (upper, work) = (Path::new(upper?), Path::new(work?));
+    let dir = upper.parent()?;
+    (upper.file_name()? == hyper_contract::UPPER_DIR && work == dir.join(hyper_contract::WORK_DIR))
+        .then(|| dir.to_owned())
 }
 
 fn is_empty_dir(p: &Path) -> Result<bool, RootfsError> {
@@ -231,9 +264,41 @@ mod tests {
             ["/s/1/fs", "/s/2/fs", "/s/3/fs"].map(PathBuf::from)
         );
         assert_eq!(l.writable, None, "an empty upper directory adds nothing");
+        assert_eq!(l.upper, None, "not containerd's fs/ and work/");
         std::fs::write(upper.path().join("f"), b"x").unwrap();
         let l = layers(&[overlay(&[&up, "lowerdir=/s/1/fs"])], Path::new("/b")).unwrap();
         assert_eq!(l.writable.as_deref(), Some(upper.path()));
+    }
+
+    #[test]
+    fn containerds_snapshot_directory_takes_the_writes() {
+        let snap = tempfile::tempdir().unwrap();
+        let d = snap.path();
+        std::fs::create_dir(d.join("fs")).unwrap();
+        std::fs::write(d.join("fs/kept"), b"from the last run").unwrap();
+        let up = format!("upperdir={}", d.join("fs").display());
+        let work = format!("workdir={}", d.join("work").display());
+        let l = layers(
+            &[overlay(&[
+                "index=off",
+                &work,
+                &up,
+                "lowerdir=/s/2/fs:/s/1/fs",
+            ])],
+            Path::new("/b"),
+        )
+        .unwrap();
+        assert_eq!(l.upper.as_deref(), Some(d));
+        assert_eq!(l.writable, None, "the upper is shared, not built in");
+        // Other names: the upper's content is built in.
+        let other = format!("workdir={}", d.join("elsewhere").display());
+        let l = layers(
+            &[overlay(&[&other, &up, "lowerdir=/s/1/fs"])],
+            Path::new("/b"),
+        )
+        .unwrap();
+        assert_eq!(l.upper, None);
+        assert_eq!(l.writable.as_deref(), Some(d.join("fs").as_path()));
     }
 
     #[test]

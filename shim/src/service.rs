@@ -67,6 +67,8 @@ struct Task {
     stderr: String,
     plan: Plan,
     artifact: PathBuf,
+    /// hyperboot's `--upper`: the container's snapshot directory.
+    upper: Option<PathBuf>,
     status: Status,
     pid: u32,
     exit_status: u32,
@@ -255,6 +257,9 @@ fn launch(t: &Task) -> std::io::Result<Launch> {
     let mut c = Command::new(hyperboot());
     c.args(&t.plan.options);
     c.args(["-q", "--stop-timeout", STOP_TIMEOUT]);
+    if let Some(dir) = &t.upper {
+        c.arg("--upper").arg(dir);
+    }
     match &t.plan.netns {
         // The pod's network: hyperboot runs in the namespace and its VM
         // takes over the namespace's interface (its MAC, address, route).
@@ -498,6 +503,7 @@ impl shim::Task for Service {
             stderr: req.stderr.clone(),
             plan,
             artifact,
+            upper: layers.upper.clone(),
             status: Status::CREATED,
             pid: 0,
             exit_status: 0,

@@ -583,3 +583,59 @@ fn the_vm_takes_over_the_namespaces_interface() {
     assert!(lines[2].contains("via 10.231.8.1"), "{text}");
     assert_eq!(lines[3], "gateway-answers", "{text}");
 }
+
+#[test]
+fn a_containers_writes_land_in_its_snapshot_and_outlive_its_task() {
+    let id = "upper-1";
+    let _removed = Removed(id);
+    let c = containerd();
+    let script = "cat /state 2>/dev/null || echo first; echo run >> /state; rm -f /etc/motd";
+    let made = ctr()
+        .args(["container", "create", "--runtime", RUNTIME])
+        .arg(&c.image)
+        // "--": ctr's own -c (--config) would take the shell's.
+        .args([id, "--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let start = || {
+        ctr()
+            .args(["task", "start", id])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let first = start();
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(stdout(&first), "first\n");
+    // The writes are in the container's overlay snapshot, as runc's would be:
+    // a file, and a whiteout for the image's file it removed.
+    let snapshots = c
+        .dir
+        .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let upper = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("fs"))
+        .find(|fs| fs.join("state").is_file())
+        .unwrap_or_else(|| panic!("no snapshot holds /state:\n{}", log_of(&c.dir)));
+    assert_eq!(
+        std::fs::read_to_string(upper.join("state")).unwrap(),
+        "run\n"
+    );
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let wh = std::fs::symlink_metadata(upper.join("etc/motd")).unwrap();
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "/etc/motd removed is a whiteout: {wh:?}"
+    );
+    // The next task of the container (ctr deleted the first when it ended)
+    // starts from them.
+    let second = start();
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    assert_eq!(stdout(&second), "run\n");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("state")).unwrap(),
+        "run\nrun\n"
+    );
+}
