@@ -69,6 +69,15 @@ pub struct BootOptions {
     pub pinned: Option<String>,
 }
 
+/// Whether `dir`'s filesystem keeps `user.` attributes: the guest's
+/// overlayfs marks opaque directories with them.
+fn upper_keeps_user_xattrs(dir: &std::path::Path) -> std::io::Result<()> {
+    const PROBE: &str = "user.hyper.probe";
+    rustix::fs::setxattr(dir, PROBE, b"1", rustix::fs::XattrFlags::empty())?;
+    let _ = rustix::fs::removexattr(dir, PROBE);
+    Ok(())
+}
+
 /// A failure of hyperboot itself (exit code 125).
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -283,6 +292,11 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| err(format!("cannot create {sub}/ in it: {e}")))?;
         }
+        upper_keeps_user_xattrs(&dir.join(hyper_contract::WORK_DIR)).map_err(|e| {
+            err(format!(
+                "its filesystem keeps no user.* extended attributes ({e}), which overlayfs needs there (tmpfs has them from Linux 6.6)"
+            ))
+        })?;
         run.upper = Some(spec::UPPER_TAG.into());
     }
     let stop_signal = spec::signal_number(&m.config.stop_signal)?;
