@@ -393,11 +393,14 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
 /// counts on the stream ports) is answered with `drained` once the pumps
 /// have received that much; everything else is kept (at most 4 KiB) and
 /// returned when `stop` is set and the FIFO is empty: the report is in it.
+/// The FIFOs' folder is removed at the guest's first word: QEMU opened them
+/// all before the guest ran, and a hyperboot killed later leaves nothing.
 fn watch_status(
     status: File,
     control: Arc<Control>,
     counts: [Arc<AtomicU64>; 2],
     stop: Arc<Stop>,
+    mut fifos: Option<tempfile::TempDir>,
 ) -> std::io::Result<std::thread::JoinHandle<Vec<u8>>> {
     std::thread::Builder::new()
         .name("control".into())
@@ -409,6 +412,9 @@ fn watch_status(
                 let stopping = stop.is_set();
                 stop.wait(&status);
                 let n = (&status).read(&mut buf).unwrap_or(0);
+                if n > 0 {
+                    drop(fifos.take());
+                }
                 for &b in &buf[..n] {
                     let Some(line) = lines.push(b) else {
                         continue;
@@ -754,6 +760,7 @@ pub fn boot(
         control.clone(),
         counts,
         stop_status.clone(),
+        Some(prepared.fifo_dir),
     )?;
     let vm = QemuVm {
         pid: rustix::process::Pid::from_child(&child),

@@ -625,8 +625,10 @@ pub fn a_second_stop_signal_ends_the_vm_at_once(b: Backend) {
 pub fn a_killed_hyperboot_leaves_no_helper_behind(b: Backend) {
     use std::io::BufRead;
     let port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
     let mut child = b
         .hyperboot()
+        .env("TMPDIR", tmp.path())
         .args(["--timeout", "120", "-p"])
         .arg(format!("127.0.0.1:{port}:8080"))
         .arg(busybox_artifact())
@@ -662,6 +664,11 @@ pub fn a_killed_hyperboot_leaves_no_helper_behind(b: Backend) {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().flatten().collect();
+    assert!(
+        left.is_empty(),
+        "temporary files outlived hyperboot: {left:?}"
+    );
 }
 
 /// The processes whose parent is `pid`: (pid, command name).
