@@ -197,7 +197,70 @@ pub fn artifact(
         path: out.clone(),
         source,
     })?;
+    if cached {
+        // What the sweep checks: the layers, and the kernel and init.
+        let record = serde_json::json!({
+            "layers": layers.lower,
+            "inputs": inputs_stamp(inputs)?,
+        });
+        let _ = std::fs::write(out.with_extension("json"), record.to_string());
+        let removed = sweep(&inputs.cache, &inputs_stamp(inputs)?);
+        if removed > 0 {
+            log::info!("artifact cache: removed {removed} artifacts no container can use again");
+        }
+    }
     Ok((out, true))
+}
+
+/// The kernel's and init's identities, as they enter every key.
+fn inputs_stamp(inputs: &Inputs) -> Result<String, RootfsError> {
+    let mut h = Sha256::new();
+    for p in [&inputs.kernel, &inputs.init] {
+        stamp_into(&mut h, p)?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Removes the cached artifacts no container can be given again: those
+/// whose layer directories are gone (containerd removed the image's
+/// snapshots), those built with another kernel or init than `current`,
+/// those without a record (an older shim's), and builds left half done an
+/// hour ago. Returns how many artifacts went.
+pub fn sweep(cache: &Path, current: &str) -> usize {
+    let mut removed = 0;
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for e in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < an_hour_ago);
+            if old {
+                let _ = std::fs::remove_file(&p);
+            }
+            continue;
+        }
+        if p.extension().and_then(|x| x.to_str()) != Some("hvm") {
+            continue;
+        }
+        let record: Option<serde_json::Value> = std::fs::read(p.with_extension("json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let usable = record.is_some_and(|r| {
+            r["inputs"].as_str() == Some(current)
+                && r["layers"].as_array().is_some_and(|ls| {
+                    ls.iter()
+                        .all(|l| l.as_str().is_some_and(|l| Path::new(l).is_dir()))
+                })
+        });
+        if !usable && std::fs::remove_file(&p).is_ok() {
+            let _ = std::fs::remove_file(p.with_extension("json"));
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// What identifies an artifact: hyperbuild's version, the kernel and init
@@ -207,30 +270,34 @@ fn key(layers: &Layers, inputs: &Inputs) -> Result<String, RootfsError> {
     let mut h = Sha256::new();
     h.update(b"hyper-shim-rootfs-v1\0");
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    let mut stamp = |p: &Path| -> Result<(), RootfsError> {
-        let md = std::fs::metadata(p).map_err(|source| RootfsError::Io {
-            path: p.to_owned(),
-            source,
-        })?;
-        h.update(p.as_os_str().as_encoded_bytes());
-        h.update([0]);
-        for v in [
-            md.dev(),
-            md.ino(),
-            md.size(),
-            md.ctime() as u64,
-            md.ctime_nsec() as u64,
-        ] {
-            h.update(v.to_le_bytes());
-        }
-        Ok(())
-    };
-    stamp(&inputs.kernel)?;
-    stamp(&inputs.init)?;
-    for l in layers.lower.iter().chain(&layers.writable) {
-        stamp(l)?;
+    for p in [&inputs.kernel, &inputs.init]
+        .into_iter()
+        .chain(&layers.lower)
+        .chain(&layers.writable)
+    {
+        stamp_into(&mut h, p)?;
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// A file's or directory's identity: path, device, inode, size, change time.
+fn stamp_into(h: &mut Sha256, p: &Path) -> Result<(), RootfsError> {
+    let md = std::fs::metadata(p).map_err(|source| RootfsError::Io {
+        path: p.to_owned(),
+        source,
+    })?;
+    h.update(p.as_os_str().as_encoded_bytes());
+    h.update([0]);
+    for v in [
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.ctime() as u64,
+        md.ctime_nsec() as u64,
+    ] {
+        h.update(v.to_le_bytes());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -299,6 +366,39 @@ mod tests {
         .unwrap();
         assert_eq!(l.upper, None);
         assert_eq!(l.writable.as_deref(), Some(d.join("fs").as_path()));
+    }
+
+    #[test]
+    fn the_sweep_keeps_only_artifacts_a_container_can_be_given() {
+        let cache = tempfile::tempdir().unwrap();
+        let layer = tempfile::tempdir().unwrap();
+        let c = cache.path();
+        let put = |name: &str, layers: &[&Path], inputs: &str| {
+            std::fs::write(c.join(format!("{name}.hvm")), b"artifact").unwrap();
+            let r = serde_json::json!({"layers": layers, "inputs": inputs});
+            std::fs::write(c.join(format!("{name}.json")), r.to_string()).unwrap();
+        };
+        put("live", &[layer.path()], "now");
+        put(
+            "image-removed",
+            &[layer.path(), Path::new("/no/such/layer")],
+            "now",
+        );
+        put("old-kernel", &[layer.path()], "before");
+        std::fs::write(c.join("unrecorded.hvm"), b"artifact").unwrap();
+        std::fs::write(c.join(".building.7.tmp"), b"half").unwrap();
+        assert_eq!(sweep(c, "now"), 3);
+        let mut left: Vec<String> = std::fs::read_dir(c)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".building.7.tmp", "live.hvm", "live.json"],
+            "a build of this hour stays"
+        );
     }
 
     #[test]
