@@ -86,15 +86,24 @@ pub fn layers(mounts: &[Mount], bundle_rootfs: &Path) -> Result<Layers, RootfsEr
                 .map(PathBuf::from)
                 .collect();
             lower.reverse();
-            if let Some(dir) = snapshot_dir(opt("upperdir"), opt("workdir")) {
-                return Ok(Layers {
-                    lower,
-                    writable: None,
-                    upper: Some(dir),
-                });
+            match snapshot_dir(opt("upperdir"), opt("workdir")) {
+                Some(dir) => match keeps_user_xattrs(&dir.join(hyper_contract::WORK_DIR)) {
+                    Ok(()) => {
+                        return Ok(Layers {
+                            lower,
+                            writable: None,
+                            upper: Some(dir),
+                        })
+                    }
+                    Err(e) => log::warn!(
+                        "{}: no user.* extended attributes there ({e}; tmpfs has them from Linux 6.6): the container's writes stay in its VM",
+                        dir.display()
+                    ),
+                },
+                None => log::info!("rootfs: not containerd's overlay layout: the container's writes stay in its VM"),
             }
-            // Another layout: what the upper holds is built in, and the
-            // container's writes stay in the VM.
+            // What the upper holds is built in, and the container's writes
+            // stay in the VM.
             let writable = match opt("upperdir") {
                 Some(upper) if !is_empty_dir(Path::new(upper))? => Some(PathBuf::from(upper)),
                 _ => None,
@@ -124,6 +133,16 @@ pub fn layers(mounts: &[Mount], bundle_rootfs: &Path) -> Result<Layers, RootfsEr
         }
         other => Err(RootfsError::Unsupported(other.to_string())),
     }
+}
+
+/// Whether `dir`'s filesystem keeps `user.` attributes, which the guest's
+/// overlayfs marks opaque directories with (hyperboot refuses `--upper`
+/// without them).
+fn keeps_user_xattrs(dir: &Path) -> std::io::Result<()> {
+    const PROBE: &str = "user.hyper.probe";
+    rustix::fs::setxattr(dir, PROBE, b"1", rustix::fs::XattrFlags::empty())?;
+    let _ = rustix::fs::removexattr(dir, PROBE);
+    Ok(())
 }
 
 /// The directory holding an overlay's upper and work directories when they
@@ -342,6 +361,7 @@ mod tests {
         let snap = tempfile::tempdir().unwrap();
         let d = snap.path();
         std::fs::create_dir(d.join("fs")).unwrap();
+        std::fs::create_dir(d.join("work")).unwrap();
         std::fs::write(d.join("fs/kept"), b"from the last run").unwrap();
         let up = format!("upperdir={}", d.join("fs").display());
         let work = format!("workdir={}", d.join("work").display());

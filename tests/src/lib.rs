@@ -107,6 +107,19 @@ pub fn scratch() -> &'static Path {
         .path()
 }
 
+/// A scratch directory on a disk filesystem (`$HYPER_TEST_DISK_DIR`, which
+/// the nested tier sets, else the temporary directory): one that keeps
+/// `user.*` extended attributes, which tmpfs lacks before Linux 6.6.
+pub fn disk_scratch() -> &'static Path {
+    static D: OnceLock<tempfile::TempDir> = OnceLock::new();
+    D.get_or_init(|| {
+        let base =
+            std::env::var_os("HYPER_TEST_DISK_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        tempfile::tempdir_in(base).expect("tempdir")
+    })
+    .path()
+}
+
 /// Makes the busybox OCI layout (`scripts/make-test-image`) at `dir`.
 pub fn make_image(dir: &Path, tag: &str, user: &str) {
     let out = Command::new(repo().join("scripts/make-test-image"))

@@ -37,7 +37,8 @@ fn start() -> Containerd {
             "{tool} is missing: apt-get install containerd (scripts/install-deps does)"
         );
     }
-    let dir = scratch().join("containerd");
+    // On a disk: the containers' snapshots take their writes (--upper).
+    let dir = disk_scratch().join("containerd");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.toml");
     std::fs::write(
@@ -62,6 +63,11 @@ fn start() -> Containerd {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut c = Command::new("containerd");
+        // The nested tier runs these tests with the shim's VMs on the KVM
+        // backend, and says so: no silent fall-back to QEMU.
+        if let Ok(b) = std::env::var("HYPER_TEST_SHIM_BACKEND") {
+            c.env("HYPER_SHIM_HYPERBOOT_ARGS", format!("--backend {b}"));
+        }
         c.arg("--config")
             .arg(&config2)
             .env("PATH", &path)

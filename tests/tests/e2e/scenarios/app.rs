@@ -194,9 +194,8 @@ pub fn writes_vanish_when_the_vm_ends(b: Backend) {
 /// a run without it sees the image.
 pub fn upper_keeps_the_roots_writes_in_overlayfs_form(b: Backend) {
     // On a disk: tmpfs before Linux 6.6 (the nested host's) keeps no user.*
-    // attributes, which hyperboot refuses (checked below).
-    let disk = std::env::var_os("HYPER_TEST_DISK_DIR").map_or_else(std::env::temp_dir, Into::into);
-    let dir = tempfile::tempdir_in(disk).unwrap();
+    // attributes, which hyperboot refuses.
+    let dir = tempfile::tempdir_in(disk_scratch()).unwrap();
     let upper = dir.path().join("c1");
     let flag = upper.display().to_string();
     let script = "echo data > /etc/written && rm /bin/ls && rm -r /home && mkdir /home \
