@@ -369,6 +369,17 @@ fn a_detached_task_is_listed_stopped_gracefully_and_deleted() {
         "{}",
         stdout(&pids)
     );
+    // The VM's cost on the host: its memory and the CPU time it has used.
+    let m = ctr().args(["task", "metrics", id]).output().unwrap();
+    let value = |name: &str| -> u64 {
+        stdout(&m)
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in: {}{}", stdout(&m), stderr(&m)))
+    };
+    assert!(value("memory.usage_in_bytes") > 1 << 20, "{}", stdout(&m));
+    assert!(value("cpuacct.usage ") > 0, "{}", stdout(&m));
     let k = ctr().args(["task", "kill", id]).output().unwrap();
     assert!(k.status.success(), "{}", stderr(&k));
     wait_status(id, "STOPPED", Duration::from_secs(60));
