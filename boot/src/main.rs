@@ -86,21 +86,18 @@ fn boot() -> Result<Outcome, String> {
     let by_port = cmdline
         .split_whitespace()
         .any(|w| w == hyper_contract::START_ARG);
-    let (cfg, leftover) = if by_port {
+    let (cfg, leftover, made) = if by_port {
         let device = hyper_contract::RunConfig::default()
             .root_device()
             .to_string();
         wait_for(&device)?;
-        plan::root_base(&mut linux, &device, None).map_err(|e| e.to_string())?;
+        let made = plan::root_base(&mut linux, &device).map_err(|e| e.to_string())?;
         mark(1);
         debug!("root mounted; waiting for the run configuration");
         let port = report::channel().ok_or("no control port to take the run configuration from")?;
         let (start, leftover) = report::await_start(port)?;
-        if start.run.upper.is_some() {
-            return Err("the root's host directory (--upper) is mounted with the root: it needs a boot without hyper.start=port".into());
-        }
         apply_start(&start);
-        (start.run, leftover)
+        (start.run, leftover, made)
     } else {
         let bytes = std::fs::read(config::PATH).map_err(|e| {
             format!(
@@ -116,15 +113,17 @@ fn boot() -> Result<Outcome, String> {
             msg
         })?;
         wait_for(cfg.root_device())?;
-        plan::root_base(&mut linux, cfg.root_device(), cfg.upper.as_deref())
-            .map_err(|e| e.to_string())?;
+        let made = plan::root_base(&mut linux, cfg.root_device()).map_err(|e| e.to_string())?;
         mark(1);
-        (cfg, Vec::new())
+        (cfg, Vec::new(), made)
     };
     if cfg.debug {
         DEBUG.store(true, Ordering::Relaxed);
     }
     debug!("run config: {cfg:?}");
+    if let Some(tag) = &cfg.upper {
+        plan::upper(&mut linux, tag, &made).map_err(|e| e.to_string())?;
+    }
     plan::root_finish(&mut linux, &cfg.tmpfs, &cfg.volumes).map_err(|e| e.to_string())?;
     debug!("root mounted");
     if let Err(e) = net::loopback() {

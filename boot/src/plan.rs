@@ -71,15 +71,15 @@ pub fn root(
     tmpfs: &[String],
     volumes: &[crate::config::Volume],
 ) -> Result<(), StepError> {
-    root_base(sys, device, None)?;
+    root_base(sys, device)?;
     root_finish(sys, tmpfs, volumes)
 }
 
 /// The part of the root that is the same for every run of an artifact: the
-/// EROFS image under an overlay whose writes go to a tmpfs, or with `upper`
-/// (a 9p tag, contract 5) to that host directory; the API filesystems in it,
-/// /run and /tmp. The snapshot point comes after it (contract 4).
-pub fn root_base(sys: &mut dyn Sys, device: &str, upper: Option<&str>) -> Result<(), StepError> {
+/// EROFS image under a tmpfs-backed overlay, the API filesystems in it,
+/// /run and /tmp. The snapshot point comes after it (contract 4). Returns
+/// the mounts it made in the new root, for [`upper`] to carry over.
+pub fn root_base(sys: &mut dyn Sys, device: &str) -> Result<Vec<&'static str>, StepError> {
     for d in [LOWER, RW, NEWROOT] {
         step(|| format!("create {d}"), sys.mkdir_all(d, 0o755))?;
     }
@@ -87,35 +87,17 @@ pub fn root_base(sys: &mut dyn Sys, device: &str, upper: Option<&str>) -> Result
         || format!("mount the image's EROFS root from {device}"),
         sys.mount(device, LOWER, "erofs", MS_RDONLY, ""),
     )?;
-    let (up, work, extra) = match upper {
-        Some(tag) => {
-            step(
-                || format!("mount the host directory {tag} for the root's writes"),
-                sys.mount(tag, RW, "9p", 0, NINEP_OPTIONS),
-            )?;
-            // The host keeps overlayfs' attributes (opaque directories) in
-            // the user. namespace, the one its 9p servers pass on.
-            (
-                hyper_contract::UPPER_DIR,
-                hyper_contract::WORK_DIR,
-                ",userxattr",
-            )
-        }
-        None => {
-            step(
-                || "mount the tmpfs for writes".into(),
-                sys.mount("tmpfs", RW, "tmpfs", 0, "mode=0755"),
-            )?;
-            ("upper", "work", "")
-        }
-    };
-    for d in [up, work] {
+    step(
+        || "mount the tmpfs for writes".into(),
+        sys.mount("tmpfs", RW, "tmpfs", 0, "mode=0755"),
+    )?;
+    for d in ["upper", "work"] {
         step(
             || format!("create {RW}/{d}"),
             sys.mkdir_all(&format!("{RW}/{d}"), 0o755),
         )?;
     }
-    let opts = format!("lowerdir={LOWER},upperdir={RW}/{up},workdir={RW}/{work}{extra}");
+    let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
     step(
         || "mount the overlay root".into(),
         sys.mount("overlay", NEWROOT, "overlay", 0, &opts),
@@ -153,12 +135,17 @@ pub fn root_base(sys: &mut dyn Sys, device: &str, upper: Option<&str>) -> Result
             "mode=1777",
         ),
     ];
+    let mut made = Vec::new();
     for (at, src, fs, flags, data) in mounts {
         step(|| format!("create {at}"), sys.mkdir_all(&r(at), 0o755))?;
         step(
             || format!("mount {fs} on {at}"),
             sys.mount(src, &r(at), fs, flags, data),
         )?;
+        // /dev/pts and /dev/shm go where /dev goes.
+        if !at.starts_with("/dev/") {
+            made.push(at);
+        }
     }
     // /run and /tmp get their own tmpfs unless the image put content there,
     // which stays visible (writes still land in the tmpfs-backed overlay).
@@ -169,9 +156,61 @@ pub fn root_base(sys: &mut dyn Sys, device: &str, upper: Option<&str>) -> Result
                 || format!("mount tmpfs on {at}"),
                 sys.mount("tmpfs", &r(at), "tmpfs", MS_NOSUID | MS_NODEV, mode),
             )?;
+            made.push(at);
         }
     }
-    Ok(())
+    Ok(made)
+}
+
+/// Where the `--upper` host directory is mounted.
+const UPPER: &str = "/mnt/upper";
+/// The overlay over it while it is made.
+const NEXTROOT: &str = "/mnt/next";
+
+/// Contract 5: the root's writes go to the host directory shared as `tag`
+/// (an overlayfs upper layer in its `fs/`, overlayfs' work directory in its
+/// `work/`) instead of the tmpfs [`root_base`] gave them. It comes after
+/// the snapshot point, so one snapshot serves every container: the new
+/// overlay takes over the API filesystems root_base mounted (`made`), and
+/// the tmpfs-backed root goes. overlayfs keeps its attributes (opaque
+/// directories) in the `user.` namespace there, the one 9p servers pass on.
+pub fn upper(sys: &mut dyn Sys, tag: &str, made: &[&str]) -> Result<(), StepError> {
+    for d in [UPPER, NEXTROOT] {
+        step(|| format!("create {d}"), sys.mkdir_all(d, 0o755))?;
+    }
+    step(
+        || format!("mount the host directory {tag} for the root's writes"),
+        sys.mount(tag, UPPER, "9p", 0, NINEP_OPTIONS),
+    )?;
+    let (up, work) = (hyper_contract::UPPER_DIR, hyper_contract::WORK_DIR);
+    for d in [up, work] {
+        step(
+            || format!("create {d}/ in the host directory"),
+            sys.mkdir_all(&format!("{UPPER}/{d}"), 0o755),
+        )?;
+    }
+    let opts = format!("lowerdir={LOWER},upperdir={UPPER}/{up},workdir={UPPER}/{work},userxattr");
+    step(
+        || "mount the overlay root over the host directory".into(),
+        sys.mount("overlay", NEXTROOT, "overlay", 0, &opts),
+    )?;
+    for at in made {
+        let to = format!("{NEXTROOT}{at}");
+        step(|| format!("create {at}"), sys.mkdir_all(&to, 0o755))?;
+        step(
+            || format!("move {at} into the new root"),
+            sys.mount(&format!("{NEWROOT}{at}"), &to, "", MS_MOVE, ""),
+        )?;
+    }
+    step(
+        || "unmount the tmpfs-backed root".into(),
+        sys.umount(NEWROOT),
+    )?;
+    step(|| "unmount its tmpfs".into(), sys.umount(RW))?;
+    step(
+        || "put the new root in its place".into(),
+        sys.mount(NEXTROOT, NEWROOT, "", MS_MOVE, ""),
+    )
 }
 
 /// The run's part: `--tmpfs` mounts and volumes, the /dev links, then the
@@ -331,6 +370,9 @@ mod tests {
                 "mount {source} {target} {fstype} {flags:#x} {data}"
             ))
         }
+        fn umount(&mut self, path: &str) -> io::Result<()> {
+            self.rec(format!("umount {path}"))
+        }
         fn mkdir_all(&mut self, path: &str, _: u32) -> io::Result<()> {
             self.rec(format!("mkdir {path}"))
         }
@@ -365,20 +407,34 @@ mod tests {
     }
 
     #[test]
-    fn an_upper_host_directory_takes_the_roots_writes() {
+    fn an_upper_host_directory_takes_over_the_root_after_the_snapshot_point() {
         let mut r = Recorder::default();
-        root_base(&mut r, "/dev/vda", Some("upper")).unwrap();
-        let c = &r.calls;
-        let share = index_of(c, &format!("mount upper {RW} 9p 0x0 trans=virtio"));
+        let made = root_base(&mut r, "/dev/vda").unwrap();
+        assert_eq!(made, ["/proc", "/sys", "/dev", "/run", "/tmp"]);
+        let base = r.calls.len();
+        upper(&mut r, "upper", &made).unwrap();
+        let c = &r.calls[base..];
+        let share = index_of(c, &format!("mount upper {UPPER} 9p 0x0 trans=virtio"));
         let overlay = index_of(
             c,
-            &format!("mount overlay {NEWROOT} overlay 0x0 lowerdir={LOWER},upperdir={RW}/fs,workdir={RW}/work,userxattr"),
+            &format!("mount overlay {NEXTROOT} overlay 0x0 lowerdir={LOWER},upperdir={UPPER}/fs,workdir={UPPER}/work,userxattr"),
         );
-        assert!(share < overlay);
+        let moves: Vec<usize> = made
+            .iter()
+            .map(|at| {
+                index_of(
+                    c,
+                    &format!("mount {NEWROOT}{at} {NEXTROOT}{at}  {MS_MOVE:#x} "),
+                )
+            })
+            .collect();
+        let old = index_of(c, &format!("umount {NEWROOT}"));
+        let tmpfs = index_of(c, &format!("umount {RW}"));
+        let place = index_of(c, &format!("mount {NEXTROOT} {NEWROOT}  {MS_MOVE:#x} "));
+        assert!(share < overlay && moves.iter().all(|&m| overlay < m && m < old));
         assert!(
-            !c.iter()
-                .any(|l| l.starts_with(&format!("mount tmpfs {RW} "))),
-            "no tmpfs takes the writes: {c:#?}"
+            old < tmpfs && tmpfs < place && place == c.len() - 1,
+            "{c:#?}"
         );
     }
 

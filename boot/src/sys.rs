@@ -32,6 +32,8 @@ pub trait Sys {
     fn sethostname(&mut self, name: &str) -> io::Result<()>;
     fn exists(&mut self, path: &str) -> bool;
     fn dir_is_empty(&mut self, path: &str) -> bool;
+    /// Detaches the mount at `path` (MNT_DETACH).
+    fn umount(&mut self, path: &str) -> io::Result<()>;
     /// Copies a directory tree (files, directories, symlinks; owners and
     /// modes kept) into an existing directory.
     fn copy_tree(&mut self, from: &str, to: &str) -> io::Result<()>;
@@ -91,6 +93,12 @@ impl Sys for Linux {
         let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
         // SAFETY: all four are valid NUL-terminated strings that outlive the call.
         check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) })
+    }
+
+    fn umount(&mut self, path: &str) -> io::Result<()> {
+        let p = cstr(path)?;
+        // SAFETY: a valid NUL-terminated string that outlives the call.
+        check(unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) })
     }
 
     fn mkdir_all(&mut self, path: &str, mode: u32) -> io::Result<()> {

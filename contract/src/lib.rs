@@ -162,8 +162,9 @@ pub struct RunConfig {
     /// `--upper` (contract 5): the 9p tag of a host directory that keeps
     /// the root's writes, as an overlayfs upper layer in its `fs/` with
     /// overlayfs' work directory `work/` beside it (containerd's layout),
-    /// instead of the guest's tmpfs. It is mounted with the root, so a
-    /// boot with it takes its run configuration from the initrd.
+    /// instead of the guest's tmpfs. hyperinit puts the root's overlay over
+    /// it once it has the run configuration, after the snapshot point, so
+    /// one snapshot serves runs with any such directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upper: Option<String>,
 }

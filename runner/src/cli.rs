@@ -64,7 +64,7 @@ struct Cli {
     /// Share a host directory: /HOSTDIR:/GUESTDIR[:ro|rw] (virtio-9p; up to 8 on the KVM backend)
     #[arg(short = 'v', long = "volume")]
     volume: Vec<String>,
-    /// Keep the root's writes in DIR across runs: an overlayfs upper layer in DIR/fs, its work directory DIR/work (containerd's layout; cold boots only)
+    /// Keep the root's writes in DIR across runs: an overlayfs upper layer in DIR/fs, its work directory DIR/work (containerd's layout)
     #[arg(long, value_name = "DIR")]
     upper: Option<PathBuf>,
     /// Keep stdin open: the app reads hyperboot's stdin (as docker run -i)

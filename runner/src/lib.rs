@@ -322,8 +322,6 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
             let mut cmdline = backend::kvm::cmdline(base, opts, pvm, contract);
             let why_not = if pvm {
                 Some("nested PVM KVM runs no guest user space")
-            } else if opts.upper.is_some() {
-                Some("--upper's directory is mounted with the root, before the snapshot point")
             } else if contract < 4 {
                 Some("the artifact's hyperinit predates snapshots (rebuild it)")
             } else {
@@ -349,7 +347,8 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
                     .as_ref()
                     .filter(|p| p.mac != net::GUEST_MAC)
                     .map(|p| format!("{:02x?}", p.mac)),
-                shares: opts.binds.len(),
+                shares: opts.binds.len() + usize::from(opts.upper.is_some()),
+                upper: opts.upper.is_some(),
                 cmdline: cmdline.clone(),
             };
             let choice = snapshots::choose(opts, why_not, &identity, &artifact)?;

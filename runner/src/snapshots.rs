@@ -70,6 +70,9 @@ pub struct Identity {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     pub shares: usize,
+    /// The last share is `--upper`'s (tagged `upper`, not `volN`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub upper: bool,
     pub cmdline: String,
 }
 
