@@ -218,12 +218,10 @@ pub fn artifact(
     })?;
     if cached {
         // What the sweep checks: the layers, and the kernel and init.
-        let record = serde_json::json!({
-            "layers": layers.lower,
-            "inputs": inputs_stamp(inputs)?,
-        });
+        let current = inputs_stamp(inputs)?;
+        let record = serde_json::json!({"layers": layers.lower, "inputs": current});
         let _ = std::fs::write(out.with_extension("json"), record.to_string());
-        let removed = sweep(&inputs.cache, &inputs_stamp(inputs)?);
+        let removed = sweep(&inputs.cache, &current);
         if removed > 0 {
             log::info!("artifact cache: removed {removed} artifacts no container can use again");
         }

@@ -44,9 +44,9 @@ pub struct ShareError {
 /// descriptors, so the open-file limit is raised to its hard limit and
 /// split between them.
 fn share_servers(
-    binds: &[crate::spec::Share],
+    shares: &[crate::spec::Share],
 ) -> Result<Vec<(String, hyper_vmm::p9::Server)>, ShareError> {
-    if binds.is_empty() {
+    if shares.is_empty() {
         return Ok(Vec::new());
     }
     use rustix::process::{getrlimit, setrlimit, Resource};
@@ -57,8 +57,8 @@ fn share_servers(
     }
     let open_files = getrlimit(Resource::Nofile).current.unwrap_or(1 << 20);
     // A fid holds up to two descriptors (its O_PATH one and an open file).
-    let per_share = (open_files.saturating_sub(256) as usize / (2 * binds.len())).min(65_536);
-    binds
+    let per_share = (open_files.saturating_sub(256) as usize / (2 * shares.len())).min(65_536);
+    shares
         .iter()
         .map(|b| {
             let server =
