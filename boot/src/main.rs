@@ -17,6 +17,7 @@ mod report;
 mod streams;
 mod sys;
 mod user;
+mod warm;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -92,6 +93,11 @@ fn boot() -> Result<Outcome, String> {
             .to_string();
         wait_for(&device)?;
         let made = plan::root_base(&mut linux, &device).map_err(|e| e.to_string())?;
+        if let Some(program) = warm::program(&cmdline) {
+            for (path, bytes) in warm::warm(plan::NEWROOT, program) {
+                debug!("read {path} ahead ({bytes} bytes) for the snapshot");
+            }
+        }
         mark(1);
         debug!("root mounted; waiting for the run configuration");
         let port = report::channel().ok_or("no control port to take the run configuration from")?;

@@ -56,6 +56,15 @@ pub const ELF_SECTION: &str = ".hyper_contract";
 /// as a [`Start`] on the control port (contract 4).
 pub const START_ARG: &str = "hyper.start=port";
 
+/// The kernel argument `hyper.warm=PROGRAM` (with [`START_ARG`]): the
+/// image's own program, the first word of its entrypoint, else of its
+/// command (a path in the image, or a name looked up in [`DEFAULT_PATH`]).
+/// hyperinit reads it, and the ELF interpreter it names, before the
+/// snapshot point, so that the snapshot holds them decompressed in the page
+/// cache and a restored app starts without reading its image. An init that
+/// does not know it ignores it; a program that is not there is skipped.
+pub const WARM_ARG: &str = "hyper.warm=";
+
 /// What the host sends at the snapshot point (contract 4): the run
 /// configuration, the time, and entropy. A guest restored from a snapshot
 /// has the snapshot's clock and random state: hyperinit sets the wall

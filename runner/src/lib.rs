@@ -332,6 +332,10 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
             if use_snapshots {
                 cmdline.push(' ');
                 cmdline.push_str(hyper_contract::START_ARG);
+                if let Some(warm) = backend::kvm::warm_arg(&m.config) {
+                    cmdline.push(' ');
+                    cmdline.push_str(&warm);
+                }
             }
             let identity = snapshots::Identity {
                 artifact: hvm::digest_string(&artifact.digest()),

@@ -97,6 +97,25 @@ pub fn cmdline(base: &str, opts: &crate::BootOptions, pvm: bool, contract: u32) 
     super::kernel_cmdline(&base, opts.verbose, opts.console, pvm, extra)
 }
 
+/// `hyper.warm=PROGRAM` for a boot that reaches the snapshot point: the
+/// image's own program (its entrypoint's first word, else its command's),
+/// which hyperinit reads into the page cache before the snapshot. From the
+/// image alone, never from a run's options, so one snapshot serves every
+/// run. `None` when the image names none, or a word the kernel command line
+/// cannot carry (spaces, control characters, quotes, over 255 bytes).
+pub fn warm_arg(config: &hvm::ImageConfig) -> Option<String> {
+    let first = |v: &Option<Vec<String>>| v.as_ref().and_then(|v| v.first().cloned());
+    let program = first(&config.entrypoint)
+        .filter(|p| !p.is_empty())
+        .or_else(|| first(&config.cmd))?;
+    let fits = !program.is_empty()
+        && program.len() <= 255
+        && program
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\');
+    fits.then(|| format!("{}{program}", hyper_contract::WARM_ARG))
+}
+
 /// The console ports the guest gets, in order (a snapshot's device set).
 pub fn console_ports(stdin: bool, control: bool) -> Vec<&'static str> {
     let mut ports = vec!["hyper.stdout", "hyper.stderr"];
@@ -356,5 +375,41 @@ fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles, res
     );
     if let Some(k) = crate::stats::vmm_rss_kib(files, o.stats.guest_memory) {
         set("vmm_rss_kib", json!(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(entrypoint: Option<&[&str]>, cmd: Option<&[&str]>) -> hvm::ImageConfig {
+        let v = |a: Option<&[&str]>| a.map(|a| a.iter().map(|s| s.to_string()).collect());
+        hvm::ImageConfig {
+            entrypoint: v(entrypoint),
+            cmd: v(cmd),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_warmed_program_is_the_images_own() {
+        let arg = |e, c| warm_arg(&config(e, c));
+        assert_eq!(
+            arg(Some(&["/docker-entrypoint.sh", "x"]), Some(&["nginx"])),
+            Some("hyper.warm=/docker-entrypoint.sh".into())
+        );
+        assert_eq!(
+            arg(None, Some(&["sh", "-c", "x"])),
+            Some("hyper.warm=sh".into())
+        );
+        assert_eq!(
+            arg(Some(&[""]), Some(&["sh"])),
+            Some("hyper.warm=sh".into())
+        );
+        assert_eq!(arg(None, None), None);
+        // Words the command line cannot carry are left out.
+        assert_eq!(arg(Some(&["/my app"]), None), None);
+        assert_eq!(arg(Some(&["/app\"x"]), None), None);
+        assert_eq!(arg(Some(&[&"a".repeat(300)]), None), None);
     }
 }
