@@ -12,8 +12,9 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use hyper_contract::elf::{Header, PT_INTERP};
 use hyper_contract::{DEFAULT_PATH, WARM_ARG};
 
-/// No file larger than this is read ahead (the time goes to the boot).
-const MAX_BYTES: u64 = 256 << 20;
+/// At most this much of a file is read ahead: the time goes to the boot
+/// and the pages to guest memory (a large program's start is what runs first).
+const MAX_BYTES: u64 = 32 << 20;
 
 /// The program named on the kernel command line, if any.
 pub fn program(cmdline: &str) -> Option<&str> {
@@ -58,8 +59,22 @@ pub fn interpreter(head: &[u8]) -> Option<String> {
 
 /// Opens `path` inside the tree at `root` as the image sees it: absolute
 /// symbolic links resolve under `root`, and nothing escapes it
-/// (openat2's RESOLVE_IN_ROOT).
+/// (openat2's RESOLVE_IN_ROOT). Only a regular file is opened for reading:
+/// a FIFO would block, and a device node (the root's /dev is devtmpfs by
+/// now) could act on being opened.
 fn open_in(root: &OwnedFd, path: &str) -> Option<std::fs::File> {
+    let probe = openat2_in(root, path, libc::O_PATH)?;
+    if !probe.metadata().ok()?.is_file() {
+        return None;
+    }
+    openat2_in(
+        root,
+        path,
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+    )
+}
+
+fn openat2_in(root: &OwnedFd, path: &str, flags: i32) -> Option<std::fs::File> {
     #[repr(C)]
     struct OpenHow {
         flags: u64,
@@ -70,7 +85,7 @@ fn open_in(root: &OwnedFd, path: &str) -> Option<std::fs::File> {
     use std::os::fd::AsRawFd;
     let c = CString::new(path.trim_start_matches('/')).ok()?;
     let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        flags: (flags | libc::O_CLOEXEC) as u64,
         mode: 0,
         resolve: RESOLVE_IN_ROOT,
     };
@@ -93,17 +108,13 @@ fn open_in(root: &OwnedFd, path: &str) -> Option<std::fs::File> {
     }))
 }
 
-/// Reads a regular file to its end (at most [`MAX_BYTES`]), returning its
-/// first 4 KiB and the bytes read.
+/// Reads a file to its end (at most [`MAX_BYTES`]), returning its first
+/// 4 KiB and the bytes read.
 fn read_through(mut f: std::fs::File) -> Option<(Vec<u8>, u64)> {
-    let m = f.metadata().ok()?;
-    if !m.is_file() || m.len() > MAX_BYTES {
-        return None;
-    }
     let mut head = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut total = 0u64;
-    loop {
+    while total < MAX_BYTES {
         match f.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
@@ -221,5 +232,11 @@ mod tests {
         );
         assert!(warm(root.to_str().unwrap(), "/bin/out").is_empty());
         assert!(warm(root.to_str().unwrap(), "missing").is_empty());
+        // Not a regular file: never opened for reading (a FIFO would block).
+        let fifo = std::ffi::CString::new(root.join("bin/fifo").to_str().unwrap()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert!(warm(root.to_str().unwrap(), "/bin/fifo").is_empty());
+        assert!(warm(root.to_str().unwrap(), "/bin").is_empty());
     }
 }

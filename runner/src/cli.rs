@@ -559,6 +559,7 @@ pub fn main() -> ExitCode {
         Err(e) => return usage(e),
     };
     diagnostics(cli.verbose, cli.quiet);
+    hyper_vmm::phase("command line parsed");
     let signers = match crate::trust::signers_for(&cli.artifact, cli.allowed_signers.as_deref()) {
         Ok(s) => s,
         Err(e) => {

@@ -225,6 +225,7 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
     }
     let contract = hyper_contract::check_version(m.init.as_ref().map(|i| i.contract))?;
     let kvm = host::probe();
+    hyper_vmm::phase("host probed");
     let mut chosen = backend::choose(opts.backend, &kvm)?;
     let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if usize::from(opts.cpus) > host_cpus {
@@ -268,6 +269,7 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
     let mut run = spec::combine(&m.config, &opts.overrides, &digest_hex[..12], |k| {
         std::env::var(k).ok()
     })?;
+    hyper_vmm::phase("run planned");
     run.debug = opts.verbose;
     run.network = plan.as_ref().map(|p| p.guest.clone());
     run.volumes = spec::volumes(&opts.binds, &m.config.volumes);
@@ -356,6 +358,7 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
                 cmdline: cmdline.clone(),
             };
             let choice = snapshots::choose(opts, why_not, &identity, &artifact)?;
+            hyper_vmm::phase("snapshot chosen");
             if let snapshots::Choice::Ready(path) = &choice {
                 println!("{}", path.display());
                 return Ok(Exit::App(0));
