@@ -314,6 +314,54 @@ mod snapshots {
         assert!(r.stderr.contains("QEMU"), "{r:?}");
     }
 
+    /// `hyper.warm`: the boot that makes the snapshot reads the image's own
+    /// program (Cmd `sh`, found on the PATH) before the snapshot point, so a
+    /// restored run of it reads (almost) nothing of the rootfs, where a cold
+    /// run reads the program block by block.
+    #[test]
+    fn the_images_program_is_read_ahead_into_the_snapshot() {
+        if !Backend::Kvm.available("kvm_app::snapshots::the_images_program_is_read_ahead") {
+            return;
+        }
+        let c = cache();
+        let blk_reads = |flags: &[&str]| -> (Run, String, u64) {
+            let mut all = vec!["--verbose"];
+            all.extend_from_slice(flags);
+            let (r, how) = boot(c.path(), &all, &["echo", "ran"]);
+            let stats: serde_json::Value = serde_json::from_str(
+                std::fs::read_to_string(c.path().join("stats.json"))
+                    .unwrap()
+                    .trim(),
+            )
+            .unwrap();
+            let n = stats["interrupts"]["virtio-blk"]
+                .as_u64()
+                .unwrap_or(u64::MAX);
+            (r, how, n)
+        };
+        let (r, how, cold) = blk_reads(&["--snapshot", "off"]);
+        assert_eq!((r.code, how.as_str()), (Some(0), "none"), "{r:?}");
+        // hyperinit's --verbose lines are on the console (stdout here).
+        assert!(
+            !r.stdout.contains("ahead"),
+            "only a snapshot's boot reads ahead: {r:?}"
+        );
+        let (r, how, _) = blk_reads(&["--snapshot", "refresh"]);
+        assert_eq!((r.code, how.as_str()), (Some(0), "made"), "{r:?}");
+        assert!(
+            r.stdout.contains("hyperinit: read /bin/sh ahead (")
+                && r.stdout.contains("bytes) for the snapshot"),
+            "{r:?}"
+        );
+        let (r, how, restored) = blk_reads(&["--snapshot", "require"]);
+        assert_eq!((r.code, how.as_str()), (Some(0), "restored"), "{r:?}");
+        assert!(r.stdout.contains("ran"), "{r:?}");
+        assert!(
+            restored * 3 < cold,
+            "a restored run reads its program from the snapshot: {restored} virtio-blk interrupts, {cold} cold"
+        );
+    }
+
     /// hyper-update prepares the new artifact while the app's VM still
     /// runs and holds its published ports: the prepare touches none of them,
     /// and the restart with the same options restores its snapshot.
