@@ -46,8 +46,10 @@ macro_rules! debug {
 }
 
 /// Microseconds of the monotonic clock at hyperinit's milestones (for
-/// `--stats`): started, root mounted, app started.
-static TIMINGS: [std::sync::atomic::AtomicU64; 3] = [
+/// `--stats`): started, root mounted, app started, and the Start taken
+/// (contract 4; 0 when the run configuration was in the initrd).
+static TIMINGS: [std::sync::atomic::AtomicU64; 4] = [
+    std::sync::atomic::AtomicU64::new(0),
     std::sync::atomic::AtomicU64::new(0),
     std::sync::atomic::AtomicU64::new(0),
     std::sync::atomic::AtomicU64::new(0),
@@ -102,6 +104,7 @@ fn boot() -> Result<Outcome, String> {
         debug!("root mounted; waiting for the run configuration");
         let port = report::channel().ok_or("no control port to take the run configuration from")?;
         let (start, leftover) = report::await_start(port)?;
+        mark(3);
         apply_start(&start);
         (start.run, leftover, made)
     } else {
@@ -235,7 +238,7 @@ fn boot() -> Result<Outcome, String> {
     APP_PID.store(pid, Ordering::SeqCst);
     let outcome = supervise(pid);
     if cfg.stats {
-        report::announce_timings([0, 1, 2].map(|i| TIMINGS[i].load(Ordering::SeqCst)));
+        report::announce_timings([0, 1, 2, 3].map(|i| TIMINGS[i].load(Ordering::SeqCst)));
     }
     if let Some(done) = drained {
         // Every process is gone, so both pipes are at their end. A host that

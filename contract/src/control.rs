@@ -45,11 +45,16 @@ pub enum GuestMessage {
         stdout: u64,
         stderr: u64,
     },
-    /// hyperinit's milestones, µs of the guest's monotonic clock.
+    /// hyperinit's milestones, µs of the guest's monotonic clock: started,
+    /// root mounted, app exec'd, and (a fourth number, when the run
+    /// configuration came as a [`crate::Start`]) the Start taken. A restored
+    /// guest's clock runs on from the snapshot's, so only differences from
+    /// `start` can be placed on the host's timeline.
     Timings {
         init: u64,
         root: u64,
         exec: u64,
+        start: Option<u64>,
     },
     /// The app exited with this code.
     Exit(i32),
@@ -110,7 +115,18 @@ impl GuestMessage {
             GuestMessage::Ready => "ready\n".to_string(),
             GuestMessage::Waiting => "waiting\n".to_string(),
             GuestMessage::Drain { stdout, stderr } => format!("drain {stdout} {stderr}\n"),
-            GuestMessage::Timings { init, root, exec } => format!("timings {init} {root} {exec}\n"),
+            GuestMessage::Timings {
+                init,
+                root,
+                exec,
+                start: None,
+            } => format!("timings {init} {root} {exec}\n"),
+            GuestMessage::Timings {
+                init,
+                root,
+                exec,
+                start: Some(start),
+            } => format!("timings {init} {root} {exec} {start}\n"),
             GuestMessage::Exit(c) => format!("exit={c}\n"),
             GuestMessage::Signal(s) => format!("signal={s}\n"),
             GuestMessage::Error(m) => {
@@ -146,13 +162,16 @@ impl GuestMessage {
         }
         if let Some(rest) = t.strip_prefix("timings ") {
             let n: Vec<&str> = rest.split(' ').collect();
-            let [init, root, exec] = n.as_slice() else {
-                return Err(ControlError::Malformed("timings", t));
+            let (init, root, exec, start) = match n.as_slice() {
+                [i, r, e] => (i, r, e, None),
+                [i, r, e, s] => (i, r, e, Some(number("timings", s, &t)?)),
+                _ => return Err(ControlError::Malformed("timings", t)),
             };
             return Ok(GuestMessage::Timings {
                 init: number("timings", init, &t)?,
                 root: number("timings", root, &t)?,
                 exec: number("timings", exec, &t)?,
+                start,
             });
         }
         match t.split_once('=') {
@@ -278,6 +297,13 @@ mod tests {
                 init: 12_000,
                 root: 15_500,
                 exec: 17_250,
+                start: None,
+            },
+            GuestMessage::Timings {
+                init: 12_000,
+                root: 15_500,
+                exec: 17_250,
+                start: Some(16_000),
             },
             GuestMessage::Signal(9),
             GuestMessage::Error("no root".into()),

@@ -11,6 +11,7 @@
 //! | `hyperinit_started`, `root_mounted`, `app_exec` | hyperinit's milestones, from the guest's clock (contract 2), counted from `first_kvm_run` (KVM) or `guest_started` (QEMU) |
 //! | `app_first_output` | the first byte of the app's stdout or stderr reached hyperboot |
 //! | `app_exited` | the guest ended the VM after its report |
+//! | `start_to_app_exec_us` | a duration: hyperinit took its run configuration at the snapshot point (contract 4), then exec'd the app this much later, by the guest's clock (also for restored guests, whose other milestones cannot be placed) |
 //! | `vm_torn_down` | the VM is gone |
 //!
 //! Then `exits` (KVM: exits to the VMM process by kind: port I/O by port,
@@ -106,24 +107,35 @@ pub fn mark(key: &str) {
 }
 
 /// hyperinit's milestones (guest µs since its kernel started), against
-/// the host time the guest started.
-pub fn guest_timings(status: &[u8], guest_start_ns: u64) {
-    if guest_start_ns == 0 {
-        return;
-    }
+/// the host time the guest started (`None`: a restored guest, whose clock
+/// runs on from the snapshot's). Either way, when the run configuration
+/// came as a Start, `start_to_app_exec_us`: the guest's time from taking
+/// it to exec'ing the app.
+pub fn guest_timings(status: &[u8], guest_start_ns: Option<u64>) {
     let found = status
         .split_inclusive(|b| *b == b'\n')
         .filter_map(|l| hyper_contract::GuestMessage::decode(l).ok())
         .find_map(|m| match m {
-            hyper_contract::GuestMessage::Timings { init, root, exec } => Some([init, root, exec]),
+            hyper_contract::GuestMessage::Timings {
+                init,
+                root,
+                exec,
+                start,
+            } => Some(([init, root, exec], start)),
             _ => None,
         });
-    if let Some(t) = found {
-        for (key, at) in ["hyperinit_started", "root_mounted", "app_exec"]
+    let Some((t, start)) = found else {
+        return;
+    };
+    if let Some(start) = start.filter(|s| *s <= t[2]) {
+        set("start_to_app_exec_us", serde_json::json!(t[2] - start));
+    }
+    if let Some(at) = guest_start_ns.filter(|ns| *ns != 0) {
+        for (key, guest_us) in ["hyperinit_started", "root_mounted", "app_exec"]
             .into_iter()
             .zip(t)
         {
-            set(key, us(guest_start_ns + at * 1000));
+            set(key, us(at + guest_us * 1000));
         }
     }
 }
@@ -231,11 +243,19 @@ mod tests {
         start();
         enable(std::path::Path::new("-")).unwrap();
         let t0 = START.load(Ordering::SeqCst) + 5_000_000;
-        guest_timings(b"ready\ntimings 1000 2000 3500\nexit=0\n", t0);
+        guest_timings(b"ready\ntimings 1000 2000 3500\nexit=0\n", Some(t0));
         let m = STATS.lock().unwrap().clone().unwrap();
         assert_eq!(m["hyperinit_started"], json!(6000));
         assert_eq!(m["app_exec"], json!(8500));
+        assert_eq!(m.get("start_to_app_exec_us"), None);
         assert_eq!(m["vm_created"], Value::Null);
+        // Restored: the guest's clock is the snapshot's; only the duration
+        // from the Start to the exec is kept.
+        STATS.lock().unwrap().as_mut().unwrap().clear();
+        guest_timings(b"timings 10 20 900000 880000\nexit=0\n", None);
+        let m = STATS.lock().unwrap().clone().unwrap();
+        assert_eq!(m["start_to_app_exec_us"], json!(20000));
+        assert_eq!(m.get("app_exec"), None);
         let mut files = ProcFiles::open().unwrap();
         assert!(vmm_rss_kib(&mut files, (0, 0)).is_some_and(|k| k > 0));
         assert!(peak_rss_kib(Some(&mut files)) > 0);

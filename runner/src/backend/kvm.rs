@@ -340,9 +340,7 @@ fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles, res
     }
     // A restored guest's clock runs on from the snapshot's: its milestones
     // cannot be placed on this run's timeline.
-    if !restored {
-        crate::stats::guest_timings(&o.status, t.first_run);
-    }
+    crate::stats::guest_timings(&o.status, (!restored).then_some(t.first_run));
     let e = &o.stats.exits;
     let mmio: serde_json::Map<String, serde_json::Value> =
         e.mmio.iter().map(|(k, v)| (k.clone(), json!(v))).collect();

@@ -792,7 +792,7 @@ pub fn boot(
     stop_status.set();
     let report = status_watch.join().unwrap_or_default();
     if crate::stats::enabled() {
-        crate::stats::guest_timings(&report, guest_started);
+        crate::stats::guest_timings(&report, Some(guest_started));
         let first = counts_first.load(Ordering::SeqCst);
         crate::stats::set("app_first_output", crate::stats::us(first));
         crate::stats::set(

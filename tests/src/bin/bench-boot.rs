@@ -649,6 +649,12 @@ fn breakdown(kind: &str, runs: &[&serde_json::Value]) {
         ),
         ("exec -> app started", field(&us("app_exec")), "ms", 1e-3),
         (
+            "Start taken -> app started",
+            field(&us("start_to_app_exec_us")),
+            "ms",
+            1e-3,
+        ),
+        (
             "exec -> app's first output",
             field(&us("app_first_output")),
             "ms",
