@@ -89,6 +89,57 @@ fn memfd(name: &str) -> std::io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// The FIFOs' folder: `hyperboot-PID-XXXXXX` in `$TMPDIR`.
+const FIFO_PREFIX: &str = "hyperboot-";
+
+/// Removes the FIFO folders that hyperboots killed before their guest's
+/// first word left behind (see [`watch_status`]): those named for a
+/// process that is gone, and those of older hyperboots (no PID in the
+/// name) over an hour old. A folder is only removed if it holds nothing but
+/// FIFOs; one younger than a minute is left (its hyperboot may be starting).
+fn sweep_fifo_dirs(tmp: &std::path::Path, now: std::time::SystemTime) {
+    use std::time::Duration;
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(FIFO_PREFIX)) else {
+            continue;
+        };
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or_default();
+        let owner = rest
+            .split_once('-')
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        let stale = match owner {
+            Some(pid) => {
+                age > Duration::from_secs(60)
+                    && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            }
+            None => age > Duration::from_secs(3600),
+        };
+        if !stale || !meta.is_dir() {
+            continue;
+        }
+        let only_fifos = std::fs::read_dir(e.path()).is_ok_and(|d| {
+            d.flatten().all(|f| {
+                use std::os::unix::fs::FileTypeExt;
+                f.file_type().is_ok_and(|t| t.is_fifo())
+            })
+        });
+        if only_fifos {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Copies the kernel and initrd into memory files, appends the run archive,
 /// and duplicates the artifact's descriptor for QEMU.
 pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
@@ -101,7 +152,11 @@ pub fn prepare(a: &Artifact, run_archive: &[u8]) -> std::io::Result<Prepared> {
     initrd.write_all(run_archive)?;
     // QEMU's pipe chardev opens PATH.in and PATH.out; opening both O_RDWR here
     // means neither side ever blocks on open.
-    let fifo_dir = tempfile::Builder::new().prefix("hyperboot-").tempdir()?;
+    let tmp = std::env::temp_dir();
+    sweep_fifo_dirs(&tmp, std::time::SystemTime::now());
+    let fifo_dir = tempfile::Builder::new()
+        .prefix(&format!("{FIFO_PREFIX}{}-", std::process::id()))
+        .tempdir_in(&tmp)?;
     for end in [
         "status.in",
         "status.out",
@@ -395,6 +450,7 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
 /// returned when `stop` is set and the FIFO is empty: the report is in it.
 /// The FIFOs' folder is removed at the guest's first word: QEMU opened them
 /// all before the guest ran, and a hyperboot killed later leaves nothing.
+/// One killed earlier leaves it to the next hyperboot's sweep.
 fn watch_status(
     status: File,
     control: Arc<Control>,
@@ -841,6 +897,46 @@ pub fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fifo_folders_of_dead_hyperboots_are_swept() {
+        use std::time::{Duration, SystemTime};
+        let t = tempfile::tempdir().unwrap();
+        let fifo_dir = |name: &str| {
+            let d = t.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                d.join("status.in"),
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                0,
+            )
+            .unwrap();
+            d
+        };
+        // No process has PID 4194304 (above the kernel's PID_MAX_LIMIT).
+        let dead = fifo_dir("hyperboot-4194304-aaaaaa");
+        let mine = fifo_dir(&format!("hyperboot-{}-bbbbbb", std::process::id()));
+        let legacy = fifo_dir("hyperboot-cccccc");
+        let not_ours = fifo_dir("hyperboot-4194304-dddddd");
+        std::fs::write(not_ours.join("data"), b"x").unwrap();
+        let other = t.path().join("unrelated-4194304-x");
+        std::fs::create_dir(&other).unwrap();
+        let now = SystemTime::now();
+        // Young folders are left alone, whoever made them.
+        sweep_fifo_dirs(t.path(), now);
+        assert!(dead.exists() && legacy.exists());
+        // Two minutes on: the dead hyperboot's goes; the living one's, the
+        // not-yet-hour-old legacy one, one holding a file and others stay.
+        sweep_fifo_dirs(t.path(), now + Duration::from_secs(120));
+        assert!(!dead.exists());
+        assert!(mine.exists() && legacy.exists() && not_ours.exists() && other.exists());
+        // Two hours on: the legacy one goes too.
+        sweep_fifo_dirs(t.path(), now + Duration::from_secs(7200));
+        assert!(!legacy.exists());
+        assert!(mine.exists() && not_ours.exists() && other.exists());
+    }
 
     #[test]
     fn the_upper_share_goes_through_the_proxy_helper() {
