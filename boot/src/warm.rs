@@ -57,6 +57,15 @@ pub fn interpreter(head: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The interpreter a script names on its `#!` line (nginx's image starts
+/// with `/docker-entrypoint.sh`, a `#!/bin/sh` script).
+pub fn shebang(head: &[u8]) -> Option<String> {
+    let line = head.strip_prefix(b"#!")?;
+    let line = line.split(|&b| b == b'\n').next()?;
+    let word = std::str::from_utf8(line).ok()?.split_whitespace().next()?;
+    word.starts_with('/').then(|| word.to_string())
+}
+
 /// Opens `path` inside the tree at `root` as the image sees it: absolute
 /// symbolic links resolve under `root`, and nothing escapes it
 /// (openat2's RESOLVE_IN_ROOT). Only a regular file is opened for reading:
@@ -131,8 +140,9 @@ fn read_through(mut f: std::fs::File) -> Option<(Vec<u8>, u64)> {
     Some((head, total))
 }
 
-/// Reads `program` and its interpreter from the tree at `root`; returns
-/// the files read, with their sizes.
+/// Reads `program` and its interpreter (an ELF file's, or a script's and
+/// then that one's) from the tree at `root`; returns the files read, with
+/// their sizes.
 pub fn warm(root: &str, program: &str) -> Vec<(String, u64)> {
     let Ok(dir) = std::fs::File::open(root) else {
         return Vec::new();
@@ -149,10 +159,17 @@ pub fn warm(root: &str, program: &str) -> Vec<(String, u64)> {
         return done;
     };
     done.push((path, n));
-    if let Some(interp) = interpreter(&head) {
-        if let Some((_, n)) = open_in(&dir, &interp).and_then(read_through) {
-            done.push((interp, n));
-        }
+    let mut head = head;
+    // A script's interpreter may itself be dynamically linked: two steps.
+    for _ in 0..2 {
+        let Some(next) = interpreter(&head).or_else(|| shebang(&head)) else {
+            break;
+        };
+        let Some((h, n)) = open_in(&dir, &next).and_then(read_through) else {
+            break;
+        };
+        done.push((next, n));
+        head = h;
     }
     done
 }
@@ -212,6 +229,17 @@ mod tests {
     }
 
     #[test]
+    fn a_scripts_interpreter_is_its_first_line() {
+        assert_eq!(shebang(b"#!/bin/sh\nset -e\n").as_deref(), Some("/bin/sh"));
+        assert_eq!(
+            shebang(b"#! /usr/bin/env python3\n").as_deref(),
+            Some("/usr/bin/env")
+        );
+        assert_eq!(shebang(b"#!sh\n"), None);
+        assert_eq!(shebang(b"\x7fELF"), None);
+    }
+
+    #[test]
     fn absolute_links_resolve_inside_the_root_and_the_file_is_read() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
@@ -231,6 +259,13 @@ mod tests {
             ]
         );
         assert!(warm(root.to_str().unwrap(), "/bin/out").is_empty());
+        // A script: itself, its interpreter, and that one's loader.
+        std::fs::write(root.join("entry.sh"), b"#!/bin/app\nexec x\n").unwrap();
+        let got: Vec<String> = warm(root.to_str().unwrap(), "/entry.sh")
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(got, ["/entry.sh", "/bin/app", "/lib/ld.so"]);
         assert!(warm(root.to_str().unwrap(), "missing").is_empty());
         // Not a regular file: never opened for reading (a FIFO would block).
         let fifo = std::ffi::CString::new(root.join("bin/fifo").to_str().unwrap()).unwrap();

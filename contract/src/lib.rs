@@ -59,7 +59,8 @@ pub const START_ARG: &str = "hyper.start=port";
 /// The kernel argument `hyper.warm=PROGRAM` (with [`START_ARG`]): the
 /// image's own program, the first word of its entrypoint, else of its
 /// command (a path in the image, or a name looked up in [`DEFAULT_PATH`]).
-/// hyperinit reads it, and the ELF interpreter it names, before the
+/// hyperinit reads it, and the interpreter it names (an ELF file's, or a
+/// script's `#!` line and then that one's), before the
 /// snapshot point, so that the snapshot holds them decompressed in the page
 /// cache and a restored app starts without reading its image. An init that
 /// does not know it ignores it; a program that is not there is skipped.
