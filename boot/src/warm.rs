@@ -119,7 +119,7 @@ fn openat2_in(root: &OwnedFd, path: &str, flags: i32) -> Option<std::fs::File> {
 
 /// Reads a file to its end (at most [`MAX_BYTES`]), returning its first
 /// 4 KiB and the bytes read.
-fn read_through(mut f: std::fs::File) -> Option<(Vec<u8>, u64)> {
+fn read_through(mut f: std::fs::File) -> (Vec<u8>, u64) {
     let mut head = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut total = 0u64;
@@ -127,49 +127,34 @@ fn read_through(mut f: std::fs::File) -> Option<(Vec<u8>, u64)> {
         match f.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if head.len() < 4096 {
-                    let take = n.min(4096 - head.len());
-                    head.extend_from_slice(&buf[..take]);
-                }
+                let take = n.min(4096 - head.len());
+                head.extend_from_slice(&buf[..take]);
                 total += n as u64;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    Some((head, total))
+    (head, total)
 }
 
-/// Reads `program` and its interpreter (an ELF file's, or a script's and
-/// then that one's) from the tree at `root`; returns the files read, with
-/// their sizes.
+/// Reads `program`, its interpreter (an ELF file's, or a script's) and, as
+/// a script's interpreter may be dynamically linked, that one's, from the
+/// tree at `root`; returns the files read, with their sizes.
 pub fn warm(root: &str, program: &str) -> Vec<(String, u64)> {
     let Ok(dir) = std::fs::File::open(root) else {
         return Vec::new();
     };
     let dir = OwnedFd::from(dir);
+    let open = |p: String| open_in(&dir, &p).map(|f| (p, f));
+    let mut next = candidates(program).into_iter().find_map(open);
     let mut done = Vec::new();
-    let Some((path, file)) = candidates(program)
-        .into_iter()
-        .find_map(|p| open_in(&dir, &p).map(|f| (p, f)))
-    else {
-        return done;
-    };
-    let Some((head, n)) = read_through(file) else {
-        return done;
-    };
-    done.push((path, n));
-    let mut head = head;
-    // A script's interpreter may itself be dynamically linked: two steps.
-    for _ in 0..2 {
-        let Some(next) = interpreter(&head).or_else(|| shebang(&head)) else {
-            break;
-        };
-        let Some((h, n)) = open_in(&dir, &next).and_then(read_through) else {
-            break;
-        };
-        done.push((next, n));
-        head = h;
+    while let Some((path, file)) = next.take() {
+        let (head, n) = read_through(file);
+        done.push((path, n));
+        if done.len() < 3 {
+            next = interpreter(&head).or_else(|| shebang(&head)).and_then(open);
+        }
     }
     done
 }
