@@ -218,12 +218,21 @@ pub mod process {
 
     /// Installs `handler` for `sig` without SA_RESTART, so waits are interrupted.
     pub fn on_signal(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
-        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic.
+        // SAFETY: a zeroed sigaction is valid; the handlers given here only
+        // store to an atomic or restart the machine.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = handler as *const () as usize;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+
+    /// Runs `handler` on SIGSEGV and SIGBUS (a fault of this process's own;
+    /// the handler must not return, or the faulting instruction runs again).
+    pub fn on_fault(handler: extern "C" fn(libc::c_int)) {
+        for sig in [libc::SIGSEGV, libc::SIGBUS] {
+            on_signal(sig, handler);
         }
     }
 
