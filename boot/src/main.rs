@@ -89,12 +89,23 @@ fn boot() -> Result<Outcome, String> {
     let by_port = cmdline
         .split_whitespace()
         .any(|w| w == hyper_contract::START_ARG);
+    let mut listener = None;
     let (cfg, leftover, made) = if by_port {
         let device = hyper_contract::RunConfig::default()
             .root_device()
             .to_string();
         wait_for(&device)?;
         let made = plan::root_base(&mut linux, &device).map_err(|e| e.to_string())?;
+        // What every run does or reads whatever its configuration, done
+        // before the snapshot so that no restore pays for it.
+        if let Err(e) = net::loopback() {
+            debug!("cannot bring lo up: {e}");
+        }
+        streams::open_early();
+        listener = spawn_listener();
+        for (path, bytes) in warm::warm_files(plan::NEWROOT, &warm::RUN_FILES) {
+            debug!("read {path} ahead ({bytes} bytes) for the snapshot");
+        }
         if let Some(program) = warm::program(&cmdline) {
             for (path, bytes) in warm::warm(plan::NEWROOT, program) {
                 debug!("read {path} ahead ({bytes} bytes) for the snapshot");
@@ -135,8 +146,10 @@ fn boot() -> Result<Outcome, String> {
     }
     plan::root_finish(&mut linux, &cfg.tmpfs, &cfg.volumes).map_err(|e| e.to_string())?;
     debug!("root mounted");
-    if let Err(e) = net::loopback() {
-        debug!("cannot bring lo up: {e}");
+    if !by_port {
+        if let Err(e) = net::loopback() {
+            debug!("cannot bring lo up: {e}");
+        }
     }
     if let Some(n) = &cfg.network {
         net::configure(n).map_err(|e| format!("network: {e}"))?;
@@ -203,7 +216,7 @@ fn boot() -> Result<Outcome, String> {
         }
     };
     // Listen before the app starts, so a request that comes at once is not lost.
-    listen_for_requests(leftover);
+    listen_for_requests(leftover, listener);
     let _ = std::io::stderr().flush();
     let pid = process::fork().map_err(|e| format!("fork: {e}"))?;
     if pid == 0 {
@@ -344,36 +357,40 @@ fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
         })
 }
 
-/// Serves the host's requests (`signal N`: deliver N to the app, …) on a
-/// thread of its own, from the control port or COM2. COM2 is put in raw
-/// mode first: no echo, so nothing the host sends comes back on the status
-/// channel.
-fn listen_for_requests(leftover: Vec<u8>) {
+/// Starts the thread that serves the host's requests (`signal N`: deliver
+/// N to the app, …), from the control port or COM2 (put in raw mode first:
+/// no echo, so nothing the host sends comes back on the status channel).
+/// It reads nothing until it is sent the bytes that came after the start
+/// message: on a machine that is snapshotted it is started before the
+/// snapshot point, so that no restore pays for a thread.
+fn spawn_listener() -> Option<std::sync::mpsc::Sender<Vec<u8>>> {
     let source: Box<dyn std::io::Read + Send> = match report::channel() {
         Some(port) => match port.try_clone() {
             Ok(f) => Box::new(f),
             Err(e) => {
                 debug!("cannot read the control port: {e}");
-                return;
+                return None;
             }
         },
         None => match process::open_raw_tty("/dev/ttyS1") {
             Some(tty) => Box::new(tty),
             None => {
                 debug!("no control port and no /dev/ttyS1: the host cannot send requests");
-                return;
+                return None;
             }
         },
     };
-    // The host holds its requests until this line: earlier bytes would have
-    // met a closed (or echoing) port.
-    report::announce_ready();
+    let (go, leftover) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
         use hyper_contract::{HostMessage, LineBuffer};
         let mut source = source;
         let mut lines = LineBuffer::default();
         let mut buf = [0u8; 256];
-        // What came after the start message, in the same read.
+        // What came after the start message, in the same read; sent once
+        // the host may send requests.
+        let Ok(leftover) = leftover.recv() else {
+            return;
+        };
         let mut first = Some(leftover);
         loop {
             let chunk: Vec<u8> = match first.take() {
@@ -411,6 +428,19 @@ fn listen_for_requests(leftover: Vec<u8>) {
             }
         }
     });
+    Some(go)
+}
+
+/// Lets the listener (`early`'s, else one started now) serve the host's
+/// requests, and tells the host it may send them.
+fn listen_for_requests(leftover: Vec<u8>, early: Option<std::sync::mpsc::Sender<Vec<u8>>>) {
+    let Some(go) = early.or_else(spawn_listener) else {
+        return;
+    };
+    // The host holds its requests until this line: earlier bytes would have
+    // met a closed (or echoing) port.
+    report::announce_ready();
+    let _ = go.send(leftover);
 }
 
 /// What a start message asks before anything of the run: the wall clock

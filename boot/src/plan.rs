@@ -76,8 +76,8 @@ pub fn root(
 }
 
 /// The part of the root that is the same for every run of an artifact: the
-/// EROFS image under a tmpfs-backed overlay, the API filesystems in it,
-/// /run and /tmp. The snapshot point comes after it (contract 4). Returns
+/// EROFS image under a tmpfs-backed overlay, the API filesystems in it and
+/// the /dev links, /run and /tmp. The snapshot point comes after it (contract 4). Returns
 /// the mounts it made in the new root, for [`upper`] to carry over.
 pub fn root_base(sys: &mut dyn Sys, device: &str) -> Result<Vec<&'static str>, StepError> {
     for d in [LOWER, RW, NEWROOT] {
@@ -147,6 +147,16 @@ pub fn root_base(sys: &mut dyn Sys, device: &str) -> Result<Vec<&'static str>, S
             made.push(at);
         }
     }
+    // The /dev links every container has (they go where /dev goes).
+    for (target, link) in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+        ("pts/ptmx", "/dev/ptmx"),
+    ] {
+        step(|| format!("link {link}"), sys.symlink(target, &r(link)))?;
+    }
     // /run and /tmp get their own tmpfs unless the image put content there,
     // which stays visible (writes still land in the tmpfs-backed overlay).
     for (at, mode) in [("/run", "mode=0755"), ("/tmp", "mode=1777")] {
@@ -213,8 +223,8 @@ pub fn upper(sys: &mut dyn Sys, tag: &str, made: &[&str]) -> Result<(), StepErro
     )
 }
 
-/// The run's part: `--tmpfs` mounts and volumes, the /dev links, then the
-/// move into the new root.
+/// The run's part: `--tmpfs` mounts and volumes, then the move into the
+/// new root.
 pub fn root_finish(
     sys: &mut dyn Sys,
     tmpfs: &[String],
@@ -282,15 +292,6 @@ pub fn root_finish(
                 }
             }
         }
-    }
-    for (target, link) in [
-        ("/proc/self/fd", "/dev/fd"),
-        ("/proc/self/fd/0", "/dev/stdin"),
-        ("/proc/self/fd/1", "/dev/stdout"),
-        ("/proc/self/fd/2", "/dev/stderr"),
-        ("pts/ptmx", "/dev/ptmx"),
-    ] {
-        step(|| format!("link {link}"), sys.symlink(target, &r(link)))?;
     }
     step(|| "enter the new root".into(), sys.chdir(NEWROOT))?;
     step(

@@ -63,8 +63,33 @@ pub fn open_port(dev: &str, read: bool) -> std::io::Result<File> {
         .open(dev)
 }
 
+/// The ports opened before the snapshot point ([`open_early`]).
+static EARLY: std::sync::Mutex<Option<Ports>> = std::sync::Mutex::new(None);
+
+/// Opens the ports the host provides now, before the snapshot point: which
+/// ports there are is the machine's (a snapshot's device set), not the
+/// run's, so a restored run finds them open. The input port is opened when
+/// there is one (the host adds it only for `-i`).
+pub fn open_early() {
+    let (Some(out), Some(err)) = (port_device("hyper.stdout"), port_device("hyper.stderr")) else {
+        return;
+    };
+    let input = port_device("hyper.stdin").and_then(|d| open_port(&d, true).ok());
+    if let (Ok(out), Ok(err)) = (open_port(&out, false), open_port(&err, false)) {
+        *EARLY.lock().unwrap_or_else(|e| e.into_inner()) = Some(Ports { out, err, input });
+    }
+}
+
 /// The ports, when the host provides them; `stdin`: the input port too.
 pub fn open(stdin: bool) -> Option<Ports> {
+    if let Some(mut p) = EARLY.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if !stdin {
+            p.input = None;
+        }
+        if p.input.is_some() || !stdin {
+            return Some(p);
+        }
+    }
     let out = port_device("hyper.stdout")?;
     let err = port_device("hyper.stderr")?;
     let input = if stdin {

@@ -159,6 +159,31 @@ pub fn warm(root: &str, program: &str) -> Vec<(String, u64)> {
     done
 }
 
+/// What hyperinit reads of every image after the run configuration came:
+/// the user and group databases, and the files it writes for the run (an
+/// image's own copy is looked up before overlayfs replaces it). Read
+/// before the snapshot, they are not read from the disk by each restore.
+pub const RUN_FILES: [&str; 5] = [
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+];
+
+/// Reads each of `paths` (regular files only, inside `root`) into the page
+/// cache; returns what was read: (path, bytes).
+pub fn warm_files(root: &str, paths: &[&str]) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::File::open(root) else {
+        return Vec::new();
+    };
+    let dir = OwnedFd::from(dir);
+    paths
+        .iter()
+        .filter_map(|p| open_in(&dir, p).map(|f| (p.to_string(), read_through(f).1)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +283,18 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
         assert!(warm(root.to_str().unwrap(), "/bin/fifo").is_empty());
         assert!(warm(root.to_str().unwrap(), "/bin").is_empty());
+    }
+
+    #[test]
+    fn the_run_files_an_image_has_are_read_and_the_rest_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n").unwrap();
+        // A link out of the root stays inside it: /etc/hostname is not there.
+        std::os::unix::fs::symlink("/etc/hostname", root.join("etc/hosts")).unwrap();
+        std::fs::create_dir_all(root.join("etc/group")).unwrap();
+        let got = warm_files(root.to_str().unwrap(), &RUN_FILES);
+        assert_eq!(got, vec![("/etc/passwd".to_string(), 26)]);
     }
 }
