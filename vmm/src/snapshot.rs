@@ -12,7 +12,8 @@
 //!
 //! # The file
 //!
-//! A 4 KiB header, the state as JSON, then guest memory from a page-aligned
+//! A 4 KiB header, the state (binary: bincode, varint integers; each
+//! device's own state inside it as JSON text), then guest memory from a page-aligned
 //! offset (regions back to back), so that it can be mapped private
 //! (copy-on-write) as the restored guest's memory: pages load when touched
 //! and VMs restored from one file share the pages they do not write.
@@ -50,8 +51,9 @@ use sha2::{Digest as _, Sha256};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory};
 
 pub const MAGIC: &[u8; 8] = b"HYPERSNP";
-/// The format this VMM writes and reads.
-pub const FORMAT: u32 = 1;
+/// The format this VMM writes and reads (1: the state was JSON, which took
+/// tens of milliseconds of every restore to parse on the nested host).
+pub const FORMAT: u32 = 2;
 const HEADER: u64 = 4096;
 const PAGE: usize = 4096;
 /// The state section at most (a few vCPUs' state is tens of KiB).
@@ -117,9 +119,35 @@ pub struct State {
     pub vcpus: Vec<VcpuState>,
     pub machine: MachineState,
     /// Per virtio-mmio slot, the transport's and device's state.
+    #[serde(with = "json_text")]
     pub devices: Vec<Option<serde_json::Value>>,
     /// The control channel's.
+    #[serde(with = "json_text")]
     pub control: serde_json::Value,
+}
+
+/// A field kept as JSON text inside the binary state: the devices' own
+/// states are small, free-form, and each device reads its own.
+mod json_text {
+    use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(v).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The state's encoding: bincode with a bound on what a length may ask for.
+fn state_codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_limit(STATE_MAX)
 }
 
 /// The MSRs KVM can save and restore, asked of it once (before any
@@ -341,7 +369,10 @@ pub fn write(
     state: &State,
     mem: &GuestMemoryMmap,
 ) -> Result<Header, SnapshotError> {
-    let state_bytes = serde_json::to_vec(state).map_err(|e| SnapshotError::State(e.to_string()))?;
+    use bincode::Options;
+    let state_bytes = state_codec()
+        .serialize(state)
+        .map_err(|e| SnapshotError::State(e.to_string()))?;
     let state_len = state_bytes.len() as u64;
     let memory_offset = (HEADER + state_len).div_ceil(PAGE as u64) * PAGE as u64;
     let memory_len: u64 = mem.iter().map(|r| r.len()).sum();
@@ -410,8 +441,10 @@ pub fn open(file: &File, key: &[u8; 32]) -> Result<(Header, State), SnapshotErro
     }
     let mut state = vec![0u8; header.state_len as usize];
     file.read_exact_at(&mut state, HEADER).map_err(io)?;
-    let state: State =
-        serde_json::from_slice(&state).map_err(|e| SnapshotError::State(e.to_string()))?;
+    use bincode::Options;
+    let state: State = state_codec()
+        .deserialize(&state)
+        .map_err(|e| SnapshotError::State(e.to_string()))?;
     Ok((header, state))
 }
 
@@ -483,6 +516,56 @@ mod tests {
             devices: vec![None, Some(serde_json::json!({"status": 15}))],
             control: serde_json::json!({"ready": "port"}),
         }
+    }
+
+    #[test]
+    fn the_state_round_trips_and_a_hostile_one_is_an_error() {
+        use bincode::Options;
+        let mut s = state();
+        let mut regs = kvm_regs::default();
+        regs.rip = 0xffff_ffff_8100_0000;
+        s.vcpus.push(VcpuState {
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 7,
+                ebx: 0x1234,
+                ..Default::default()
+            }],
+            mp_state: Default::default(),
+            regs,
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: 42,
+                ..Default::default()
+            }],
+            events: Default::default(),
+        });
+        let bytes = state_codec().serialize(&s).unwrap();
+        let back: State = state_codec().deserialize(&bytes).unwrap();
+        assert_eq!(back.vcpus[0].regs.rip, 0xffff_ffff_8100_0000);
+        assert_eq!(back.vcpus[0].cpuid[0].ebx, 0x1234);
+        assert_eq!(back.vcpus[0].msrs[0].data, 42);
+        assert_eq!(back.control, serde_json::json!({"ready": "port"}));
+        // Cut short, a length far beyond the bound, device text that is
+        // not JSON: errors, not panics or huge allocations.
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(state_codec().deserialize::<State>(&bytes[..cut]).is_err());
+        }
+        let mut huge = bytes.clone();
+        huge[1] = 0xff;
+        huge[2..11].fill(0xff);
+        assert!(state_codec().deserialize::<State>(&huge).is_err());
+        let mut s = state();
+        s.devices = vec![];
+        let mut b = state_codec().serialize(&s).unwrap();
+        let text = b.len() - 16; // inside the control's JSON text
+        assert_eq!(b[text], b'{');
+        b[text] = b'x';
+        assert!(state_codec().deserialize::<State>(&b).is_err());
     }
 
     fn memory() -> GuestMemoryMmap {
