@@ -522,8 +522,10 @@ mod tests {
     fn the_state_round_trips_and_a_hostile_one_is_an_error() {
         use bincode::Options;
         let mut s = state();
-        let mut regs = kvm_regs::default();
-        regs.rip = 0xffff_ffff_8100_0000;
+        let regs = kvm_regs {
+            rip: 0xffff_ffff_8100_0000,
+            ..Default::default()
+        };
         s.vcpus.push(VcpuState {
             cpuid: vec![kvm_cpuid_entry2 {
                 function: 7,
