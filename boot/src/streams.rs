@@ -85,10 +85,12 @@ pub fn open(stdin: bool) -> Option<Ports> {
     if let Some(mut p) = EARLY.lock().unwrap_or_else(|e| e.into_inner()).take() {
         if !stdin {
             p.input = None;
-        }
-        if p.input.is_some() || !stdin {
             return Some(p);
         }
+        if p.input.is_some() {
+            return Some(p);
+        }
+        // No input port earlier: all three are looked for again below.
     }
     let out = port_device("hyper.stdout")?;
     let err = port_device("hyper.stderr")?;

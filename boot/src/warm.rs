@@ -2,8 +2,9 @@
 //! snapshot point, read the image's own program and the ELF interpreter it
 //! names, so that their pages are in the page cache, decompressed, when the
 //! snapshot is taken. A restored app then starts without reading (and
-//! inflating) its image over virtio-blk. Best effort: whatever is missing
-//! or unreadable is skipped.
+//! inflating) its image over virtio-blk. The same for [`RUN_FILES`], which
+//! every run reads. Best effort: whatever is missing or unreadable is
+//! skipped.
 
 use std::ffi::CString;
 use std::io::Read;
