@@ -89,6 +89,10 @@ fn boot() -> Result<Outcome, String> {
     let by_port = cmdline
         .split_whitespace()
         .any(|w| w == hyper_contract::START_ARG);
+    // Every run has lo up; before the snapshot point, so no restore pays for it.
+    if let Err(e) = net::loopback() {
+        debug!("cannot bring lo up: {e}");
+    }
     let mut listener = None;
     let (cfg, leftover, made) = if by_port {
         let device = hyper_contract::RunConfig::default()
@@ -98,9 +102,6 @@ fn boot() -> Result<Outcome, String> {
         let made = plan::root_base(&mut linux, &device).map_err(|e| e.to_string())?;
         // What every run does or reads whatever its configuration, done
         // before the snapshot so that no restore pays for it.
-        if let Err(e) = net::loopback() {
-            debug!("cannot bring lo up: {e}");
-        }
         streams::open_early();
         listener = spawn_listener();
         for (path, bytes) in warm::warm_files(plan::NEWROOT, &warm::RUN_FILES) {
@@ -146,11 +147,6 @@ fn boot() -> Result<Outcome, String> {
     }
     plan::root_finish(&mut linux, &cfg.tmpfs, &cfg.volumes).map_err(|e| e.to_string())?;
     debug!("root mounted");
-    if !by_port {
-        if let Err(e) = net::loopback() {
-            debug!("cannot bring lo up: {e}");
-        }
-    }
     if let Some(n) = &cfg.network {
         net::configure(n).map_err(|e| format!("network: {e}"))?;
         debug!(
