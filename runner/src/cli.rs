@@ -8,132 +8,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::backend::{AccelChoice, Backend};
 use crate::exit::{self, Exit};
 use crate::spec::Overrides;
 use crate::{boot, error_chain, BootOptions};
 
-#[derive(Parser, Debug, Clone)]
-#[command(
-    name = "hyperboot",
-    version,
-    about = "Boot a sealed .hvm artifact as a microVM",
-    after_help = "Detached VMs: hyperboot ps|logs|stop|kill|wait|rm (each with --help)"
-)]
-struct Cli {
-    /// The artifact to boot: a path, or a URL (s3://BUCKET/KEY.hvm, gs://,
-    /// az://, https://, file://, docker://REGISTRY/REPO:TAG) fetched into
-    /// the local cache first
-    artifact: String,
-    /// Replace the image's Cmd (as in `docker run IMAGE CMD ARGS`)
-    #[arg(last = true)]
-    args: Vec<String>,
-    /// Which VMM runs the guest
-    #[arg(long, value_enum, default_value = "auto")]
-    backend: Backend,
-    /// QEMU accelerator (auto: KVM, except nested PVM KVM or no KVM, then TCG)
-    #[arg(long, value_enum, default_value = "auto")]
-    accel: AccelChoice,
-    /// Override the image's Entrypoint ('' clears it)
-    #[arg(long)]
-    entrypoint: Option<String>,
-    /// Set an environment variable (KEY=VALUE, or KEY to pass the host's value)
-    #[arg(short = 'e', long = "env")]
-    env: Vec<String>,
-    /// Read environment variables from a file (applied before -e)
-    #[arg(long = "env-file")]
-    env_file: Vec<PathBuf>,
-    /// Working directory inside the guest
-    #[arg(short = 'w', long)]
-    workdir: Option<String>,
-    /// User as name, uid, name:group or uid:gid
-    #[arg(short = 'u', long)]
-    user: Option<String>,
-    /// Guest hostname [default: the first 12 hex digits of the artifact digest]
-    #[arg(long)]
-    hostname: Option<String>,
-    /// Keep the image's root read-only: the app cannot write to it
-    #[arg(long)]
-    read_only: bool,
-    /// Mount a tmpfs at PATH in the guest (PATH[:OPTIONS], as docker run --tmpfs)
-    #[arg(long)]
-    tmpfs: Vec<String>,
-    /// Guest memory (e.g. 128M, 1G; a plain number is MiB)
-    #[arg(short = 'm', long, default_value = "128M", value_parser = parse_memory)]
-    memory: u64,
-    /// Share a host directory: /HOSTDIR:/GUESTDIR[:ro|rw] (virtio-9p; up to 8 on the KVM backend)
-    #[arg(short = 'v', long = "volume")]
-    volume: Vec<String>,
-    /// Keep the root's writes in DIR across runs: an overlayfs upper layer in DIR/fs, its work directory DIR/work (containerd's layout)
-    #[arg(long, value_name = "DIR")]
-    upper: Option<PathBuf>,
-    /// Keep stdin open: the app reads hyperboot's stdin (as docker run -i)
-    #[arg(short = 'i', long)]
-    interactive: bool,
-    /// Give the app a pseudo-terminal (as docker run -t; stderr joins stdout)
-    #[arg(short = 't', long)]
-    tty: bool,
-    /// vCPUs for the guest (at most the host's CPUs)
-    #[arg(long, default_value = "1", value_parser = clap::value_parser!(u8).range(1..=64))]
-    cpus: u8,
-    /// Stop the VM after this many seconds (exit code 124)
-    #[arg(long, value_parser = parse_seconds)]
-    timeout: Option<Duration>,
-    /// On SIGTERM/SIGINT the app gets the image's StopSignal, then SIGKILL after this many seconds
-    #[arg(long, default_value = "10", value_parser = parse_seconds_or_zero)]
-    stop_timeout: Duration,
-    /// Show the kernel log, hyperinit's steps and hyperboot's own (-v is
-    /// --volume, as in docker run)
-    #[arg(long, conflicts_with = "quiet")]
-    verbose: bool,
-    /// Only warnings and errors from hyperboot (no notices, no published ports)
-    #[arg(short = 'q', long)]
-    quiet: bool,
-    /// Show the kernel log
-    #[arg(long)]
-    console: bool,
-    /// Publish a guest port: [HOSTIP:][HOSTPORT:]GUESTPORT[/tcp|/udp]
-    #[arg(short = 'p', long = "publish")]
-    publish: Vec<String>,
-    /// Publish every port the image exposes on a free host port
-    #[arg(short = 'P', long = "publish-all")]
-    publish_all: bool,
-    /// Network: user (QEMU user-mode, no root; default on the QEMU backend),
-    /// tap[:NAME] (needs CAP_NET_ADMIN), redirect[:IFACE] (the guest takes
-    /// over IFACE of hyperboot's network namespace, e.g. a pod's veth, by tc
-    /// redirects; CAP_NET_ADMIN), none
-    #[arg(long)]
-    net: Option<crate::net::NetMode>,
-    /// Name server for the guest's /etc/resolv.conf
-    #[arg(long)]
-    dns: Vec<String>,
-    /// Run in the background: print the VM's ID and leave it running
-    /// (hyperboot ps, logs, stop, kill, wait, rm)
-    #[arg(short = 'd', long, conflicts_with_all = ["interactive", "tty"])]
-    detach: bool,
-    /// A name for the detached VM (unique per user)
-    #[arg(long, requires = "detach")]
-    name: Option<String>,
-    /// Remove the detached VM's record when it ends
-    #[arg(long = "rm", requires = "detach")]
-    remove: bool,
-    /// Restart the detached VM: no, on-failure[:N], always
-    #[arg(long, default_value = "no", requires = "detach")]
-    restart: crate::vms::Restart,
-    /// Boot only an artifact signed by a key in this OpenSSH allowed_signers
-    /// file (default: as ~/.config/hyper/policy.toml requires)
-    #[arg(long)]
-    allowed_signers: Option<PathBuf>,
-    /// Write the boot's timeline, exits and memory as one JSON line to FILE
-    /// (appended; -: stderr)
-    #[arg(long, value_name = "FILE|-")]
-    stats: Option<PathBuf>,
-    /// Start from a snapshot of the booted artifact (KVM backend): auto
-    /// (restore one, or make one on this boot), off, refresh (make a new
-    /// one), require (restore one or fail)
-    #[arg(long, default_value = "auto")]
-    snapshot: crate::snapshots::Mode,
-}
+mod boot_args;
+use boot_args::Cli;
 
 /// `hyperboot ps|logs|stop|kill|wait|rm`: detached VMs.
 #[derive(Parser, Debug)]
@@ -271,47 +151,6 @@ fn pull_main() -> ExitCode {
         println!("{}", f.digest);
     }
     ExitCode::SUCCESS
-}
-
-fn parse_memory(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_lowercase() {
-                'm' => 1,
-                'g' => 1024,
-                _ => return Err(format!("unknown unit in {s:?} (use M or G)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    let mib = n.checked_mul(mult).ok_or("size too large")?;
-    if mib < 32 {
-        return Err(format!(
-            "{mib} MiB is too little memory for a guest (at least 32M)"
-        ));
-    }
-    Ok(mib)
-}
-
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let s = s.trim_end_matches('s');
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("not a number of seconds: {s:?}"))?;
-    if !(v > 0.0 && v.is_finite()) {
-        return Err("the timeout must be positive".into());
-    }
-    Ok(Duration::from_secs_f64(v))
-}
-
-fn parse_seconds_or_zero(s: &str) -> Result<Duration, String> {
-    if s.trim_end_matches('s') == "0" {
-        return Ok(Duration::ZERO);
-    }
-    parse_seconds(s)
 }
 
 /// A usage error (exit 125, as every failure of hyperboot's own), or the
