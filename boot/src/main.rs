@@ -107,6 +107,9 @@ fn boot() -> Result<Outcome, String> {
         for (path, bytes) in warm::warm_files(plan::NEWROOT, &warm::RUN_FILES) {
             debug!("read {path} ahead ({bytes} bytes) for the snapshot");
         }
+        for path in warm::copy_up(plan::NEWROOT, &warm::WRITTEN_FILES) {
+            debug!("copied {path} up to the root's writable layer for the snapshot");
+        }
         if let Some(program) = warm::program(&cmdline) {
             for (path, bytes) in warm::warm(plan::NEWROOT, program) {
                 debug!("read {path} ahead ({bytes} bytes) for the snapshot");
@@ -310,9 +313,13 @@ fn run_app(
     if !stdin_attached {
         let _ = process::redirect("/dev/null", libc::O_RDONLY, 0);
     }
+    // A forked child of a process with threads (the request listener, the
+    // stream pumps): it leaves by _exit, running no exit handlers, which
+    // could wait on a lock another thread held at the fork.
     let fail = |code: i32, msg: String| -> ! {
         let _ = writeln!(std::io::stderr(), "hyperinit: {msg}");
-        std::process::exit(code)
+        // SAFETY: _exit ends the process at once; nothing is left to run.
+        unsafe { libc::_exit(code) }
     };
     if let Err(e) = std::env::set_current_dir(workdir) {
         fail(126, format!("chdir to {workdir}: {e}"));

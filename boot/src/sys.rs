@@ -186,7 +186,8 @@ pub mod process {
 
     /// Forks. In the child, `child` runs and must not return.
     pub fn fork() -> io::Result<libc::pid_t> {
-        // SAFETY: hyperinit is single-threaded, so the child may run any code.
+        // SAFETY: the child only sets itself up for the app (glibc's fork
+        // leaves its allocator usable) and execs or leaves by _exit.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             Err(io::Error::last_os_error())

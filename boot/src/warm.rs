@@ -185,9 +185,55 @@ pub fn warm_files(root: &str, paths: &[&str]) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The files hyperinit writes for every run (Docker's generated ones).
+pub const WRITTEN_FILES: [&str; 3] = ["/etc/hostname", "/etc/hosts", "/etc/resolv.conf"];
+
+/// Opens for writing, and closes unchanged, each of `paths` that is a
+/// regular file inside `root` (the overlay root): overlayfs copies it, and
+/// its directory, up to the writable layer, the work a run's first write of
+/// the file would do. Done before the snapshot, no restore pays for it; the
+/// contents stay the image's until the run writes its own. Returns the
+/// paths copied up.
+pub fn copy_up(root: &str, paths: &[&str]) -> Vec<String> {
+    let Ok(dir) = std::fs::File::open(root) else {
+        return Vec::new();
+    };
+    let dir = OwnedFd::from(dir);
+    paths
+        .iter()
+        .filter(|p| {
+            openat2_in(&dir, p, libc::O_PATH)
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| m.is_file())
+        })
+        .filter(|p| {
+            openat2_in(&dir, p, libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY).is_some()
+        })
+        .map(|p| p.to_string())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copying_up_leaves_contents_and_skips_what_is_not_a_regular_file() {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::write(etc.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::create_dir(etc.join("hostname")).unwrap();
+        std::os::unix::fs::symlink("/etc/hosts", etc.join("resolv.conf")).unwrap();
+        let done = copy_up(root.path().to_str().unwrap(), &WRITTEN_FILES);
+        // The absolute link resolves inside the root: to its /etc/hosts.
+        assert_eq!(done, ["/etc/hosts", "/etc/resolv.conf"]);
+        assert_eq!(
+            std::fs::read_to_string(etc.join("hosts")).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+        assert!(copy_up("/nonexistent-root", &WRITTEN_FILES).is_empty());
+    }
 
     #[test]
     fn the_program_comes_from_the_command_line() {
