@@ -607,6 +607,11 @@ fn kvm_app(artifact: PathBuf, runs: usize) {
         r1 / b1,
         r2 / b2
     );
+    println!(
+        "ratio hyperboot restored/cold: first output {:.3} (budget <= 0.1), whole run {:.3}",
+        r1 / a1,
+        r2 / a2
+    );
     // Ours, broken down from --stats (one JSON line per run).
     let lines = std::fs::read_to_string(stats_file.path()).expect("read stats");
     let runs: Vec<serde_json::Value> = lines
