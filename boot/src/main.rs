@@ -14,14 +14,14 @@ mod config;
 mod net;
 mod plan;
 mod report;
+mod spawn;
 mod streams;
 mod sys;
 mod user;
 mod warm;
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use config::RunConfig;
@@ -217,30 +217,26 @@ fn boot() -> Result<Outcome, String> {
     // Listen before the app starts, so a request that comes at once is not lost.
     listen_for_requests(leftover, listener);
     let _ = std::io::stderr().flush();
-    let pid = process::fork().map_err(|e| format!("fork: {e}"))?;
-    if pid == 0 {
-        let mut stdin_attached = false;
-        let mut tty = false;
-        if let Some(w) = &wiring {
-            use std::os::fd::AsRawFd;
-            for (fd, f) in w.child.iter().enumerate() {
-                if let Some(f) = f {
-                    process::dup_onto(f.as_raw_fd(), fd as i32);
-                    stdin_attached |= fd == 0;
-                }
-            }
-            tty = w.tty;
-        }
-        run_app(
-            &cfg.argv,
-            &env,
-            &workdir,
-            &path_var,
-            &id,
-            stdin_attached,
-            tty,
-        );
-    }
+    let pid = {
+        use std::os::fd::AsRawFd;
+        let fd = |i: usize| {
+            wiring
+                .as_ref()
+                .and_then(|w| w.child[i].as_ref().map(|f| f.as_raw_fd()))
+        };
+        let app = spawn::App {
+            argv: &cfg.argv,
+            env: &env,
+            workdir: &workdir,
+            path_var: &path_var,
+            uid: id.uid,
+            gid: id.gid,
+            groups: &id.groups,
+            fds: [fd(0), fd(1), fd(2)],
+            tty: wiring.as_ref().is_some_and(|w| w.tty),
+        };
+        spawn::app(&app, fd(2).unwrap_or(2)).map_err(|e| format!("start the app: {e}"))?
+    };
     let drained = wiring.map(|mut w| {
         // The app holds its ends now; ours must close for end of file to come.
         w.child = [None, None, None];
@@ -291,73 +287,6 @@ static DRAINED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn record_signal(sig: libc::c_int) {
     PENDING_SIGNAL.store(sig, Ordering::SeqCst);
-}
-
-/// In the child: become the app. Exits 126/127 as Docker does when the
-/// command cannot be run.
-fn run_app(
-    argv: &[String],
-    env: &[String],
-    workdir: &str,
-    path_var: &str,
-    id: &user::Identity,
-    stdin_attached: bool,
-    tty: bool,
-) -> ! {
-    process::reset_signals();
-    process::setsid();
-    if tty {
-        process::set_controlling_tty(0);
-    }
-    process::docker_rlimits();
-    if !stdin_attached {
-        let _ = process::redirect("/dev/null", libc::O_RDONLY, 0);
-    }
-    // A forked child of a process with threads (the request listener, the
-    // stream pumps): it leaves by _exit, running no exit handlers, which
-    // could wait on a lock another thread held at the fork.
-    let fail = |code: i32, msg: String| -> ! {
-        let _ = writeln!(std::io::stderr(), "hyperinit: {msg}");
-        // SAFETY: _exit ends the process at once; nothing is left to run.
-        unsafe { libc::_exit(code) }
-    };
-    if let Err(e) = std::env::set_current_dir(workdir) {
-        fail(126, format!("chdir to {workdir}: {e}"));
-    }
-    if let Err(e) = process::set_identity(id.uid, id.gid, &id.groups) {
-        fail(
-            126,
-            format!("cannot switch to user {}:{}: {e}", id.uid, id.gid),
-        );
-    }
-    let Some(exe) = find_executable(&argv[0], path_var) else {
-        fail(
-            127,
-            format!("exec: {:?}: executable file not found in $PATH", argv[0]),
-        );
-    };
-    let err = process::execve(exe.as_os_str(), argv, env);
-    let code = if err.kind() == std::io::ErrorKind::NotFound {
-        127
-    } else {
-        126
-    };
-    fail(code, format!("exec {:?}: {err}", argv[0]))
-}
-
-fn find_executable(cmd: &str, path_var: &str) -> Option<PathBuf> {
-    if cmd.contains('/') {
-        return Some(PathBuf::from(cmd));
-    }
-    path_var
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(cmd))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
 }
 
 /// Starts the thread that serves the host's requests (`signal N`: deliver

@@ -2,9 +2,8 @@
 //! [`Sys`], so the boot plan can be unit-tested with a recording fake. The Linux
 //! implementation is the only place in hyperinit with `unsafe`.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// Mount flags used by the plan.
@@ -184,18 +183,6 @@ pub mod process {
         t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
     }
 
-    /// Forks. In the child, `child` runs and must not return.
-    pub fn fork() -> io::Result<libc::pid_t> {
-        // SAFETY: the child only sets itself up for the app (glibc's fork
-        // leaves its allocator usable) and execs or leaves by _exit.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(pid)
-        }
-    }
-
     /// Waits for any child; returns (pid, raw status), or None when there are no children.
     pub fn wait_any() -> io::Result<Option<(libc::pid_t, libc::c_int)>> {
         let mut status = 0;
@@ -235,92 +222,6 @@ pub mod process {
         for sig in [libc::SIGSEGV, libc::SIGBUS] {
             on_signal(sig, handler);
         }
-    }
-
-    /// Restores the default disposition and an empty mask (in the app's child).
-    pub fn reset_signals() {
-        // SAFETY: resetting dispositions and the mask is always valid.
-        unsafe {
-            for sig in 1..32 {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
-                }
-            }
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        }
-    }
-
-    /// Docker's default open-file limit for the app (soft and hard 1048576).
-    pub fn docker_rlimits() {
-        let lim = libc::rlimit {
-            rlim_cur: 1_048_576,
-            rlim_max: 1_048_576,
-        };
-        // SAFETY: setrlimit reads one valid rlimit; failure leaves the kernel default.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    }
-
-    /// Drops to the app's identity: supplementary groups, gid, uid.
-    pub fn set_identity(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
-        // SAFETY: `groups` is a valid slice of gid_t for its length.
-        check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
-        // SAFETY: plain syscalls with integer arguments.
-        check(unsafe { libc::setgid(gid) })?;
-        // SAFETY: as above.
-        check(unsafe { libc::setuid(uid) })
-    }
-
-    pub fn setsid() {
-        // SAFETY: no memory effects.
-        unsafe { libc::setsid() };
-    }
-
-    /// Replaces the process image; returns only on failure.
-    pub fn execve(path: &OsStr, argv: &[String], env: &[String]) -> io::Error {
-        let to_c = |v: &[String]| {
-            v.iter()
-                .map(|s| CString::new(s.as_bytes()))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let (Ok(p), Ok(a), Ok(e)) = (CString::new(path.as_bytes()), to_c(argv), to_c(env)) else {
-            return io::Error::new(io::ErrorKind::InvalidInput, "argument contains NUL");
-        };
-        let mut ap: Vec<*const libc::c_char> = a.iter().map(|s| s.as_ptr()).collect();
-        ap.push(std::ptr::null());
-        let mut ep: Vec<*const libc::c_char> = e.iter().map(|s| s.as_ptr()).collect();
-        ep.push(std::ptr::null());
-        // SAFETY: NUL-terminated strings and NULL-terminated pointer arrays that outlive the call.
-        unsafe { libc::execve(p.as_ptr(), ap.as_ptr(), ep.as_ptr()) };
-        io::Error::last_os_error()
-    }
-
-    /// Redirects fd `to` to a newly opened `path`.
-    /// Makes the terminal on `fd` the session's controlling terminal.
-    pub fn set_controlling_tty(fd: libc::c_int) {
-        // SAFETY: TIOCSCTTY takes an integer argument.
-        unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) };
-    }
-
-    /// `dup2(from, to)` (the copy is not close-on-exec).
-    pub fn dup_onto(from: libc::c_int, to: libc::c_int) {
-        // SAFETY: dup2 takes two descriptors and no pointers.
-        unsafe { libc::dup2(from, to) };
-    }
-
-    pub fn redirect(path: &str, flags: libc::c_int, to: libc::c_int) -> io::Result<()> {
-        let p = cstr(path)?;
-        // SAFETY: valid path; the new fd is closed after dup2.
-        let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both fds are valid.
-        let rc = unsafe { libc::dup2(fd, to) };
-        // SAFETY: fd is ours.
-        unsafe { libc::close(fd) };
-        check(rc)
     }
 
     /// Opens a serial port without making it the controlling terminal and puts
