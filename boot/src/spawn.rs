@@ -44,6 +44,21 @@ enum Stage {
     Exec = 5,
 }
 
+impl Stage {
+    /// The stage a failure record names (none: not one of ours).
+    fn from_byte(b: u8) -> Option<Stage> {
+        [
+            Stage::Prepare,
+            Stage::Chdir,
+            Stage::Identity,
+            Stage::NotFound,
+            Stage::Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == b)
+    }
+}
+
 /// Everything the child reads, prepared by the parent.
 struct Prepared {
     argv: Vec<*const libc::c_char>,
@@ -144,7 +159,7 @@ pub fn app(a: &App, err_fd: RawFd) -> io::Result<libc::pid_t> {
     let mut f = std::fs::File::from(report_r);
     if io::Read::read(&mut f, &mut record).ok() == Some(RECORD) {
         let errno = i32::from_ne_bytes([record[1], record[2], record[3], record[4]]);
-        let msg = message(record[0], errno, a);
+        let msg = message(Stage::from_byte(record[0]), errno, a);
         // SAFETY: `err_fd` is open for the app's stderr; a copy is
         // written to and closed, the caller's descriptor stays open.
         let mut out = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(libc::dup(err_fd)) });
@@ -154,19 +169,17 @@ pub fn app(a: &App, err_fd: RawFd) -> io::Result<libc::pid_t> {
 }
 
 /// The message for a child that stopped at `stage` with `errno`.
-fn message(stage: u8, errno: i32, a: &App) -> String {
+fn message(stage: Option<Stage>, errno: i32, a: &App) -> String {
     let e = io::Error::from_raw_os_error(errno);
     let cmd = a.argv.first().map(String::as_str).unwrap_or("");
     match stage {
-        s if s == Stage::Chdir as u8 => format!("chdir to {}: {e}", a.workdir),
-        s if s == Stage::Identity as u8 => {
-            format!("cannot switch to user {}:{}: {e}", a.uid, a.gid)
+        Some(Stage::Chdir) => format!("chdir to {}: {e}", a.workdir),
+        Some(Stage::Identity) => format!("cannot switch to user {}:{}: {e}", a.uid, a.gid),
+        Some(Stage::NotFound) => format!("exec: {cmd:?}: executable file not found in $PATH"),
+        Some(Stage::Exec) => format!("exec {cmd:?}: {e}"),
+        Some(Stage::Prepare) | None => {
+            format!("exec {cmd:?}: a NUL byte in the command, environment or working directory")
         }
-        s if s == Stage::NotFound as u8 => {
-            format!("exec: {cmd:?}: executable file not found in $PATH")
-        }
-        s if s == Stage::Exec as u8 => format!("exec {cmd:?}: {e}"),
-        _ => format!("exec {cmd:?}: a NUL byte in the command, environment or working directory"),
     }
 }
 
@@ -265,43 +278,25 @@ fn fail(p: &Prepared, stage: Stage, errno: i32) -> ! {
 mod tests {
     use super::*;
 
-    fn run(a: &App) -> (i32, String) {
+    /// Runs `argv` in `workdir` as the app, its stdout and stderr on one
+    /// pipe: the exit code and everything written there (the app's output,
+    /// or hyperinit's message about it).
+    fn run(argv: &[&str], workdir: &str) -> (i32, String) {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let (r, w) = crate::streams::pipe().unwrap();
-        let pid = super::app(a, w.as_raw_fd()).unwrap();
-        drop(w);
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        let mut msg = String::new();
-        io::Read::read_to_string(&mut std::fs::File::from(r), &mut msg).unwrap();
-        (libc::WEXITSTATUS(status), msg)
-    }
-
-    fn app_of<'a>(argv: &'a [String], workdir: &'a str, out: RawFd) -> App<'a> {
         // SAFETY: plain getters.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        App {
-            argv,
+        let a = App {
+            argv: &argv,
             env: &[],
             workdir,
             path_var: "/nonexistent:/usr/bin:/bin",
             uid,
             gid,
             groups: &[],
-            fds: [None, Some(out), Some(out)],
+            fds: [None, Some(w.as_raw_fd()), Some(w.as_raw_fd())],
             tty: false,
-        }
-    }
-
-    fn strings(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn the_app_runs_with_its_arguments_and_working_directory() {
-        let (r, w) = crate::streams::pipe().unwrap();
-        let argv = strings(&["sh", "-c", "pwd; echo \"$0 $1\"", "a", "b"]);
-        let a = app_of(&argv, "/tmp", w.as_raw_fd());
+        };
         let pid = super::app(&a, w.as_raw_fd()).unwrap();
         drop(w);
         let mut status = 0;
@@ -309,36 +304,42 @@ mod tests {
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         let mut out = String::new();
         io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
-        assert_eq!(libc::WEXITSTATUS(status), 0);
-        assert_eq!(out, "/tmp\na b\n");
+        (libc::WEXITSTATUS(status), out)
+    }
+
+    #[test]
+    fn the_app_runs_with_its_arguments_and_working_directory() {
+        assert_eq!(
+            run(&["sh", "-c", "pwd; echo \"$0 $1\"", "a", "b"], "/tmp"),
+            (0, "/tmp\na b\n".to_string())
+        );
     }
 
     #[test]
     fn failures_before_the_exec_are_worded_with_docker_codes() {
-        let (_r, w) = crate::streams::pipe().unwrap();
-        let out = w.as_raw_fd();
-        let missing = strings(&["no-such-command"]);
-        let (code, msg) = run(&app_of(&missing, "/", out));
-        assert_eq!(code, 127);
-        assert!(msg.contains("executable file not found in $PATH"), "{msg}");
-        let path = strings(&["/nonexistent/app"]);
-        let (code, msg) = run(&app_of(&path, "/", out));
-        assert_eq!(code, 127);
-        assert!(msg.contains("No such file or directory"), "{msg}");
-        let dir = strings(&["/tmp"]);
-        let (code, msg) = run(&app_of(&dir, "/", out));
-        assert_eq!(code, 126);
-        assert!(msg.contains("Permission denied"), "{msg}");
-        let sh = strings(&["sh"]);
-        let (code, msg) = run(&app_of(&sh, "/nonexistent-dir", out));
-        assert_eq!(code, 126);
-        assert!(
-            msg.starts_with("hyperinit: chdir to /nonexistent-dir:"),
-            "{msg}"
-        );
-        let nul = strings(&["sh", "a\0b"]);
-        let (code, msg) = run(&app_of(&nul, "/", out));
-        assert_eq!(code, 126);
-        assert!(msg.contains("NUL"), "{msg}");
+        for (argv, workdir, code, message) in [
+            (
+                &["no-such-command"][..],
+                "/",
+                127,
+                "exec: \"no-such-command\": executable file not found in $PATH",
+            ),
+            (&["/nonexistent/app"], "/", 127, "No such file or directory"),
+            (&["/tmp"], "/", 126, "Permission denied"),
+            (
+                &["sh"],
+                "/nonexistent-dir",
+                126,
+                "chdir to /nonexistent-dir:",
+            ),
+            (&["sh", "a\0b"], "/", 126, "a NUL byte in the command"),
+        ] {
+            let (c, out) = run(argv, workdir);
+            assert_eq!(c, code, "{argv:?}: {out}");
+            assert!(
+                out.starts_with("hyperinit: ") && out.contains(message) && out.ends_with('\n'),
+                "{argv:?}: {out}"
+            );
+        }
     }
 }
