@@ -35,6 +35,8 @@ pub trait MmioSlot: Send {
     /// restore: a notification may have been pending at the snapshot).
     fn notify_all(&mut self, mem: &GuestMemoryMmap);
     fn queue_count(&self) -> usize;
+    /// See [`VirtioDevice::served_in_exit`].
+    fn served_in_exit(&self, index: usize) -> bool;
 }
 
 impl<D: VirtioDevice + Send> MmioSlot for MmioTransport<D> {
@@ -60,6 +62,10 @@ impl<D: VirtioDevice + Send> MmioSlot for MmioTransport<D> {
 
     fn queue_count(&self) -> usize {
         self.device.queue_max_sizes().len()
+    }
+
+    fn served_in_exit(&self, index: usize) -> bool {
+        self.device.served_in_exit(index)
     }
 
     fn save(&self) -> serde_json::Value {

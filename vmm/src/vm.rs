@@ -895,6 +895,9 @@ fn quiet_registers(
     for (i, dev) in present() {
         let queues = lock(dev).queue_count();
         for q in 0..queues as u32 {
+            if lock(dev).served_in_exit(q as usize) {
+                continue; // the register write exits to the vCPU's thread
+            }
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
             vm.register_ioevent(
                 &fd,

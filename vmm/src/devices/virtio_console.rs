@@ -447,6 +447,17 @@ impl VirtioDevice for Console {
         &self.config
     }
 
+    /// The guest's driver sends each control message and then spins, with
+    /// a lock held, until the device gives the buffer back
+    /// (`__send_control_msg`). Served in the notifying vCPU's own exit, the
+    /// buffer is back when the guest resumes: no spin while another host
+    /// thread is woken and scheduled (on a one-CPU host, until the vCPU
+    /// thread is preempted; the nested test host has been caught frozen
+    /// in that spin).
+    fn served_in_exit(&self, index: usize) -> bool {
+        index == CONTROL_TX
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
     }

@@ -13,7 +13,9 @@
 //! - writes that only store a value used later ([`COALESCED`]: the driver's
 //!   features, queue sizes and addresses, interrupt acknowledgements) are
 //!   queued by KVM and applied, in order, before the next exit is served;
-//! - queue notifications go to an eventfd (`ioeventfd`) per queue.
+//! - queue notifications go to an eventfd (`ioeventfd`) per queue, but for
+//!   the queues a device serves in the vCPU's own exit
+//!   ([`VirtioDevice::served_in_exit`]).
 //!
 //! With a register page the interrupt status is sticky: once raised, the
 //! used-ring bit stays set until the device is reset, since a queued
@@ -173,6 +175,12 @@ pub trait VirtioDevice {
     /// Bytes of the device configuration space.
     fn config(&self) -> &[u8];
     fn queue_max_sizes(&self) -> &[u16];
+    /// Whether the guest's notifications of queue `index` are served in the
+    /// vCPU's own exit (no ioeventfd): for a queue whose driver spins until
+    /// its buffer comes back, so the buffer is back when the guest resumes.
+    fn served_in_exit(&self, _index: usize) -> bool {
+        false
+    }
     /// What the device keeps besides its queues, for a snapshot.
     fn save(&self) -> serde_json::Value {
         serde_json::Value::Null
