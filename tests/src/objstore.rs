@@ -58,16 +58,31 @@ impl S3Server {
             .spawn()
             .expect("start moto_server");
         let addr = format!("127.0.0.1:{port}");
-        let s = S3Server { addr, child };
-        for _ in 0..400 {
+        let mut s = S3Server { addr, child };
+        // Python's start-up (moto imports a great deal) takes seconds on a
+        // loaded machine and tens of seconds in the nested test host, where
+        // every file comes over 9p at TCG speed: a generous deadline, and an
+        // early, clear failure if the server exited instead.
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(300) {
             if s.request("GET", "/", b"")
                 .is_some_and(|(code, _)| code == 200)
             {
                 return s;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!(
+                    "moto_server exited ({status}) before answering on {}",
+                    s.addr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("moto_server did not answer on {}", s.addr);
+        panic!(
+            "moto_server did not answer on {} within {:?}",
+            s.addr,
+            start.elapsed()
+        );
     }
 
     /// The endpoint URL (for `AWS_ENDPOINT_URL`).
