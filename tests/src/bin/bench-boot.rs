@@ -514,7 +514,12 @@ impl Peer {
             "-accel",
             accel,
             "-cpu",
-            if accel == "kvm" { "host" } else { "max" },
+            // The CPU model hyperboot's QEMU backend gives a TCG guest.
+            if accel == "kvm" {
+                "host"
+            } else {
+                hyperboot::backend::qemu::TCG_CPU
+            },
         ])
         .arg("-kernel")
         .arg(&self.kernel)
