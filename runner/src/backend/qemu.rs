@@ -14,15 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The CPU model under TCG: QEMU's `max` without ERMS and FSRM. Guest kernels
-/// (and libcs) that see them clear and copy pages with `rep stosb`/`rep
-/// movsb`, which TCG runs one byte per iteration; without them they take
-/// `rep stosq`/`movsq` or plain loops. A demo boot to the app's first output
-/// took 11% less on this project's machines (medians of 5, interleaved);
-/// inside the nested test host the page clearing of its KVM had been a
-/// quarter of a cold boot.
-pub const TCG_CPU: &str = "max,-erms,-fsrm";
-
 use hvm::{Artifact, SectionKind};
 use hyper_contract::{GuestMessage, HostMessage, LineBuffer};
 
@@ -33,6 +24,15 @@ use crate::stop::GracefulStop;
 pub use super::Accel;
 use crate::supervise::{self, Event, VmControl};
 use crate::BootError;
+
+/// The CPU model under TCG: QEMU's `max` without ERMS and FSRM. Guest kernels
+/// (and libcs) that see them clear and copy pages with `rep stosb`/`rep
+/// movsb`, which TCG runs one byte per iteration; without them they take
+/// `rep stosq`/`movsq` or plain loops. A demo boot to the app's first output
+/// took 11% less on this project's machines (medians of 5, interleaved);
+/// inside the nested test host the page clearing of its KVM had been a
+/// quarter of a cold boot.
+pub const TCG_CPU: &str = "max,-erms,-fsrm";
 
 /// Why QEMU could not run the VM.
 #[derive(Debug, thiserror::Error)]
