@@ -8,7 +8,7 @@
 //! | `vm_created`, `memory_ready`, `kernel_ready` | the VMM's steps (KVM) |
 //! | `first_kvm_run`, `first_guest_exit` | the boot vCPU entered the guest, left it the first time (KVM) |
 //! | `guest_started` | QEMU started (QEMU) |
-//! | `hyperinit_started`, `root_mounted`, `app_exec` | hyperinit's milestones, from the guest's clock (contract 2), counted from `first_kvm_run` (KVM) or `guest_started` (QEMU) |
+//! | `hyperinit_started`, `root_mounted`, `app_exec` | hyperinit's milestones, from the guest's clock (contract 2), counted from `first_kvm_run` (KVM) or `guest_started` (QEMU); that clock starts at the guest kernel's timekeeping set-up, so they read early by its early boot |
 //! | `app_first_output` | the first byte of the app's stdout or stderr reached hyperboot |
 //! | `app_exited` | the guest ended the VM after its report |
 //! | `start_to_app_exec_us` | a duration: hyperinit took its run configuration at the snapshot point (contract 4), then exec'd the app this much later, by the guest's clock (also for restored guests, whose other milestones cannot be placed) |
