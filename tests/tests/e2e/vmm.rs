@@ -45,26 +45,16 @@ fn the_exit_port_alone_gives_the_exit_code() {
     assert_eq!(r.code, Some(7), "{r:?}");
 }
 
-/// What KVM_CHECK_EXTENSION says of `cap` on /dev/kvm (false when it cannot ask).
-fn kvm_has(cap: libc::c_ulong) -> bool {
-    const KVM_CHECK_EXTENSION: libc::c_ulong = 0xae03;
-    let Ok(kvm) = std::fs::File::open("/dev/kvm") else {
-        return false;
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: KVM_CHECK_EXTENSION takes an integer and touches no memory.
-    unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, cap) > 0 }
-}
-
 #[test]
 fn the_vcpu_sees_a_hypervisor_and_the_tsc_deadline_timer_kvm_has() {
     if !kvm_or_skip("vmm::the_vcpu_sees_a_hypervisor_and_the_tsc_deadline_timer_kvm_has") {
         return;
     }
-    const KVM_CAP_TSC_DEADLINE_TIMER: libc::c_ulong = 72;
     let r = boot_kvm(&guest("cpuid", &[]), &[]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    let want = u8::from(kvm_has(KVM_CAP_TSC_DEADLINE_TIMER));
+    // Asked as the VMM asks when it sets the vCPU's CPUID.
+    let kvm = hyper_vmm::kvm::open().expect("/dev/kvm");
+    let want = u8::from(kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer));
     assert_eq!(r.stdout, format!("tsc-deadline={want}\n"), "{r:?}");
 }
 
