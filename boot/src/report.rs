@@ -154,13 +154,15 @@ pub fn await_start(mut port: &File) -> Result<(hyper_contract::Start, Vec<u8>), 
 }
 
 /// Tells the host hyperinit's milestones (`--stats`); the last is when
-/// the Start came (0: the run configuration was in the initrd).
+/// the Start came (0: the run configuration was in the initrd). The line
+/// says when it was written, for the host to place them on its clock.
 pub fn announce_timings(t: [u64; 4]) {
     send(&GuestMessage::Timings {
         init: t[0],
         root: t[1],
         exec: t[2],
         start: (t[3] != 0).then_some(t[3]),
+        now: Some(process::monotonic_us()),
     });
 }
 

@@ -14,9 +14,14 @@
 //!   MUST send `start N`;
 //! - `drain OUT ERR` — the byte counts it sent on the stdout and stderr
 //!   ports; the host answers `drained` once it has them all;
-//! - with `stats` (contract 2), `timings INIT ROOT EXEC`: microseconds of
-//!   the guest's monotonic clock (from its kernel's start) when hyperinit
-//!   started, when the root was mounted and when the app was started;
+//! - with `stats` (contract 2), `timings INIT ROOT EXEC [START [NOW]]`:
+//!   microseconds of the guest's monotonic clock when hyperinit started,
+//!   when the root was mounted, when the app was started, when the run
+//!   configuration came as a Start (0: it did not) and when this line was
+//!   written — the host places the others on its own clock by the time the
+//!   line reached it (the guest's clock has no known origin on the host's:
+//!   it starts during the kernel's boot, and a restored guest's runs on
+//!   from the snapshot's);
 //! - the report: `exit=N`, `signal=N` (the app died of signal N) or
 //!   `error=MESSAGE` (hyperinit failed; one printable line of at most 400
 //!   characters), then it ends the VM.
@@ -46,15 +51,16 @@ pub enum GuestMessage {
         stderr: u64,
     },
     /// hyperinit's milestones, µs of the guest's monotonic clock: started,
-    /// root mounted, app exec'd, and (a fourth number, when the run
-    /// configuration came as a [`crate::Start`]) the Start taken. A restored
-    /// guest's clock runs on from the snapshot's, so only differences from
-    /// `start` can be placed on the host's timeline.
+    /// root mounted, app exec'd, the Start taken (when the run
+    /// configuration came as a [`crate::Start`]), and `now`, when the line
+    /// was written: the anchor that places the others on the host's clock
+    /// (older inits send no `now`).
     Timings {
         init: u64,
         root: u64,
         exec: u64,
         start: Option<u64>,
+        now: Option<u64>,
     },
     /// The app exited with this code.
     Exit(i32),
@@ -119,14 +125,22 @@ impl GuestMessage {
                 init,
                 root,
                 exec,
-                start: None,
-            } => format!("timings {init} {root} {exec}\n"),
+                start,
+                now: None,
+            } => match start {
+                None => format!("timings {init} {root} {exec}\n"),
+                Some(start) => format!("timings {init} {root} {exec} {start}\n"),
+            },
             GuestMessage::Timings {
                 init,
                 root,
                 exec,
-                start: Some(start),
-            } => format!("timings {init} {root} {exec} {start}\n"),
+                start,
+                now: Some(now),
+            } => format!(
+                "timings {init} {root} {exec} {} {now}\n",
+                start.unwrap_or(0)
+            ),
             GuestMessage::Exit(c) => format!("exit={c}\n"),
             GuestMessage::Signal(s) => format!("signal={s}\n"),
             GuestMessage::Error(m) => {
@@ -162,9 +176,19 @@ impl GuestMessage {
         }
         if let Some(rest) = t.strip_prefix("timings ") {
             let n: Vec<&str> = rest.split(' ').collect();
-            let (init, root, exec, start) = match n.as_slice() {
-                [i, r, e] => (i, r, e, None),
-                [i, r, e, s] => (i, r, e, Some(number("timings", s, &t)?)),
+            let (init, root, exec, start, now) = match n.as_slice() {
+                [i, r, e] => (i, r, e, None, None),
+                [i, r, e, s] => (i, r, e, Some(number("timings", s, &t)?), None),
+                [i, r, e, s, w] => {
+                    let s: u64 = number("timings", s, &t)?;
+                    (
+                        i,
+                        r,
+                        e,
+                        (s != 0).then_some(s),
+                        Some(number("timings", w, &t)?),
+                    )
+                }
                 _ => return Err(ControlError::Malformed("timings", t)),
             };
             return Ok(GuestMessage::Timings {
@@ -172,6 +196,7 @@ impl GuestMessage {
                 root: number("timings", root, &t)?,
                 exec: number("timings", exec, &t)?,
                 start,
+                now,
             });
         }
         match t.split_once('=') {
@@ -298,12 +323,28 @@ mod tests {
                 root: 15_500,
                 exec: 17_250,
                 start: None,
+                now: None,
             },
             GuestMessage::Timings {
                 init: 12_000,
                 root: 15_500,
                 exec: 17_250,
                 start: Some(16_000),
+                now: None,
+            },
+            GuestMessage::Timings {
+                init: 12_000,
+                root: 15_500,
+                exec: 17_250,
+                start: None,
+                now: Some(19_000),
+            },
+            GuestMessage::Timings {
+                init: 12_000,
+                root: 15_500,
+                exec: 17_250,
+                start: Some(16_000),
+                now: Some(19_000),
             },
             GuestMessage::Signal(9),
             GuestMessage::Error("no root".into()),
@@ -349,6 +390,8 @@ mod tests {
             b"drain a b",
             b"timings 1 2",
             b"timings 1 2 x",
+            b"timings 1 2 3 4 x",
+            b"timings 1 2 3 4 5 6",
             b"hello",
             b"\xff",
         ] {

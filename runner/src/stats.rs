@@ -8,7 +8,7 @@
 //! | `vm_created`, `memory_ready`, `kernel_ready` | the VMM's steps (KVM) |
 //! | `first_kvm_run`, `first_guest_exit` | the boot vCPU entered the guest, left it the first time (KVM) |
 //! | `guest_started` | QEMU started (QEMU) |
-//! | `hyperinit_started`, `root_mounted`, `app_exec` | hyperinit's milestones, from the guest's clock (contract 2), counted from `first_kvm_run` (KVM) or `guest_started` (QEMU); that clock starts at the guest kernel's timekeeping set-up, so they read early by its early boot |
+//! | `hyperinit_started`, `root_mounted`, `app_exec` | hyperinit's milestones, from the guest's clock (contract 2), placed on the host's by the instant its `timings` line reached the host (late by that line's way, a few ms); a restored guest has only `app_exec` (it started and mounted its root in the run that made the snapshot) |
 //! | `app_first_output` | the first byte of the app's stdout or stderr reached hyperboot |
 //! | `app_exited` | the guest ended the VM after its report |
 //! | `start_to_app_exec_us` | a duration: hyperinit took its run configuration at the snapshot point (contract 4), then exec'd the app this much later, by the guest's clock (also for restored guests, whose other milestones cannot be placed) |
@@ -106,12 +106,16 @@ pub fn mark(key: &str) {
     set(key, us(now()));
 }
 
-/// hyperinit's milestones (guest µs since its kernel started), against
-/// the host time the guest started (`None`: a restored guest, whose clock
-/// runs on from the snapshot's). Either way, when the run configuration
-/// came as a Start, `start_to_app_exec_us`: the guest's time from taking
-/// it to exec'ing the app.
-pub fn guest_timings(status: &[u8], guest_start_ns: Option<u64>) {
+/// hyperinit's milestones (contract 2), placed on the host's clock: its
+/// `timings` line says when it was written (`now`, guest µs) and reached
+/// the host at `received_ns`, so a milestone `g` happened at `received_ns -
+/// (now - g)` — late by no more than the line's way to the host. An older
+/// init sends no `now`: its milestones are counted from `guest_start_ns`
+/// instead, and read early (the guest's clock starts during its kernel's
+/// boot). A restored guest (`guest_start_ns` None) started and mounted its
+/// root in another run: only its app's exec is placed. When the run
+/// configuration came as a Start, also `start_to_app_exec_us`.
+pub fn guest_timings(status: &[u8], received_ns: u64, guest_start_ns: Option<u64>) {
     let found = status
         .split_inclusive(|b| *b == b'\n')
         .filter_map(|l| hyper_contract::GuestMessage::decode(l).ok())
@@ -121,21 +125,34 @@ pub fn guest_timings(status: &[u8], guest_start_ns: Option<u64>) {
                 root,
                 exec,
                 start,
-            } => Some(([init, root, exec], start)),
+                now,
+            } => Some(([init, root, exec], start, now)),
             _ => None,
         });
-    let Some((t, start)) = found else {
+    let Some((t, start, now)) = found else {
         return;
     };
     if let Some(start) = start.filter(|s| *s <= t[2]) {
         set("start_to_app_exec_us", serde_json::json!(t[2] - start));
     }
-    if let Some(at) = guest_start_ns.filter(|ns| *ns != 0) {
-        for (key, guest_us) in ["hyperinit_started", "root_mounted", "app_exec"]
-            .into_iter()
-            .zip(t)
-        {
-            set(key, us(at + guest_us * 1000));
+    let keys = ["hyperinit_started", "root_mounted", "app_exec"];
+    let restored = guest_start_ns.is_none();
+    let placed = keys.into_iter().zip(t).skip(if restored { 2 } else { 0 });
+    match now.filter(|_| received_ns != 0) {
+        Some(now) => {
+            for (key, guest_us) in placed {
+                let before = now.saturating_sub(guest_us) * 1000;
+                if guest_us <= now && before <= received_ns {
+                    set(key, us(received_ns - before));
+                }
+            }
+        }
+        None => {
+            if let Some(at) = guest_start_ns.filter(|ns| *ns != 0) {
+                for (key, guest_us) in placed {
+                    set(key, us(at + guest_us * 1000));
+                }
+            }
         }
     }
 }
@@ -243,18 +260,40 @@ mod tests {
         start();
         enable(std::path::Path::new("-")).unwrap();
         let t0 = START.load(Ordering::SeqCst) + 5_000_000;
-        guest_timings(b"ready\ntimings 1000 2000 3500\nexit=0\n", Some(t0));
+        // An init without the line's own time: counted from the guest's start.
+        guest_timings(b"ready\ntimings 1000 2000 3500\nexit=0\n", 0, Some(t0));
         let m = STATS.lock().unwrap().clone().unwrap();
         assert_eq!(m["hyperinit_started"], json!(6000));
         assert_eq!(m["app_exec"], json!(8500));
         assert_eq!(m.get("start_to_app_exec_us"), None);
         assert_eq!(m["vm_created"], Value::Null);
-        // Restored: the guest's clock is the snapshot's; only the duration
-        // from the Start to the exec is kept.
+        // With it: placed back from the instant the line arrived (the
+        // guest's clock origin plays no part).
         STATS.lock().unwrap().as_mut().unwrap().clear();
-        guest_timings(b"timings 10 20 900000 880000\nexit=0\n", None);
+        let got = START.load(Ordering::SeqCst) + 9_000_000;
+        guest_timings(b"timings 1000 2000 3500 0 4000\nexit=0\n", got, Some(t0));
+        let m = STATS.lock().unwrap().clone().unwrap();
+        assert_eq!(m["hyperinit_started"], json!(6000));
+        assert_eq!(m["root_mounted"], json!(7000));
+        assert_eq!(m["app_exec"], json!(8500));
+        assert_eq!(m.get("start_to_app_exec_us"), None);
+        // Restored: the guest's clock is the snapshot's; only the app's exec
+        // happened in this run, and the duration from the Start to it.
+        STATS.lock().unwrap().as_mut().unwrap().clear();
+        guest_timings(b"timings 10 20 900000 880000\nexit=0\n", got, None);
         let m = STATS.lock().unwrap().clone().unwrap();
         assert_eq!(m["start_to_app_exec_us"], json!(20000));
+        assert_eq!(m.get("app_exec"), None, "no anchor from an older init");
+        guest_timings(b"timings 10 20 900000 880000 900500\nexit=0\n", got, None);
+        let m = STATS.lock().unwrap().clone().unwrap();
+        assert_eq!(m["app_exec"], json!(8500));
+        assert_eq!(m.get("hyperinit_started"), None);
+        assert_eq!(m.get("root_mounted"), None);
+        // A line that says it was written before its own milestones places
+        // none of them.
+        STATS.lock().unwrap().as_mut().unwrap().clear();
+        guest_timings(b"timings 1000 2000 3500 0 10\nexit=0\n", got, Some(t0));
+        let m = STATS.lock().unwrap().clone().unwrap();
         assert_eq!(m.get("app_exec"), None);
         let mut files = ProcFiles::open().unwrap();
         assert!(vmm_rss_kib(&mut files, (0, 0)).is_some_and(|k| k > 0));

@@ -53,6 +53,9 @@ pub struct Control {
     /// Requests are held until the start message is sent, even once
     /// hyperinit listens (contract 4: nothing of the run before it).
     gated: bool,
+    /// When (monotonic ns) hyperinit's `timings` line reached the host: the
+    /// anchor of its milestones on the host's clock (contract 2).
+    timings_at: u64,
 }
 
 impl Control {
@@ -79,6 +82,9 @@ impl Control {
                 }
                 Ok(GuestMessage::Drain { .. }) if self.ready == Some(carrier) => {
                     replies.drain = true;
+                }
+                Ok(GuestMessage::Timings { .. }) => {
+                    self.timings_at = crate::sys::monotonic_ns();
                 }
                 Ok(GuestMessage::Waiting) if self.ready == Some(carrier) => {
                     replies.waiting = true;
@@ -159,6 +165,11 @@ impl Control {
     /// bytes).
     pub fn status(&self) -> &[u8] {
         &self.status
+    }
+
+    /// When hyperinit's last `timings` line arrived (monotonic ns; 0: none).
+    pub fn timings_at(&self) -> u64 {
+        self.timings_at
     }
 }
 

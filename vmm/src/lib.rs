@@ -217,15 +217,18 @@ pub enum VmmError {
 /// Prints how long after `HYPER_SPAWN_NS` a startup phase ended (HYPER_VMM_TRACE).
 pub fn phase(name: &str) {
     if std::env::var_os("HYPER_VMM_TRACE").is_some() {
-        let spawn = std::env::var("HYPER_SPAWN_NS")
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0);
-        eprintln!(
-            "hyperboot: phase {name}: {} us",
-            sys::monotonic_ns().saturating_sub(spawn) / 1000
-        );
+        eprintln!("hyperboot: phase {name}: {} us", since_spawn_us());
     }
+}
+
+/// Microseconds since `HYPER_SPAWN_NS` (since the clock's origin without
+/// it): the time base of HYPER_VMM_TRACE's lines.
+pub(crate) fn since_spawn_us() -> u64 {
+    let spawn = std::env::var("HYPER_SPAWN_NS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0);
+    sys::monotonic_ns().saturating_sub(spawn) / 1000
 }
 
 pub use sys::monotonic_ns;

@@ -60,6 +60,8 @@ pub struct Timeline {
     pub first_run: u64,
     pub first_exit: u64,
     pub first_output: u64,
+    /// hyperinit's `timings` line reached the host (contract 2).
+    pub timings: u64,
     pub ended: u64,
 }
 

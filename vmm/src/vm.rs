@@ -711,6 +711,7 @@ impl Running {
                     .console
                     .as_ref()
                     .map_or(0, |d| lock(d).device.first_output),
+                timings: lock(&self.vm.control).timings_at(),
                 ended: get(&shared.ended_ns),
                 ..self.vm.timeline.clone()
             },
@@ -772,7 +773,10 @@ fn run_vcpu(mut vcpu: VcpuFd, id: usize, bus: &Bus, shared: &Shared) {
                     crate::stats::mark_once(&shared.first_exit_ns);
                 }
                 if trace {
-                    eprintln!("hyperboot: exit {n} (vCPU {id}): {exit:?}");
+                    eprintln!(
+                        "hyperboot: exit {n} (vCPU {id}) at {} us: {exit:?}",
+                        crate::since_spawn_us()
+                    );
                 }
                 let end = match exit {
                     VcpuExit::MmioWrite(addr, data) => {
@@ -924,6 +928,7 @@ fn serve_notifications(notifiers: &[Notifier], stop: &EventFd, bus: &Bus, mem: &
         .map(|(_, _, fd)| fd.as_raw_fd())
         .chain([stop.as_raw_fd()])
         .collect();
+    let trace = std::env::var_os("HYPER_VMM_TRACE").is_some();
     loop {
         let ready = match sys::wait_readable(&fds) {
             Ok(r) => r,
@@ -935,6 +940,12 @@ fn serve_notifications(notifiers: &[Notifier], stop: &EventFd, bus: &Bus, mem: &
         }
         for ((dev, q, fd), _) in notifiers.iter().zip(&ready).filter(|(_, r)| **r) {
             if fd.read().is_ok() {
+                if trace {
+                    eprintln!(
+                        "hyperboot: notification of queue {q} at {} us",
+                        crate::since_spawn_us()
+                    );
+                }
                 crate::stats::ExitCounters::add(&bus.exits.notifications);
                 lock(dev).notify(*q, mem);
             }

@@ -338,9 +338,9 @@ fn record_stats(o: &hyper_vmm::Outcome, files: &mut crate::stats::ProcFiles, res
     ] {
         set(k, us(v));
     }
-    // A restored guest's clock runs on from the snapshot's: its milestones
-    // cannot be placed on this run's timeline.
-    crate::stats::guest_timings(&o.status, (!restored).then_some(t.first_run));
+    // A restored guest started and mounted its root in the run that made
+    // the snapshot: only its app's exec is this run's.
+    crate::stats::guest_timings(&o.status, t.timings, (!restored).then_some(t.first_run));
     let e = &o.stats.exits;
     let mmio: serde_json::Map<String, serde_json::Value> =
         e.mmio.iter().map(|(k, v)| (k.clone(), json!(v))).collect();

@@ -456,7 +456,8 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
 /// `ready` releases the held requests; a `drain OUT ERR` (the guest's byte
 /// counts on the stream ports) is answered with `drained` once the pumps
 /// have received that much; everything else is kept (at most 4 KiB) and
-/// returned when `stop` is set and the FIFO is empty: the report is in it.
+/// returned when `stop` is set and the FIFO is empty: the report is in it,
+/// with when (monotonic ns) a `timings` line arrived (0: none; `--stats`).
 /// The FIFOs' folder is removed at the guest's first word: QEMU opened them
 /// all before the guest ran, and a hyperboot killed later leaves nothing.
 /// One killed earlier leaves it to the next hyperboot's sweep.
@@ -466,11 +467,12 @@ fn watch_status(
     counts: [Arc<AtomicU64>; 2],
     stop: Arc<Stop>,
     mut fifos: Option<tempfile::TempDir>,
-) -> std::io::Result<std::thread::JoinHandle<Vec<u8>>> {
+) -> std::io::Result<std::thread::JoinHandle<(Vec<u8>, u64)>> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             let mut report = Vec::new();
+            let mut timings_at = 0;
             let mut lines = LineBuffer::default();
             let mut buf = [0u8; 512];
             loop {
@@ -496,7 +498,10 @@ fn watch_status(
                             }
                             control.send(HostMessage::Drained);
                         }
-                        _ => {
+                        m => {
+                            if matches!(m, Ok(GuestMessage::Timings { .. })) {
+                                timings_at = hyper_vmm::monotonic_ns();
+                            }
                             if report.len() < 4096 {
                                 report.extend_from_slice(&line);
                             }
@@ -505,7 +510,7 @@ fn watch_status(
                 }
                 if stopping && n == 0 {
                     report.extend_from_slice(lines.partial());
-                    return report;
+                    return (report, timings_at);
                 }
             }
         })
@@ -855,9 +860,9 @@ pub fn boot(
     drop(pumps);
     drop(raw);
     stop_status.set();
-    let report = status_watch.join().unwrap_or_default();
+    let (report, timings_at) = status_watch.join().unwrap_or_default();
     if crate::stats::enabled() {
-        crate::stats::guest_timings(&report, Some(guest_started));
+        crate::stats::guest_timings(&report, timings_at, Some(guest_started));
         let first = counts_first.load(Ordering::SeqCst);
         crate::stats::set("app_first_output", crate::stats::us(first));
         crate::stats::set(
