@@ -192,8 +192,8 @@ fn reread(f: &mut std::fs::File) -> Option<String> {
 }
 
 /// Resident memory of the process (KiB) besides the mappings within
-/// `guest` (guest RAM: its anonymous pages, and the kernel and initrd
-/// mapped from the artifact over it), from /proc/self/smaps.
+/// `guest` (guest RAM, or the snapshot's memory mapped in its place), from
+/// /proc/self/smaps.
 pub fn vmm_rss_kib(files: &mut ProcFiles, guest: (usize, usize)) -> Option<u64> {
     let smaps = reread(&mut files.smaps)?;
     let (mut total, mut in_guest, mut current_is_guest) = (0u64, 0u64, false);

@@ -222,39 +222,6 @@ pub fn map_readonly(
     unsafe { vm.set_user_memory_region(r) }
 }
 
-/// Maps `len` bytes of `file` at `offset` over `host`, private and
-/// copy-on-write (the guest's writes never reach the file).
-///
-/// # Safety
-///
-/// `[host, host + len)` MUST lie inside one mapping the caller owns (guest
-/// memory), with no reference into it alive; `host`, `len` and `offset`
-/// page-aligned.
-pub unsafe fn map_file_private(
-    host: *mut u8,
-    len: usize,
-    file: &std::fs::File,
-    offset: u64,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: MAP_FIXED replaces pages of the caller's own mapping (see
-    // above); the file descriptor is open for the call.
-    let p = unsafe {
-        libc::mmap(
-            host.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Waits until at least one of `fds` is readable; says which are.
 pub fn wait_readable(fds: &[std::os::fd::RawFd]) -> std::io::Result<Vec<bool>> {
     let mut polled: Vec<libc::pollfd> = fds
