@@ -11,7 +11,7 @@
 //! | `hyperinit_started`, `root_mounted`, `app_exec` | hyperinit's milestones, from the guest's clock (contract 2), placed on the host's by the instant its `timings` line reached the host (late by that line's way, a few ms); a restored guest has only `app_exec` (it started and mounted its root in the run that made the snapshot) |
 //! | `app_first_output` | the first byte of the app's stdout or stderr reached hyperboot |
 //! | `app_exited` | the guest ended the VM after its report |
-//! | `start_to_app_exec_us` | a duration: hyperinit took its run configuration at the snapshot point (contract 4), then exec'd the app this much later, by the guest's clock (also for restored guests, whose other milestones cannot be placed) |
+//! | `start_to_app_exec_us` | a duration: hyperinit took its run configuration at the snapshot point (contract 4), then exec'd the app this much later, by the guest's clock (restored guests too) |
 //! | `vm_torn_down` | the VM is gone |
 //!
 //! Then `exits` (KVM: exits to the VMM process by kind: port I/O by port,
