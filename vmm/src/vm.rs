@@ -654,6 +654,12 @@ impl Running {
                 .console
                 .as_ref()
                 .map_or(0, |c| lock(c).device.ready_ports),
+            started: shared.started.load(Ordering::SeqCst),
+            control_waiting: self
+                .vm
+                .console
+                .as_ref()
+                .map_or(0, |c| lock(c).device.control_waiting()),
             net: self.vm.net.as_ref().map(|n| {
                 let n = lock(n);
                 NetStats {
@@ -755,6 +761,11 @@ fn run_vcpu(mut vcpu: VcpuFd, id: usize, bus: &Bus, shared: &Shared) {
             .store(sys::monotonic_ns(), Ordering::SeqCst);
     }
     while !shared.done.load(Ordering::SeqCst) {
+        if shared.pause.requested.load(Ordering::SeqCst) {
+            // A snapshot saves the devices: with every write the guest
+            // queued for them applied.
+            bus.apply_queued(&mut vcpu);
+        }
         shared.park_if_asked(&vcpu, id);
         match vcpu.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
