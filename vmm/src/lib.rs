@@ -175,6 +175,11 @@ pub struct Outcome {
     pub first_run_ns: u64,
     /// Console ports the guest's driver made ready.
     pub console_ports: u32,
+    /// Whether the run had begun (contract 4: the start message was sent).
+    pub started: bool,
+    /// Bytes for hyperinit on the control port (the start message,
+    /// requests) it had not taken when the VM ended.
+    pub control_waiting: usize,
     /// The network card, when there is one.
     pub net: Option<NetStats>,
     pub shares: Vec<ShareStats>,

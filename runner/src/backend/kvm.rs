@@ -305,6 +305,9 @@ pub fn boot(
     if let Some(files) = proc_files.as_mut() {
         record_stats(&outcome, files, restored);
     }
+    if ending == crate::exit::Ending::Timeout {
+        eprintln!("hyperboot: {}", where_it_stood(&outcome, restored));
+    }
     // Without a report, a byte the guest wrote to the exit port is its exit
     // code (what a guest without hyperinit has to say).
     let report = GuestMessage::find_report(&outcome.status).or(match outcome.end {
@@ -320,6 +323,46 @@ pub fn boot(
         report,
         why,
     })
+}
+
+/// How far a VM that ran out of `--timeout` had come: what hyperinit had
+/// said, whether the run had begun and hyperinit taken its start, whether the
+/// app had written anything — for whoever has to find out why.
+fn where_it_stood(o: &hyper_vmm::Outcome, restored: bool) -> String {
+    let said: Vec<&str> = o
+        .status
+        .split(|b| *b == b'\n')
+        .filter_map(|l| std::str::from_utf8(l).ok()?.split_whitespace().next())
+        .collect();
+    let interrupts: Vec<String> = o
+        .stats
+        .interrupts
+        .iter()
+        .map(|(device, n)| format!("{device} {n}"))
+        .collect();
+    format!(
+        "at the timeout, this {} VM's init had said: {}; the run {}; {} bytes on the \
+         control port waited for it; the app's output {}; {} exits; interrupts: {}",
+        if restored { "restored" } else { "cold" },
+        if said.is_empty() {
+            "nothing".to_string()
+        } else {
+            said.join(", ")
+        },
+        if o.started {
+            "had begun"
+        } else {
+            "had not begun"
+        },
+        o.control_waiting,
+        if o.stats.timeline.first_output == 0 {
+            "had not come"
+        } else {
+            "had come"
+        },
+        o.exits,
+        interrupts.join(", ")
+    )
 }
 
 /// What the VMM measured, into `--stats`.

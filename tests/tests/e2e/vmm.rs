@@ -68,6 +68,14 @@ fn a_spinning_guest_is_stopped_by_the_timeout() {
     let r = boot_kvm(&guest("spin", &[]), &["--timeout", "1"]);
     assert_eq!(r.code, Some(124), "{r:?}");
     assert!(r.stderr.contains("--timeout"), "{r:?}");
+    // Where it stood, for whoever must find out why: the test guest has no
+    // init to speak and writes nothing.
+    assert!(
+        r.stderr
+            .contains("at the timeout, this cold VM's init had said: nothing;")
+            && r.stderr.contains("the app's output had not come"),
+        "{r:?}"
+    );
     assert!(started.elapsed().as_secs() < 10);
 }
 

@@ -186,6 +186,13 @@ impl Console {
         true
     }
 
+    /// Bytes for hyperinit on the control port (requests, the start
+    /// message) that no receive buffer has taken yet.
+    pub fn control_waiting(&self) -> usize {
+        self.find(|k| matches!(k, Kind::Control(_)))
+            .map_or(0, |p| self.ports[p - 1].pending.len())
+    }
+
     /// Queues raw bytes for hyperinit on the control port (a `start`
     /// message and its body); false when too much waits already.
     pub fn push_control_bytes(&mut self, bytes: &[u8]) -> bool {
