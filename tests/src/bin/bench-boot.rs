@@ -18,9 +18,10 @@
 //! the app's first output and the whole run, the ratio, and ours broken down
 //! (exec → first KVM_RUN, exits, VMM-only RSS).
 //!
-//! `bench-boot initcalls ARTIFACT` boots the artifact once with
-//! `initcall_debug` and prints the kernel's costliest initcalls and its time
-//! from entry to `Run /init`.
+//! `bench-boot initcalls ARTIFACT` boots the artifact once, cold, with
+//! `initcall_debug`, runs `dmesg` in it (the bench image has busybox), and
+//! prints the kernel's costliest initcalls, named from the artifact's vmlinux
+//! with `nm`, and its time from entry to `Run /init`.
 //!
 //! Runs alternate between the contenders so machine noise hits all of them.
 
@@ -784,10 +785,11 @@ fn initcalls(artifact: PathBuf) {
     let hyperboot = std::env::var("HYPERBOOT").unwrap_or_else(|_| "hyperboot".into());
     let out = Command::new(&hyperboot)
         .env("HYPER_KERNEL_ARGS", "initcall_debug printk.time=1")
-        .args(["--backend", "kvm", "--console"])
+        // A cold boot, quiet as usual (the console's output would be timed
+        // too): the guest's own dmesg prints the kernel's log afterwards.
+        .args(["--backend", "kvm", "--snapshot", "off", "-q"])
         .arg(&artifact)
-        .args(["--", "true"])
-        .stderr(Stdio::null())
+        .args(["--", "dmesg"])
         .output()
         .expect("run hyperboot");
     let log = String::from_utf8_lossy(&out.stdout);
@@ -812,6 +814,23 @@ fn initcalls(artifact: PathBuf) {
             Some((usecs, name))
         })
         .collect();
+    // The kernel has no kallsyms (it would cost boot time and memory), so
+    // initcall_debug names each initcall by address: name them from the
+    // artifact's vmlinux symbol table.
+    let symbols = kernel_symbols(&artifact);
+    if symbols.is_empty() {
+        println!("bench-boot initcalls: no symbol table (is nm installed?): addresses only");
+    }
+    for call in &mut calls {
+        if let Some(name) = symbol_at(&symbols, &call.1) {
+            call.1 = name;
+        }
+    }
+    assert!(
+        !calls.is_empty(),
+        "no initcall in the guest's log: does the image have dmesg? ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     calls.sort_by_key(|b| std::cmp::Reverse(b.0));
     let total: u64 = calls.iter().map(|c| c.0).sum();
     println!(
@@ -838,4 +857,46 @@ fn initcalls(artifact: PathBuf) {
             t * 1000.0
         );
     }
+}
+
+/// The text symbols of the artifact's kernel, sorted by address (`nm -n`);
+/// empty when the kernel or nm cannot be read.
+fn kernel_symbols(artifact: &Path) -> Vec<(u64, String)> {
+    let Some(kernel) = Artifact::open(artifact)
+        .ok()
+        .and_then(|a| a.read_section(SectionKind::Kernel).ok())
+    else {
+        return Vec::new();
+    };
+    let Ok(mut file) = tempfile::NamedTempFile::new() else {
+        return Vec::new();
+    };
+    if std::io::Write::write_all(&mut file, &kernel).is_err() {
+        return Vec::new();
+    }
+    let Ok(out) = Command::new("nm")
+        .args(["-n", "--defined-only"])
+        .arg(file.path())
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let kind = f.next()?;
+            let name = f.next()?;
+            matches!(kind, "t" | "T").then(|| (addr, name.to_string()))
+        })
+        .collect()
+}
+
+/// The symbol holding `addr` ("0xffffffff81c98ed0"), if it is an address.
+fn symbol_at(symbols: &[(u64, String)], addr: &str) -> Option<String> {
+    let addr = u64::from_str_radix(addr.strip_prefix("0x")?, 16).ok()?;
+    let i = symbols.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+    Some(symbols[i].1.clone())
 }
