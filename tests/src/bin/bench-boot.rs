@@ -814,6 +814,11 @@ fn initcalls(artifact: PathBuf) {
             Some((usecs, name))
         })
         .collect();
+    assert!(
+        !calls.is_empty(),
+        "no initcall in the guest's log: does the image have dmesg? ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     // The kernel has no kallsyms (it would cost boot time and memory), so
     // initcall_debug names each initcall by address: name them from the
     // artifact's vmlinux symbol table.
@@ -826,11 +831,6 @@ fn initcalls(artifact: PathBuf) {
             call.1 = name;
         }
     }
-    assert!(
-        !calls.is_empty(),
-        "no initcall in the guest's log: does the image have dmesg? ({})",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
     calls.sort_by_key(|b| std::cmp::Reverse(b.0));
     let total: u64 = calls.iter().map(|c| c.0).sum();
     println!(
