@@ -217,11 +217,21 @@ impl Console {
         let mut used = false;
         for (i, port) in self.ports.iter_mut().enumerate() {
             let q = &mut queues[2 * (i + 1) + 2];
-            if !port.open || port.pending.is_empty() || !q.ready() || !q.is_valid(mem) {
+            if !q.ready() || !q.is_valid(mem) {
                 continue;
             }
+            if !port.open || port.pending.is_empty() {
+                ask_kicks(q, mem, !port.pending.is_empty())?;
+                continue;
+            }
+            let mut rechecked = false;
             while !port.pending.is_empty() {
                 let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    // Once: a hostile ring could claim buffers forever.
+                    if !rechecked && ask_kicks(q, mem, true)? {
+                        rechecked = true;
+                        continue; // buffers came meanwhile
+                    }
                     break;
                 };
                 let head = chain.head_index();
@@ -245,6 +255,9 @@ impl Console {
                 }
                 add_used(q, mem, head, written)?;
                 used = true;
+            }
+            if port.pending.is_empty() {
+                ask_kicks(q, mem, false)?;
             }
         }
         Ok(used)
@@ -315,12 +328,18 @@ impl Console {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
         let q = &mut queues[CONTROL_RX];
-        if self.to_guest.is_empty() || !q.ready() || !q.is_valid(mem) {
+        if !q.ready() || !q.is_valid(mem) {
             return Ok(false);
         }
         let mut used = false;
+        let mut rechecked = false;
         while let Some(msg) = self.to_guest.front().cloned() {
             let Some(chain) = q.pop_descriptor_chain(mem) else {
+                // Once: a hostile ring could claim buffers forever.
+                if !rechecked && ask_kicks(q, mem, true)? {
+                    rechecked = true;
+                    continue; // buffers came meanwhile
+                }
                 break;
             };
             let head = chain.head_index();
@@ -342,6 +361,9 @@ impl Console {
             };
             add_used(q, mem, head, written)?;
             used = true;
+        }
+        if self.to_guest.is_empty() {
+            ask_kicks(q, mem, false)?;
         }
         Ok(used)
     }
@@ -438,6 +460,22 @@ impl Console {
             used |= self.serve_port(port, queues, mem)?;
         }
         Ok(used)
+    }
+}
+
+/// Notification suppression on a receive queue. The device fills receive
+/// buffers only when it has something for the guest, so the driver's kick
+/// for each buffer it posts (a queue's worth per port at boot) would be an
+/// exit for nothing: with nothing waiting the queue asks for none
+/// (`VRING_USED_F_NO_NOTIFY`); with something `waiting` and no buffer left
+/// it asks for them again, and returns whether buffers came in the meantime
+/// (then the caller delivers again: no kick is missed).
+fn ask_kicks(q: &mut Queue, mem: &GuestMemoryMmap, waiting: bool) -> Result<bool, DeviceError> {
+    if waiting {
+        q.enable_notification(mem).map_err(DeviceError::UsedRing)
+    } else {
+        q.disable_notification(mem).map_err(DeviceError::UsedRing)?;
+        Ok(false)
     }
 }
 
@@ -616,5 +654,63 @@ mod tests {
         }
         assert!(c.to_guest.is_empty());
         assert_eq!(c.refused, 3);
+    }
+
+    /// A receive queue asks for no kicks while nothing waits for the guest,
+    /// for kicks again once something waits and no buffer is left, and
+    /// delivers on the kick that brings a buffer.
+    #[test]
+    fn receive_queues_ask_for_kicks_only_while_input_waits() {
+        use vm_memory::GuestAddress;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        let mut c = Console::new(Vec::new(), Some("hyper.stdin"), None);
+        let mut queues: Vec<Queue> = c
+            .queue_max_sizes()
+            .iter()
+            .map(|_| Queue::new(4).unwrap())
+            .collect();
+        let rx = 4; // port 1's receive queue
+        let q = &mut queues[rx];
+        q.set_size(4);
+        q.set_desc_table_address(Some(desc as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        let msg = |id: u32, event: u16, value: u16| {
+            let m = Console::message(id, event, value, &[]);
+            <[u8; 8]>::try_from(m.as_slice()).unwrap()
+        };
+        c.control(msg(0, DEVICE_READY, 1));
+        c.control(msg(1, PORT_READY, 1));
+        c.control(msg(1, PORT_OPEN, 1));
+        // The guest posts buffer `n` (16 writable bytes at 0x4000 + 16n).
+        let post = |n: u16| {
+            let at = desc + 16 * u64::from(n);
+            mem.write_obj(0x4000 + 16 * u64::from(n), GuestAddress(at))
+                .unwrap();
+            mem.write_obj(16u32, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(at + 12)).unwrap(); // WRITE
+            mem.write_obj(n, GuestAddress(avail + 4 + 2 * u64::from(n % 4)))
+                .unwrap();
+            mem.write_obj(n + 1, GuestAddress(avail + 2)).unwrap();
+        };
+        let flags = || mem.read_obj::<u16>(GuestAddress(used)).unwrap();
+        let filled = || mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+        post(0);
+        assert!(!c.process(rx, &mut queues, &mem).unwrap());
+        assert_eq!(flags(), 1, "nothing waits: no kicks wanted");
+        c.push_input(b"hello");
+        assert!(c.deliver_input(&mut queues, &mem).unwrap());
+        assert_eq!((filled(), flags()), (1, 1));
+        c.push_input(&[7u8; 20]);
+        assert!(!c.deliver_input(&mut queues, &mem).unwrap());
+        assert_eq!(flags(), 0, "input waits without a buffer: kicks wanted");
+        post(1);
+        assert!(c.process(rx, &mut queues, &mem).unwrap());
+        assert_eq!((filled(), flags(), c.input_waiting()), (2, 0, 4));
+        post(2);
+        assert!(c.process(rx, &mut queues, &mem).unwrap());
+        assert_eq!((filled(), flags(), c.input_waiting()), (3, 1, 0));
     }
 }
