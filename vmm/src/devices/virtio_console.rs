@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use hyper_contract::HostMessage;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::virtio_mmio::{add_used, serve_chains, DeviceError, VirtioDevice};
@@ -224,14 +224,8 @@ impl Console {
                 ask_kicks(q, mem, !port.pending.is_empty())?;
                 continue;
             }
-            let mut rechecked = false;
             while !port.pending.is_empty() {
-                let Some(chain) = q.pop_descriptor_chain(mem) else {
-                    // Once: a hostile ring could claim buffers forever.
-                    if !rechecked && ask_kicks(q, mem, true)? {
-                        rechecked = true;
-                        continue; // buffers came meanwhile
-                    }
+                let Some(chain) = next_buffer(q, mem)? else {
                     break;
                 };
                 let head = chain.head_index();
@@ -332,14 +326,8 @@ impl Console {
             return Ok(false);
         }
         let mut used = false;
-        let mut rechecked = false;
         while let Some(msg) = self.to_guest.front().cloned() {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                // Once: a hostile ring could claim buffers forever.
-                if !rechecked && ask_kicks(q, mem, true)? {
-                    rechecked = true;
-                    continue; // buffers came meanwhile
-                }
+            let Some(chain) = next_buffer(q, mem)? else {
                 break;
             };
             let head = chain.head_index();
@@ -467,9 +455,8 @@ impl Console {
 /// buffers only when it has something for the guest, so the driver's kick
 /// for each buffer it posts (a queue's worth per port at boot) would be an
 /// exit for nothing: with nothing waiting the queue asks for none
-/// (`VRING_USED_F_NO_NOTIFY`); with something `waiting` and no buffer left
-/// it asks for them again, and returns whether buffers came in the meantime
-/// (then the caller delivers again: no kick is missed).
+/// (`VRING_USED_F_NO_NOTIFY`); with something `waiting` it asks for them
+/// again, and returns whether buffers came in the meantime.
 fn ask_kicks(q: &mut Queue, mem: &GuestMemoryMmap, waiting: bool) -> Result<bool, DeviceError> {
     if waiting {
         q.enable_notification(mem).map_err(DeviceError::UsedRing)
@@ -477,6 +464,24 @@ fn ask_kicks(q: &mut Queue, mem: &GuestMemoryMmap, waiting: bool) -> Result<bool
         q.disable_notification(mem).map_err(DeviceError::UsedRing)?;
         Ok(false)
     }
+}
+
+/// The next receive buffer for something waiting. With none, the queue asks
+/// for kicks and is looked at once more, so a buffer posted in between is
+/// not left waiting for a kick that never comes (and a hostile ring that
+/// claims buffers it does not have cannot make the device spin).
+fn next_buffer<'m>(
+    q: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, DeviceError> {
+    if let Some(chain) = q.pop_descriptor_chain(mem) {
+        return Ok(Some(chain));
+    }
+    Ok(if ask_kicks(q, mem, true)? {
+        q.pop_descriptor_chain(mem)
+    } else {
+        None
+    })
 }
 
 impl VirtioDevice for Console {
@@ -712,5 +717,11 @@ mod tests {
         post(2);
         assert!(c.process(rx, &mut queues, &mem).unwrap());
         assert_eq!((filled(), flags(), c.input_waiting()), (3, 1, 0));
+        // A hostile ring claiming buffers it cannot have: looked at once
+        // more, then left waiting (no spin), the input kept.
+        mem.write_obj(200u16, GuestAddress(avail + 2)).unwrap();
+        c.push_input(b"x");
+        assert!(!c.deliver_input(&mut queues, &mem).unwrap());
+        assert_eq!((filled(), c.input_waiting()), (3, 1));
     }
 }
