@@ -214,12 +214,15 @@ pub fn capture_vcpu(vcpu: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, Snapsh
     })
 }
 
-/// Puts a captured state into a fresh vCPU. The order is KVM's: CPUID and
-/// MP state first, registers before pending events (setting registers
-/// clears pending exceptions), special registers before the local APIC
-/// (they hold the APIC base), the APIC before the MSRs (the TSC deadline
-/// needs it), the TSC before the TSC deadline.
-pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
+/// Puts vCPU `id`'s captured state into a fresh vCPU. The order is KVM's:
+/// CPUID and MP state first, registers before pending events (setting
+/// registers clears pending exceptions), special registers before the
+/// local APIC (they hold the APIC base), the APIC before the MSRs (the TSC
+/// deadline needs it), the TSC before the TSC deadline.
+pub fn restore_vcpu(vcpu: &VcpuFd, states: &[VcpuState], id: usize) -> Result<(), SnapshotError> {
+    let s = states
+        .get(id)
+        .ok_or_else(|| SnapshotError::State(format!("no state for vCPU {id}")))?;
     let cpuid = CpuId::from_entries(&s.cpuid)
         .map_err(|_| SnapshotError::State("too many CPUID entries".into()))?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
@@ -234,15 +237,18 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
     vcpu.set_debug_regs(&s.debugregs)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-    let tsc = s
-        .msrs
-        .iter()
-        .find(|m| m.index == MSR_IA32_TSC)
-        .map(|m| m.data);
-    let (deadline, first): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) = s
+    // The vCPUs shared one TSC when they were captured (one after the
+    // other, so their values differ by that time): every vCPU gets the
+    // first one's.
+    let tsc = msr(&states[0], MSR_IA32_TSC);
+    if let Some(tsc) = tsc {
+        restore_tsc(vcpu, tsc, id == 0)?;
+    }
+    let (deadline, rest): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) = s
         .msrs
         .iter()
         .copied()
+        .filter(|m| m.index != MSR_IA32_TSC)
         .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
     // A zero deadline with the timer armed would never fire after the
     // restore: a deadline now fires at once instead (as Firecracker does).
@@ -255,23 +261,74 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
             m
         })
         .collect();
-    for part in [first, deadline] {
-        for chunk in part.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-            let msrs = Msrs::from_entries(chunk)
-                .map_err(|_| SnapshotError::State("too many MSRs".into()))?;
-            let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
-            if n < chunk.len() {
-                return Err(SnapshotError::State(format!(
-                    "KVM refused MSR {:#x}",
-                    chunk[n].index
-                )));
-            }
-        }
+    for part in [rest, deadline] {
+        set_msrs(vcpu, &part)?;
     }
     vcpu.set_vcpu_events(&s.events)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
     // Tells the guest's kvmclock it was paused (no soft-lockup alarms).
     let _ = vcpu.kvmclock_ctrl();
+    Ok(())
+}
+
+fn msr(s: &VcpuState, index: u32) -> Option<u64> {
+    s.msrs.iter().find(|m| m.index == index).map(|m| m.data)
+}
+
+fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), SnapshotError> {
+    for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let msrs =
+            Msrs::from_entries(chunk).map_err(|_| SnapshotError::State("too many MSRs".into()))?;
+        let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if n < chunk.len() {
+            return Err(SnapshotError::State(format!(
+                "KVM refused MSR {:#x}",
+                chunk[n].index
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Further from any TSC a guest had than KVM's "within one second"
+/// (2^44 cycles: an hour at 4 GHz).
+const TSC_FAR: u64 = 1 << 44;
+
+/// Sets the guest's TSC to `tsc`, where the snapshot left it.
+///
+/// KVM (before Linux 6.8) takes a TSC written by the VMM that is within a
+/// second of the one it expects (the VM's last written TSC, here the 0 of
+/// the vCPU's creation, plus the time since) as an attempt to synchronise
+/// vCPUs, and keeps its own value instead. A snapshot taken less than a
+/// second into the guest's life (every one on a fast host) would then
+/// restore with its TSC back near 0 while its clock and TSC deadline go on
+/// from the snapshot: the deadline fires up to that second late, and the
+/// guest, whose clock says the timer is past due, programs no earlier one
+/// meanwhile (a restored run that sleeps stalls until then). So the first
+/// vCPU writes a far value first, which sets the VM's last written TSC, and
+/// then the real one, too far from it to be taken for a sync. The other
+/// vCPUs write the same value, which KVM then does take for a sync: they
+/// share one TSC offset, as before. Read back, the TSC must have gone on
+/// from `tsc`, or the restore is refused (the boot falls back to cold).
+fn restore_tsc(vcpu: &VcpuFd, tsc: u64, first: bool) -> Result<(), SnapshotError> {
+    let entry = |data| kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        data,
+        ..Default::default()
+    };
+    if first {
+        set_msrs(vcpu, &[entry(tsc.wrapping_add(TSC_FAR))])?;
+    }
+    set_msrs(vcpu, &[entry(tsc)])?;
+    let now = get_msrs(vcpu, &[MSR_IA32_TSC])?
+        .first()
+        .map(|m| m.data)
+        .ok_or(SnapshotError::State("KVM cannot read the TSC".into()))?;
+    if now.wrapping_sub(tsc) >= TSC_FAR / 2 {
+        return Err(SnapshotError::State(format!(
+            "KVM set the guest's TSC to {now:#x}, not {tsc:#x}"
+        )));
+    }
     Ok(())
 }
 

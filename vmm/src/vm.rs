@@ -280,7 +280,7 @@ impl Vm {
                     .map_err(|e| VmmError::Create("mmap of the coalesced MMIO ring", e))?;
             }
             match &vcpu_states {
-                Some(states) => snapshot::restore_vcpu(&vcpu, &states[usize::from(id)])?,
+                Some(states) => snapshot::restore_vcpu(&vcpu, states, usize::from(id))?,
                 None => {
                     vcpu::setup_cpuid(&kvm, &vcpu, id, cpus)?;
                     vcpu::setup_msrs(&vcpu)?;
