@@ -184,10 +184,11 @@ pub fn report_and_stop(o: &Outcome) -> ! {
     process::sync();
     if send(&report(o)) && process::ioperm(EXIT_PORT, 1).is_ok() {
         // Should the `out` fault all the same, the machine restarts instead
-        // of PID 1 dying (a kernel panic). That happens to restored guests
-        // under QEMU's TCG emulation of SVM (the nested test host): it
+        // of PID 1 dying (a kernel panic). That happened to restored guests
+        // under QEMU's TCG emulation of SVM (the nested test host), which
         // checks the I/O bitmap only for a TSS of the "available" type,
-        // and a restored vCPU's TR has the "busy" type KVM reports.
+        // while the VMM restored the "busy" type KVM reports (it restores
+        // the available type on AMD hosts now).
         process::on_fault(restart);
         process::outb(EXIT_PORT, u8::from(matches!(o, Outcome::InitError(_))));
     }

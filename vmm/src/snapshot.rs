@@ -229,7 +229,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, states: &[VcpuState], id: usize) -> Result<()
     vcpu.set_mp_state(s.mp_state)
         .map_err(kvm("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
-    vcpu.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&restored_sregs(&s.sregs, host_is_amd()))
+        .map_err(kvm("KVM_SET_SREGS"))?;
     // SAFETY: a kvm_xsave read back from KVM on a host with the same CPU
     // (the snapshot's key says so); KVM checks what it takes.
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
@@ -269,6 +270,33 @@ pub fn restore_vcpu(vcpu: &VcpuFd, states: &[VcpuState], id: usize) -> Result<()
     // Tells the guest's kvmclock it was paused (no soft-lockup alarms).
     let _ = vcpu.kvmclock_ctrl();
     Ok(())
+}
+
+/// The special registers to restore. KVM on AMD reports the task register
+/// as a busy TSS (type 11) whatever the VMCB holds, as Intel's VM entry
+/// requires; AMD's `VMRUN` takes either, and what `LTR` leaves cached there
+/// is the available type (9). On an AMD host the restored TR gets type 9
+/// back: QEMU's emulation of SVM (the nested test host) consults the I/O
+/// permission bitmap only for a TR of that type, so with 11 the guest's
+/// permitted `out` to the exit port faulted and a restored guest ended by
+/// a reset instead.
+fn restored_sregs(sregs: &kvm_sregs, amd: bool) -> kvm_sregs {
+    let mut sregs = *sregs;
+    if amd && sregs.tr.type_ == TSS_BUSY {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    sregs
+}
+
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+fn host_is_amd() -> bool {
+    let id = std::arch::x86_64::__cpuid(0);
+    [id.ebx, id.edx, id.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .eq(*b"AuthenticAMD")
 }
 
 fn msr(s: &VcpuState, index: u32) -> Option<u64> {
@@ -625,6 +653,20 @@ mod tests {
         assert_eq!(b[text], b'{');
         b[text] = b'x';
         assert!(state_codec().deserialize::<State>(&b).is_err());
+    }
+
+    #[test]
+    fn a_busy_task_register_is_restored_available_on_amd_only() {
+        let mut sregs = kvm_sregs::default();
+        sregs.tr.type_ = TSS_BUSY;
+        assert_eq!(restored_sregs(&sregs, true).tr.type_, TSS_AVAILABLE);
+        assert_eq!(restored_sregs(&sregs, false).tr.type_, TSS_BUSY);
+        sregs.tr.type_ = 3;
+        assert_eq!(restored_sregs(&sregs, true).tr.type_, 3);
+        let amd = std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap()
+            .contains("AuthenticAMD");
+        assert_eq!(host_is_amd(), amd);
     }
 
     fn memory() -> GuestMemoryMmap {
