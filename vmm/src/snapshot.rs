@@ -335,9 +335,12 @@ const TSC_FAR: u64 = 1 << 44;
 /// meanwhile (a restored run that sleeps stalls until then). So the first
 /// vCPU writes a far value first, which sets the VM's last written TSC, and
 /// then the real one, too far from it to be taken for a sync. The other
-/// vCPUs write the same value, which KVM then does take for a sync: they
-/// share one TSC offset, as before. Read back, the TSC must have gone on
-/// from `tsc`, or the restore is refused (the boot falls back to cold).
+/// vCPUs write the same value: within KVM's second of the time since their
+/// creation, it is taken for a sync and they share the first one's offset,
+/// as when captured; later, it is set as written, the time between the two
+/// writes behind the first (microseconds). Read back, the TSC must have
+/// gone on from `tsc`, or the restore is refused (the boot falls back to
+/// cold).
 fn restore_tsc(vcpu: &VcpuFd, tsc: u64, first: bool) -> Result<(), SnapshotError> {
     let entry = |data| kvm_msr_entry {
         index: MSR_IA32_TSC,
