@@ -86,11 +86,16 @@ mod snapshots {
         (r, how)
     }
 
-    /// What a boot's stats say of snapshots; `missing` without stats.
-    fn snapshot_of(stats: &Path) -> String {
+    /// A boot's stats (`--stats`), if it wrote them.
+    fn stats_of(stats: &Path) -> Option<serde_json::Value> {
         std::fs::read_to_string(stats)
             .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(t.trim()).ok())
+            .and_then(|t| serde_json::from_str(t.trim()).ok())
+    }
+
+    /// What a boot's stats say of snapshots; `missing` without stats.
+    fn snapshot_of(stats: &Path) -> String {
+        stats_of(stats)
             .and_then(|s| s["snapshot"].as_str().map(str::to_string))
             .unwrap_or_else(|| "missing".into())
     }
@@ -331,12 +336,7 @@ mod snapshots {
         let (r, how) = boot(c.path(), &["--console", "--snapshot", "require"], &bye);
         assert_eq!((r.code, how.as_str()), (Some(3), "restored"), "{r:?}");
         assert!(r.stdout.contains("bye"), "{r:?}");
-        let stats: serde_json::Value = serde_json::from_str(
-            std::fs::read_to_string(c.path().join("stats.json"))
-                .unwrap()
-                .trim(),
-        )
-        .unwrap();
+        let stats = stats_of(&c.path().join("stats.json")).unwrap();
         assert_eq!(stats["exits"]["io"]["exit_port"], 1, "{stats}");
         for bad in ["Kernel panic", "Attempted to kill init"] {
             assert!(
