@@ -214,7 +214,8 @@ fn place(
 /// artifact into guest memory, not mapped from it: a mapped page costs the
 /// guest a fault to the host for each 4 KiB it touches (and a second for
 /// each it writes — the kernel patches most of its text pages as it
-/// boots), where copied memory sits in the host's huge pages. Measured in
+/// boots), where copied memory sits in the host's huge pages (guest
+/// memory is advised to be, [`crate::sys::advise_huge_pages`]). Measured in
 /// the nested host (a cold boot): 6547 nested page faults mapped, 934
 /// copied; the app's first output 2020 ms against 2282 (medians of 8), for
 /// a copy of about 77 ms there.

