@@ -208,7 +208,7 @@ pub fn map_region(
 /// fresh anonymous memory is otherwise 4 KiB pages: each page
 /// the booting kernel touches costs a nested page fault, and KVM maps the
 /// guest in 4 KiB pages. With it, KVM maps 2 MiB at a time (measured in
-/// the nested host: a cold boot's kernel phase about 40% shorter, for
+/// the nested host: a cold boot's kernel phase a third shorter, for
 /// about 5 MiB more of the VM's memory resident). On a host set to
 /// `always` it changes nothing; on one set to `never` the kernel ignores it.
 pub fn advise_huge_pages(region: &vm_memory::MmapRegion) -> std::io::Result<()> {
