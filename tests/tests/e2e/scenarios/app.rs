@@ -29,6 +29,7 @@ macro_rules! app_scenarios {
             compressed_files_read_back_exactly_in_the_guest,
             env_file_then_e_flags_as_in_docker,
             the_guest_clock_is_the_hosts,
+            the_guests_timers_keep_the_hosts_time,
             sigterm_delivers_the_stop_signal_to_the_app,
             an_app_ignoring_the_stop_signal_is_killed_after_the_stop_timeout,
             a_signal_to_the_process_group_reaches_the_app_once,
@@ -519,6 +520,54 @@ pub fn the_guest_clock_is_the_hosts(b: Backend) {
     assert!(
         (host - guest).abs() < 300,
         "guest clock {guest}, host {host}"
+    );
+}
+
+/// A `sleep 2` in the guest wakes after two seconds of its clock, and those
+/// are two seconds of the host's: a timer that never fires (a lost local
+/// APIC timer or TSC deadline after a restore) ends in the timeout, and a
+/// guest clock running fast or slow (a wrong TSC frequency) disagrees with
+/// the host's clock between the arrivals of the two lines the guest prints.
+pub fn the_guests_timers_keep_the_hosts_time(b: Backend) {
+    use std::io::BufRead;
+
+    let mut child = b
+        .hyperboot()
+        .args(["--timeout", "120"])
+        .arg(busybox_artifact())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "cut -d' ' -f1 /proc/uptime; sleep 2; cut -d' ' -f1 /proc/uptime",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Each line with the host's time of its arrival.
+    let lines: Vec<(String, std::time::Instant)> =
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .lines()
+            .map(|l| (l.unwrap(), std::time::Instant::now()))
+            .collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}, printed {lines:?}");
+    let [(before, t0), (after, t1)] = &lines[..] else {
+        panic!("two uptimes expected, got {lines:?}");
+    };
+    let uptime = |s: &str| -> f64 { s.parse().unwrap_or_else(|_| panic!("not an uptime: {s:?}")) };
+    let slept = uptime(after) - uptime(before);
+    let host = t1.duration_since(*t0).as_secs_f64();
+    assert!(
+        (2.0..10.0).contains(&slept),
+        "sleep 2 took {slept:.3} s of the guest's clock"
+    );
+    // The host's interval also holds each line's way out (milliseconds here,
+    // more under emulation), so it may be longer, but not much shorter.
+    assert!(
+        host > 0.8 * slept && host < slept + 3.0,
+        "the guest's clock saw {slept:.3} s pass between two lines, the host's {host:.3} s"
     );
 }
 
