@@ -70,6 +70,10 @@ const BASE: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // How the kernel resumes a sleep with a timeout (poll, clock_nanosleep,
+    // futex) that a stop interrupted: Ctrl-Z then `fg`, SIGSTOP and SIGCONT,
+    // a debugger attaching.
+    libc::SYS_restart_syscall,
 ];
 
 /// Device work: the rootfs, frames to and from passt on the socket pair it
@@ -343,6 +347,65 @@ mod tests {
         unsafe {
             let argv = [std::ptr::null::<libc::c_char>()];
             libc::execve(c"/bin/sh".as_ptr(), argv.as_ptr(), argv.as_ptr());
+        }
+    }
+
+    /// A child sleeping in `poll` with a timeout under `profile`'s filter is
+    /// stopped and continued there, as Ctrl-Z and `fg` do: the kernel
+    /// resumes the sleep through `restart_syscall`. Returns how it ended.
+    fn stopped_and_continued_in_a_sleep(profile: Profile) -> Result<i32, i32> {
+        let program = profile.program().unwrap();
+        // SAFETY: as in `in_child`.
+        match unsafe { libc::fork() } {
+            0 => {
+                if install_program(&program).is_err() {
+                    // SAFETY: _exit is async-signal-safe.
+                    unsafe { libc::_exit(100) };
+                }
+                // SAFETY: a poll of no descriptors is a 600 ms sleep.
+                unsafe { libc::poll(std::ptr::null_mut(), 0, 600) };
+                // SAFETY: as above.
+                unsafe { libc::_exit(0) }
+            }
+            pid => {
+                assert!(pid > 0, "fork failed");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let mut status = 0;
+                // SAFETY: signals and waits for our own child; `status` is
+                // a live int.
+                unsafe {
+                    libc::kill(pid, libc::SIGSTOP);
+                    libc::waitpid(pid, &mut status, libc::WUNTRACED);
+                    assert!(
+                        libc::WIFSTOPPED(status),
+                        "the child did not stop: {status:#x}"
+                    );
+                    libc::kill(pid, libc::SIGCONT);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                if libc::WIFEXITED(status) {
+                    Ok(libc::WEXITSTATUS(status))
+                } else {
+                    Err(libc::WTERMSIG(status))
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_thread_survives_a_stop_and_continue_in_a_sleep() {
+        for profile in [
+            Profile::Vcpu,
+            Profile::Helper,
+            Profile::FileServer,
+            Profile::Snapshot,
+            Profile::Supervisor,
+        ] {
+            assert_eq!(
+                stopped_and_continued_in_a_sleep(profile),
+                Ok(0),
+                "{profile:?}"
+            );
         }
     }
 

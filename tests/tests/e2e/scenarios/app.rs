@@ -34,6 +34,7 @@ macro_rules! app_scenarios {
             an_app_ignoring_the_stop_signal_is_killed_after_the_stop_timeout,
             a_signal_to_the_process_group_reaches_the_app_once,
             a_second_stop_signal_ends_the_vm_at_once,
+            a_stopped_and_continued_hyperboot_carries_on,
             a_killed_hyperboot_leaves_no_helper_behind,
             stats_describe_the_boot,
             file_capabilities_from_pax_xattrs_work_in_the_guest,
@@ -660,6 +661,26 @@ pub fn a_second_stop_signal_ends_the_vm_at_once(b: Backend) {
         );
         assert!(secs < 30.0, "{to:?}: ended after {secs} s");
     }
+}
+
+/// Ctrl-Z then `fg` (SIGTSTP and SIGCONT to the foreground group), and
+/// SIGSTOP then SIGCONT to hyperboot alone (a debugger, `kill -STOP`): the
+/// VM pauses and goes on, and the app ends as it would have. Each of
+/// hyperboot's threads sleeping with a timeout is resumed by the kernel
+/// through `restart_syscall`, which its seccomp filters must allow.
+pub fn a_stopped_and_continued_hyperboot_carries_on(b: Backend) {
+    let (code, out, _) = signal_app(
+        b,
+        &[],
+        "echo ready; sleep 6; echo done",
+        &[
+            (To::Group, libc::SIGTSTP),
+            (To::Group, libc::SIGCONT),
+            (To::Pid, libc::SIGSTOP),
+            (To::Pid, libc::SIGCONT),
+        ],
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "ready\ndone\n"));
 }
 
 /// Killing hyperboot outright (SIGKILL, no chance to clean up) leaves none of
