@@ -347,6 +347,10 @@ fn spawn_listener() -> Option<std::sync::mpsc::Sender<Vec<u8>>> {
                         debug!("the host has all the output");
                         DRAINED.store(true, Ordering::SeqCst);
                     }
+                    Ok(HostMessage::Closed(fd)) => {
+                        debug!("nobody reads the app's fd {fd} on the host");
+                        streams::close_stream(fd);
+                    }
                     Ok(HostMessage::Signal(sig)) => {
                         debug!("host asks for signal {sig}");
                         match APP_PID.load(Ordering::SeqCst) {

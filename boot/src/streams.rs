@@ -303,6 +303,33 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Which of the app's streams (stdout, stderr) the host has lost the
+/// reader of (`closed 1|2`, contract 6).
+static CLOSED: [std::sync::atomic::AtomicBool; 2] = [
+    std::sync::atomic::AtomicBool::new(false),
+    std::sync::atomic::AtomicBool::new(false),
+];
+/// The eventfd that wakes the relay to look at [`CLOSED`] (-1 before the
+/// relay starts; never closed, so a late wake-up writes to no other file).
+static RELAY_WAKE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// The host's `closed FD`: nobody reads the app's stream `fd` (1, 2) on the
+/// host any more. The relay closes its end of the app's pipe, so the app's
+/// writes fail with EPIPE or SIGPIPE, as in a shell pipeline whose reader
+/// has exited (on a terminal, `-t`, the app's terminal hangs up instead).
+pub fn close_stream(fd: u8) {
+    let Some(closed) = CLOSED.get(usize::from(fd).wrapping_sub(1)) else {
+        return;
+    };
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let wake = RELAY_WAKE.load(std::sync::atomic::Ordering::SeqCst);
+    if wake >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live array to the relay's eventfd.
+        unsafe { libc::write(wake, one.as_ptr().cast(), one.len()) };
+    }
+}
+
 /// Copies each source to its port until all reach end of file (a pty master
 /// ends with EIO once the app's side is closed). The receiver gets the byte
 /// counts (stdout, stderr) when all has been written.
@@ -313,11 +340,25 @@ fn relay(pairs: Vec<(File, File)>) -> mpsc::Receiver<[u64; 2]> {
             pairs.into_iter().map(|(s, p)| (Some(s), p)).collect();
         let mut buf = vec![0u8; 64 * 1024];
         let mut sent = [0u64; 2];
-        while sources.iter().any(|(s, _)| s.is_some()) {
+        // SAFETY: eventfd takes no pointers; a failure leaves -1 (the relay
+        // then sees a closed stream at its next read instead).
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        RELAY_WAKE.store(wake, std::sync::atomic::Ordering::SeqCst);
+        loop {
+            for ((src, _), closed) in sources.iter_mut().zip(&CLOSED) {
+                if closed.load(std::sync::atomic::Ordering::SeqCst) && src.is_some() {
+                    *src = None; // the app's writes now fail: nobody reads
+                }
+            }
+            if sources.iter().all(|(s, _)| s.is_none()) {
+                break;
+            }
             let mut fds: Vec<libc::pollfd> = sources
                 .iter()
-                .map(|(s, _)| libc::pollfd {
-                    fd: s.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                .map(|(s, _)| s.as_ref().map_or(-1, |f| f.as_raw_fd()))
+                .chain([wake])
+                .map(|fd| libc::pollfd {
+                    fd,
                     events: libc::POLLIN,
                     revents: 0,
                 })
@@ -330,7 +371,12 @@ fn relay(pairs: Vec<(File, File)>) -> mpsc::Receiver<[u64; 2]> {
                 }
                 break;
             }
-            for (i, p) in fds.iter().enumerate() {
+            if fds.last().is_some_and(|p| p.revents != 0) {
+                let mut count = [0u8; 8];
+                // SAFETY: reads the eventfd's 8-byte counter into a live array.
+                unsafe { libc::read(wake, count.as_mut_ptr().cast(), count.len()) };
+            }
+            for (i, p) in fds.iter().enumerate().take(sources.len()) {
                 if p.revents == 0 {
                     continue;
                 }

@@ -75,8 +75,15 @@ pub enum GuestMessage {
 pub enum HostMessage {
     Signal(i32),
     StdinEof(u64),
-    Winsize { rows: u16, cols: u16 },
+    Winsize {
+        rows: u16,
+        cols: u16,
+    },
     Drained,
+    /// Contract 6: the host's side of the app's stdout (1) or stderr (2)
+    /// has lost its reader; the app's writes to it should fail as they do
+    /// into a pipe nobody reads (EPIPE, SIGPIPE).
+    Closed(u8),
 }
 
 /// A line that is no message.
@@ -252,6 +259,7 @@ impl HostMessage {
             HostMessage::StdinEof(n) => format!("stdin-eof {n}\n"),
             HostMessage::Winsize { rows, cols } => format!("winsize {rows} {cols}\n"),
             HostMessage::Drained => "drained\n".to_string(),
+            HostMessage::Closed(fd) => format!("closed {fd}\n"),
         }
         .into_bytes()
     }
@@ -268,7 +276,8 @@ impl HostMessage {
                 rows: number("winsize", r, &t)?,
                 cols: number("winsize", c, &t)?,
             }),
-            ["drained" | "signal" | "stdin-eof" | "winsize", ..] => {
+            ["closed", n @ ("1" | "2")] => Ok(HostMessage::Closed(number("closed", n, &t)?)),
+            ["drained" | "signal" | "stdin-eof" | "winsize" | "closed", ..] => {
                 Err(ControlError::Malformed("host", t))
             }
             _ => Err(ControlError::Unknown(t)),
@@ -371,9 +380,12 @@ mod tests {
                 cols: 101,
             },
             HostMessage::Drained,
+            HostMessage::Closed(1),
+            HostMessage::Closed(2),
         ] {
             assert_eq!(HostMessage::decode(&m.encode()), Ok(m), "{m:?}");
         }
+        assert_eq!(HostMessage::Closed(2).encode(), b"closed 2\n");
         assert_eq!(HostMessage::Signal(15).encode(), b"signal 15\n");
     }
 
@@ -407,6 +419,10 @@ mod tests {
             b"winsize 70000 1",
             b"stdin-eof -1",
             b"drained now",
+            b"closed",
+            b"closed 0",
+            b"closed 3",
+            b"closed 1 2",
         ] {
             assert!(HostMessage::decode(bad).is_err(), "{bad:?}");
         }

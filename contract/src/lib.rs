@@ -42,8 +42,10 @@ use serde::{Deserialize, Serialize};
 /// hyperinit mounts the root, says `waiting` and takes a [`Start`] on the
 /// control channel instead of reading its run configuration from the
 /// initrd. 5: `upper` in the run configuration: the root's writes go to a
-/// host directory shared over 9p.
-pub const VERSION: u32 = 5;
+/// host directory shared over 9p. 6: the host's `closed 1|2`: its stdout or
+/// stderr lost its reader, and hyperinit closes the app's pipe for that
+/// stream, so the app's writes fail as in a shell pipeline.
+pub const VERSION: u32 = 6;
 
 /// The name of the virtio-console port that carries the control channel
 /// (contract 3); without it, COM2 does.

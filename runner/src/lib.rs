@@ -373,6 +373,7 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
                 stop_signal,
                 cmdline,
                 opts,
+                contract,
             };
             let outcome = backend::kvm::boot(b, plan, events, contract >= 3, pvm, choice, start)?;
             if opts.prepare {
@@ -400,6 +401,7 @@ pub fn boot_with(opts: &BootOptions, hooks: Hooks) -> Result<Exit, BootError> {
                 stop_signal,
                 cmdline: backend::kernel_cmdline(base, opts.verbose, opts.console, pvm, ""),
                 opts,
+                contract,
             };
             backend::qemu::boot(b, accel, plan.as_ref(), events)?
         }

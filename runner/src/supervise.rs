@@ -5,11 +5,12 @@
 //! returns how the VM ended. A backend provides the two things this needs of a VM
 //! ([`VmControl`]) and says when it has ended ([`Event::Ended`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use hyper_contract::HostMessage;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGPIPE, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 
 /// Host signals hyperboot hands to the app as they are.
 const PROXIED: [i32; 3] = [SIGQUIT, SIGUSR1, SIGUSR2];
@@ -34,6 +35,8 @@ pub enum Event {
     Stop(Duration),
     /// `hyperboot kill -s N`: signal N to the app.
     Deliver(i32),
+    /// The app's stream `fd` (1, 2) lost its reader ([`ReaderGone`]).
+    Closed(u8),
     /// The VM has ended.
     Ended,
 }
@@ -77,6 +80,85 @@ pub fn events() -> std::io::Result<(Sender<Event>, Receiver<Event>, Signals)> {
             }
         })?;
     Ok((tx, rx, Signals { handle }))
+}
+
+/// Says that a stream of the app's has lost its reader: hyperboot's stdout
+/// or stderr is a pipe whose reader has gone (`hyperboot … | head -1`). An
+/// init of contract 6 is told which (`closed 1|2`) and closes the app's pipe
+/// for it, so the app's next write fails as it would in a shell pipeline
+/// (SIGPIPE, or EPIPE for an app that ignores SIGPIPE, as Python, Go and
+/// Node do); an older init ignores that, so the app gets SIGPIPE instead.
+/// What the app writes after is dropped.
+#[derive(Debug, Clone)]
+pub struct ReaderGone(std::sync::Arc<Gone>);
+
+#[derive(Debug)]
+struct Gone {
+    tx: std::sync::Mutex<Sender<Event>>,
+    contract: u32,
+    /// Whether stdout (0) and stderr (1) were reported.
+    told: [AtomicBool; 2],
+}
+
+impl ReaderGone {
+    /// For a run whose init speaks `contract`.
+    pub fn new(tx: Sender<Event>, contract: u32) -> ReaderGone {
+        ReaderGone(std::sync::Arc::new(Gone {
+            tx: std::sync::Mutex::new(tx),
+            contract,
+            told: Default::default(),
+        }))
+    }
+
+    /// Looks at the result of a write to the app's stream `fd` (1 or 2).
+    pub fn check<T>(&self, fd: u8, r: &std::io::Result<T>) {
+        let Err(e) = r else { return };
+        let g = &*self.0;
+        let Some(told) = g.told.get(usize::from(fd.wrapping_sub(1))) else {
+            return;
+        };
+        if e.kind() != std::io::ErrorKind::BrokenPipe || told.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::debug!("the reader of the app's fd {fd} has gone");
+        let event = if g.contract >= 6 {
+            Event::Closed(fd)
+        } else if g.told.iter().filter(|t| t.load(Ordering::SeqCst)).count() == 1 {
+            Event::Deliver(SIGPIPE)
+        } else {
+            return; // the app had its SIGPIPE
+        };
+        let _ = g.tx.lock().unwrap_or_else(|e| e.into_inner()).send(event);
+    }
+}
+
+/// A writer for the app's stream `fd` that tells [`ReaderGone`] of a broken
+/// pipe.
+#[derive(Debug)]
+pub struct AppStream<W> {
+    inner: W,
+    fd: u8,
+    gone: ReaderGone,
+}
+
+impl<W> AppStream<W> {
+    pub fn new(inner: W, fd: u8, gone: ReaderGone) -> AppStream<W> {
+        AppStream { inner, fd, gone }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for AppStream<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.gone.check(self.fd, &r);
+        r
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.inner.flush();
+        self.gone.check(self.fd, &r);
+        r
+    }
 }
 
 /// How long hyperboot waits for a VM it ended to be gone.
@@ -126,6 +208,7 @@ pub fn supervise(
                 stop.on_signal(SIGTERM, now)
             }
             Ok(Event::Deliver(sig)) => Step::Send(HostMessage::Signal(sig)),
+            Ok(Event::Closed(fd)) => Step::Send(HostMessage::Closed(fd)),
             Err(RecvTimeoutError::Timeout) => {
                 if deadline.is_some_and(|d| now >= d) {
                     return end(Ending::Timeout);
@@ -177,6 +260,46 @@ mod tests {
             tx,
             rx,
         )
+    }
+
+    /// Writes to a pipe, then to it again after its reader has gone, through
+    /// [`AppStream`]s for fds 1 and 2 of an init of `contract`; returns what
+    /// the supervisor was told.
+    fn broken_pipes(contract: u32) -> Vec<Event> {
+        use std::io::Write;
+        let (tx, rx) = channel();
+        let gone = ReaderGone::new(tx, contract);
+        let mut streams = [1, 2].map(|fd| {
+            let (r, w) = rustix::pipe::pipe().unwrap();
+            (
+                Some(r),
+                AppStream::new(std::fs::File::from(w), fd, gone.clone()),
+            )
+        });
+        for (_, w) in &mut streams {
+            w.write_all(b"read").unwrap();
+        }
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing to say while the readers read"
+        );
+        for (r, w) in &mut streams {
+            drop(r.take());
+            // Rust's runtime ignores SIGPIPE: the writes fail with EPIPE.
+            assert!(w.write_all(b"lost").is_err());
+            assert!(w.write_all(b"lost").is_err());
+        }
+        rx.try_iter().collect()
+    }
+
+    #[test]
+    fn an_app_stream_without_its_reader_is_closed_in_the_guest_once() {
+        assert_eq!(broken_pipes(6), [Event::Closed(1), Event::Closed(2)]);
+    }
+
+    #[test]
+    fn an_older_init_gets_sigpipe_for_the_app_instead_once() {
+        assert_eq!(broken_pipes(5), [Event::Deliver(SIGPIPE)]);
     }
 
     #[test]

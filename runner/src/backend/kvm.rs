@@ -16,7 +16,7 @@ use hyper_vmm::{Controller, End, Vm, VmConfig};
 use crate::exit::Outcome;
 use crate::net::{passt, Link, Plan};
 use crate::stop::GracefulStop;
-use crate::supervise::{self, Event, VmControl};
+use crate::supervise::{self, AppStream, Event, VmControl};
 
 use crate::BootError;
 
@@ -148,6 +148,7 @@ pub fn boot(
         stop_signal,
         cmdline,
         opts,
+        contract,
     } = b;
     // The network: passt (user mode) or the tap, and hyperboot's relays for -p.
     let mut published = None;
@@ -179,6 +180,7 @@ pub fn boot(
         let i = artifact.section(SectionKind::Initrd);
         let r = artifact.section(SectionKind::Rootfs);
         let ended = std::sync::Mutex::new(run.tx.clone());
+        let gone = supervise::ReaderGone::new(run.tx.clone(), contract);
         Ok(VmConfig {
             kernel: hyper_vmm::loader::SectionReader::new(
                 artifact.file().try_clone()?,
@@ -195,8 +197,14 @@ pub fn boot(
             cpus: opts.cpus,
             console: Box::new(std::io::LineWriter::new(std::io::stdout())),
             streams: vec![
-                ("hyper.stdout", Box::new(std::io::stdout())),
-                ("hyper.stderr", Box::new(std::io::stderr())),
+                (
+                    "hyper.stdout",
+                    Box::new(AppStream::new(std::io::stdout(), 1, gone.clone())),
+                ),
+                (
+                    "hyper.stderr",
+                    Box::new(AppStream::new(std::io::stderr(), 2, gone)),
+                ),
             ],
             stdin: opts
                 .interactive

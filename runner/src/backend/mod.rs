@@ -43,6 +43,8 @@ pub struct Boot<'a> {
     pub stop_signal: i32,
     pub cmdline: String,
     pub opts: &'a crate::BootOptions,
+    /// The contract version the artifact's init speaks.
+    pub contract: u32,
 }
 
 /// Kernel arguments for a stock kernel on nested PVM KVM (the README,

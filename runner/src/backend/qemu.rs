@@ -601,6 +601,7 @@ fn pump(
     stop: Arc<Stop>,
     count: Arc<AtomicU64>,
     first: Option<Arc<AtomicU64>>,
+    gone: Option<(u8, supervise::ReaderGone)>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.into())
@@ -619,8 +620,12 @@ fn pump(
                                 crate::stats::first(f);
                             }
                             count.fetch_add(n as u64, Ordering::SeqCst);
-                            // If our own stdout is gone, keep draining so QEMU never blocks.
-                            let _ = write_out(&out, &buf[..n]);
+                            // If our own stdout is gone, keep draining so QEMU
+                            // never blocks (the app is told, see ReaderGone).
+                            let written = write_out(&out, &buf[..n]);
+                            if let Some((fd, g)) = &gone {
+                                g.check(*fd, &written);
+                            }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(_) => break,
@@ -747,6 +752,7 @@ pub fn boot(
         stop_signal,
         cmdline,
         opts,
+        contract,
     } = b;
     let binary = find_qemu()?;
     let prepared = prepare(artifact, run_archive).map_err(QemuError::Prepare)?;
@@ -795,6 +801,7 @@ pub fn boot(
     let counts: [Arc<AtomicU64>; 2] = Default::default();
     let counts_first = Arc::new(AtomicU64::new(0));
     let stdout = dup_file(std::io::stdout().as_fd())?;
+    let gone = supervise::ReaderGone::new(run.tx.clone(), contract);
     let pumps = Pumps {
         threads: vec![
             pump(
@@ -804,6 +811,7 @@ pub fn boot(
                 stop_pumps.clone(),
                 counts[0].clone(),
                 Some(counts_first.clone()),
+                Some((1, gone.clone())),
             )?,
             pump(
                 "stderr",
@@ -812,6 +820,7 @@ pub fn boot(
                 stop_pumps.clone(),
                 counts[1].clone(),
                 Some(counts_first.clone()),
+                Some((2, gone)),
             )?,
             pump(
                 "console",
@@ -819,6 +828,7 @@ pub fn boot(
                 stdout,
                 stop_pumps.clone(),
                 Default::default(),
+                None,
                 None,
             )?,
         ],

@@ -35,6 +35,7 @@ macro_rules! app_scenarios {
             a_signal_to_the_process_group_reaches_the_app_once,
             a_second_stop_signal_ends_the_vm_at_once,
             a_stopped_and_continued_hyperboot_carries_on,
+            the_apps_writes_fail_once_nobody_reads_its_output,
             a_killed_hyperboot_leaves_no_helper_behind,
             stats_describe_the_boot,
             file_capabilities_from_pax_xattrs_work_in_the_guest,
@@ -681,6 +682,46 @@ pub fn a_stopped_and_continued_hyperboot_carries_on(b: Backend) {
         ],
     );
     assert_eq!((code, out.as_str()), (Some(0), "ready\ndone\n"));
+}
+
+/// `hyperboot … | head -1`: once the reader of hyperboot's stdout has gone,
+/// the app's own writes fail as in a shell pipeline: `yes` dies of SIGPIPE
+/// (141), and an app that ignores SIGPIPE gets EPIPE and goes on (busybox
+/// `yes` then stops with an error). Before, the VM ran on, its output
+/// dropped, until something killed it.
+pub fn the_apps_writes_fail_once_nobody_reads_its_output(b: Backend) {
+    use std::io::{BufRead, Read};
+    let run = |app: &str| {
+        let mut child = b
+            .hyperboot()
+            .args(["--timeout", "120"])
+            .arg(busybox_artifact())
+            .args(["--", "sh", "-c", app])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        drop(out); // as `head -1` exits
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (first, child.wait().unwrap().code(), err)
+    };
+    let (first, code, err) = run("yes");
+    assert_eq!((first.as_str(), code), ("y\n", Some(141)), "{err}");
+    let (first, code, err) = run("trap '' PIPE; yes; echo \"yes ended $?\" >&2");
+    assert_eq!((first.as_str(), code), ("y\n", Some(0)), "{err}");
+    assert!(
+        err.contains("Broken pipe") && err.contains("yes ended 1"),
+        "{err}"
+    );
 }
 
 /// Killing hyperboot outright (SIGKILL, no chance to clean up) leaves none of
