@@ -96,7 +96,8 @@ pub struct ReaderGone(std::sync::Arc<Gone>);
 struct Gone {
     tx: std::sync::Mutex<Sender<Event>>,
     contract: u32,
-    /// Whether stdout (0) and stderr (1) were reported.
+    /// Whether stdout (0) and stderr (1) were reported (an older init's
+    /// one SIGPIPE: 0).
     told: [AtomicBool; 2],
 }
 
@@ -114,20 +115,18 @@ impl ReaderGone {
     pub fn check<T>(&self, fd: u8, r: &std::io::Result<T>) {
         let Err(e) = r else { return };
         let g = &*self.0;
-        let Some(told) = g.told.get(usize::from(fd.wrapping_sub(1))) else {
+        if e.kind() != std::io::ErrorKind::BrokenPipe || !matches!(fd, 1 | 2) {
             return;
+        }
+        // Contract 6: one `closed` per stream; older: one SIGPIPE a run.
+        let (slot, event) = match g.contract >= 6 {
+            true => (usize::from(fd - 1), Event::Closed(fd)),
+            false => (0, Event::Deliver(SIGPIPE)),
         };
-        if e.kind() != std::io::ErrorKind::BrokenPipe || told.swap(true, Ordering::SeqCst) {
+        if g.told[slot].swap(true, Ordering::SeqCst) {
             return;
         }
         tracing::debug!("the reader of the app's fd {fd} has gone");
-        let event = if g.contract >= 6 {
-            Event::Closed(fd)
-        } else if g.told.iter().filter(|t| t.load(Ordering::SeqCst)).count() == 1 {
-            Event::Deliver(SIGPIPE)
-        } else {
-            return; // the app had its SIGPIPE
-        };
         let _ = g.tx.lock().unwrap_or_else(|e| e.into_inner()).send(event);
     }
 }
